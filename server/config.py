@@ -1,0 +1,163 @@
+"""keyturn's configuration: one frozen pydantic model, parsed from YAML in one place.
+
+Secrets never live in the file in plain text: tokens are given as sha256 digests
+(`token_sha256`) or read from a named environment variable at the edge (`token_env`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from server.canonical import sha256_hex
+from server.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Person(_Strict):
+    """A human who may review. `groups` are the policy's approver groups."""
+
+    groups: tuple[str, ...] = ()
+    email: str | None = None
+
+
+class Agent(_Strict):
+    """An agent principal, authenticated over HTTP by a bearer token."""
+
+    name: str
+    token_sha256: str | None = None
+    token_env: str | None = None
+    on_behalf_of: str | None = None  # a person this agent acts for: that person can't approve its calls
+
+    @model_validator(mode="after")
+    def _one_token(self) -> Agent:
+        if not (self.token_sha256 or self.token_env):
+            raise ValueError(f"agent {self.name!r} needs token_sha256 or token_env")
+        return self
+
+
+class Reviewer(_Strict):
+    """A verified reviewer identity (`api:<name>`, `slack:<team>/<user>`, `teams:<tenant>/<oid>`) -> person."""
+
+    identity: str
+    person: str
+    token_sha256: str | None = None  # api: identities only
+    token_env: str | None = None
+
+    @field_validator("identity")
+    @classmethod
+    def _identity_shape(cls, v: str) -> str:
+        kind, sep, rest = v.partition(":")
+        if not sep or not rest or kind not in {"api", "slack", "teams", "web"}:
+            raise ValueError(f"reviewer identity {v!r} must look like api:<name>, slack:<team>/<user> or teams:<tenant>/<oid>")
+        return v
+
+
+class ToolPack(_Strict):
+    """A module of guarded tools to load, with its options (e.g. `tools.sql` with `database:`)."""
+
+    module: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class StdioIdentity(_Strict):
+    principal: str = "local"
+    on_behalf_of: str | None = None
+
+
+class Settings(_Strict):
+    """Everything a keyturn process needs, resolved. Built by `load_settings` or directly in code."""
+
+    db: Path = Path("keyturn.db")
+    policy: Path | None = None  # None: the shipped policies/default.yaml
+    config_file: Path | None = None
+    people: dict[str, Person] = Field(default_factory=dict)
+    agents: tuple[Agent, ...] = ()
+    reviewers: tuple[Reviewer, ...] = ()
+    stdio: StdioIdentity = StdioIdentity()
+    tools: tuple[ToolPack, ...] = (ToolPack(module="tools.sql"),)
+    progress_interval_s: float = 10.0
+    poll_interval_s: float = 0.25
+    reviewer_api_url: str | None = None  # where the CLI reaches the reviewer API
+    allowed_hosts: tuple[str, ...] = ()  # extra Host header values accepted on the HTTP app
+    slack: dict[str, Any] = Field(default_factory=dict)
+    teams: dict[str, Any] = Field(default_factory=dict)
+    proxy: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
+        for r in self.reviewers:
+            if r.person not in self.people:
+                raise ValueError(f"reviewer {r.identity!r} names unknown person {r.person!r}")
+        names = [a.name for a in self.agents]
+        if len(names) != len(set(names)):
+            raise ValueError("agent names must be unique")
+        ids = [r.identity for r in self.reviewers]
+        if len(ids) != len(set(ids)):
+            raise ValueError("reviewer identities must be unique")
+        return self
+
+    @property
+    def groups(self) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for name, person in self.people.items():
+            for g in person.groups:
+                out.setdefault(g, set()).add(name)
+        return out
+
+    def policy_path(self) -> Path:
+        return self.policy if self.policy is not None else default_policy_path()
+
+
+def default_policy_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
+
+
+def resolve_token_digest(token_sha256: str | None, token_env: str | None, env: dict[str, str]) -> str | None:
+    """The sha256 a presented token must hash to, from the file or from the environment (read at the edge)."""
+    if token_sha256:
+        return token_sha256.lower()
+    if token_env:
+        value = env.get(token_env)
+        if not value:
+            raise ConfigError(f"environment variable {token_env} (a token) is not set")
+        return sha256_hex(value)
+    return None
+
+
+def load_settings(path: Path | None, **overrides: Any) -> Settings:
+    """Parse the YAML config file (if any) and apply command-line overrides (None values are ignored)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {path} not found") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML: {e}") from e
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        data.update(raw)
+        base = Path(path).resolve().parent
+        for key in ("db", "policy"):
+            if isinstance(data.get(key), str) and not os.path.isabs(data[key]):
+                data[key] = str(base / data[key])
+        data["config_file"] = str(Path(path).resolve())
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        lines = [f"config file {path or '(defaults)'} is invalid:"]
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from e

@@ -1,0 +1,69 @@
+"""keyturn's exceptions. Callers act on the subclass; the message is for humans."""
+
+from __future__ import annotations
+
+
+class KeyturnError(Exception):
+    """Base of every error keyturn raises on purpose."""
+
+
+class ConfigError(KeyturnError):
+    """The configuration file or command line is invalid."""
+
+
+class PolicyError(KeyturnError):
+    """A policy file is invalid. Names the file, line, rule and field when known."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        rule: str | None = None,
+        field: str | None = None,
+    ) -> None:
+        self.file, self.line, self.rule, self.field = file, line, rule, field
+        where = ", ".join(
+            part
+            for part in (
+                f"file {file}" if file else "",
+                f"line {line}" if line else "",
+                f"rule {rule!r}" if rule else "",
+                f"field {field!r}" if field else "",
+            )
+            if part
+        )
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class ClassifierError(KeyturnError):
+    """A classifier could not extract facts; the call fails closed."""
+
+
+class LedgerError(KeyturnError):
+    """The ledger could not record an event; nothing may run."""
+
+
+class ChannelError(KeyturnError):
+    """A reviewer channel could not deliver or verify."""
+
+
+class ApprovalRejected(KeyturnError):
+    """A reviewer's verdict was refused (not eligible, self-approval, not pending ...)."""
+
+    def __init__(self, message: str, *, code: str = "refused") -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class UnknownRequest(KeyturnError):
+    """No request with that id."""
+
+
+class ToolError(KeyturnError):
+    """A guarded tool failed while running; wraps the tool's own exception."""
+
+
+class AuthError(KeyturnError):
+    """A bearer token or channel identity could not be verified."""

@@ -1,0 +1,162 @@
+"""The shared vocabulary of keyturn: what a call, a decision, a verdict and an event are.
+
+This module imports nothing else from the package; every other room imports from it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RiskLevel = Literal["low", "medium", "high", "critical"]
+RISK_ORDER: dict[str, int] = {"low": 0, "medium": 1, "high": 2, "critical": 3}
+
+Outcome = Literal["allow", "review", "deny"]
+# Most restrictive wins: deny > review > allow.
+OUTCOME_ORDER: dict[str, int] = {"allow": 0, "review": 1, "deny": 2}
+
+VerdictKind = Literal["approve", "deny"]
+
+RequestState = Literal[
+    "received",  # recorded, not yet decided
+    "allowed",  # policy allowed, about to run
+    "pending",  # held, waiting for reviewers
+    "approved",  # quorum reached, waiting to be run
+    "running",  # claimed by one process, tool running
+    "executed",
+    "failed",
+    "denied",
+    "expired",
+    "cancelled",
+    "abandoned",
+]
+TERMINAL_STATES: frozenset[str] = frozenset({"executed", "failed", "denied", "expired", "cancelled", "abandoned"})
+
+EventKind = Literal[
+    "call.received",
+    "call.rejoined",  # the same call repeated while its request was open
+    "decision",
+    "approval.requested",
+    "notified",
+    "notify.failed",
+    "vote",
+    "vote.refused",
+    "approval.granted",
+    "execution.started",
+    "policy.loaded",
+    "policy.rejected",
+    "process.started",
+    # terminal kinds: exactly one per call
+    "executed",
+    "failed",
+    "denied",
+    "expired",
+    "cancelled",
+    "abandoned",
+]
+TERMINAL_EVENTS: frozenset[str] = TERMINAL_STATES
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ToolCall(_Frozen):
+    """One `tools/call` as the gate sees it, before anything runs."""
+
+    call_id: str
+    tool: str
+    arguments: dict[str, Any]
+    args_hash: str  # sha256 of the canonical JSON of `arguments`
+    principal: str
+    on_behalf_of: str | None = None
+    model: str | None = None
+    client: str | None = None  # MCP clientInfo name/version
+    session: str | None = None
+    annotations: dict[str, Any] = Field(default_factory=dict)
+
+
+class MatchedRule(_Frozen):
+    id: str
+    outcome: Outcome
+    risk: RiskLevel
+    reason: str
+
+
+class ApproverGroup(_Frozen):
+    """`quorum` distinct approvals from the people/groups in `members` (empty = any reviewer)."""
+
+    name: str
+    members: tuple[str, ...] = ()  # person names or "group:<name>"
+    quorum: int = 1
+
+
+class Escalation(_Frozen):
+    after_s: float
+    notify: tuple[str, ...]  # groups or people to notify next
+    channels: tuple[str, ...] = ()
+
+
+class ReviewSpec(_Frozen):
+    """What a held call needs before it may run. All `groups` must be satisfied (AND)."""
+
+    groups: tuple[ApproverGroup, ...] = (ApproverGroup(name="reviewers"),)
+    timeout_s: float = 900.0
+    require_reason: bool = False
+    channels: tuple[str, ...] = ()  # e.g. "slack:#ops-approvals", "teams:default"
+    escalation: tuple[Escalation, ...] = ()
+
+
+class Decision(_Frozen):
+    outcome: Outcome
+    risk: RiskLevel
+    reason: str
+    rules: tuple[MatchedRule, ...] = ()
+    review: ReviewSpec | None = None
+    policy_digest: str = ""
+    facts: dict[str, Any] = Field(default_factory=dict)
+
+
+class Verdict(_Frozen):
+    """A reviewer's vote as a channel reports it: the identity is already verified by that channel."""
+
+    request_id: str
+    reviewer: str  # e.g. "api:alice", "slack:T01/U02", "teams:<tenant>/<oid>"
+    verdict: VerdictKind
+    reason: str | None = None
+    channel: str = "api"
+
+
+class Event(_Frozen):
+    """One row of the ledger."""
+
+    seq: int
+    ts: float
+    kind: str
+    call_id: str | None
+    payload: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+class RequestView(_Frozen):
+    """The current state of one call/request, as stored (the store's materialised view)."""
+
+    id: str
+    tool: str
+    principal: str
+    on_behalf_of: str | None
+    model: str | None
+    args_hash: str
+    arguments: dict[str, Any]  # redacted form, for display
+    state: RequestState
+    risk: RiskLevel | None
+    reason: str | None
+    rules: list[dict[str, Any]]
+    review: ReviewSpec | None
+    created: float
+    expires: float | None
+    votes: list[dict[str, Any]]
+    outcome_reason: str | None = None
+    policy_digest: str | None = None
