@@ -1,0 +1,180 @@
+"""The keyturn runtime: settings in, a running gate out (ledger, policy, broker, tools, background tasks)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+
+from server.approvals import ApprovalBroker, Notifier, ReviewerDirectory
+from server.canonical import sha256_hex
+from server.classify import ClassifyContext
+from server.config import Settings, resolve_token_digest
+from server.errors import ConfigError, LedgerError
+from server.gate import Gate
+from server.ledger import Ledger
+from server.policy import LivePolicy
+from server.registry import ToolRegistry, load_pack
+
+log = logging.getLogger(__name__)
+
+LOCAL_REVIEWER = "api:owner"
+LOCAL_PERSON = "owner"
+
+
+def reviewer_token_path(db: Path) -> Path:
+    """Where the embedded default keeps its generated reviewer token (mode 0600, beside the database)."""
+    return db.with_name(db.name + ".reviewer-token")
+
+
+def ensure_local_reviewer_token(db: Path) -> str:
+    path = reviewer_token_path(db)
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip()
+    token = "kt_" + secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(token + "\n")
+    return token
+
+
+@dataclass
+class Credentials:
+    """Bearer token digests -> who they are. Tokens themselves are never stored."""
+
+    agents: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # digest -> (principal, on_behalf_of)
+    reviewers: dict[str, str] = field(default_factory=dict)  # digest -> reviewer identity
+
+    def agent(self, token: str) -> tuple[str, str | None] | None:
+        return self.agents.get(sha256_hex(token))
+
+    def reviewer(self, token: str) -> str | None:
+        return self.reviewers.get(sha256_hex(token))
+
+
+def build_credentials(settings: Settings, env: dict[str, str] | None = None) -> Credentials:
+    env = dict(os.environ) if env is None else env
+    creds = Credentials()
+    for agent in settings.agents:
+        digest = resolve_token_digest(agent.token_sha256, agent.token_env, env)
+        assert digest is not None
+        creds.agents[digest] = (agent.name, agent.on_behalf_of)
+    for reviewer in settings.reviewers:
+        digest = resolve_token_digest(reviewer.token_sha256, reviewer.token_env, env)
+        if digest is not None:
+            if not reviewer.identity.startswith(("api:", "web:")):
+                raise ConfigError(f"reviewer {reviewer.identity}: only api: identities authenticate with tokens")
+            creds.reviewers[digest] = reviewer.identity
+    return creds
+
+
+def effective_settings(settings: Settings) -> tuple[Settings, str | None]:
+    """The embedded default: with no api reviewer configured, one local reviewer `api:owner` with a generated token."""
+    if any(r.identity.startswith("api:") for r in settings.reviewers):
+        return settings, None
+    from server.config import Person, Reviewer
+
+    token = ensure_local_reviewer_token(settings.db)
+    people = dict(settings.people)
+    people.setdefault(LOCAL_PERSON, Person())
+    reviewers = (*settings.reviewers, Reviewer(identity=LOCAL_REVIEWER, person=LOCAL_PERSON,
+                                                token_sha256=sha256_hex(token)))
+    return settings.model_copy(update={"people": people, "reviewers": reviewers}), token
+
+
+@dataclass
+class Keyturn:
+    """Everything one keyturn process runs. Use `async with running(settings) as kt:`."""
+
+    settings: Settings
+    ledger: Ledger
+    policy: LivePolicy
+    broker: ApprovalBroker
+    registry: ToolRegistry
+    gate: Gate
+    credentials: Credentials
+    local_token: str | None = None
+    http_base_urls: list[str] = field(default_factory=list)
+
+    def add_notifier(self, notifier: Notifier) -> None:
+        self.broker.notifiers.append(notifier)
+
+
+def build_directory(settings: Settings) -> ReviewerDirectory:
+    return ReviewerDirectory(
+        identities={r.identity: r.person for r in settings.reviewers},
+        groups_of={name: frozenset(p.groups) for name, p in settings.people.items()},
+    )
+
+
+@asynccontextmanager
+async def running(settings: Settings, *, http_base_urls: list[str] | None = None) -> AsyncIterator[Keyturn]:
+    """Open the ledger, load policy and tools, abandon orphans, run the background tasks; close on exit."""
+    settings, local_token = effective_settings(settings)
+    credentials = build_credentials(settings)
+    registry = ToolRegistry()
+    for pack in settings.tools:
+        load_pack(pack.module, registry, pack.options)
+
+    ledger = await Ledger(settings.db).open()
+    try:
+        policy_files = [settings.policy_path()]
+        keyturn_paths = tuple(p.resolve() for p in (settings.db, *policy_files, settings.config_file) if p is not None)
+        urls = tuple(http_base_urls or ())
+        if settings.reviewer_api_url:
+            urls = (*urls, settings.reviewer_api_url)
+
+        async def on_policy_event(kind: str, payload: dict[str, object]) -> None:
+            await ledger.append(kind, None, dict(payload))
+
+        policy = LivePolicy(settings.policy_path(), groups=settings.groups, people=set(settings.people),
+                            on_event=on_policy_event)
+        compiled = policy.load()
+        broker = ApprovalBroker(ledger=ledger, directory=build_directory(settings),
+                                poll_interval_s=settings.poll_interval_s)
+        gate = Gate(ledger=ledger, broker=broker, policy=policy,
+                    classify_context=ClassifyContext(keyturn_paths=keyturn_paths, keyturn_urls=urls),
+                    progress_interval_s=settings.progress_interval_s)
+        await ledger.register_instance(broker.instance_id, socket.gethostname(), os.getpid())
+        abandoned = await broker.abandon_orphans()
+        await ledger.append("process.started", None, {
+            "instance": broker.instance_id, "policy_digest": compiled.digest,
+            "policy_path": str(settings.policy_path()), "abandoned": abandoned,
+        })
+        kt = Keyturn(settings=settings, ledger=ledger, policy=policy, broker=broker, registry=registry, gate=gate,
+                     credentials=credentials, local_token=local_token, http_base_urls=list(urls))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(policy.watch)
+            tg.start_soon(broker.poll_store)
+            tg.start_soon(_housekeeping, kt)
+            try:
+                yield kt
+            finally:
+                tg.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True):
+            try:
+                await ledger.remove_instance(broker.instance_id)
+            except LedgerError:
+                pass
+    finally:
+        with anyio.CancelScope(shield=True):
+            await ledger.close()
+
+
+async def _housekeeping(kt: Keyturn) -> None:
+    """Heartbeat (so other processes know we hold our calls) and expiry of requests nobody is waiting on."""
+    while True:
+        await anyio.sleep(2.0)
+        try:
+            await kt.ledger.heartbeat(kt.broker.instance_id)
+            await kt.broker.sweep_expired()
+        except LedgerError as e:
+            log.warning("housekeeping failed: %s", e)

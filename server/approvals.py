@@ -1,0 +1,343 @@
+"""The approvals broker: pending requests, eligibility, quorum, timeouts and wake-ups.
+
+A channel (HTTP API, Slack, Teams, web) never decides: it reports a `Verdict` with an identity it
+has verified, and `ApprovalBroker.decide` alone validates it, inside one ledger transaction, so a
+vote accepted by any keyturn process sharing the database is checked against the stored request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import anyio
+
+from server.errors import ApprovalRejected, LedgerError, UnknownRequest
+from server.ledger import Ledger, Tx
+from server.models import ApproverGroup, Event, RequestView, ReviewSpec, Verdict
+
+log = logging.getLogger(__name__)
+
+WAKE_KINDS = frozenset({"approval.granted", "denied", "expired", "cancelled", "abandoned", "executed", "failed"})
+
+
+class Notifier(Protocol):
+    """A reviewer channel's outbound side. Failures are recorded; they never approve anything."""
+
+    name: str
+
+    async def request_opened(self, request: RequestView) -> None: ...
+
+    async def request_changed(self, request: RequestView, event: Event) -> None: ...
+
+
+@dataclass(frozen=True)
+class ReviewerDirectory:
+    """Who a verified reviewer identity is: the person and their groups (from config)."""
+
+    identities: Mapping[str, str]  # identity -> person
+    groups_of: Mapping[str, frozenset[str]]  # person -> groups
+
+    def person(self, identity: str) -> str | None:
+        return self.identities.get(identity)
+
+    def is_member(self, person: str, member: str) -> bool:
+        if member.startswith("group:"):
+            return member[len("group:") :] in self.groups_of.get(person, frozenset())
+        return member == person
+
+    def eligible(self, person: str, group: ApproverGroup) -> bool:
+        return not group.members or any(self.is_member(person, m) for m in group.members)
+
+
+def quorum_met(spec: ReviewSpec, approvers: Sequence[str], directory: ReviewerDirectory) -> bool:
+    """True when distinct people can fill every approval slot of every group (AND across groups).
+
+    One person fills at most one slot, so "one DBA and one security engineer" needs two people
+    even if one of them is both. Solved as a small bipartite matching.
+    """
+    slots = [g for g in spec.groups for _ in range(max(1, g.quorum))]
+    owner: dict[int, str] = {}
+
+    def assign(person: str, seen: set[int]) -> bool:
+        for i, group in enumerate(slots):
+            if i in seen or not directory.eligible(person, group):
+                continue
+            seen.add(i)
+            if i not in owner or assign(owner[i], seen):
+                owner[i] = person
+                return True
+        return False
+
+    for person in dict.fromkeys(approvers):
+        assign(person, set())
+    return len(owner) == len(slots)
+
+
+@dataclass(frozen=True)
+class VoteResult:
+    request_id: str
+    accepted: bool
+    state: str
+    message: str
+    code: str = "ok"
+
+
+def _instance_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class ApprovalBroker:
+    ledger: Ledger
+    directory: ReviewerDirectory
+    poll_interval_s: float = 0.25
+    notifiers: list[Notifier] = field(default_factory=list)
+    instance_id: str = field(default_factory=_instance_id)
+    _waiters: dict[str, anyio.Event] = field(default_factory=dict)
+    _last_seq: int = 0
+
+    def __post_init__(self) -> None:
+        self.ledger.subscribe(self._on_events)
+
+    # -- wake-ups --------------------------------------------------------------------------------
+
+    def _on_events(self, events: Sequence[Event]) -> None:
+        for e in events:
+            if e.call_id in self._waiters and e.kind in WAKE_KINDS:
+                self._waiters[e.call_id].set()
+
+    async def wait_for_change(self, request_id: str, timeout: float) -> None:
+        """Return when the request leaves `pending` (in this process or another), or after `timeout` seconds."""
+        event = self._waiters.setdefault(request_id, anyio.Event())
+        with anyio.move_on_after(max(0.0, timeout)):
+            await event.wait()
+        if event.is_set():
+            self._waiters.pop(request_id, None)
+
+    async def poll_store(self) -> None:
+        """Learn of decisions recorded by other processes: a cheap head check, then the waiters' states."""
+        while True:
+            await anyio.sleep(self.poll_interval_s)
+            if not self._waiters:
+                continue
+            try:
+                head = await self.ledger.head_seq()
+                if head == self._last_seq:
+                    continue
+                self._last_seq = head
+                states = await self.ledger.call_states(list(self._waiters))
+            except LedgerError as e:
+                log.warning("poll of the store failed: %s", e)
+                continue
+            for request_id, state in states.items():
+                if state != "pending" and request_id in self._waiters:
+                    self._waiters[request_id].set()
+
+    # -- notifications ---------------------------------------------------------------------------
+
+    async def announce(self, request: RequestView) -> None:
+        """Tell every channel about a new held request; record deliveries and failures."""
+        for notifier in self.notifiers:
+            try:
+                await notifier.request_opened(request)
+                await self.ledger.append("notified", request.id, {"channel": notifier.name})
+            except Exception as e:  # a channel failure must never block or approve
+                log.warning("channel %s failed to announce %s: %s", notifier.name, request.id, e)
+                try:
+                    await self.ledger.append("notify.failed", request.id, {"channel": notifier.name, "error": str(e)})
+                except LedgerError:
+                    log.exception("could not record a notification failure")
+
+    async def announce_change(self, request_id: str, event: Event) -> None:
+        if not self.notifiers:
+            return
+        view = await self.ledger.get_call(request_id)
+        if view is None:
+            return
+        for notifier in self.notifiers:
+            try:
+                await notifier.request_changed(view, event)
+            except Exception as e:
+                log.warning("channel %s failed to update %s: %s", notifier.name, request_id, e)
+
+    # -- the one place a verdict is judged ------------------------------------------------------
+
+    async def decide(self, verdict: Verdict) -> VoteResult:
+        """Validate and record one reviewer's verdict. Raises ApprovalRejected (recorded) or UnknownRequest."""
+        person = self.directory.person(verdict.reviewer)
+        reason = (verdict.reason or "").strip() or None
+
+        def body(tx: Tx, row: sqlite3.Row | None) -> VoteResult:
+            if row is None:
+                return VoteResult(verdict.request_id, False, "", f"no request {verdict.request_id}", "unknown")
+
+            def refuse(message: str, code: str) -> VoteResult:
+                tx.append(
+                    "vote.refused",
+                    verdict.request_id,
+                    {"reviewer": verdict.reviewer, "person": person, "verdict": verdict.verdict,
+                     "channel": verdict.channel, "code": code, "message": message},
+                )
+                return VoteResult(verdict.request_id, False, row["state"], message, code)
+
+            if person is None:
+                return refuse(f"{verdict.reviewer} is not a configured reviewer", "unknown_reviewer")
+            state = row["state"]
+            if state != "pending":
+                return refuse(f"request {verdict.request_id} is {state}, not pending", "not_pending")
+            if row["expires"] is not None and tx.now >= row["expires"]:
+                return refuse(f"request {verdict.request_id} has expired", "expired")
+            if person in {row["principal"], row["on_behalf_of"]} or verdict.reviewer == row["principal"]:
+                return refuse("the requester cannot approve or deny its own request", "self_approval")
+            spec = ReviewSpec.model_validate_json(row["review"]) if row["review"] else ReviewSpec()
+            groups = [g.name for g in spec.groups if self.directory.eligible(person, g)]
+            if not groups:
+                wanted = "; ".join(f"{g.quorum} of {', '.join(g.members) or 'any reviewer'}" for g in spec.groups)
+                return refuse(f"{person} is not eligible to review this request (needs {wanted})", "not_eligible")
+            votes = tx.votes(verdict.request_id)
+            if any(v["person"] == person for v in votes):
+                return refuse(f"{person} has already voted on this request", "duplicate")
+            if verdict.verdict == "deny" and not reason:
+                return refuse("a denial needs a reason", "reason_required")
+            if verdict.verdict == "approve" and spec.require_reason and not reason:
+                return refuse("this policy requires a reason with every approval", "reason_required")
+
+            tx.conn.execute(
+                "INSERT INTO votes(call_id, person, reviewer, verdict, reason, groups, ts) VALUES (?,?,?,?,?,?,?)",
+                (verdict.request_id, person, verdict.reviewer, verdict.verdict, reason, json.dumps(groups), tx.now),
+            )
+            vote_payload = {"reviewer": verdict.reviewer, "person": person, "verdict": verdict.verdict,
+                            "reason": reason, "channel": verdict.channel, "groups": groups}
+            tx.append("vote", verdict.request_id, vote_payload)
+            if verdict.verdict == "deny":
+                tx.set_state(verdict.request_id, "denied", outcome_reason=f"denied by {person}: {reason}")
+                tx.append("denied", verdict.request_id, {"by": "reviewer", "person": person,
+                                                           "reviewer": verdict.reviewer, "reason": reason})
+                return VoteResult(verdict.request_id, True, "denied", f"denied by {person}")
+            approvers = [v["person"] for v in votes if v["verdict"] == "approve"] + [person]
+            if quorum_met(spec, approvers, self.directory):
+                # The approval is bound to this request's tool + arguments hash + policy digest, and expires.
+                expires = tx.now + spec.timeout_s
+                tx.set_state(verdict.request_id, "approved", expires=expires)
+                tx.append("approval.granted", verdict.request_id, {
+                    "approvers": approvers, "tool": row["tool"], "args_hash": row["args_hash"],
+                    "policy_digest": row["policy_digest"], "expires": expires})
+                return VoteResult(verdict.request_id, True, "approved", "approved: quorum reached")
+            needed = sum(max(1, g.quorum) for g in spec.groups)
+            return VoteResult(verdict.request_id, True, "pending",
+                              f"vote recorded ({len(approvers)} of {needed} approvals)")
+
+        result = await self.ledger.mutate_call(verdict.request_id, body)
+        if result.code == "unknown":
+            raise UnknownRequest(result.message)
+        if not result.accepted:
+            raise ApprovalRejected(result.message, code=result.code)
+        last = (await self.ledger.events(verdict.request_id))[-1]
+        await self.announce_change(verdict.request_id, last)
+        return result
+
+    # -- timeouts and restarts ------------------------------------------------------------------
+
+    async def expire(self, request_id: str, reason: str = "no reviewer decided before the timeout") -> bool:
+        """Pending (or approved but never run) past its expiry: record `expired`, never a human's denial."""
+        done = await self.ledger.transition(
+            request_id, ("pending", "approved"), "expired", "expired", {"reason": reason}, outcome_reason=reason
+        )
+        if done:
+            last = (await self.ledger.events(request_id))[-1]
+            await self.announce_change(request_id, last)
+        return done
+
+    async def sweep_expired(self) -> int:
+        """Expire every open request whose time has passed, whichever process holds it."""
+        now = time.time()
+        count = 0
+        for view in await self.ledger.list_calls(("pending", "approved"), limit=10_000):
+            if view.expires is not None and view.expires <= now and await self.expire(view.id):
+                count += 1
+        return count
+
+    async def abandon_orphans(self, alive: Callable[[sqlite3.Row], Awaitable[bool]] | None = None) -> list[str]:
+        """Mark `abandoned` every open call whose holding process is gone (run at start-up)."""
+        instances = {row["id"]: row for row in await self.ledger.instances()}
+        host = socket.gethostname()
+
+        async def is_alive(holder: str | None) -> bool:
+            if holder is None or holder == self.instance_id:
+                return holder == self.instance_id
+            row = instances.get(holder)
+            if row is None:
+                return False
+            if alive is not None:
+                return await alive(row)
+            if row["host"] == host:
+                return _pid_alive(int(row["pid"]))
+            return time.time() - row["heartbeat"] < 30.0
+
+        abandoned = []
+        open_states = ("received", "allowed", "pending", "approved", "running")
+        for view in await self.ledger.list_calls(open_states, limit=100_000):
+            holder = await self._holder(view.id)
+            if await is_alive(holder):
+                continue
+            stage = view.state
+            ok = await self.ledger.transition(
+                view.id, open_states, "abandoned", "abandoned",
+                {"stage": stage, "holder": holder,
+                 "reason": "the keyturn process holding this call stopped" +
+                 ("; the tool's outcome is unknown" if stage == "running" else "")},
+                outcome_reason="process stopped while " + stage,
+            )
+            if ok:
+                abandoned.append(view.id)
+        for stale in instances:
+            if stale != self.instance_id and not await is_alive(stale):
+                await self.ledger.remove_instance(stale)
+        return abandoned
+
+    async def _holder(self, request_id: str) -> str | None:
+        rows = await self.ledger._query("SELECT holder FROM calls WHERE id = ?", (request_id,))
+        return rows[0]["holder"] if rows else None
+
+    async def cancel(self, request_id: str, principal: str, reason: str) -> bool:
+        """The requesting agent withdraws its own open request."""
+
+        def body(tx: Tx, row: sqlite3.Row | None) -> bool:
+            if row is None or row["principal"] != principal or row["state"] not in ("pending", "approved"):
+                return False
+            tx.set_state(request_id, "cancelled", outcome_reason=reason)
+            tx.append("cancelled", request_id, {"by": principal, "reason": reason})
+            return True
+
+        done = await self.ledger.mutate_call(request_id, body)
+        if done:
+            last = (await self.ledger.events(request_id))[-1]
+            await self.announce_change(request_id, last)
+        return done
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def directory_from(identities: Iterable[tuple[str, str]], people_groups: Mapping[str, Iterable[str]]) -> ReviewerDirectory:
+    return ReviewerDirectory(
+        identities=dict(identities),
+        groups_of={p: frozenset(g) for p, g in people_groups.items()},
+    )
+

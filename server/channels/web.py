@@ -1,0 +1,115 @@
+"""The reviewer HTTP API (JSON): list, show, approve, deny, and the audit reads. The CLI uses it.
+
+Reviewers authenticate with bearer tokens that the config maps to `api:` identities. The API
+only reports verdicts with that verified identity; `ApprovalBroker.decide` judges them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from server.app import Keyturn
+from server.errors import ApprovalRejected, LedgerError, UnknownRequest
+from server.models import RequestView, Verdict
+
+MAX_REASON = 2000
+REFUSAL_STATUS = {"not_pending": 409, "expired": 409, "duplicate": 409, "reason_required": 400}
+
+
+def _error(status: int, message: str, code: str) -> JSONResponse:
+    return JSONResponse({"error": message, "code": code}, status_code=status)
+
+
+def view_json(view: RequestView) -> dict[str, Any]:
+    return view.model_dump(mode="json")
+
+
+def reviewer_identity(kt: Keyturn, request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return kt.credentials.reviewer(token.strip())
+
+
+def api_routes(kt: Keyturn) -> list[Route]:
+    def authed(handler: Any) -> Any:
+        async def endpoint(request: Request) -> JSONResponse:
+            identity = reviewer_identity(kt, request)
+            if identity is None:
+                return JSONResponse({"error": "a valid reviewer bearer token is required", "code": "unauthorized"},
+                                    status_code=401, headers={"WWW-Authenticate": 'Bearer realm="keyturn"'})
+            try:
+                result: JSONResponse = await handler(request, identity)
+                return result
+            except LedgerError as e:
+                return _error(503, f"the ledger is unavailable: {e}", "ledger_unavailable")
+
+        return endpoint
+
+    async def whoami(request: Request, identity: str) -> JSONResponse:
+        return JSONResponse({"reviewer": identity, "person": kt.broker.directory.person(identity)})
+
+    async def list_requests(request: Request, identity: str) -> JSONResponse:
+        state = request.query_params.get("state", "pending")
+        states = [s for s in state.split(",") if s]
+        allowed = {"received", "allowed", "pending", "approved", "running", "executed", "failed", "denied",
+                   "expired", "cancelled", "abandoned"}
+        if not states or not set(states) <= allowed:
+            return _error(400, f"state must be a comma-separated list of {sorted(allowed)}", "bad_request")
+        views = await kt.ledger.list_calls(states, limit=500)
+        return JSONResponse({"requests": [view_json(v) for v in views]})
+
+    async def show(request: Request, identity: str) -> JSONResponse:
+        view = await kt.ledger.get_call(request.path_params["request_id"])
+        if view is None:
+            return _error(404, "no such request", "unknown")
+        events = await kt.ledger.events(view.id)
+        return JSONResponse({"request": view_json(view), "events": [e.model_dump(mode="json") for e in events]})
+
+    async def vote(request: Request, identity: str, verdict: str) -> JSONResponse:
+        try:
+            body = await request.json() if await request.body() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "the body must be JSON", "bad_request")
+        if not isinstance(body, dict):
+            return _error(400, "the body must be a JSON object", "bad_request")
+        reason = body.get("reason")
+        if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON):
+            return _error(400, f"reason must be a string of at most {MAX_REASON} characters", "bad_request")
+        try:
+            result = await kt.broker.decide(Verdict(
+                request_id=request.path_params["request_id"], reviewer=identity,
+                verdict="approve" if verdict == "approve" else "deny", reason=reason, channel="api"))
+        except UnknownRequest as e:
+            return _error(404, str(e), "unknown")
+        except ApprovalRejected as e:
+            return _error(REFUSAL_STATUS.get(e.code, 403), str(e), e.code)
+        return JSONResponse({"request_id": result.request_id, "state": result.state, "message": result.message})
+
+    async def audit_tail(request: Request, identity: str) -> JSONResponse:
+        try:
+            n = max(1, min(1000, int(request.query_params.get("n", "20"))))
+        except ValueError:
+            return _error(400, "n must be an integer", "bad_request")
+        return JSONResponse({"events": [e.model_dump(mode="json") for e in await kt.ledger.tail(n)]})
+
+    async def audit_verify(request: Request, identity: str) -> JSONResponse:
+        result = await kt.ledger.verify()
+        return JSONResponse({"ok": result.ok, "count": result.count, "first_bad_seq": result.first_bad_seq,
+                             "message": result.message})
+
+    return [
+        Route("/api/whoami", authed(whoami), methods=["GET"]),
+        Route("/api/requests", authed(list_requests), methods=["GET"]),
+        Route("/api/requests/{request_id}", authed(show), methods=["GET"]),
+        Route("/api/requests/{request_id}/approve", authed(lambda r, i: vote(r, i, "approve")), methods=["POST"]),
+        Route("/api/requests/{request_id}/deny", authed(lambda r, i: vote(r, i, "deny")), methods=["POST"]),
+        Route("/api/audit/tail", authed(audit_tail), methods=["GET"]),
+        Route("/api/audit/verify", authed(audit_verify), methods=["GET"]),
+    ]

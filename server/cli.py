@@ -1,0 +1,344 @@
+"""`keyturn ...`: the command line. The only place that reads environment variables.
+
+serve            run the MCP server (stdio, or --http HOST:PORT with the reviewer API)
+pending / show / approve / deny    reviewer commands, through the HTTP reviewer API
+audit tail / show / verify         auditor commands, reading the ledger file
+policy check / explain / test / replay   policy author commands
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from server.config import Settings, load_settings
+from server.errors import KeyturnError
+
+DEFAULT_HTTP = "127.0.0.1:8765"
+log = logging.getLogger("keyturn")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    config = args.config or os.environ.get("KEYTURN_CONFIG")
+    return load_settings(
+        Path(config) if config else None,
+        db=getattr(args, "db", None) or os.environ.get("KEYTURN_DB"),
+        policy=getattr(args, "policy", None),
+    )
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise KeyturnError(f"--http expects HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+# -- serve -----------------------------------------------------------------------------------------
+
+async def _serve(args: argparse.Namespace) -> int:
+    from server.app import reviewer_token_path, running
+    from server.mcp_app import build_mcp_server
+
+    settings = _settings(args)
+    if args.http:
+        import uvicorn
+
+        from server.channels import build_channels
+        from server.http import build_http_app, check_bind
+
+        host, port = _host_port(args.http)
+        base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        async with running(settings, http_base_urls=[base]) as kt:
+            check_bind(kt, host)
+            server = build_mcp_server(kt)
+            extra_routes = await build_channels(kt, dict(os.environ))
+            app = build_http_app(kt, server, host, extra_routes)
+            config = uvicorn.Config(app, host=host, port=port, log_level=args.log_level.lower(), lifespan="on")
+            token_note = (f"the reviewer token is in {reviewer_token_path(kt.settings.db)}" if kt.local_token
+                          else "reviewers use their configured tokens (KEYTURN_TOKEN)")
+            print(
+                f"keyturn is running.\n"
+                f"  MCP endpoint (streamable HTTP): {base}/mcp\n"
+                f"  reviewer API:                   {base}/api/requests\n"
+                f"  ledger: {kt.settings.db.resolve()}   policy: {kt.settings.policy_path()}\n"
+                f"  tools: {', '.join(t.name for t in kt.registry.list())}\n"
+                f"Review held calls from another terminal:\n"
+                f"  keyturn pending\n  keyturn approve REQUEST_ID --reason '...'   (or: keyturn deny REQUEST_ID --reason '...')\n"
+                f"  ({token_note})",
+                file=sys.stderr, flush=True,
+            )
+            await uvicorn.Server(config).serve()
+        return 0
+
+    from mcp.server.stdio import stdio_server
+
+    async with running(settings) as kt:
+        server = build_mcp_server(kt)
+        print(f"keyturn (stdio) serving {len(kt.registry.list())} guarded tools; ledger {kt.settings.db}",
+              file=sys.stderr, flush=True)
+        async with stdio_server() as (read_stream, write_stream):
+            await server.run(read_stream, write_stream, server.create_initialization_options())
+    return 0
+
+
+# -- reviewer commands (HTTP API) ------------------------------------------------------------------
+
+def _api(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    url = (args.url or os.environ.get("KEYTURN_URL") or f"http://{DEFAULT_HTTP}").rstrip("/")
+    token = args.token or os.environ.get("KEYTURN_TOKEN")
+    if not token:
+        from server.app import reviewer_token_path
+
+        db = Path(args.db or os.environ.get("KEYTURN_DB") or "keyturn.db")
+        token_file = reviewer_token_path(db)
+        if token_file.exists():
+            token = token_file.read_text(encoding="utf-8").strip()
+    if not token:
+        raise KeyturnError("no reviewer token: set KEYTURN_TOKEN or pass --token")
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url + path, data=data, method=method, headers={
+        "Authorization": f"Bearer {token}", "Content-Type": "application/json", "Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        try:
+            detail = json.loads(e.read()).get("error", e.reason)
+        except (json.JSONDecodeError, AttributeError):
+            detail = e.reason
+        raise KeyturnError(f"{detail} (HTTP {e.code})") from e
+    except urllib.error.URLError as e:
+        raise KeyturnError(f"cannot reach the reviewer API at {url}: {e.reason}") from e
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _print_request(r: dict[str, Any]) -> None:
+    print(f"{r['id']}  {r['state']:<9} {r['risk'] or '-':<8} {r['tool']}  by {r['principal']}"
+          + (f" for {r['on_behalf_of']}" if r.get("on_behalf_of") else "")
+          + (f"  expires {_when(r['expires'])}" if r.get("expires") else ""))
+    print(f"    why: {r['reason']}")
+    print(f"    arguments: {json.dumps(r['arguments'], ensure_ascii=False)[:500]}")
+    for v in r.get("votes", []):
+        print(f"    vote: {v['verdict']} by {v['person']} ({v['reviewer']}) {v['reason'] or ''}")
+
+
+def cmd_pending(args: argparse.Namespace) -> int:
+    data = _api(args, "GET", "/api/requests?state=pending")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    if not data["requests"]:
+        print("no pending requests")
+    for r in data["requests"]:
+        _print_request(r)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    data = _api(args, "GET", f"/api/requests/{urllib.request.quote(args.id)}")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    _print_request(data["request"])
+    for e in data["events"]:
+        print(f"    #{e['seq']} {_when(e['ts'])} {e['kind']}")
+    return 0
+
+
+def cmd_vote(args: argparse.Namespace) -> int:
+    data = _api(args, "POST", f"/api/requests/{urllib.request.quote(args.id)}/{args.verdict}", {"reason": args.reason})
+    print(f"{data['request_id']}: {data['message']} (state: {data['state']})")
+    return 0
+
+
+# -- auditor commands (ledger file) ----------------------------------------------------------------
+
+async def _with_ledger(args: argparse.Namespace, fn: Any) -> int:
+    from server.ledger import Ledger
+
+    settings = _settings(args)
+    if not settings.db.exists():
+        raise KeyturnError(f"no ledger at {settings.db}")
+    async with Ledger(settings.db) as ledger:
+        result: int = await fn(ledger)
+        return result
+
+
+def _event_line(e: Any) -> str:
+    p = e.payload
+    detail = ""
+    if e.kind == "call.received":
+        detail = f"{p.get('tool')} by {p.get('principal')}"
+    elif e.kind == "decision":
+        detail = f"{p.get('outcome')} ({p.get('risk')}) rules={[r['id'] for r in p.get('rules', [])]} policy={str(p.get('policy_digest'))[:12]}"
+    elif e.kind in ("vote", "vote.refused"):
+        detail = f"{p.get('verdict')} by {p.get('person') or p.get('reviewer')} via {p.get('channel')}: {p.get('reason') or p.get('message') or ''}"
+    elif e.kind in ("executed", "failed"):
+        detail = f"result sha256 {p.get('result_digest') or p.get('error')}"
+    elif e.kind in ("denied", "expired", "cancelled", "abandoned"):
+        detail = f"{p.get('by', '')} {p.get('reason', '')}".strip()
+    elif e.kind == "approval.granted":
+        detail = f"approvers={p.get('approvers')} args_hash={str(p.get('args_hash'))[:12]}"
+    return f"#{e.seq:<6} {_when(e.ts)} {e.kind:<18} {e.call_id or '-':<32} {detail}"
+
+
+def cmd_audit_tail(args: argparse.Namespace) -> int:
+    async def run(ledger: Any) -> int:
+        for e in await ledger.tail(args.n):
+            print(json.dumps(e.model_dump(mode="json")) if args.json else _event_line(e))
+        return 0
+
+    return anyio.run(_with_ledger, args, run)
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    async def run(ledger: Any) -> int:
+        view = await ledger.get_call(args.id)
+        if view is None:
+            raise KeyturnError(f"no request {args.id} in the ledger")
+        events = await ledger.events(args.id)
+        if args.json:
+            print(json.dumps({"request": view.model_dump(mode="json"),
+                              "events": [e.model_dump(mode="json") for e in events]}, indent=2))
+            return 0
+        print(f"request {view.id}: {view.tool} asked by {view.principal}"
+              + (f" on behalf of {view.on_behalf_of}" if view.on_behalf_of else "")
+              + (f" (model {view.model})" if view.model else ""))
+        print(f"  arguments (redacted): {json.dumps(view.arguments, ensure_ascii=False)}")
+        print(f"  arguments sha256: {view.args_hash}")
+        print(f"  decision: risk {view.risk}; {view.reason}; policy {view.policy_digest}")
+        for r in view.rules:
+            print(f"    rule {r['id']}: {r['outcome']} ({r['risk']}) {r['reason']}")
+        for v in view.votes:
+            print(f"  {v['verdict']} by {v['person']} ({v['reviewer']}) at {_when(v['ts'])}: {v['reason'] or '-'}")
+        print(f"  outcome: {view.state} {view.outcome_reason or ''}")
+        for e in events:
+            print("  " + _event_line(e) + f"  hash {e.hash[:16]}")
+        return 0
+
+    return anyio.run(_with_ledger, args, run)
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    async def run(ledger: Any) -> int:
+        result = await ledger.verify()
+        print(result.message if result.ok else f"BROKEN at event {result.first_bad_seq}: {result.message}")
+        return 0 if result.ok else 1
+
+    return anyio.run(_with_ledger, args, run)
+
+
+# -- argument parsing ------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keyturn", description="A human's key in the lock between AI agents and privileged operations.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="config file (YAML); default $KEYTURN_CONFIG")
+    common.add_argument("--db", help="ledger database file (default ./keyturn.db)")
+    reviewer = argparse.ArgumentParser(add_help=False, parents=[common])
+    reviewer.add_argument("--url", help=f"reviewer API base URL (default $KEYTURN_URL or http://{DEFAULT_HTTP})")
+    reviewer.add_argument("--token", help="reviewer bearer token (default $KEYTURN_TOKEN, or the local token file)")
+    reviewer.add_argument("--json", action="store_true", help="print JSON")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", parents=[common], help="run the guarded MCP server")
+    serve.add_argument("--http", metavar="HOST:PORT", help="serve streamable HTTP at /mcp plus the reviewer API")
+    serve.add_argument("--policy", help="policy file (default: the shipped policies/default.yaml)")
+    serve.add_argument("--log-level", default="WARNING")
+    serve.set_defaults(func=lambda a: anyio.run(_serve, a))
+
+    sub.add_parser("pending", parents=[reviewer], help="list held requests").set_defaults(func=cmd_pending)
+    show = sub.add_parser("show", parents=[reviewer], help="show one request")
+    show.add_argument("id")
+    show.set_defaults(func=cmd_show)
+    for verdict in ("approve", "deny"):
+        p = sub.add_parser(verdict, parents=[reviewer], help=f"{verdict} a held request")
+        p.add_argument("id")
+        p.add_argument("--reason", required=(verdict == "deny"), help="why (recorded in the ledger)")
+        p.set_defaults(func=cmd_vote, verdict=verdict)
+
+    audit = sub.add_parser("audit", help="read the ledger").add_subparsers(dest="audit_command", required=True)
+    tail = audit.add_parser("tail", parents=[common], help="the latest events")
+    tail.add_argument("-n", type=int, default=20)
+    tail.add_argument("--json", action="store_true")
+    tail.set_defaults(func=cmd_audit_tail)
+    ashow = audit.add_parser("show", parents=[common], help="the whole story of one request")
+    ashow.add_argument("id")
+    ashow.add_argument("--json", action="store_true")
+    ashow.set_defaults(func=cmd_audit_show)
+    audit.add_parser("verify", parents=[common], help="check the hash chain").set_defaults(func=cmd_audit_verify)
+
+    _policy_commands(sub, common)
+    return parser
+
+
+def _policy_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    from server.policy import cli as policy_cli
+
+    policy = sub.add_parser("policy", help="check, explain, test and replay policies")
+    psub = policy.add_subparsers(dest="policy_command", required=True)
+    check = psub.add_parser("check", parents=[common], help="validate a policy file")
+    check.add_argument("file")
+    check.set_defaults(func=lambda a: policy_cli.cmd_check(Path(a.file), _settings(a) if a.config else None))
+    explain = psub.add_parser("explain", parents=[common], help="decide one call and show the trace")
+    explain.add_argument("--policy", help="policy file (default: the configured one)")
+    explain.add_argument("--tool", required=True)
+    explain.add_argument("--args", default="{}", help="arguments as JSON")
+    explain.add_argument("--principal", default="local")
+    explain.add_argument("--model")
+    explain.add_argument("--json", action="store_true")
+    explain.set_defaults(func=_policy_explain)
+    test = psub.add_parser("test", parents=[common], help="run a policy's test cases")
+    test.add_argument("file")
+    test.set_defaults(func=lambda a: policy_cli.cmd_test(Path(a.file)))
+    replay = psub.add_parser("replay", parents=[common], help="re-decide recorded calls under a candidate policy")
+    replay.add_argument("file")
+    replay.add_argument("--limit", type=int, default=10_000)
+    replay.set_defaults(func=_policy_replay)
+
+
+def _policy_explain(args: argparse.Namespace) -> int:
+    from server.policy import cli as policy_cli
+
+    settings = _settings(args)
+    path = Path(args.policy) if args.policy else settings.policy_path()
+    fn: Any = policy_cli.cmd_explain
+    return int(fn(path, args.tool, args.args, args.principal, args.model, settings=settings, as_json=args.json)
+               if "as_json" in fn.__code__.co_varnames else
+               fn(path, args.tool, args.args, args.principal, args.model, settings=settings))
+
+
+def _policy_replay(args: argparse.Namespace) -> int:
+    from server.policy.replay import cmd_replay
+
+    return anyio.run(cmd_replay, Path(args.file), _settings(args), args.limit)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="keyturn %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyturnError as e:
+        print(f"keyturn: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""The spine: classify -> decide -> hold -> act -> record, for every guarded tool call.
+
+`Gate.call` is the whole path of one call in one place. Any error before the tool runs ends the
+call without running it (fail closed); every call ends in exactly one terminal ledger event.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import anyio
+import mcp_types as types
+
+from server.approvals import ApprovalBroker
+from server.canonical import args_hash, canonical_json, sha256_hex
+from server.classify import ClassifyContext, extract_facts, redact
+from server.errors import InvalidArguments, LedgerError
+from server.models import Decision, RequestView, ToolCall
+from server.policy import LivePolicy
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[float, str], Awaitable[None]]
+
+
+class Runnable(Protocol):
+    """What the gate guards: a native GuardedTool or an upstream server's tool."""
+
+    name: str
+    annotations: dict[str, Any]
+    classifiers: Mapping[str, str]
+
+    def validate(self, arguments: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def run(self, arguments: dict[str, Any]) -> types.CallToolResult: ...
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is calling, as the transport established it (never from the arguments)."""
+
+    principal: str
+    on_behalf_of: str | None = None
+    model: str | None = None
+    client: str | None = None
+    session: str | None = None
+
+
+def error_result(text: str, **meta: Any) -> types.CallToolResult:
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text=text)],
+        is_error=True,
+        structured_content={"keyturn": meta} if meta else None,
+    )
+
+
+def result_digest(result: types.CallToolResult) -> str:
+    return sha256_hex(canonical_json(result.model_dump(mode="json", by_alias=True, exclude_none=True)))
+
+
+def describe_rules(decision: Decision) -> str:
+    return "; ".join(f"rule {r.id!r}: {r.reason}" for r in decision.rules) or decision.reason
+
+
+@dataclass
+class Gate:
+    ledger: Any  # server.ledger.Ledger
+    broker: ApprovalBroker
+    policy: LivePolicy
+    classify_context: ClassifyContext
+    progress_interval_s: float = 10.0
+
+    async def call(
+        self, tool: Runnable, arguments: dict[str, Any], who: Identity, progress: ProgressFn | None = None
+    ) -> types.CallToolResult:
+        call = ToolCall(
+            call_id=uuid.uuid4().hex, tool=tool.name, arguments=arguments, args_hash=args_hash(arguments),
+            principal=who.principal, on_behalf_of=who.on_behalf_of, model=who.model, client=who.client,
+            session=who.session, annotations=tool.annotations,
+        )
+        # classify + decide: any failure here is a denial, never a pass.
+        try:
+            tool.validate(arguments)
+            facts = extract_facts(tool.name, arguments, tool.classifiers, tool.annotations, self.classify_context)
+            redacted = redact(arguments, facts)
+            decision = self.policy.current.decide(call, facts)
+        except InvalidArguments as e:
+            return await self._refuse(call, arguments, "invalid_arguments", f"invalid arguments: {e}")
+        except Exception as e:
+            log.exception("classification or policy failed for %s", tool.name)
+            return await self._refuse(call, arguments, "error", f"denied: keyturn could not evaluate this call ({e})")
+
+        try:
+            if decision.outcome == "deny":
+                return await self._deny(call, redacted, decision)
+            if decision.outcome == "allow":
+                await self._open(call, redacted, decision, state="allowed")
+                return await self._run(tool, call, decision)
+            return await self._hold(tool, call, redacted, decision, progress)
+        except LedgerError as e:
+            log.error("ledger failure on %s: %s", call.call_id, e)
+            return error_result(f"keyturn could not record this call, so it did not run: {e}", outcome="error")
+
+    # -- the branches --------------------------------------------------------------------------
+
+    def _decision_payload(self, decision: Decision) -> dict[str, Any]:
+        return {
+            "outcome": decision.outcome, "risk": decision.risk, "reason": decision.reason,
+            "rules": [r.model_dump() for r in decision.rules], "policy_digest": decision.policy_digest,
+            "facts": decision.facts,
+            "review": decision.review.model_dump() if decision.review else None,
+        }
+
+    def _received_payload(self, call: ToolCall, redacted: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "tool": call.tool, "arguments": redacted, "args_hash": call.args_hash, "principal": call.principal,
+            "on_behalf_of": call.on_behalf_of, "model": call.model, "client": call.client, "session": call.session,
+        }
+
+    async def _open(
+        self, call: ToolCall, redacted: dict[str, Any], decision: Decision, *, state: str,
+        extra: list[tuple[str, dict[str, Any]]] | None = None, expires: float | None = None,
+    ) -> None:
+        await self.ledger.open_call(
+            call_id=call.call_id, tool=call.tool, principal=call.principal, on_behalf_of=call.on_behalf_of,
+            model=call.model, args_hash=call.args_hash, redacted_arguments=redacted, state=state,
+            holder=self.broker.instance_id, risk=decision.risk, reason=decision.reason,
+            rules=[r.model_dump() for r in decision.rules], review=decision.review,
+            policy_digest=decision.policy_digest, expires=expires,
+            events=[("call.received", self._received_payload(call, redacted)),
+                    ("decision", self._decision_payload(decision)), *(extra or [])],
+        )
+
+    async def _refuse(self, call: ToolCall, arguments: dict[str, Any], code: str, message: str) -> types.CallToolResult:
+        # Arguments that could not be classified are not stored, only their hash.
+        try:
+            await self.ledger.open_call(
+                call_id=call.call_id, tool=call.tool, principal=call.principal, on_behalf_of=call.on_behalf_of,
+                model=call.model, args_hash=call.args_hash, redacted_arguments={"«unclassified»": True},
+                state="denied" if code == "error" else "failed", holder=self.broker.instance_id,
+                outcome_reason=message,
+                events=[("call.received", self._received_payload(call, {"«unclassified»": True})),
+                        ("denied" if code == "error" else "failed", {"by": "keyturn", "code": code, "reason": message})],
+            )
+        except LedgerError as e:
+            log.error("ledger failure while refusing %s: %s", call.call_id, e)
+        return error_result(message, outcome="refused", code=code, call_id=call.call_id)
+
+    async def _deny(self, call: ToolCall, redacted: dict[str, Any], decision: Decision) -> types.CallToolResult:
+        why = describe_rules(decision)
+        await self._open(call, redacted, decision, state="denied",
+                         extra=[("denied", {"by": "policy", "rules": [r.id for r in decision.rules], "reason": why})])
+        return error_result(f"Denied by policy: {why}", outcome="denied", by="policy", call_id=call.call_id,
+                            rules=[r.id for r in decision.rules], risk=decision.risk)
+
+    async def _run(self, tool: Runnable, call: ToolCall, decision: Decision) -> types.CallToolResult:
+        try:
+            result = await tool.run(call.arguments)
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}"
+            await self.ledger.transition(call.call_id, ("allowed", "running"), "failed", "failed",
+                                         {"error": reason}, outcome_reason=reason)
+            return error_result(f"the tool failed: {e}", outcome="failed", call_id=call.call_id)
+        kind = "failed" if result.is_error else "executed"
+        await self.ledger.transition(call.call_id, ("allowed", "running"), kind, kind,
+                                     {"result_digest": result_digest(result), "is_error": bool(result.is_error)})
+        event = (await self.ledger.events(call.call_id))[-1]
+        if decision.outcome == "review":
+            await self.broker.announce_change(call.call_id, event)
+        return result
+
+    async def _hold(
+        self, tool: Runnable, call: ToolCall, redacted: dict[str, Any], decision: Decision,
+        progress: ProgressFn | None,
+    ) -> types.CallToolResult:
+        assert decision.review is not None
+        existing = await self.ledger.find_open(call.principal, call.tool, call.args_hash)
+        if existing is not None and existing.policy_digest == decision.policy_digest:
+            # The same call again while its request is open: wait on (or run) that request.
+            request_id = existing.id
+            await self.ledger.mutate_call(request_id, lambda tx, row: (
+                tx.conn.execute("UPDATE calls SET holder = ? WHERE id = ?", (self.broker.instance_id, request_id)),
+                tx.append("call.rejoined", request_id, {"principal": call.principal, "holder": self.broker.instance_id}),
+            ))
+        else:
+            if existing is not None:
+                await self.ledger.transition(existing.id, ("pending", "approved"), "cancelled", "cancelled",
+                                             {"by": "keyturn", "reason": "superseded: the policy changed"})
+            request_id = call.call_id
+            expires = time.time() + decision.review.timeout_s
+            await self._open(call, redacted, decision, state="pending", expires=expires,
+                             extra=[("approval.requested", {"review": decision.review.model_dump(),
+                                                            "expires": expires})])
+            view = await self.ledger.get_call(request_id)
+            assert view is not None
+            await self.broker.announce(view)
+
+        view = await self._wait(request_id, progress)
+        if view.state == "approved":
+            claimed = await self.ledger.transition(
+                request_id, ("approved",), "running", "execution.started",
+                {"holder": self.broker.instance_id, "args_hash": call.args_hash}, holder=self.broker.instance_id,
+            )
+            if not claimed:
+                return error_result(f"request {request_id} was already run or closed by another process",
+                                    outcome="not_run", request_id=request_id)
+            run_call = call.model_copy(update={"call_id": request_id})
+            return await self._run(tool, run_call, decision)
+        return self._closed_result(view)
+
+    async def _wait(self, request_id: str, progress: ProgressFn | None) -> RequestView:
+        started = time.monotonic()
+        while True:
+            view = await self.ledger.get_call(request_id)
+            if view is None:
+                raise LedgerError(f"request {request_id} vanished from the ledger")
+            if view.state != "pending":
+                return view
+            now = time.time()
+            if view.expires is not None and now >= view.expires:
+                await self.broker.expire(request_id)
+                continue
+            if progress is not None:
+                await progress(time.monotonic() - started, self._waiting_message(view))
+            remaining = (view.expires - now) if view.expires is not None else self.progress_interval_s
+            await self.broker.wait_for_change(request_id, min(self.progress_interval_s, remaining))
+
+    @staticmethod
+    def _waiting_message(view: RequestView) -> str:
+        spec = view.review
+        needs = "; ".join(f"{g.quorum} from {', '.join(g.members) or 'any reviewer'}" for g in spec.groups) if spec else ""
+        approvals = sum(1 for v in view.votes if v["verdict"] == "approve")
+        left = int(view.expires - time.time()) if view.expires else 0
+        return (f"keyturn request {view.id}: waiting for human approval of {view.tool} "
+                f"({approvals} approval(s) so far; needs {needs}; expires in {left}s)")
+
+    @staticmethod
+    def _closed_result(view: RequestView) -> types.CallToolResult:
+        if view.state == "denied":
+            deny = next((v for v in reversed(view.votes) if v["verdict"] == "deny"), None)
+            who = deny["person"] if deny else "keyturn"
+            return error_result(f"Denied by reviewer {who}: {deny['reason'] if deny else view.outcome_reason}",
+                                outcome="denied", by="reviewer", request_id=view.id, reviewer=who,
+                                reason=deny["reason"] if deny else view.outcome_reason)
+        if view.state == "expired":
+            return error_result(f"Request {view.id} expired: no reviewer decided in time; it did not run.",
+                                outcome="expired", request_id=view.id)
+        if view.state == "executed":
+            return error_result(f"Request {view.id} was already run once; an approval runs exactly once. "
+                                "Call again to ask for a new approval.", outcome="already_executed", request_id=view.id)
+        return error_result(f"Request {view.id} is {view.state}: {view.outcome_reason or ''}".strip(),
+                            outcome=view.state, request_id=view.id)

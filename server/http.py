@@ -1,0 +1,111 @@
+"""The HTTP app: MCP at /mcp, the reviewer API beside it, under one Host/Origin guard.
+
+The MCP SDK's DNS-rebinding protection (Host and Origin checks) is applied to every route, not
+only /mcp. Agents authenticate on /mcp with bearer tokens mapped to principals; with no agent
+tokens configured, keyturn only listens on loopback and calls the client `local`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from mcp.server import Server
+from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.app import Keyturn
+from server.channels.web import api_routes
+from server.errors import ConfigError
+from server.mcp_app import PRINCIPAL_SCOPE_KEY
+
+LOCAL_PRINCIPAL = "local"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def security_settings(host: str, extra_hosts: tuple[str, ...] = ()) -> TransportSecuritySettings:
+    hosts = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
+    origins = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
+    if not is_loopback(host):
+        hosts.append(f"{host}:*")
+        origins += [f"http://{host}:*", f"https://{host}:*"]
+    for extra in extra_hosts:
+        hosts += [extra, f"{extra}:*"]
+        origins += [f"https://{extra}", f"http://{extra}", f"https://{extra}:*", f"http://{extra}:*"]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
+
+
+class HostOriginGuard:
+    """Applies the SDK's Host/Origin validation to every HTTP request the app serves."""
+
+    def __init__(self, app: ASGIApp, settings: TransportSecuritySettings) -> None:
+        self.app = app
+        self.checker = TransportSecurityMiddleware(settings)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            rejection = await self.checker.validate_request(Request(scope), is_post=False)
+            if rejection is not None:
+                await rejection(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class AgentAuth:
+    """On /mcp: maps the bearer token to a principal (or `local` when no agent tokens are configured)."""
+
+    def __init__(self, app: ASGIApp, kt: Keyturn, path: str = "/mcp") -> None:
+        self.app, self.kt, self.path = app, kt, path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.path):
+            await self.app(scope, receive, send)
+            return
+        if not self.kt.credentials.agents:
+            scope[PRINCIPAL_SCOPE_KEY] = (self.kt.settings.stdio.principal or LOCAL_PRINCIPAL,
+                                          self.kt.settings.stdio.on_behalf_of)
+            await self.app(scope, receive, send)
+            return
+        header = Request(scope).headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        found = self.kt.credentials.agent(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+        if found is None:
+            response = JSONResponse(
+                {"error": "a valid agent bearer token is required"}, status_code=401,
+                headers={"WWW-Authenticate": 'Bearer realm="keyturn"'})
+            await response(scope, receive, send)
+            return
+        scope[PRINCIPAL_SCOPE_KEY] = found
+        await self.app(scope, receive, send)
+
+
+def check_bind(kt: Keyturn, host: str) -> None:
+    if not is_loopback(host) and not kt.credentials.agents:
+        raise ConfigError(
+            f"refusing to listen on {host}: without agent tokens anyone who can reach it could call tools. "
+            "Configure `agents:` with tokens, or listen on 127.0.0.1.")
+
+
+def build_http_app(kt: Keyturn, server: Server[Any], host: str, extra_routes: list[BaseRoute] | None = None) -> ASGIApp:
+    check_bind(kt, host)
+    settings = security_settings(host, kt.settings.allowed_hosts)
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    routes: list[Any] = [Route("/healthz", health), *api_routes(kt), *(extra_routes or [])]
+    app: Starlette = server.streamable_http_app(
+        streamable_http_path="/mcp", transport_security=settings, host=host, custom_starlette_routes=routes)
+    return HostOriginGuard(AgentAuth(app, kt), settings)

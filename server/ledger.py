@@ -1,0 +1,457 @@
+"""The ledger: an append-only, hash-chained SQLite event store, and the materialised state of each call.
+
+Every write is one `BEGIN IMMEDIATE` transaction run in the database thread: it reads the chain's
+head, appends the next events and updates the `calls` row together, so several keyturn processes
+sharing one file keep one linear chain, and a conditional update (a claim, a vote) is won by exactly
+one of them. Events are announced to in-process listeners only after their commit.
+
+This is the storage interface the rest of keyturn uses (`open_call`, `mutate_call`, `transition`,
+queries); a PostgreSQL backend would implement the same methods.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from server.canonical import canonical_json, sha256_hex
+from server.errors import LedgerError
+from server.models import TERMINAL_STATES, Event, RequestView, ReviewSpec
+
+GENESIS = "0" * 64
+T = TypeVar("T")
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: events, calls, votes, instances
+    """
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        kind TEXT NOT NULL,
+        call_id TEXT,
+        payload TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX events_call ON events(call_id, seq);
+    CREATE INDEX events_kind ON events(kind, seq);
+    CREATE TABLE calls (
+        id TEXT PRIMARY KEY,
+        tool TEXT NOT NULL,
+        principal TEXT NOT NULL,
+        on_behalf_of TEXT,
+        model TEXT,
+        args_hash TEXT NOT NULL,
+        arguments TEXT NOT NULL,
+        state TEXT NOT NULL,
+        risk TEXT,
+        reason TEXT,
+        rules TEXT NOT NULL DEFAULT '[]',
+        review TEXT,
+        policy_digest TEXT,
+        created REAL NOT NULL,
+        expires REAL,
+        updated REAL NOT NULL,
+        holder TEXT,
+        outcome_reason TEXT
+    );
+    CREATE INDEX calls_state ON calls(state);
+    CREATE INDEX calls_same ON calls(principal, tool, args_hash, state);
+    CREATE TABLE votes (
+        call_id TEXT NOT NULL,
+        person TEXT NOT NULL,
+        reviewer TEXT NOT NULL,
+        verdict TEXT NOT NULL,
+        reason TEXT,
+        groups TEXT NOT NULL DEFAULT '[]',
+        ts REAL NOT NULL,
+        PRIMARY KEY (call_id, person)
+    );
+    CREATE TABLE instances (
+        id TEXT PRIMARY KEY,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        started REAL NOT NULL,
+        heartbeat REAL NOT NULL
+    );
+    CREATE TABLE chain_head (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        seq INTEGER NOT NULL,
+        hash TEXT NOT NULL
+    );
+    """,
+)
+
+
+def event_hash(prev_hash: str, seq: int, ts: float, kind: str, call_id: str | None, payload_json: str) -> str:
+    body = canonical_json({"seq": seq, "ts": ts, "kind": kind, "call_id": call_id, "payload": payload_json})
+    return sha256_hex(prev_hash + body)
+
+
+@dataclass
+class Tx:
+    """A write transaction in progress (runs in the database thread)."""
+
+    conn: sqlite3.Connection
+    now: float
+    appended: list[Event] = field(default_factory=list)
+    _head: tuple[int, str] | None = None
+
+    def append(self, kind: str, call_id: str | None, payload: dict[str, Any]) -> Event:
+        if self._head is None:
+            row = self.conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+            self._head = (row[0], row[1]) if row else (0, GENESIS)
+        seq, prev = self._head[0] + 1, self._head[1]
+        payload_json = canonical_json(payload)
+        h = event_hash(prev, seq, self.now, kind, call_id, payload_json)
+        self.conn.execute(
+            "INSERT INTO events(seq, ts, kind, call_id, payload, prev_hash, hash) VALUES (?,?,?,?,?,?,?)",
+            (seq, self.now, kind, call_id, payload_json, prev, h),
+        )
+        self.conn.execute(
+            "INSERT INTO chain_head(id, seq, hash) VALUES (1, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET seq=excluded.seq, hash=excluded.hash",
+            (seq, h),
+        )
+        self._head = (seq, h)
+        event = Event(seq=seq, ts=self.now, kind=kind, call_id=call_id, payload=payload, prev_hash=prev, hash=h)
+        self.appended.append(event)
+        return event
+
+    def call_row(self, call_id: str) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self.conn.execute("SELECT * FROM calls WHERE id = ?", (call_id,)).fetchone()
+        return row
+
+    def votes(self, call_id: str) -> list[sqlite3.Row]:
+        return list(self.conn.execute("SELECT * FROM votes WHERE call_id = ? ORDER BY ts", (call_id,)))
+
+    def set_state(self, call_id: str, state: str, **columns: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in columns)
+        self.conn.execute(
+            f"UPDATE calls SET state = ?, updated = ?{', ' + sets if sets else ''} WHERE id = ?",
+            (state, self.now, *columns.values(), call_id),
+        )
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    count: int
+    first_bad_seq: int | None = None
+    message: str = ""
+
+
+Listener = Callable[[Sequence[Event]], None]
+
+
+class Ledger:
+    """The event store. One connection per process; all writes go through `transaction`."""
+
+    def __init__(self, path: Path | str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000) -> None:
+        self.path = Path(path)
+        self._synchronous = synchronous
+        self._busy_timeout_ms = busy_timeout_ms
+        self._db: aiosqlite.Connection | None = None
+        self._listeners: list[Listener] = []
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def open(self) -> Ledger:
+        try:
+            self._db = await aiosqlite.connect(str(self.path), isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            await self._db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            await self._db.execute("PRAGMA journal_mode = WAL")
+            await self._db.execute(f"PRAGMA synchronous = {self._synchronous}")
+            await self._run(self._migrate)
+        except (sqlite3.Error, OSError) as e:
+            await self.close()
+            raise LedgerError(f"cannot open ledger {self.path}: {e}") from e
+        return self
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
+
+    async def __aenter__(self) -> Ledger:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener(events)` after each commit in this process. Returns an unsubscribe function."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+            current = row[0] or 0
+            for number, script in enumerate(MIGRATIONS, start=1):
+                if number > current:
+                    for statement in filter(str.strip, script.split(";")):
+                        conn.execute(statement)
+                    conn.execute("INSERT INTO schema_version(version) VALUES (?)", (number,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    # -- the one write path ------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._db is None:
+            raise LedgerError("ledger is not open")
+        # One hop to the database thread for the whole unit of work (aiosqlite's worker).
+        db = self._db
+        return await db._execute(fn, db._conn)  # type: ignore[no-any-return]
+
+    async def transaction(self, body: Callable[[Tx], T]) -> T:
+        """Run `body(tx)` inside one `BEGIN IMMEDIATE` transaction; announce its events after commit.
+
+        Any failure rolls back and raises `LedgerError`; callers treat that as "nothing may run".
+        """
+
+        def unit(conn: sqlite3.Connection) -> tuple[T, list[Event]]:
+            tx = Tx(conn=conn, now=time.time())
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = body(tx)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return result, tx.appended
+
+        try:
+            result, events = await self._run(unit)
+        except (sqlite3.Error, OSError) as e:
+            raise LedgerError(f"ledger write failed: {e}") from e
+        if events:
+            for listener in list(self._listeners):
+                listener(events)
+        return result
+
+    async def append(self, kind: str, call_id: str | None, payload: dict[str, Any]) -> Event:
+        return await self.transaction(lambda tx: tx.append(kind, call_id, payload))
+
+    # -- call state --------------------------------------------------------------------------------
+
+    async def open_call(
+        self,
+        *,
+        call_id: str,
+        tool: str,
+        principal: str,
+        on_behalf_of: str | None,
+        model: str | None,
+        args_hash: str,
+        redacted_arguments: dict[str, Any],
+        state: str,
+        holder: str | None,
+        events: Iterable[tuple[str, dict[str, Any]]],
+        risk: str | None = None,
+        reason: str | None = None,
+        rules: list[dict[str, Any]] | None = None,
+        review: ReviewSpec | None = None,
+        policy_digest: str | None = None,
+        expires: float | None = None,
+        outcome_reason: str | None = None,
+    ) -> list[Event]:
+        """Insert a call's row and its first events in one transaction."""
+        event_list = list(events)
+
+        def body(tx: Tx) -> list[Event]:
+            tx.conn.execute(
+                "INSERT INTO calls(id, tool, principal, on_behalf_of, model, args_hash, arguments, state, risk,"
+                " reason, rules, review, policy_digest, created, expires, updated, holder, outcome_reason)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    call_id, tool, principal, on_behalf_of, model, args_hash, canonical_json(redacted_arguments),
+                    state, risk, reason, canonical_json(rules or []),
+                    review.model_dump_json() if review else None, policy_digest, tx.now, expires, tx.now,
+                    holder, outcome_reason,
+                ),
+            )
+            return [tx.append(kind, call_id, payload) for kind, payload in event_list]
+
+        return await self.transaction(body)
+
+    async def mutate_call(self, call_id: str, body: Callable[[Tx, sqlite3.Row | None], T]) -> T:
+        """Read a call's row and change it atomically: `body(tx, row)` decides, appends and updates."""
+        return await self.transaction(lambda tx: body(tx, tx.call_row(call_id)))
+
+    async def transition(
+        self,
+        call_id: str,
+        from_states: Iterable[str],
+        to_state: str,
+        event_kind: str,
+        payload: dict[str, Any],
+        *,
+        holder: str | None = None,
+        outcome_reason: str | None = None,
+    ) -> bool:
+        """Move a call from one of `from_states` to `to_state` with one event; False if someone else moved it first.
+
+        A call already in a terminal state never moves again: that is what makes a terminal event unique.
+        """
+        allowed = [s for s in from_states if s not in TERMINAL_STATES]
+
+        def body(tx: Tx, row: sqlite3.Row | None) -> bool:
+            if row is None or row["state"] not in allowed:
+                return False
+            columns: dict[str, Any] = {}
+            if holder is not None:
+                columns["holder"] = holder
+            if outcome_reason is not None:
+                columns["outcome_reason"] = outcome_reason
+            tx.set_state(call_id, to_state, **columns)
+            tx.append(event_kind, call_id, payload)
+            return True
+
+        return await self.mutate_call(call_id, body)
+
+    # -- queries -----------------------------------------------------------------------------------
+
+    async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        return await self._run(lambda conn: list(conn.execute(sql, params)))
+
+    async def get_call(self, call_id: str) -> RequestView | None:
+        rows = await self._query("SELECT * FROM calls WHERE id = ?", (call_id,))
+        if not rows:
+            return None
+        votes = await self._query("SELECT * FROM votes WHERE call_id = ? ORDER BY ts", (call_id,))
+        return row_to_view(rows[0], votes)
+
+    async def call_states(self, call_ids: Sequence[str]) -> dict[str, str]:
+        if not call_ids:
+            return {}
+        marks = ",".join("?" * len(call_ids))
+        rows = await self._query(f"SELECT id, state FROM calls WHERE id IN ({marks})", list(call_ids))
+        return {r["id"]: r["state"] for r in rows}
+
+    async def list_calls(self, states: Iterable[str] = ("pending",), limit: int = 200) -> list[RequestView]:
+        wanted = list(states)
+        marks = ",".join("?" * len(wanted))
+        rows = await self._query(
+            f"SELECT * FROM calls WHERE state IN ({marks}) ORDER BY created DESC LIMIT ?", [*wanted, int(limit)]
+        )
+        out = []
+        for row in rows:
+            votes = await self._query("SELECT * FROM votes WHERE call_id = ? ORDER BY ts", (row["id"],))
+            out.append(row_to_view(row, votes))
+        return out
+
+    async def find_open(self, principal: str, tool: str, args_hash: str) -> RequestView | None:
+        """An open (pending or approved) request for the same principal, tool and arguments, if any."""
+        rows = await self._query(
+            "SELECT * FROM calls WHERE principal = ? AND tool = ? AND args_hash = ? AND state IN ('pending','approved')"
+            " ORDER BY created LIMIT 1",
+            (principal, tool, args_hash),
+        )
+        if not rows:
+            return None
+        votes = await self._query("SELECT * FROM votes WHERE call_id = ? ORDER BY ts", (rows[0]["id"],))
+        return row_to_view(rows[0], votes)
+
+    async def events(self, call_id: str | None = None, *, after_seq: int = 0, limit: int = 10_000) -> list[Event]:
+        if call_id is None:
+            rows = await self._query("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit))
+        else:
+            rows = await self._query(
+                "SELECT * FROM events WHERE call_id = ? AND seq > ? ORDER BY seq LIMIT ?", (call_id, after_seq, limit)
+            )
+        return [row_to_event(r) for r in rows]
+
+    async def tail(self, n: int = 20) -> list[Event]:
+        rows = await self._query("SELECT * FROM events ORDER BY seq DESC LIMIT ?", (int(n),))
+        return [row_to_event(r) for r in reversed(rows)]
+
+    async def head_seq(self) -> int:
+        rows = await self._query("SELECT max(seq) FROM events")
+        return int(rows[0][0] or 0)
+
+    async def verify(self) -> VerifyResult:
+        """Recompute the chain; name the first event whose hash, link or sequence number is wrong."""
+
+        def check(conn: sqlite3.Connection) -> VerifyResult:
+            prev, expected_seq, count = GENESIS, 1, 0
+            cursor = conn.execute("SELECT seq, ts, kind, call_id, payload, prev_hash, hash FROM events ORDER BY seq")
+            while batch := cursor.fetchmany(5000):
+                for seq, ts, kind, call_id, payload, prev_hash, h in batch:
+                    if seq != expected_seq:
+                        return VerifyResult(False, count, expected_seq, f"event {expected_seq} is missing (next is {seq})")
+                    if prev_hash != prev:
+                        return VerifyResult(False, count, seq, f"event {seq}: link to the previous event is broken")
+                    if event_hash(prev, seq, ts, kind, call_id, payload) != h:
+                        return VerifyResult(False, count, seq, f"event {seq} ({kind}): content does not match its hash")
+                    prev, expected_seq, count = h, seq + 1, count + 1
+            head = conn.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
+            if head is not None and (head[0] != count or head[1] != prev):
+                return VerifyResult(False, count, count + 1, f"events after {count} are missing (head was {head[0]})")
+            return VerifyResult(True, count, None, f"ok: {count} events, chain intact")
+
+        try:
+            return await self._run(check)
+        except sqlite3.Error as e:
+            raise LedgerError(f"cannot read ledger: {e}") from e
+
+    # -- processes ---------------------------------------------------------------------------------
+
+    async def register_instance(self, instance_id: str, host: str, pid: int) -> None:
+        def body(tx: Tx) -> None:
+            tx.conn.execute(
+                "INSERT OR REPLACE INTO instances(id, host, pid, started, heartbeat) VALUES (?,?,?,?,?)",
+                (instance_id, host, pid, tx.now, tx.now),
+            )
+
+        await self.transaction(body)
+
+    async def heartbeat(self, instance_id: str) -> None:
+        def body(tx: Tx) -> None:
+            tx.conn.execute("UPDATE instances SET heartbeat = ? WHERE id = ?", (tx.now, instance_id))
+
+        await self.transaction(body)
+
+    async def instances(self) -> list[sqlite3.Row]:
+        return await self._query("SELECT * FROM instances")
+
+    async def remove_instance(self, instance_id: str) -> None:
+        await self.transaction(lambda tx: tx.conn.execute("DELETE FROM instances WHERE id = ?", (instance_id,)))
+
+
+def row_to_event(row: sqlite3.Row) -> Event:
+    return Event(
+        seq=row["seq"], ts=row["ts"], kind=row["kind"], call_id=row["call_id"],
+        payload=json.loads(row["payload"]), prev_hash=row["prev_hash"], hash=row["hash"],
+    )
+
+
+def row_to_view(row: sqlite3.Row, votes: Iterable[sqlite3.Row] = ()) -> RequestView:
+    return RequestView(
+        id=row["id"], tool=row["tool"], principal=row["principal"], on_behalf_of=row["on_behalf_of"],
+        model=row["model"], args_hash=row["args_hash"], arguments=json.loads(row["arguments"]),
+        state=row["state"], risk=row["risk"], reason=row["reason"], rules=json.loads(row["rules"]),
+        review=ReviewSpec.model_validate_json(row["review"]) if row["review"] else None,
+        created=row["created"], expires=row["expires"],
+        votes=[
+            {"person": v["person"], "reviewer": v["reviewer"], "verdict": v["verdict"], "reason": v["reason"],
+             "groups": json.loads(v["groups"]), "ts": v["ts"]}
+            for v in votes
+        ],
+        outcome_reason=row["outcome_reason"], policy_digest=row["policy_digest"],
+    )

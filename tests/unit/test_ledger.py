@@ -1,0 +1,100 @@
+"""The ledger: a hash chain that notices edits and deletions, atomic transitions, and one chain across processes."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import anyio
+import pytest
+
+from server.errors import LedgerError
+from server.ledger import Ledger
+
+
+async def open_ledger(path: Path) -> Ledger:
+    return await Ledger(path).open()
+
+
+async def test_events_chain_and_verify(tmp_path: Path) -> None:
+    async with Ledger(tmp_path / "l.db") as ledger:
+        for i in range(5):
+            await ledger.append("process.started", None, {"i": i})
+        result = await ledger.verify()
+        assert result.ok and result.count == 5
+        events = await ledger.tail(5)
+        assert [e.seq for e in events] == [1, 2, 3, 4, 5]
+        assert all(events[i].prev_hash == events[i - 1].hash for i in range(1, 5))
+
+
+async def test_verify_names_the_first_altered_or_missing_event(tmp_path: Path) -> None:
+    db = tmp_path / "l.db"
+    async with Ledger(db) as ledger:
+        for i in range(6):
+            await ledger.append("process.started", None, {"i": i})
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE events SET payload = '{\"i\":99}' WHERE seq = 3")
+    async with Ledger(db) as ledger:
+        result = await ledger.verify()
+    assert not result.ok and result.first_bad_seq == 3
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE events SET payload = '{\"i\":2}' WHERE seq = 3")
+        conn.execute("DELETE FROM events WHERE seq = 6")  # the newest: only the head record notices
+    async with Ledger(db) as ledger:
+        result = await ledger.verify()
+    assert not result.ok and result.first_bad_seq == 6
+
+
+async def test_transition_is_won_once_and_terminal_states_never_move(tmp_path: Path) -> None:
+    async with Ledger(tmp_path / "l.db") as ledger:
+        await ledger.open_call(call_id="c1", tool="t", principal="p", on_behalf_of=None, model=None, args_hash="h",
+                               redacted_arguments={}, state="approved", holder="me", events=[("call.received", {})])
+        results = []
+
+        async def claim() -> None:
+            results.append(await ledger.transition("c1", ("approved",), "running", "execution.started", {}))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(claim)
+        assert results.count(True) == 1
+        assert await ledger.transition("c1", ("running",), "executed", "executed", {})
+        assert not await ledger.transition("c1", ("executed", "running"), "failed", "failed", {})
+        kinds = [e.kind for e in await ledger.events("c1")]
+        assert kinds == ["call.received", "execution.started", "executed"]
+
+
+def test_two_processes_appending_keep_one_chain(tmp_path: Path) -> None:
+    db = tmp_path / "shared.db"
+    script = textwrap.dedent(f"""
+        import anyio, sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+        from server.ledger import Ledger
+        async def main():
+            async with Ledger({str(db)!r}) as ledger:
+                for i in range(200):
+                    await ledger.append("process.started", None, {{"writer": sys.argv[1], "i": i}})
+        anyio.run(main)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script, name]) for name in ("a", "b", "c")]
+    assert all(p.wait(60) == 0 for p in procs)
+
+    async def check() -> None:
+        async with Ledger(db) as ledger:
+            result = await ledger.verify()
+            assert result.ok and result.count == 600, result.message
+
+    anyio.run(check)
+
+
+async def test_a_read_only_database_fails_closed_with_a_ledger_error(tmp_path: Path) -> None:
+    db = tmp_path / "l.db"
+    async with Ledger(db) as ledger:
+        await ledger.append("process.started", None, {})
+    async with Ledger(db) as ledger:
+        await ledger._run(lambda conn: conn.execute("PRAGMA query_only = ON"))
+        with pytest.raises(LedgerError):
+            await ledger.append("process.started", None, {})
