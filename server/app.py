@@ -6,19 +6,21 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import anyio
+import mcp_types as types
 
 from server.approvals import ApprovalBroker, Notifier, ReviewerDirectory
 from server.canonical import sha256_hex
 from server.classify import ClassifyContext
 from server.config import Settings, resolve_token_digest
 from server.errors import ConfigError, LedgerError
-from server.gate import Gate
+from server.gate import Gate, Runnable
 from server.ledger import Ledger
 from server.policy import LivePolicy
 from server.registry import ToolRegistry, load_pack
@@ -90,6 +92,20 @@ def effective_settings(settings: Settings) -> tuple[Settings, str | None]:
     return settings.model_copy(update={"people": people, "reviewers": reviewers}), token
 
 
+class ServedTool(Runnable, Protocol):
+    """A guarded tool as the MCP server lists it."""
+
+    def to_mcp(self) -> types.Tool: ...
+
+
+class ToolSource(Protocol):
+    """Guarded tools served besides the registry's: in proxy mode, an upstream server's (`server.proxy`)."""
+
+    def list(self) -> Sequence[ServedTool]: ...
+
+    def get(self, name: str) -> ServedTool | None: ...
+
+
 @dataclass
 class Keyturn:
     """Everything one keyturn process runs. Use `async with running(settings) as kt:`."""
@@ -103,9 +119,31 @@ class Keyturn:
     credentials: Credentials
     local_token: str | None = None
     http_base_urls: list[str] = field(default_factory=list)
+    sources: list[ToolSource] = field(default_factory=list)
+    tool_listeners: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     def add_notifier(self, notifier: Notifier) -> None:
         self.broker.notifiers.append(notifier)
+
+    def tools(self) -> list[ServedTool]:
+        """Every guarded tool this process serves: the registry's, then each source's."""
+        return [*self.registry.list(), *(t for source in self.sources for t in source.list())]
+
+    def find_tool(self, name: str) -> ServedTool | None:
+        tool: ServedTool | None = self.registry.get(name)
+        for source in self.sources:
+            if tool is not None:
+                break
+            tool = source.get(name)
+        return tool
+
+    async def announce_tools_changed(self) -> None:
+        """Tell whoever listens (the MCP server, to notify its clients) that `tools()` changed."""
+        for listener in list(self.tool_listeners):
+            try:
+                await listener()
+            except Exception:
+                log.exception("a tool-list listener failed")
 
 
 def build_directory(settings: Settings) -> ReviewerDirectory:

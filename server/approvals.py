@@ -64,7 +64,14 @@ def quorum_met(spec: ReviewSpec, approvers: Sequence[str], directory: ReviewerDi
     One person fills at most one slot, so "one DBA and one security engineer" needs two people
     even if one of them is both. Solved as a small bipartite matching.
     """
-    slots = [g for g in spec.groups for _ in range(max(1, g.quorum))]
+    requirements: dict[str, list[ApproverGroup]] = {}
+    for g in spec.groups:
+        requirements.setdefault(g.requirement, []).append(g)
+    return all(_slots_filled(groups, approvers, directory) for groups in requirements.values())
+
+
+def _slots_filled(groups: Sequence[ApproverGroup], approvers: Sequence[str], directory: ReviewerDirectory) -> bool:
+    slots = [g for g in groups for _ in range(max(1, g.quorum))]
     owner: dict[int, str] = {}
 
     def assign(person: str, seen: set[int]) -> bool:
@@ -232,9 +239,8 @@ class ApprovalBroker:
                     "approvers": approvers, "tool": row["tool"], "args_hash": row["args_hash"],
                     "policy_digest": row["policy_digest"], "expires": expires})
                 return VoteResult(verdict.request_id, True, "approved", "approved: quorum reached")
-            needed = sum(max(1, g.quorum) for g in spec.groups)
             return VoteResult(verdict.request_id, True, "pending",
-                              f"vote recorded ({len(approvers)} of {needed} approvals)")
+                              f"vote recorded ({len(approvers)} approval(s) so far; more are needed)")
 
         result = await self.ledger.mutate_call(verdict.request_id, body)
         if result.code == "unknown":

@@ -1,6 +1,7 @@
 """`keyturn ...`: the command line. The only place that reads environment variables.
 
 serve            run the MCP server (stdio, or --http HOST:PORT with the reviewer API)
+proxy            guard an existing MCP server: keyturn proxy [--http HOST:PORT] -- COMMAND ARGS...
 pending / show / approve / deny    reviewer commands, through the HTTP reviewer API
 audit tail / show / verify         auditor commands, reading the ledger file
 policy check / explain / test / replay   policy author commands
@@ -16,13 +17,18 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from server.config import Settings, load_settings
 from server.errors import KeyturnError
+
+if TYPE_CHECKING:
+    from server.app import Keyturn
 
 DEFAULT_HTTP = "127.0.0.1:8765"
 log = logging.getLogger("keyturn")
@@ -46,11 +52,18 @@ def _host_port(value: str) -> tuple[str, int]:
 
 # -- serve -----------------------------------------------------------------------------------------
 
-async def _serve(args: argparse.Namespace) -> int:
+Attach = Callable[["Keyturn"], AbstractAsyncContextManager[object]]
+
+
+async def _serve(args: argparse.Namespace, settings: Settings | None = None, attach: Attach | None = None) -> int:
+    """Serve MCP (stdio or HTTP); `attach` adds to the running Keyturn (proxy mode: the upstreams' tools)."""
     from server.app import reviewer_token_path, running
     from server.mcp_app import build_mcp_server
 
-    settings = _settings(args)
+    def attached(kt: Keyturn) -> AbstractAsyncContextManager[object]:
+        return attach(kt) if attach is not None else nullcontext()
+
+    settings = settings or _settings(args)
     if args.http:
         import uvicorn
 
@@ -59,7 +72,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
         host, port = _host_port(args.http)
         base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        async with running(settings, http_base_urls=[base]) as kt:
+        async with running(settings, http_base_urls=[base]) as kt, attached(kt):
             check_bind(kt, host)
             server = build_mcp_server(kt)
             extra_routes = await build_channels(kt, dict(os.environ))
@@ -72,7 +85,7 @@ async def _serve(args: argparse.Namespace) -> int:
                 f"  MCP endpoint (streamable HTTP): {base}/mcp\n"
                 f"  reviewer API:                   {base}/api/requests\n"
                 f"  ledger: {kt.settings.db.resolve()}   policy: {kt.settings.policy_path()}\n"
-                f"  tools: {', '.join(t.name for t in kt.registry.list())}\n"
+                f"  tools: {', '.join(t.name for t in kt.tools())}\n"
                 f"Review held calls from another terminal:\n"
                 f"  keyturn pending\n  keyturn approve REQUEST_ID --reason '...'   (or: keyturn deny REQUEST_ID --reason '...')\n"
                 f"  ({token_note})",
@@ -81,15 +94,46 @@ async def _serve(args: argparse.Namespace) -> int:
             await uvicorn.Server(config).serve()
         return 0
 
+    from mcp.server.lowlevel import NotificationOptions
     from mcp.server.stdio import stdio_server
 
-    async with running(settings) as kt:
+    async with running(settings) as kt, attached(kt):
         server = build_mcp_server(kt)
-        print(f"keyturn (stdio) serving {len(kt.registry.list())} guarded tools; ledger {kt.settings.db}",
+        print(f"keyturn (stdio) serving {len(kt.tools())} guarded tools; ledger {kt.settings.db}",
               file=sys.stderr, flush=True)
+        options = server.create_initialization_options(NotificationOptions(tools_changed=attach is not None))
         async with stdio_server() as (read_stream, write_stream):
-            await server.run(read_stream, write_stream, server.create_initialization_options())
+            await server.run(read_stream, write_stream, options)
     return 0
+
+
+async def _proxy(args: argparse.Namespace) -> int:
+    from server.proxy import parse_header, parse_proxy_config, running_proxy
+
+    settings = _settings(args)
+    if "tools" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"tools": ()})  # only the upstreams' tools, unless configured
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if command and args.upstream_url:
+        raise KeyturnError("give the upstream as a command after -- or as --upstream-url, not both")
+    if args.header and not args.upstream_url:
+        raise KeyturnError("--header applies to --upstream-url")
+    upstream: dict[str, Any] = {"name": args.name}
+    if args.prefix is not None:
+        upstream["prefix"] = args.prefix
+    if command:
+        # The command inherits keyturn's environment (less KEYTURN_*), as it would without keyturn in front.
+        upstream.update(command=command[0], args=command[1:], inherit_env=True)
+    elif args.upstream_url:
+        upstream.update(url=args.upstream_url, headers=dict(parse_header(h) for h in args.header))
+    elif args.prefix is not None or args.name != "upstream":
+        raise KeyturnError("--name and --prefix apply to an upstream given on the command line")
+    config = parse_proxy_config(settings.proxy, [upstream] if "command" in upstream or "url" in upstream else [],
+                                call_timeout=args.call_timeout)
+    environ = dict(os.environ)
+    return await _serve(args, settings, lambda kt: running_proxy(kt, config, environ))
 
 
 # -- reviewer commands (HTTP API) ------------------------------------------------------------------
@@ -261,6 +305,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="WARNING")
     serve.set_defaults(func=lambda a: anyio.run(_serve, a))
 
+    proxy = sub.add_parser(
+        "proxy", parents=[common], help="guard an existing MCP server: keyturn proxy -- COMMAND ARGS...",
+        description="Serve the tools of existing MCP servers, each call guarded by keyturn's policy. The upstream "
+                    "is the command after --, --upstream-url, or proxy.upstreams in the config file.")
+    proxy.add_argument("--http", metavar="HOST:PORT", help="serve streamable HTTP at /mcp plus the reviewer API "
+                                                           "(default: serve stdio, for desktop agents)")
+    proxy.add_argument("--policy", help="policy file (default: the shipped policies/default.yaml)")
+    proxy.add_argument("--upstream-url", metavar="URL", help="a streamable HTTP upstream instead of a command")
+    proxy.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                       help="an HTTP header for --upstream-url (e.g. authorization); repeatable")
+    proxy.add_argument("--name", default="upstream", help="the command-line upstream's name (default: upstream)")
+    proxy.add_argument("--prefix", help="expose the command-line upstream's tools as PREFIX + tool name")
+    proxy.add_argument("--call-timeout", type=float, metavar="SECONDS",
+                       help="how long one forwarded call may take (default: proxy.call_timeout, or 300)")
+    proxy.add_argument("--log-level", default="WARNING")
+    proxy.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...: the upstream server (stdio)")
+    proxy.set_defaults(func=lambda a: anyio.run(_proxy, a))
+
     sub.add_parser("pending", parents=[reviewer], help="list held requests").set_defaults(func=cmd_pending)
     show = sub.add_parser("show", parents=[reviewer], help="show one request")
     show.add_argument("id")
@@ -286,14 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _policy_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+def _policy_cli() -> Any:
     from server.policy import cli as policy_cli
 
+    return policy_cli
+
+
+def _policy_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     policy = sub.add_parser("policy", help="check, explain, test and replay policies")
     psub = policy.add_subparsers(dest="policy_command", required=True)
     check = psub.add_parser("check", parents=[common], help="validate a policy file")
     check.add_argument("file")
-    check.set_defaults(func=lambda a: policy_cli.cmd_check(Path(a.file), _settings(a) if a.config else None))
+    check.set_defaults(func=lambda a: _policy_cli().cmd_check(Path(a.file), _settings(a) if a.config else None))
     explain = psub.add_parser("explain", parents=[common], help="decide one call and show the trace")
     explain.add_argument("--policy", help="policy file (default: the configured one)")
     explain.add_argument("--tool", required=True)
@@ -304,7 +370,7 @@ def _policy_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     explain.set_defaults(func=_policy_explain)
     test = psub.add_parser("test", parents=[common], help="run a policy's test cases")
     test.add_argument("file")
-    test.set_defaults(func=lambda a: policy_cli.cmd_test(Path(a.file)))
+    test.set_defaults(func=lambda a: _policy_cli().cmd_test(Path(a.file)))
     replay = psub.add_parser("replay", parents=[common], help="re-decide recorded calls under a candidate policy")
     replay.add_argument("file")
     replay.add_argument("--limit", type=int, default=10_000)
@@ -312,11 +378,9 @@ def _policy_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _policy_explain(args: argparse.Namespace) -> int:
-    from server.policy import cli as policy_cli
-
     settings = _settings(args)
     path = Path(args.policy) if args.policy else settings.policy_path()
-    fn: Any = policy_cli.cmd_explain
+    fn: Any = _policy_cli().cmd_explain
     return int(fn(path, args.tool, args.args, args.principal, args.model, settings=settings, as_json=args.json)
                if "as_json" in fn.__code__.co_varnames else
                fn(path, args.tool, args.args, args.principal, args.model, settings=settings))

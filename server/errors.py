@@ -67,3 +67,14 @@ class ToolError(KeyturnError):
 
 class AuthError(KeyturnError):
     """A bearer token or channel identity could not be verified."""
+
+
+class InvalidArguments(KeyturnError):
+    """A tool call's arguments are malformed or structurally refused (wrong type, path outside the roots ...).
+
+    Raised by `GuardedTool.validate` before any policy runs; `field` names the offending argument when known.
+    """
+
+    def __init__(self, message: str, *, tool: str | None = None, field: str | None = None) -> None:
+        self.tool, self.field = tool, field
+        super().__init__(message)

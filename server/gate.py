@@ -10,7 +10,8 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import anyio
@@ -25,7 +26,12 @@ from server.policy import LivePolicy
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[float, str], Awaitable[None]]
+ProgressFn = Callable[[float, float | None, str | None], Awaitable[None]]
+"""The caller's MCP progress channel: (progress, total, message)."""
+
+tool_progress: ContextVar[ProgressFn | None] = ContextVar("keyturn_tool_progress", default=None)
+"""While the gate runs a tool: the caller's progress channel, for the tool's own progress (an upstream server's,
+in proxy mode). A context variable, so `Runnable.run` keeps its one argument."""
 
 
 class Runnable(Protocol):
@@ -64,7 +70,9 @@ def result_digest(result: types.CallToolResult) -> str:
 
 
 def describe_rules(decision: Decision) -> str:
-    return "; ".join(f"rule {r.id!r}: {r.reason}" for r in decision.rules) or decision.reason
+    """The rules that carried the decision (the most restrictive outcome), with their reasons."""
+    winning = [r for r in decision.rules if r.outcome == decision.outcome]
+    return "; ".join(f"rule {r.id!r}: {r.reason}" for r in winning) or decision.reason
 
 
 @dataclass
@@ -78,19 +86,34 @@ class Gate:
     async def call(
         self, tool: Runnable, arguments: dict[str, Any], who: Identity, progress: ProgressFn | None = None
     ) -> types.CallToolResult:
+        # The tool's own validation normalises the arguments: what is hashed, classified, approved and run.
+        problem = None
+        try:
+            arguments = tool.validate(arguments)
+            digest = args_hash(arguments)
+        except InvalidArguments as e:
+            digest, problem = "", f"invalid arguments: {e}"
+        except (TypeError, ValueError):
+            digest, problem = "", "invalid arguments: arguments must be plain JSON (no NaN or Infinity)"
         call = ToolCall(
-            call_id=uuid.uuid4().hex, tool=tool.name, arguments=arguments, args_hash=args_hash(arguments),
+            call_id=uuid.uuid4().hex, tool=tool.name, arguments=arguments, args_hash=digest,
             principal=who.principal, on_behalf_of=who.on_behalf_of, model=who.model, client=who.client,
             session=who.session, annotations=tool.annotations,
         )
+        if problem is not None:
+            return await self._refuse(call, arguments, "invalid_arguments", problem)
         # classify + decide: any failure here is a denial, never a pass.
         try:
-            tool.validate(arguments)
-            facts = extract_facts(tool.name, arguments, tool.classifiers, tool.annotations, self.classify_context)
+            context = self.classify_context
+            roots = getattr(tool, "roots", ())
+            if roots:
+                context = replace(context, roots=tuple(roots))
+            facts = extract_facts(tool.name, arguments, tool.classifiers, tool.annotations, context)
+            facts_hint = getattr(tool, "facts_hint", None)
+            if facts_hint is not None and (hints := facts_hint(arguments)):
+                facts = {**facts, "hints": hints}
             redacted = redact(arguments, facts)
             decision = self.policy.current.decide(call, facts)
-        except InvalidArguments as e:
-            return await self._refuse(call, arguments, "invalid_arguments", f"invalid arguments: {e}")
         except Exception as e:
             log.exception("classification or policy failed for %s", tool.name)
             return await self._refuse(call, arguments, "error", f"denied: keyturn could not evaluate this call ({e})")
@@ -99,8 +122,10 @@ class Gate:
             if decision.outcome == "deny":
                 return await self._deny(call, redacted, decision)
             if decision.outcome == "allow":
-                await self._open(call, redacted, decision, state="allowed")
-                return await self._run(tool, call, decision)
+                # Once recorded, the call runs to a terminal event even if the client goes away.
+                with anyio.CancelScope(shield=True):
+                    await self._open(call, redacted, decision, state="allowed")
+                    return await self._run(tool, call, decision, progress)
             return await self._hold(tool, call, redacted, decision, progress)
         except LedgerError as e:
             log.error("ledger failure on %s: %s", call.call_id, e)
@@ -158,7 +183,10 @@ class Gate:
         return error_result(f"Denied by policy: {why}", outcome="denied", by="policy", call_id=call.call_id,
                             rules=[r.id for r in decision.rules], risk=decision.risk)
 
-    async def _run(self, tool: Runnable, call: ToolCall, decision: Decision) -> types.CallToolResult:
+    async def _run(
+        self, tool: Runnable, call: ToolCall, decision: Decision, progress: ProgressFn | None = None
+    ) -> types.CallToolResult:
+        token = tool_progress.set(progress)
         try:
             result = await tool.run(call.arguments)
         except Exception as e:
@@ -166,6 +194,8 @@ class Gate:
             await self.ledger.transition(call.call_id, ("allowed", "running"), "failed", "failed",
                                          {"error": reason}, outcome_reason=reason)
             return error_result(f"the tool failed: {e}", outcome="failed", call_id=call.call_id)
+        finally:
+            tool_progress.reset(token)
         kind = "failed" if result.is_error else "executed"
         await self.ledger.transition(call.call_id, ("allowed", "running"), kind, kind,
                                      {"result_digest": result_digest(result), "is_error": bool(result.is_error)})
@@ -202,15 +232,17 @@ class Gate:
 
         view = await self._wait(request_id, progress)
         if view.state == "approved":
-            claimed = await self.ledger.transition(
-                request_id, ("approved",), "running", "execution.started",
-                {"holder": self.broker.instance_id, "args_hash": call.args_hash}, holder=self.broker.instance_id,
-            )
-            if not claimed:
-                return error_result(f"request {request_id} was already run or closed by another process",
-                                    outcome="not_run", request_id=request_id)
-            run_call = call.model_copy(update={"call_id": request_id})
-            return await self._run(tool, run_call, decision)
+            with anyio.CancelScope(shield=True):
+                # One conditional write: exactly one process (and one waiting call) wins the approval.
+                claimed = await self.ledger.transition(
+                    request_id, ("approved",), "running", "execution.started",
+                    {"holder": self.broker.instance_id, "args_hash": call.args_hash}, holder=self.broker.instance_id,
+                )
+                if not claimed:
+                    return error_result(f"request {request_id} was already run or closed by another process",
+                                        outcome="not_run", request_id=request_id)
+                run_call = call.model_copy(update={"call_id": request_id})
+                return await self._run(tool, run_call, decision, progress)
         return self._closed_result(view)
 
     async def _wait(self, request_id: str, progress: ProgressFn | None) -> RequestView:
@@ -226,7 +258,7 @@ class Gate:
                 await self.broker.expire(request_id)
                 continue
             if progress is not None:
-                await progress(time.monotonic() - started, self._waiting_message(view))
+                await progress(time.monotonic() - started, None, self._waiting_message(view))
             remaining = (view.expires - now) if view.expires is not None else self.progress_interval_s
             await self.broker.wait_for_change(request_id, min(self.progress_interval_s, remaining))
 

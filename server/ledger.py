@@ -148,6 +148,39 @@ class VerifyResult:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class CallFilter:
+    """An audit search over calls. Every field is optional; set fields are ANDed.
+
+    `tool` matches a substring of the tool name; `principal` the principal or the person it acts for;
+    `reviewer` a voter's person or identity; `state` the call's state; `since`/`until` bound `created`.
+    """
+
+    tool: str | None = None
+    principal: str | None = None
+    reviewer: str | None = None
+    state: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+
+# One static statement: each filter is a bound parameter that, when NULL, matches everything.
+# Nothing from the caller is ever spliced into the SQL text.
+_SEARCH_CALLS = """
+SELECT * FROM calls
+WHERE (:tool IS NULL OR instr(tool, :tool) > 0)
+  AND (:principal IS NULL OR principal = :principal OR on_behalf_of = :principal)
+  AND (:state IS NULL OR state = :state)
+  AND (:since IS NULL OR created >= :since)
+  AND (:until IS NULL OR created < :until)
+  AND (:reviewer IS NULL OR EXISTS (
+        SELECT 1 FROM votes v WHERE v.call_id = calls.id AND (v.person = :reviewer OR v.reviewer = :reviewer)))
+  AND (:before_created IS NULL OR created < :before_created OR (created = :before_created AND id < :before_id))
+ORDER BY created DESC, id DESC
+LIMIT :limit
+"""
+
+
 Listener = Callable[[Sequence[Event]], None]
 
 
@@ -380,6 +413,39 @@ class Ledger:
     async def tail(self, n: int = 20) -> list[Event]:
         rows = await self._query("SELECT * FROM events ORDER BY seq DESC LIMIT ?", (int(n),))
         return [row_to_event(r) for r in reversed(rows)]
+
+    async def search_calls(
+        self, where: CallFilter, *, limit: int = 100, before: tuple[float, str] | None = None
+    ) -> list[RequestView]:
+        """Calls matching `where`, newest first; `before` = (created, id) of the last row of the previous page."""
+
+        def run(conn: sqlite3.Connection) -> list[RequestView]:
+            params = {
+                "tool": where.tool, "principal": where.principal, "reviewer": where.reviewer, "state": where.state,
+                "since": where.since, "until": where.until, "limit": max(1, int(limit)),
+                "before_created": before[0] if before else None, "before_id": before[1] if before else None,
+            }
+            rows = list(conn.execute(_SEARCH_CALLS, params))
+            ids = json.dumps([r["id"] for r in rows])
+            votes: dict[str, list[sqlite3.Row]] = {}
+            for v in conn.execute(
+                "SELECT * FROM votes WHERE call_id IN (SELECT value FROM json_each(?)) ORDER BY ts", (ids,)
+            ):
+                votes.setdefault(v["call_id"], []).append(v)
+            return [row_to_view(r, votes.get(r["id"], ())) for r in rows]
+
+        try:
+            return await self._run(run)
+        except sqlite3.Error as e:
+            raise LedgerError(f"cannot read ledger: {e}") from e
+
+    async def call_facets(self, limit: int = 200) -> dict[str, list[str]]:
+        """The distinct tools, principals and reviewing people seen, for search suggestions."""
+        tools = await self._query("SELECT DISTINCT tool FROM calls ORDER BY tool LIMIT ?", (limit,))
+        principals = await self._query("SELECT DISTINCT principal FROM calls ORDER BY principal LIMIT ?", (limit,))
+        people = await self._query("SELECT DISTINCT person FROM votes ORDER BY person LIMIT ?", (limit,))
+        return {"tools": [r[0] for r in tools], "principals": [r[0] for r in principals],
+                "reviewers": [r[0] for r in people]}
 
     async def head_seq(self) -> int:
         rows = await self._query("SELECT max(seq) FROM events")

@@ -13,7 +13,10 @@ from typing import Any
 import mcp_types as types
 from mcp.server import Server
 from mcp.server.context import ServerRequestContext
+from mcp.server.session import ServerSession
+from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ToolsListChanged
 from mcp.shared.exceptions import MCPError
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from server.app import Keyturn
 from server.gate import Identity, error_result
@@ -52,7 +55,9 @@ def identity_from_context(ctx: ServerRequestContext[Any, Any], default: Identity
     if params is not None and params.client_info is not None:
         client = f"{params.client_info.name}/{params.client_info.version}"
     model = None
-    meta = ctx.meta.model_dump(by_alias=True) if ctx.meta is not None else {}
+    raw_meta: Any = ctx.meta
+    meta: dict[str, Any] = (dict(raw_meta) if isinstance(raw_meta, dict)
+                            else raw_meta.model_dump(by_alias=True) if raw_meta is not None else {})
     for key in MODEL_META_KEYS:
         if isinstance(meta.get(key), str):
             model = meta[key][:200]
@@ -69,20 +74,31 @@ def build_mcp_server(kt: Keyturn, *, default_identity: Callable[[], Identity] | 
     def default() -> Identity:
         return default_identity() if default_identity else stdio_identity
 
+    changes = ToolListChanges()
+    kt.tool_listeners.append(changes.notify)
+
     async def list_tools(ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
-        return types.ListToolsResult(tools=[t.to_mcp() for t in kt.registry.list()] + [STATUS_TOOL, CANCEL_TOOL])
+        changes.remember(ctx)
+        return types.ListToolsResult(tools=[t.to_mcp() for t in kt.tools()] + [STATUS_TOOL, CANCEL_TOOL])
 
     async def call_tool(ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> types.CallToolResult:
         who = identity_from_context(ctx, default())
         arguments = params.arguments or {}
         if params.name in BUILTIN:
             return await _builtin(kt, params.name, arguments, who)
-        tool = kt.registry.get(params.name)
+        tool = kt.find_tool(params.name)
         if tool is None:
             raise MCPError(code=types.INVALID_PARAMS, message=f"unknown tool {params.name!r}")
+        sent = base = 0.0
 
-        async def progress(elapsed: float, message: str) -> None:
-            await ctx.session.report_progress(progress=elapsed, total=None, message=message)
+        async def progress(value: float, total: float | None, message: str | None) -> None:
+            # One increasing sequence: the tool's own progress (an upstream's) continues above the wait's.
+            nonlocal sent, base
+            if base + value <= sent:
+                base = sent
+            sent = base + value
+            await ctx.session.report_progress(progress=sent, total=None if total is None else base + total,
+                                              message=message)
 
         return await kt.gate.call(tool, arguments, who, progress)
 
@@ -90,7 +106,37 @@ def build_mcp_server(kt: Keyturn, *, default_identity: Callable[[], Identity] | 
         "Tools served by keyturn are guarded: some run at once, some are denied by policy, and some are held "
         "until a human approves them. A held call reports progress with its request id while it waits; if you "
         "give up waiting, calling the same tool with the same arguments later resumes the same request. "
-        "Use keyturn_status to check a request."), on_list_tools=list_tools, on_call_tool=call_tool)
+        "Use keyturn_status to check a request."), on_list_tools=list_tools, on_call_tool=call_tool,
+        on_subscriptions_listen=changes.listen)
+
+
+class ToolListChanges:
+    """Tells clients that the tool list changed (proxy mode: an upstream's did): 2026-era clients on their
+    `subscriptions/listen` stream, older ones with `notifications/tools/list_changed` on their connection."""
+
+    def __init__(self) -> None:
+        self.bus = InMemorySubscriptionBus()
+        self.listen = ListenHandler(self.bus)
+        self._sessions: dict[str, ServerSession] = {}  # older clients that listed tools, by MCP session id
+
+    def remember(self, ctx: ServerRequestContext[Any, Any]) -> None:
+        if ctx.session.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            return
+        headers = getattr(ctx.request, "headers", None)
+        key = headers.get("mcp-session-id") if headers is not None else "stdio"
+        if key:
+            self._sessions.pop(key, None)
+            self._sessions[key] = ctx.session
+            while len(self._sessions) > 1000:
+                self._sessions.pop(next(iter(self._sessions)))
+
+    async def notify(self) -> None:
+        await self.bus.publish(ToolsListChanged())
+        for key, session in list(self._sessions.items()):
+            try:
+                await session.send_tool_list_changed()
+            except Exception:  # that client is gone
+                self._sessions.pop(key, None)
 
 
 async def _builtin(kt: Keyturn, name: str, arguments: dict[str, Any], who: Identity) -> types.CallToolResult:

@@ -90,6 +90,9 @@ class ApproverGroup(_Frozen):
     name: str
     members: tuple[str, ...] = ()  # person names or "group:<name>"
     quorum: int = 1
+    # Groups of one requirement (one rule) need distinct people; separate requirements (several
+    # matching rules) are each satisfied on their own, so one approver may count toward each.
+    requirement: str = ""
 
 
 class Escalation(_Frozen):

@@ -12,7 +12,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,11 +90,11 @@ class Home:
 
     def serve_http(self, port: int | None = None, *extra: str) -> str:
         port = port or free_port()
-        log = open(self.dir / f"serve-{port}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--http", f"127.0.0.1:{port}", "--config", str(self.config),
-             *extra],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=self.dir)
+        with open(self.dir / f"serve-{port}.log", "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "server.cli", "serve", "--http", f"127.0.0.1:{port}", "--config",
+                 str(self.config), *extra],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=self.dir)
         self.procs.append(proc)
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
@@ -147,10 +148,13 @@ def home(tmp_path: Path) -> Iterator[Home]:
     h.stop_all()
 
 
-def agent_client(base: str, token: str | None = None, **kwargs: Any) -> Client:
+@asynccontextmanager
+async def agent_client(base: str, token: str | None = None, **kwargs: Any) -> AsyncIterator[Client]:
+    """The SDK's client over streamable HTTP, with the agent's bearer token when given."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300))
-    return Client(streamable_http_client(f"{base}/mcp", http_client=http), **kwargs)
+    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300)) as http:
+        async with Client(streamable_http_client(f"{base}/mcp", http_client=http), **kwargs) as client:
+            yield client
 
 
 class ReviewerAPI:

@@ -7,15 +7,18 @@ only reports verdicts with that verified identity; `ApprovalBroker.decide` judge
 from __future__ import annotations
 
 import json
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from server.app import Keyturn
 from server.errors import ApprovalRejected, LedgerError, UnknownRequest
-from server.models import RequestView, Verdict
+from server.models import RequestView, Verdict, VerdictKind
+
+if TYPE_CHECKING:
+    from server.app import Keyturn
 
 MAX_REASON = 2000
 REFUSAL_STATUS = {"not_pending": 409, "expired": 409, "duplicate": 409, "reason_required": 400}
@@ -27,6 +30,37 @@ def _error(status: int, message: str, code: str) -> JSONResponse:
 
 def view_json(view: RequestView) -> dict[str, Any]:
     return view.model_dump(mode="json")
+
+
+@dataclass(frozen=True)
+class VoteOutcome:
+    """What a channel tells its reviewer after reporting a verdict: HTTP status, code, message, new state."""
+
+    status: int
+    code: str
+    message: str
+    state: str | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == 200
+
+
+async def submit_verdict(
+    kt: Keyturn, request_id: str, identity: str, verdict: VerdictKind, reason: object, *, channel: str
+) -> VoteOutcome:
+    """Report a verified reviewer's verdict to the broker (which alone judges it) and map the result for HTTP."""
+    text = reason if isinstance(reason, str) else None
+    if (reason is not None and text is None) or len(text or "") > MAX_REASON:
+        return VoteOutcome(400, "bad_request", f"reason must be a string of at most {MAX_REASON} characters")
+    try:
+        result = await kt.broker.decide(Verdict(
+            request_id=request_id, reviewer=identity, verdict=verdict, reason=text, channel=channel))
+    except UnknownRequest as e:
+        return VoteOutcome(404, "unknown", str(e))
+    except ApprovalRejected as e:
+        return VoteOutcome(REFUSAL_STATUS.get(e.code, 403), e.code, str(e))
+    return VoteOutcome(200, "ok", result.message, result.state)
 
 
 def reviewer_identity(kt: Keyturn, request: Request) -> str | None:
@@ -79,18 +113,12 @@ def api_routes(kt: Keyturn) -> list[Route]:
             return _error(400, "the body must be JSON", "bad_request")
         if not isinstance(body, dict):
             return _error(400, "the body must be a JSON object", "bad_request")
-        reason = body.get("reason")
-        if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON):
-            return _error(400, f"reason must be a string of at most {MAX_REASON} characters", "bad_request")
-        try:
-            result = await kt.broker.decide(Verdict(
-                request_id=request.path_params["request_id"], reviewer=identity,
-                verdict="approve" if verdict == "approve" else "deny", reason=reason, channel="api"))
-        except UnknownRequest as e:
-            return _error(404, str(e), "unknown")
-        except ApprovalRejected as e:
-            return _error(REFUSAL_STATUS.get(e.code, 403), str(e), e.code)
-        return JSONResponse({"request_id": result.request_id, "state": result.state, "message": result.message})
+        request_id = request.path_params["request_id"]
+        outcome = await submit_verdict(kt, request_id, identity, "approve" if verdict == "approve" else "deny",
+                                       body.get("reason"), channel="api")
+        if not outcome.accepted:
+            return _error(outcome.status, outcome.message, outcome.code)
+        return JSONResponse({"request_id": request_id, "state": outcome.state, "message": outcome.message})
 
     async def audit_tail(request: Request, identity: str) -> JSONResponse:
         try:

@@ -42,3 +42,12 @@ def test_named_people() -> None:
     named = spec(ApproverGroup(name="leads", members=("carol",)))
     assert not quorum_met(named, ["alice"], DIRECTORY)
     assert quorum_met(named, ["carol"], DIRECTORY)
+
+
+def test_separate_rules_are_separate_requirements_that_may_share_approvers() -> None:
+    # rule r0: any one reviewer; rule r1: two DBAs. Two DBAs satisfy both rules.
+    both_rules = spec(ApproverGroup(name="any", requirement="r0"),
+                      ApproverGroup(name="dba", members=("group:dba",), quorum=2, requirement="r1"))
+    assert quorum_met(both_rules, ["alice", "carol"], DIRECTORY)
+    assert not quorum_met(both_rules, ["alice", "sam"], DIRECTORY)
+    assert not quorum_met(both_rules, ["sam"], DIRECTORY)

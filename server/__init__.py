@@ -1,0 +1,28 @@
+"""keyturn: a human's key in the lock between AI agents and privileged operations.
+
+What a developer registering a guarded tool needs:
+
+    from server import guarded_tool
+
+    @guarded_tool(classifiers={"query": "sql"}, annotations={"readOnlyHint": True})
+    async def run_report(query: str, limit: int = 100) -> str:
+        ...
+
+and, in a pack module, `def register(registry: ToolRegistry, options) -> None: registry.add(run_report)`.
+"""
+
+from server.errors import InvalidArguments, KeyturnError, ToolError
+from server.models import Decision, ToolCall, Verdict
+from server.registry import GuardedTool, ToolRegistry, guarded_tool
+
+__all__ = [
+    "Decision",
+    "GuardedTool",
+    "InvalidArguments",
+    "KeyturnError",
+    "ToolCall",
+    "ToolError",
+    "ToolRegistry",
+    "Verdict",
+    "guarded_tool",
+]

@@ -1,0 +1,140 @@
+"""The reviewer's pages: sign-in and sign-out, the inbox of pending requests, one request's timeline, voting.
+
+A vote is reported to the broker with the session's verified identity and channel "web"; the
+broker alone judges it (eligibility, self-approval, quorum), exactly as for every other channel.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from server.channels.inbox.render import Card, card, timeline
+from server.channels.inbox.sessions import (
+    LOGIN_COOKIE,
+    LOGIN_TTL_S,
+    SESSION_COOKIE,
+    SESSION_TTL_S,
+    Session,
+    clear_cookie,
+    harden,
+    set_cookie,
+)
+from server.channels.inbox.site import Site, safe_next
+from server.channels.web import MAX_REASON, submit_verdict
+from server.models import RequestView
+
+log = logging.getLogger(__name__)
+
+MAX_TOKEN = 512
+INBOX_LIMIT = 200
+
+
+class Pages:
+    def __init__(self, site: Site) -> None:
+        self.site = site
+        self.kt = site.kt
+
+    # -- sign-in -------------------------------------------------------------------------------
+
+    def _login_page(self, request: Request, *, status: int = 200, error: str | None = None,
+                    next_url: str = "/inbox") -> Response:
+        nonce, token = self.site.sessions.login_nonce()
+        response = self.site.page(request, "login.html", None, status=status, title="Sign in", error=error,
+                                  login_csrf=token, next_url=safe_next(next_url),
+                                  local_token=self.kt.local_token is not None)
+        set_cookie(response, request, LOGIN_COOKIE, nonce, LOGIN_TTL_S, path="/login")
+        return response
+
+    async def login_form(self, request: Request) -> Response:
+        if self.site.sessions.read(request) is not None:
+            return self.site.redirect(request, safe_next(request.query_params.get("next")))
+        return self._login_page(request, next_url=request.query_params.get("next") or "/inbox")
+
+    async def login(self, request: Request) -> Response:
+        form = await request.form(max_files=0, max_fields=10)
+        next_url = safe_next(str(form.get("next") or ""))
+        if not self.site.sessions.check_login(request, form.get("csrf")):
+            return self._login_page(request, status=403, next_url=next_url,
+                                    error="This sign-in form expired or came from another site. Please try again.")
+        token = form.get("token")
+        token_text = token.strip() if isinstance(token, str) else ""
+        identity = self.kt.credentials.reviewer(token_text) if 0 < len(token_text) <= MAX_TOKEN else None
+        if identity is None:
+            log.warning("web sign-in refused: not a reviewer token (from %s)", request.client)
+            return self._login_page(request, status=401, next_url=next_url,
+                                    error="That is not a reviewer token. Agent tokens cannot sign in.")
+        _, cookie = self.site.sessions.open(identity, token_text)
+        response = self.site.redirect(request, next_url)
+        set_cookie(response, request, SESSION_COOKIE, cookie, int(SESSION_TTL_S))
+        clear_cookie(response, request, LOGIN_COOKIE, path="/login")
+        return response
+
+    async def logout(self, request: Request, session: Session) -> Response:
+        form = await request.form(max_files=0, max_fields=10)
+        if not self.site.sessions.check_csrf(request, session, form.get("csrf")):
+            return self.site.page(request, "error.html", session, status=403, title="Refused",
+                                  message="Sign-out refused: the form's security token is missing or wrong.")
+        self.site.sessions.revoke(session)
+        response = self.site.redirect(request, "/login")
+        clear_cookie(response, request, SESSION_COOKIE)
+        return response
+
+    # -- the inbox -----------------------------------------------------------------------------
+
+    def _card(self, view: RequestView, session: Session) -> Card:
+        tool = self.kt.registry.get(view.tool)
+        classifiers: Any = getattr(tool, "classifiers", None) or {}
+        return card(view, classifiers, self.site.person(session))
+
+    async def _cards(self, session: Session) -> list[Card]:
+        views = await self.kt.ledger.list_calls(("pending",), limit=INBOX_LIMIT)
+        return [self._card(v, session) for v in views]
+
+    async def inbox(self, request: Request, session: Session) -> Response:
+        return self.site.page(request, "inbox.html", session, title="Inbox", cards=await self._cards(session))
+
+    async def inbox_list(self, request: Request, session: Session) -> Response:
+        """The list alone, for the page's live updates."""
+        return self.site.page(request, "_requests.html", session, cards=await self._cards(session))
+
+    # -- one request ---------------------------------------------------------------------------
+
+    async def request_page(self, request: Request, session: Session, *, status: int = 200,
+                           error: str | None = None, reason: str = "") -> Response:
+        view = await self.kt.ledger.get_call(request.path_params["request_id"])
+        if view is None:
+            return self.site.page(request, "error.html", session, status=404, title="Not found",
+                                  message="There is no request with that id.")
+        events = await self.kt.ledger.events(view.id)
+        return self.site.page(request, "request.html", session, status=status, title=f"Request {view.id[:12]}",
+                              card=self._card(view, session), entries=timeline(events), error=error, reason=reason)
+
+    async def vote(self, request: Request, session: Session) -> Response:
+        request_id = request.path_params["request_id"]
+        form = await request.form(max_files=0, max_fields=10)
+        reason = form.get("reason")
+        text = reason.strip() if isinstance(reason, str) else ""
+        if not self.site.sessions.check_csrf(request, session, form.get("csrf")):
+            return harden(await self.request_page(
+                request, session, status=403, reason=text,
+                error="Refused: the form's security token is missing or wrong, or it came from another site. "
+                      "Reload the page and try again."))
+        verdict = form.get("verdict")
+        if verdict not in ("approve", "deny"):
+            return await self.request_page(request, session, status=400, reason=text,
+                                           error="Choose Approve or Deny.")
+        if len(text) > MAX_REASON:
+            return await self.request_page(request, session, status=400, reason=text[:MAX_REASON],
+                                           error=f"The reason can be at most {MAX_REASON} characters.")
+        outcome = await submit_verdict(self.kt, request_id, session.identity,
+                                       "approve" if verdict == "approve" else "deny", text or None, channel="web")
+        if not outcome.accepted:
+            return await self.request_page(request, session, status=outcome.status, reason=text,
+                                           error=f"Your vote was not counted: {outcome.message}")
+        back = f"/inbox/requests/{request_id}" if form.get("back") == "request" else "/inbox"
+        verb = "Approved" if verdict == "approve" else "Denied"
+        return self.site.redirect(request, back, flash=f"{verb} request {request_id[:12]}: {outcome.message}.")

@@ -1,0 +1,355 @@
+"""The Slack reviewer channel: a Block Kit message per held call, Approve/Deny buttons, a reason modal.
+
+Slack only delivers and reports. A click becomes a `Verdict` whose reviewer is the Slack identity
+`slack:<team>/<user>` taken from the signed payload (or the person whose e-mail `users.info` gives,
+when `map_email` is on); `ApprovalBroker.decide` alone judges it. Each posted message's channel and
+ts are recorded in the ledger (`notified` events), and a follower re-renders the messages of every
+request that changes, whichever keyturn process changed it, so Slack slowness never holds up a
+decision or an agent. Requests arrive over HTTP at `/slack/events` (signature and timestamp checked
+by Bolt, always) or over Socket Mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from slack_bolt.adapter.starlette.async_handler import AsyncSlackRequestHandler
+from slack_bolt.async_app import AsyncAck, AsyncApp
+from slack_sdk.web.async_client import AsyncWebClient
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from server.approvals import ApprovalBroker
+from server.channels import slack_blocks as ui
+from server.channels.slack_config import SlackConfig, SlackSecrets, describe, load_slack, make_client
+from server.config import Settings
+from server.errors import ApprovalRejected, ChannelError, LedgerError, UnknownRequest
+from server.ledger import Ledger
+from server.models import TERMINAL_STATES, Event, RequestView, ReviewSpec, Verdict, VerdictKind
+
+if TYPE_CHECKING:
+    from server.app import Keyturn
+
+log = logging.getLogger(__name__)
+
+EVENTS_PATH = "/slack/events"
+UPDATE_KINDS = frozenset({"vote", "approval.granted", "execution.started", *TERMINAL_STATES})
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+class SlackChannel:
+    """The Notifier and the Bolt app. `run()` must run for messages to be updated (and for Socket Mode)."""
+
+    name = "slack"
+
+    def __init__(self, *, ledger: Ledger, broker: ApprovalBroker, settings: Settings, config: SlackConfig,
+                 secrets: SlackSecrets, client: AsyncWebClient | None = None) -> None:
+        self.ledger, self.broker, self.settings, self.config, self.secrets = ledger, broker, settings, config, secrets
+        self.client = client or make_client(config, secrets)
+        self.app = AsyncApp(name="keyturn", client=self.client, signing_secret=secrets.signing_secret or "",
+                            request_verification_enabled=True, logger=log)
+        self.app.action(ui.APPROVE_ACTION)(self._on_click)
+        self.app.action(ui.DENY_ACTION)(self._on_click)
+        self.app.view(ui.REASON_CALLBACK)(self._on_reason)
+        self._configured = frozenset(r.identity for r in settings.reviewers)
+        self._messages: dict[str, list[tuple[str, str]]] = {}  # request id -> [(slack channel id, ts)]
+        self._sent: dict[tuple[str, str], str] = {}  # (channel, ts) -> digest of what it shows
+        self._retry: dict[str, int] = {}
+        self._wake = anyio.Event()
+        self._last_seq: int | None = None
+
+    # -- wiring ----------------------------------------------------------------------------------
+
+    def routes(self) -> list[BaseRoute]:
+        """`POST /slack/events`, only with a signing secret: no unverified way in."""
+        if not self.secrets.signing_secret:
+            return []
+        handler = AsyncSlackRequestHandler(self.app)
+
+        async def events(request: Request) -> Response:
+            return await handler.handle(request)
+
+        return [Route(EVENTS_PATH, events, methods=["POST"])]
+
+    async def run(self) -> None:
+        """Follow the ledger to keep messages current; hold the Socket Mode connection when configured."""
+        self._last_seq = await self.ledger.head_seq()
+        async with anyio.create_task_group() as tg:
+            if self.config.socket_mode:
+                tg.start_soon(self._socket_mode)
+            await self._follow()
+
+    def start_in_background(self) -> None:
+        # keyturn's runtime has no task group for channels yet; Bolt is asyncio-only anyway.
+        task = asyncio.get_running_loop().create_task(self.run(), name="keyturn-slack")
+        _BACKGROUND.add(task)
+        task.add_done_callback(_finished)
+
+    async def _socket_mode(self) -> None:
+        from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+
+        handler = AsyncSocketModeHandler(self.app, self.secrets.app_token)
+        try:
+            await handler.connect_async()  # type: ignore[no-untyped-call]
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await handler.close_async()  # type: ignore[no-untyped-call]
+
+    # -- outbound (Notifier) ---------------------------------------------------------------------
+
+    def eligible_users(self, view: RequestView) -> list[str]:
+        """Slack user ids of the mapped reviewers who may vote on `view` (for DMs and mentions only)."""
+        spec, directory = view.review or ReviewSpec(), self.broker.directory
+        users = []
+        for identity, person in directory.identities.items():
+            if identity.startswith("slack:") and person not in {view.principal, view.on_behalf_of} and any(
+                    directory.eligible(person, g) for g in spec.groups):
+                users.append(identity.rpartition("/")[2])
+        return sorted(set(users))
+
+    def targets(self, view: RequestView) -> list[str]:
+        named = [c.partition(":")[2] for c in (view.review or ReviewSpec()).channels if c.split(":")[0] == "slack"]
+        out: list[str] = []
+        if not named:
+            out += [self.config.default_channel] if self.config.default_channel else []
+            out += self.eligible_users(view) if self.config.dm_reviewers else []
+        for name in named:
+            if name in ("", "default"):
+                out += [self.config.default_channel] if self.config.default_channel else []
+            elif name in ("reviewers", "dm"):
+                out += self.eligible_users(view)
+            else:
+                out.append(name.removeprefix("@"))
+        return list(dict.fromkeys(out))
+
+    def render(self, view: RequestView) -> tuple[str, list[dict[str, Any]], str]:
+        mentions = self.eligible_users(view) if self.config.mention_reviewers and view.state == "pending" else None
+        text, blocks = ui.request_message(view, mentions)
+        digest = hashlib.sha256(json.dumps([text, blocks], sort_keys=True).encode()).hexdigest()
+        return text, blocks, digest
+
+    async def request_opened(self, request: RequestView) -> None:
+        """Post the review message to each target; record each (channel, ts) in the ledger."""
+        targets = self.targets(request)
+        if not targets:
+            raise ChannelError("no Slack channel for this request: set slack.default_channel, "
+                               "or name one in the rule (channels: [slack:#ops-approvals])")
+        text, blocks, digest = self.render(request)
+        failures = []
+        for target in targets:
+            try:
+                with anyio.fail_after(self.config.post_timeout_s):
+                    resp = await self.client.chat_postMessage(channel=target, text=text, blocks=blocks,
+                                                              unfurl_links=False, unfurl_media=False)
+                channel, ts = str(resp["channel"]), str(resp["ts"])
+            except Exception as e:
+                failures.append(f"{target}: {describe(e)}")
+                continue
+            self._messages.setdefault(request.id, []).append((channel, ts))
+            self._sent[(channel, ts)] = digest
+            await self.ledger.append("notified", request.id,
+                                     {"channel": "slack", "slack_channel": channel, "ts": ts, "target": target})
+        if failures:
+            raise ChannelError("could not post to Slack: " + "; ".join(failures))
+
+    async def request_changed(self, request: RequestView, event: Event) -> None:
+        """Never waits on Slack: the follower picks the change up from the ledger at once."""
+        self._wake.set()
+
+    # -- keeping messages current ---------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        while True:
+            with anyio.move_on_after(self.config.update_interval_s):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            try:
+                await self.catch_up()
+            except LedgerError as e:
+                log.warning("slack: cannot read the ledger: %s", e)
+
+    async def catch_up(self) -> None:
+        """Re-render the messages of every request changed since the last look (and retry failed updates)."""
+        if self._last_seq is None:
+            self._last_seq = await self.ledger.head_seq()
+        events = await self.ledger.events(after_seq=self._last_seq, limit=1000)
+        touched: dict[str, list[Event]] = {request_id: [] for request_id in self._retry}
+        for e in events:
+            self._last_seq = e.seq
+            if e.call_id is None:
+                continue
+            if e.kind == "notified" and e.payload.get("channel") == "slack" and e.payload.get("ts"):
+                known = self._messages.get(e.call_id)
+                msg = (str(e.payload["slack_channel"]), str(e.payload["ts"]))
+                if known is not None and msg not in known:
+                    known.append(msg)
+                touched.setdefault(e.call_id, [])
+            elif e.kind in UPDATE_KINDS:
+                touched.setdefault(e.call_id, []).append(e)
+        for request_id, changes in touched.items():
+            await self._refresh(request_id, changes)
+        if len(events) == 1000:
+            self._wake.set()
+
+    async def _find_messages(self, request_id: str) -> list[tuple[str, str]]:
+        if request_id not in self._messages:
+            self._messages[request_id] = [
+                (str(e.payload["slack_channel"]), str(e.payload["ts"])) for e in await self.ledger.events(request_id)
+                if e.kind == "notified" and e.payload.get("channel") == "slack" and e.payload.get("ts")]
+        return self._messages[request_id]
+
+    async def _refresh(self, request_id: str, changes: list[Event]) -> None:
+        messages = await self._find_messages(request_id)
+        view = await self.ledger.get_call(request_id) if messages else None
+        if view is None:
+            self._messages.pop(request_id, None)
+            self._retry.pop(request_id, None)
+            return
+        text, blocks, digest = self.render(view)
+        ok = True
+        for channel, ts in messages:
+            if self._sent.get((channel, ts)) != digest:
+                try:
+                    with anyio.fail_after(self.config.post_timeout_s):
+                        await self.client.chat_update(channel=channel, ts=ts, text=text, blocks=blocks)
+                    self._sent[(channel, ts)] = digest
+                except Exception as e:
+                    ok = False
+                    log.warning("slack: could not update the message for %s: %s", request_id, describe(e))
+            for line in (ui.thread_line(e) for e in changes) if self.config.thread_replies else ():
+                if line:
+                    await self._call("chat_postMessage", channel=channel, thread_ts=ts, text=line)
+        attempts = 0 if ok else self._retry.get(request_id, 0) + 1
+        if ok or attempts > 5:
+            self._retry.pop(request_id, None)
+            if view.state in TERMINAL_STATES:
+                for msg in self._messages.pop(request_id, []):
+                    self._sent.pop(msg, None)
+        else:
+            self._retry[request_id] = attempts
+
+    async def _call(self, method: str, **kwargs: Any) -> bool:
+        try:
+            with anyio.fail_after(self.config.post_timeout_s):
+                await getattr(self.client, method)(**kwargs)
+            return True
+        except Exception as e:
+            log.warning("slack: %s failed: %s", method, describe(e))
+            return False
+
+    # -- inbound (Bolt listeners) -----------------------------------------------------------------
+
+    async def _on_click(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        await ack()
+        action = body["actions"][0]
+        verdict: VerdictKind = "approve" if action["action_id"] == ui.APPROVE_ACTION else "deny"
+        request_id = str(action.get("value") or "")
+        channel = str((body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id") or "")
+        user, identity = await self.identify(body)
+        view = await self.ledger.get_call(request_id)
+        wants_reason = verdict == "deny" or bool(view and view.review and view.review.require_reason)
+        if view is not None and view.state == "pending" and wants_reason:
+            modal = ui.reason_modal(view, verdict, {"r": request_id, "v": verdict, "c": channel})
+            if not await self._call("views_open", trigger_id=body["trigger_id"], view=modal):
+                await self._ephemeral(channel, user, "keyturn could not open the reason dialog; please try again.")
+            return
+        await self._vote(Verdict(request_id=request_id, reviewer=identity, verdict=verdict, channel="slack"),
+                         user, channel)
+
+    async def _on_reason(self, ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
+        value = view["state"]["values"].get(ui.REASON_BLOCK, {}).get(ui.REASON_INPUT, {}).get("value") or ""
+        if not value.strip() or len(value) > ui.MAX_REASON:
+            await ack(response_action="errors",
+                      errors={ui.REASON_BLOCK: f"Please give a reason (at most {ui.MAX_REASON} characters)."})
+            return
+        await ack()
+        meta = json.loads(view.get("private_metadata") or "{}")
+        verdict: VerdictKind = "approve" if meta.get("v") == "approve" else "deny"
+        user, identity = await self.identify(body)
+        await self._vote(Verdict(request_id=str(meta.get("r", "")), reviewer=identity, verdict=verdict,
+                                 reason=value.strip(), channel="slack"), user, str(meta.get("c") or ""))
+
+    async def _vote(self, verdict: Verdict, user: str, channel: str) -> None:
+        try:
+            await self.broker.decide(verdict)
+        except ApprovalRejected as e:
+            await self._ephemeral(channel, user, f":no_entry_sign: Your vote was not counted: {ui.escape(str(e))}")
+        except UnknownRequest:
+            await self._ephemeral(channel, user, f"keyturn has no request {ui.escape(verdict.request_id)}.")
+        except LedgerError:
+            log.exception("slack: ledger failure while recording a vote")
+            await self._ephemeral(channel, user, "keyturn could not record your vote (ledger unavailable); "
+                                                 "nothing was decided. Please try again.")
+
+    async def _ephemeral(self, channel: str, user: str, text: str) -> None:
+        if channel:
+            await self._call("chat_postEphemeral", channel=channel, user=user, text=text)
+        else:
+            await self._call("chat_postMessage", channel=user, text=text)
+
+    # -- who clicked -------------------------------------------------------------------------------
+
+    async def identify(self, body: dict[str, Any]) -> tuple[str, str]:
+        """(Slack user id, reviewer identity) from the signed payload's user and team ids, nothing else."""
+        user_obj = body.get("user") or {}
+        user = str(user_obj.get("id") or "")
+        teams = [str(t) for t in ((body.get("team") or {}).get("id"), user_obj.get("team_id")) if t]
+        candidates = list(dict.fromkeys(f"slack:{t}/{user}" for t in teams)) or [f"slack:unknown/{user}"]
+        for identity in candidates:
+            if identity in self._configured:
+                return user, identity
+        if self.config.map_email and user:
+            self._learn(candidates[0], await self._person_by_email(user))
+        return user, candidates[0]
+
+    async def _person_by_email(self, user: str) -> str | None:
+        try:
+            with anyio.fail_after(self.config.post_timeout_s):
+                info = (await self.client.users_info(user=user))["user"]
+        except Exception as e:
+            log.warning("slack: users.info failed for %s: %s", user, describe(e))
+            return None
+        if (info.get("id") != user or info.get("deleted") or info.get("is_bot") or info.get("is_restricted")
+                or info.get("is_ultra_restricted")):
+            return None
+        email = str((info.get("profile") or {}).get("email") or "").strip().lower()
+        people = [name for name, p in self.settings.people.items() if email and (p.email or "").lower() == email]
+        return people[0] if len(people) == 1 else None
+
+    def _learn(self, identity: str, person: str | None) -> None:
+        """Map (or unmap) an e-mail-matched identity in the broker's directory; configured ones never change."""
+        directory = self.broker.directory
+        identities = dict(directory.identities)
+        if identities.get(identity) == person or identity in self._configured:
+            return
+        if person is None:
+            identities.pop(identity, None)
+        else:
+            identities[identity] = person
+        self.broker.directory = replace(directory, identities=identities)
+
+
+def _finished(task: asyncio.Task[None]) -> None:
+    _BACKGROUND.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("slack: the channel's background task stopped: %s", task.exception())
+
+
+def attach_slack(kt: Keyturn, env: dict[str, str]) -> list[BaseRoute]:
+    """Enable Slack when configured: add the notifier, start its background work, return its routes."""
+    loaded = load_slack(kt.settings.slack, env)
+    if loaded is None:
+        return []
+    config, secrets = loaded
+    channel = SlackChannel(ledger=kt.ledger, broker=kt.broker, settings=kt.settings, config=config, secrets=secrets)
+    kt.add_notifier(channel)
+    channel.start_in_background()
+    return channel.routes()

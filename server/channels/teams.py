@@ -1,0 +1,298 @@
+"""The Microsoft Teams reviewer channel: an Adaptive Card per held call, Approve / Deny as `Action.Execute`.
+
+Teams only delivers and reports. A click arrives as an `adaptiveCard/action` invoke at
+`POST /teams/messages`; its Bot Framework JWT is validated (`teams_auth`, never skipped) and the
+reviewer is `teams:<tenant>/<aad-object-id>` from the activity, which the config maps to a person;
+`ApprovalBroker.decide` alone judges the verdict. The invoke response is the card redrawn with the
+outcome. Each sent card's activity id is recorded in the ledger (a `notified` event), and a follower
+re-renders the cards of every request that changes, whichever keyturn process changed it (expired,
+executed, failed, a vote through another channel), so Teams slowness never holds up a decision.
+
+Without a bot, an incoming webhook gets a card whose "Open" link leads to a signed, single-use
+decision page (`decision_link`, `decision_page`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+try:
+    from microsoft_teams.api.activities.invoke.adaptive_card import AdaptiveCardInvokeActivity
+    from microsoft_teams.api.models.adaptive_card import AdaptiveCardActionCardResponse
+except ModuleNotFoundError as e:  # the optional `teams` extra is not installed
+    from server.errors import ConfigError
+
+    raise ConfigError("the Teams channel needs the Teams SDK: pip install 'keyturn[teams]'") from e
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from server.channels import teams_cards as ui
+from server.channels.decision_link import LinkSigner, ensure_link_secret
+from server.channels.decision_page import decision_routes
+from server.channels.teams_auth import BotFrameworkAuth
+from server.channels.teams_config import TeamsConfig, TeamsSecrets, load_teams
+from server.channels.teams_connector import BotConnector, BotToken, RetryPolicy, post_webhook
+from server.channels.web import submit_verdict
+from server.errors import AuthError, ChannelError, ConfigError, LedgerError
+from server.ledger import Ledger
+from server.models import TERMINAL_STATES, Event, RequestView
+
+if TYPE_CHECKING:
+    from server.app import Keyturn
+
+log = logging.getLogger(__name__)
+
+MESSAGES_PATH = "/teams/messages"
+MAX_ACTIVITY_BYTES = 256 * 1024
+UPDATE_KINDS = frozenset({"vote", "approval.granted", "execution.started", *TERMINAL_STATES})
+WEBHOOK_FOLLOW_UPS = frozenset({"approval.granted", "denied", "expired", "cancelled", "failed", "abandoned"})
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def reviewer_identity(invoke: AdaptiveCardInvokeActivity) -> str | None:
+    """`teams:<tenant>/<aad-object-id>`, lower-cased, or None when the activity does not say who clicked."""
+    oid = invoke.from_.aad_object_id
+    channel_tenant = invoke.channel_data.tenant.id if invoke.channel_data and invoke.channel_data.tenant else None
+    tenants = {t.lower() for t in (invoke.conversation.tenant_id, channel_tenant) if t}
+    if not oid or len(tenants) != 1:
+        return None
+    return f"teams:{tenants.pop()}/{oid.lower()}"
+
+
+def card_response(card: Any) -> JSONResponse:
+    body = AdaptiveCardActionCardResponse(value=card).model_dump(mode="json", by_alias=True, exclude_none=True)
+    return JSONResponse(body)
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"statusCode": status, "type": "application/vnd.microsoft.error",
+                         "value": {"code": "BadRequest" if status < 500 else "InternalError", "message": message}})
+
+
+class TeamsChannel:
+    """The Notifier(s) for Teams and the bot endpoint. `run()` keeps sent cards current."""
+
+    name = "teams"
+
+    def __init__(self, *, ledger: Ledger, kt: Keyturn, config: TeamsConfig, secrets: TeamsSecrets,
+                 signer: LinkSigner | None = None, link_base: str | None = None) -> None:
+        self.kt, self.ledger, self.config = kt, ledger, config
+        self.retry = RetryPolicy(attempts=config.retries, backoff_s=config.retry_backoff_s)
+        self.connector: BotConnector | None = None
+        self.auth: BotFrameworkAuth | None = None
+        if config.bot_enabled:
+            assert config.app_id and config.service_url and secrets.app_password
+            token = BotToken(config.resolved_token_url(), config.app_id, secrets.app_password, config.scope,
+                             retry=self.retry, timeout_s=config.request_timeout_s)
+            self.connector = BotConnector(config.service_url, token, retry=self.retry,
+                                          timeout_s=config.request_timeout_s)
+            self.auth = BotFrameworkAuth(config.app_id, config.openid_metadata_url, config.issuer,
+                                         clock_skew_s=config.clock_skew_s, timeout_s=config.request_timeout_s)
+        self.signer, self.link_base = signer, (link_base or "").rstrip("/")
+        self._cards: dict[str, tuple[str, str]] = {}  # request id -> (conversation id, activity id)
+        self._sent: dict[str, str] = {}  # request id -> digest of the card last sent
+        self._local: dict[int, Event] = {}  # changes made in this process (webhook follow-ups)
+        self._wake = anyio.Event()
+        self._last_seq: int | None = None
+
+    # -- outbound (Notifier) ---------------------------------------------------------------------
+
+    def decision_url(self, view: RequestView) -> str:
+        assert self.signer is not None
+        expires = min(view.expires or float("inf"), time.time() + self.config.link_ttl_s)
+        return f"{self.link_base}/teams/decide/{self.signer.mint(view.id, expires)}"
+
+    async def request_opened(self, request: RequestView) -> None:
+        """Send the card (bot) and/or the link card (webhook); record the bot's activity id in the ledger."""
+        failures = []
+        if self.connector is not None and self.config.conversation_id:
+            card = ui.request_card(request)
+            try:
+                activity_id = await self.connector.send_card(self.config.conversation_id, card)
+            except (ChannelError, ValueError, KeyError) as e:
+                failures.append(f"bot: {e}")
+            else:
+                self._cards[request.id] = (self.config.conversation_id, activity_id)
+                self._sent[request.id] = _digest(card)
+                await self.ledger.append("notified", request.id, {
+                    "channel": "teams", "conversation_id": self.config.conversation_id, "activity_id": activity_id})
+        if self.config.webhook_url:
+            try:
+                await post_webhook(self.config.webhook_url, ui.request_card(
+                    request, interactive=False, open_url=self.decision_url(request)), self.retry,
+                    self.config.request_timeout_s)
+            except ChannelError as e:
+                failures.append(f"webhook: {e}")
+        if failures:
+            raise ChannelError("could not post to Teams: " + "; ".join(failures))
+
+    async def request_changed(self, request: RequestView, event: Event) -> None:
+        """Never waits on Teams: the follower picks the change up from the ledger at once."""
+        self._local[event.seq] = event
+        self._wake.set()
+
+    # -- keeping cards current -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._last_seq = await self.ledger.head_seq()
+        while True:
+            with anyio.move_on_after(self.config.update_interval_s):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            try:
+                await self.catch_up()
+            except LedgerError as e:
+                log.warning("teams: cannot read the ledger: %s", e)
+
+    def start_in_background(self) -> None:
+        # keyturn's runtime has no task group for channels yet (see the Slack channel).
+        task = asyncio.get_running_loop().create_task(self.run(), name="keyturn-teams")
+        _BACKGROUND.add(task)
+        task.add_done_callback(_finished)
+
+    async def catch_up(self) -> None:
+        if self._last_seq is None:
+            self._last_seq = await self.ledger.head_seq()
+        events = await self.ledger.events(after_seq=self._last_seq, limit=1000)
+        touched: dict[str, list[Event]] = {}
+        for e in events:
+            self._last_seq = e.seq
+            if e.call_id is not None and e.kind in UPDATE_KINDS:
+                touched.setdefault(e.call_id, []).append(e)
+        for request_id, changes in touched.items():
+            await self._refresh(request_id, changes)
+        if len(events) == 1000:
+            self._wake.set()
+
+    async def _find_card(self, request_id: str) -> tuple[str, str] | None:
+        if request_id not in self._cards:
+            for e in await self.ledger.events(request_id):
+                if e.kind == "notified" and e.payload.get("channel") == "teams" and e.payload.get("activity_id"):
+                    self._cards[request_id] = (str(e.payload["conversation_id"]), str(e.payload["activity_id"]))
+        return self._cards.get(request_id)
+
+    async def _refresh(self, request_id: str, changes: list[Event]) -> None:
+        local = [self._local.pop(e.seq) for e in changes if e.seq in self._local]
+        view = await self.ledger.get_call(request_id)
+        if view is None:
+            return
+        card_ref = await self._find_card(request_id) if self.connector is not None else None
+        if card_ref is not None and self.connector is not None:
+            card = ui.request_card(view)
+            if self._sent.get(request_id) != (digest := _digest(card)):
+                try:
+                    await self.connector.update_card(card_ref[0], card_ref[1], card)
+                    self._sent[request_id] = digest
+                except (ChannelError, ValueError, KeyError) as e:
+                    log.warning("teams: could not update the card of %s: %s", request_id, e)
+            if view.state in TERMINAL_STATES:
+                self._cards.pop(request_id, None)
+                self._sent.pop(request_id, None)
+        if self.config.webhook_url and local:
+            await self._webhook_follow_up(view, local)
+
+    async def _webhook_follow_up(self, view: RequestView, changes: list[Event]) -> None:
+        """Webhook messages cannot be updated: post the outcome, or a fresh link when more votes are needed."""
+        assert self.config.webhook_url is not None
+        kinds = {e.kind for e in changes}
+        if view.state == "pending" and "vote" in kinds:
+            card = ui.request_card(view, interactive=False, open_url=self.decision_url(view),
+                                   notice="A vote was recorded and more are needed: a new link for the next reviewer.")
+        elif kinds & WEBHOOK_FOLLOW_UPS:
+            card = ui.request_card(view, interactive=False)
+        else:
+            return
+        try:
+            await post_webhook(self.config.webhook_url, card, self.retry, self.config.request_timeout_s)
+        except ChannelError as e:
+            log.warning("teams: could not post the follow-up for %s: %s", view.id, e)
+
+    # -- inbound: the bot endpoint ---------------------------------------------------------------
+
+    def routes(self) -> list[BaseRoute]:
+        routes: list[BaseRoute] = []
+        if self.auth is not None:
+            routes.append(Route(MESSAGES_PATH, self.messages, methods=["POST"]))
+        if self.signer is not None:
+            routes += decision_routes(self.kt, self.signer)
+        return routes
+
+    async def messages(self, request: Request) -> Response:
+        assert self.auth is not None
+        body = await request.body()
+        if len(body) > MAX_ACTIVITY_BYTES:
+            return JSONResponse({"error": "activity too large"}, status_code=413)
+        try:
+            activity = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            activity = None
+        if not isinstance(activity, dict):
+            return JSONResponse({"error": "the body must be a JSON activity"}, status_code=400)
+        try:
+            await self.auth.verify(request.headers.get("authorization"), activity)
+        except AuthError as e:
+            log.warning("teams: refused an unauthenticated activity: %s", e)
+            return JSONResponse({"error": str(e)}, status_code=401)
+        if activity.get("type") != "invoke" or activity.get("name") != "adaptiveCard/action":
+            return Response(status_code=200)  # installs, messages, conversation updates: nothing to do
+        try:
+            invoke = AdaptiveCardInvokeActivity.model_validate(activity)
+        except ValidationError:
+            return error_response(400, "not an Adaptive Card action keyturn understands")
+        data = invoke.value.action.data
+        verdict = {ui.APPROVE_VERB: "approve", ui.DENY_VERB: "deny"}.get(invoke.value.action.verb or "")
+        request_id = data.get("request_id")
+        if verdict is None or not isinstance(request_id, str):
+            return error_response(400, "not a keyturn action")
+        identity = reviewer_identity(invoke)
+        view = await self.ledger.get_call(request_id)
+        if view is None:
+            return error_response(404, f"keyturn has no request {request_id}")
+        if identity is None:
+            return card_response(ui.request_card(view, notice="Teams did not say who you are, so nothing was counted."))
+        reason = data.get(ui.REASON_INPUT)
+        outcome = await submit_verdict(self.kt, request_id, identity, "approve" if verdict == "approve" else "deny",
+                                       (reason.strip() or None) if isinstance(reason, str) else reason, channel="teams")
+        view = await self.ledger.get_call(request_id) or view
+        notice = (f"You {'approved' if verdict == 'approve' else 'denied'}: {outcome.message}." if outcome.accepted
+                  else f"Your vote was not counted: {outcome.message}")
+        return card_response(ui.request_card(view, notice=notice, notice_ok=outcome.accepted))
+
+
+def _digest(card: Any) -> str:
+    return hashlib.sha256(json.dumps(ui.card_json(card), sort_keys=True).encode()).hexdigest()
+
+
+def _finished(task: asyncio.Task[None]) -> None:
+    _BACKGROUND.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("teams: the channel's background task stopped: %s", task.exception())
+
+
+def attach_teams(kt: Keyturn, env: dict[str, str]) -> list[BaseRoute]:
+    """Enable Teams when configured: add the notifier, start its background work, return its routes."""
+    loaded = load_teams(kt.settings.teams, env)
+    if loaded is None:
+        return []
+    config, secrets = loaded
+    signer, link_base = None, None
+    if config.webhook_url:
+        key = secrets.link_secret.encode() if secrets.link_secret else ensure_link_secret(kt.settings.db)
+        signer = LinkSigner(key)
+        link_base = config.public_url or kt.settings.reviewer_api_url or next(iter(kt.http_base_urls), None)
+        if not link_base:
+            raise ConfigError("teams.webhook_url needs teams.public_url: where reviewers' browsers reach keyturn")
+    channel = TeamsChannel(ledger=kt.ledger, kt=kt, config=config, secrets=secrets, signer=signer,
+                           link_base=link_base)
+    kt.add_notifier(channel)
+    channel.start_in_background()
+    return channel.routes()

@@ -1,0 +1,161 @@
+"""What a reviewer sees of a held request, as an Adaptive Card (Teams SDK card models) and as plain facts.
+
+The same content as the Slack message: tool, redacted arguments (`RequestView.arguments` is already
+redacted), matched rules, risk, requester, quorum and expiry; while pending, a reason input and
+**Approve** / **Deny** (`Action.Execute`), or an "Open" link for the no-bot fallback; once
+decided, the outcome and who decided. Text the agent controls (arguments, tool, principal,
+reasons) goes into `TextRun`s, which Teams never renders as markdown, so a crafted argument cannot
+draw a fake "approved" banner or a link.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from microsoft_teams.cards import (
+    AdaptiveCard,
+    CardElement,
+    ExecuteAction,
+    OpenUrlAction,
+    RichTextBlock,
+    TextBlock,
+    TextColor,
+    TextInput,
+    TextRun,
+)
+
+from server.models import RequestView
+
+APPROVE_VERB = "keyturn.approve"
+DENY_VERB = "keyturn.deny"
+REASON_INPUT = "reason"
+MAX_ARGUMENTS_CHARS = 3000
+MAX_REASON = 2000
+
+OUTCOME_TITLES = {
+    "pending": "Approval needed",
+    "approved": "Approved: waiting to run",
+    "running": "Approved: running",
+    "executed": "Approved and executed",
+    "failed": "Approved, but the tool failed",
+    "denied": "Denied",
+    "expired": "Expired: no reviewer decided in time",
+    "cancelled": "Cancelled by the requester",
+    "abandoned": "Abandoned: keyturn stopped while holding it",
+}
+TITLE_COLORS: dict[str, TextColor] = {"pending": "Warning", "approved": "Good", "running": "Good", "executed": "Good",
+                "denied": "Attention", "failed": "Attention"}
+
+
+def format_time(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    when = datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    left = int(ts - time.time())
+    return f"{when} (in {left // 60} min {left % 60} s)" if left > 0 else when
+
+
+def arguments_text(view: RequestView) -> str:
+    text = json.dumps(view.arguments, indent=2, ensure_ascii=False, sort_keys=True)
+    if len(text) > MAX_ARGUMENTS_CHARS:
+        text = text[:MAX_ARGUMENTS_CHARS] + f"\n… ({len(text) - MAX_ARGUMENTS_CHARS} more characters)"
+    return text
+
+
+def quorum_text(view: RequestView) -> str:
+    spec = view.review
+    if spec is None:
+        return "1 approval from any reviewer"
+    return "; ".join(f"{g.quorum} approval(s) from {', '.join(g.members) or 'any reviewer'}" for g in spec.groups)
+
+
+def requester_text(view: RequestView) -> str:
+    text = view.principal
+    if view.on_behalf_of:
+        text += f" on behalf of {view.on_behalf_of}"
+    if view.model:
+        text += f" (model {view.model})"
+    return text
+
+
+def votes_text(view: RequestView) -> str:
+    if not view.votes:
+        return "none yet"
+    return "; ".join(f"{v['person']} {'approved' if v['verdict'] == 'approve' else 'denied'}"
+                     + (f": {v['reason']}" if v.get("reason") else "") for v in view.votes)
+
+
+def outcome_text(view: RequestView) -> str | None:
+    """Who decided and why, once the request is no longer pending."""
+    if view.state == "pending":
+        return None
+    deny = next((v for v in reversed(view.votes) if v["verdict"] == "deny"), None)
+    if view.state == "denied" and deny is not None:
+        return f"Denied by {deny['person']}: {deny['reason']}"
+    approvers = [v["person"] for v in view.votes if v["verdict"] == "approve"]
+    if view.state in {"approved", "running", "executed", "failed"} and approvers:
+        tail = f" ({view.outcome_reason})" if view.state == "failed" and view.outcome_reason else ""
+        return f"{OUTCOME_TITLES[view.state]}. Approved by {', '.join(approvers)}{tail}"
+    return f"{OUTCOME_TITLES.get(view.state, view.state)}" + (f": {view.outcome_reason}" if view.outcome_reason else "")
+
+
+def request_facts(view: RequestView) -> list[tuple[str, str]]:
+    """(label, value) pairs shown on every surface, in order."""
+    rules = "; ".join(f"{r.get('id')}: {r.get('reason')}" for r in view.rules) or (view.reason or "-")
+    return [
+        ("Tool", view.tool),
+        ("Risk", (view.risk or "unknown").upper()),
+        ("Requested by", requester_text(view)),
+        ("Rules", rules),
+        ("Needs", quorum_text(view)),
+        ("Votes", votes_text(view)),
+        ("Expires", format_time(view.expires)),
+        ("Request", view.id),
+    ]
+
+
+def _runs(*runs: TextRun) -> RichTextBlock:
+    inlines: list[CardElement] = list(runs)
+    return RichTextBlock(inlines=inlines, spacing="Small")
+
+
+def _fact(label: str, value: str) -> RichTextBlock:
+    return _runs(TextRun(text=f"{label}: ", weight="Bolder"), TextRun(text=value))
+
+
+def request_card(view: RequestView, *, notice: str | None = None, notice_ok: bool = False,
+                 open_url: str | None = None, interactive: bool = True) -> AdaptiveCard:
+    """The card for `view` in its current state. `notice` is shown to the one reviewer it is returned to."""
+    title = OUTCOME_TITLES.get(view.state, view.state.capitalize())
+    body: list[CardElement] = [
+        TextBlock(text=f"keyturn: {title}", weight="Bolder", size="Medium", wrap=True,
+                  color=TITLE_COLORS.get(view.state, "Default")),
+    ]
+    if (outcome := outcome_text(view)) is not None:
+        body.append(_runs(TextRun(text=outcome, weight="Bolder")))
+    if notice:
+        body.append(_runs(TextRun(text=notice, color="Good" if notice_ok else "Attention")))
+    body += [_fact(label, value) for label, value in request_facts(view)]
+    body += [
+        TextBlock(text="Arguments (secrets masked)", weight="Bolder", spacing="Medium", wrap=True),
+        _runs(TextRun(text=arguments_text(view), font_type="Monospace")),
+    ]
+    actions: list[ExecuteAction | OpenUrlAction] = []
+    if view.state == "pending" and interactive:
+        data: dict[str, Any] = {"request_id": view.id}
+        body.append(TextInput(id=REASON_INPUT, label="Reason (required to deny)", is_multiline=True,
+                              max_length=MAX_REASON, placeholder="Why you approve or deny this call"))
+        actions = [ExecuteAction(title="Approve", verb=APPROVE_VERB, data=data, style="positive"),
+                   ExecuteAction(title="Deny", verb=DENY_VERB, data=data, style="destructive")]
+    elif view.state == "pending" and open_url:
+        actions = [OpenUrlAction(title="Open", url=open_url)]
+    return AdaptiveCard(version="1.5", body=body, actions=list(actions) or None,
+                        fallback_text=f"keyturn: {title}: {view.tool} ({view.id})")
+
+
+def card_json(card: AdaptiveCard) -> dict[str, Any]:
+    dumped: dict[str, Any] = card.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return dumped

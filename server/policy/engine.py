@@ -1,0 +1,340 @@
+"""The compiled policy: which rules can see a call, what they say, and one decision out of many verdicts.
+
+Semantics, in one place:
+- every rule whose tool/principal/model globs match and whose condition is true *matches*;
+- the most restrictive outcome among matches wins (deny > review > allow); risk is the highest;
+- several review rules combine: all their approver groups (AND), the shortest timeout;
+- no match: the policy's default outcome and risk;
+- a condition that errors fails closed: a deny/review rule counts as matched ("condition error"),
+  an allow rule counts as not matched; either way the error is in the decision's facts;
+- annotations may raise risk (a destructive tool is at least high), never lower it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import cel
+
+from server.classify import normalise_annotations, redact
+from server.models import (
+    OUTCOME_ORDER,
+    RISK_ORDER,
+    ApproverGroup,
+    Decision,
+    Escalation,
+    MatchedRule,
+    Outcome,
+    ReviewSpec,
+    RiskLevel,
+    ToolCall,
+)
+from server.policy.conditions import FACT_SHAPE, FUNCTIONS, Condition, Template
+
+_GLOB_CHARS = frozenset("*?[")
+_CACHE_LIMIT = 4096
+_ANY = ("*",)
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    index: int
+    id: str
+    line: int | None
+    tools: tuple[str, ...]
+    principals: tuple[str, ...]
+    models: tuple[str, ...]
+    condition: Condition | None
+    outcome: Outcome
+    risk: RiskLevel
+    reason: Template
+    review: ReviewSpec | None  # resolved against the policy's defaults; only for outcome review
+    enabled: bool = True
+
+    def matches_tool(self, tool: str) -> bool:
+        return any(fnmatch.fnmatchcase(tool, g) for g in self.tools)
+
+    def who_mismatch(self, principal: str, model: str) -> str | None:
+        """Why the principal/model globs exclude this call, or None when they match."""
+        if self.principals == _ANY and self.models == _ANY:
+            return None
+        if not _any_glob(principal, self.principals):
+            return f"principal {principal!r} does not match {list(self.principals)}"
+        if not _any_glob(model, self.models):
+            return f"model {model or '(none)'!r} does not match {list(self.models)}"
+        return None
+
+
+def _any_glob(value: str, globs: tuple[str, ...]) -> bool:
+    return any(g == "*" or fnmatch.fnmatchcase(value, g) for g in globs)
+
+
+@dataclass
+class _Match:
+    rule: CompiledRule
+    reason: str
+    error: str | None = None
+
+
+class CompiledPolicy:
+    """A loaded, validated policy. Immutable; `decide` is safe to call from any task."""
+
+    def __init__(
+        self,
+        *,
+        rules: tuple[CompiledRule, ...],
+        default_outcome: Outcome,
+        default_risk: RiskLevel,
+        default_review: ReviewSpec,
+        variables: Mapping[str, Any],
+        digest: str,
+        path: Path | None,
+        source: str = "<string>",
+    ) -> None:
+        self.rules = rules
+        self.default_outcome: Outcome = default_outcome
+        self.default_risk: RiskLevel = default_risk
+        self.default_review = default_review
+        self.vars = dict(variables)
+        self.digest = digest
+        self.path = path
+        self.source = source
+        self._exact: dict[str, list[CompiledRule]] = {}
+        self._globbed: list[CompiledRule] = []
+        for rule in rules:
+            if not rule.enabled:
+                continue
+            if any(_GLOB_CHARS & set(g) for g in rule.tools):
+                self._globbed.append(rule)
+            else:
+                for tool in rule.tools:
+                    self._exact.setdefault(tool, []).append(rule)
+        self._cache: dict[str, tuple[CompiledRule, ...]] = {}
+
+    def __repr__(self) -> str:
+        return f"CompiledPolicy({self.source!r}, rules={len(self.rules)}, digest={self.digest[:12]})"
+
+    def candidates(self, tool: str) -> tuple[CompiledRule, ...]:
+        """The enabled rules whose tool globs match `tool`, in file order (cached per tool name)."""
+        hit = self._cache.get(tool)
+        if hit is None:
+            found = {r.index: r for r in self._exact.get(tool, ())}
+            found.update((r.index, r) for r in self._globbed if r.matches_tool(tool))
+            hit = tuple(found[i] for i in sorted(found))
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[tool] = hit
+        return hit
+
+    def decide(self, call: ToolCall, facts: Mapping[str, Any], *, now: datetime | None = None) -> Decision:
+        return self._evaluate(call, facts, now, None)
+
+    def explain(self, call: ToolCall, facts: Mapping[str, Any], *, now: datetime | None = None) -> dict[str, Any]:
+        """The decision plus a trace: every rule in the policy, whether it matched, and why."""
+        trace: dict[int, dict[str, Any]] = {}
+        decision = self._evaluate(call, facts, now, trace)
+        candidates = {r.index for r in self.candidates(call.tool)}
+        rules = []
+        for rule in self.rules:
+            entry: dict[str, Any] = {"id": rule.id, "line": rule.line, "outcome": rule.outcome, "risk": rule.risk}
+            if not rule.enabled:
+                entry.update(considered=False, matched=False, why="rule is disabled")
+            elif rule.index not in candidates:
+                entry.update(
+                    considered=False, matched=False, why=f"tool {call.tool!r} does not match {list(rule.tools)}"
+                )
+            else:
+                entry.update(trace.get(rule.index, {"considered": False, "matched": False, "why": "not evaluated"}))
+            if rule.condition is not None:
+                entry["when"] = rule.condition.source
+            rules.append(entry)
+        return {
+            "policy": {"digest": self.digest, "path": str(self.path) if self.path else self.source},
+            "call": {
+                "tool": call.tool,
+                "principal": call.principal,
+                "model": call.model,
+                "arguments": redact(call.arguments, decision.facts),
+            },
+            "facts": decision.facts,
+            "rules": rules,
+            "decision": decision.model_dump(mode="json", exclude={"facts"}),
+        }
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def _evaluate(
+        self, call: ToolCall, facts: Mapping[str, Any], now: datetime | None, trace: dict[int, dict[str, Any]] | None
+    ) -> Decision:
+        now = now or datetime.now(UTC)
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=UTC)
+        full = complete_facts(facts)
+        model = call.model or ""
+        live: list[CompiledRule] = []
+        for rule in self.candidates(call.tool):
+            why = rule.who_mismatch(call.principal, model)
+            if why is None:
+                live.append(rule)
+            elif trace is not None:
+                trace[rule.index] = {"considered": True, "matched": False, "why": why}
+        activation = self._activation(call, full, now, live)
+        context = cel.Context(variables=activation, functions=FUNCTIONS) if activation is not None else None
+        matches: list[_Match] = []
+        errors: list[dict[str, str]] = []
+        for rule in live:
+            result: Any = True
+            error: str | None = None
+            if rule.condition is not None:
+                try:
+                    result = rule.condition.evaluate(context)
+                except Exception as e:  # CEL raises KeyError/TypeError/RuntimeError/ValueError at call time
+                    error = _error_text(e)
+                else:
+                    if not isinstance(result, bool):
+                        error = f"condition returned {type(result).__name__}, not a bool"
+            if error is not None:
+                errors.append({"rule": rule.id, "error": error})
+                if rule.outcome == "allow":
+                    _note(trace, rule, False, f"condition error: {error} (an allow rule that errors does not apply)")
+                    continue
+                matches.append(_Match(rule, f"condition error: {error}", error))
+                _note(trace, rule, True, f"condition error: {error} (fails closed: counts as matched)")
+            elif result:
+                matches.append(_Match(rule, self._reason(rule, call, full, now)))
+                _note(trace, rule, True, "condition true" if rule.condition else "no condition: matches every call")
+            else:
+                _note(trace, rule, False, "condition false")
+        if errors:
+            full = {**full, "condition_errors": errors}
+        return self._combine(matches, full)
+
+    def _activation(
+        self, call: ToolCall, facts: dict[str, Any], now: datetime, live: list[CompiledRule]
+    ) -> dict[str, Any] | None:
+        """Only the values the live rules read: converting values into CEL is the expensive part."""
+        slots: dict[str, tuple[str, ...]] = {}
+        for rule in live:
+            if rule.condition is not None:
+                slots.update(rule.condition.slots)
+        if not slots:
+            return None
+        full = _full_activation(call, facts, now, self.vars)
+        out: dict[str, Any] = {}
+        for name, path in slots.items():
+            value: Any = full
+            for part in path:
+                value = value[part]
+            out[name] = value
+        return out
+
+    def _reason(self, rule: CompiledRule, call: ToolCall, facts: dict[str, Any], now: datetime) -> str:
+        if not rule.reason.paths:
+            return rule.reason.source
+        activation = _full_activation(call, facts, now, self.vars)
+        if any(p.startswith("args") for p in rule.reason.paths):
+            activation["args"] = redact(call.arguments, facts)  # reasons go to chat and the ledger
+        return rule.reason.render(activation)
+
+    def _combine(self, matches: list[_Match], facts: dict[str, Any]) -> Decision:
+        matched = tuple(
+            MatchedRule(id=m.rule.id, outcome=m.rule.outcome, risk=m.rule.risk, reason=m.reason) for m in matches
+        )
+        if matches:
+            outcome: Outcome = max((m.rule.outcome for m in matches), key=OUTCOME_ORDER.__getitem__)
+            risk: RiskLevel = max((m.rule.risk for m in matches), key=RISK_ORDER.__getitem__)
+            winners = [m for m in matches if m.rule.outcome == outcome]
+            reason = "; ".join(dict.fromkeys(m.reason for m in winners))
+            specs = [m.rule.review or self.default_review for m in winners]
+        else:
+            outcome, risk = self.default_outcome, self.default_risk
+            reason = f"no rule matched: the policy default is {outcome}"
+            specs = [self.default_review]
+        if facts.get("annotations", {}).get("destructive") is True and RISK_ORDER[risk] < RISK_ORDER["high"]:
+            risk = "high"
+        return Decision(
+            outcome=outcome,
+            risk=risk,
+            reason=reason,
+            rules=matched,
+            review=combine_reviews(specs) if outcome == "review" else None,
+            policy_digest=self.digest,
+            facts=facts,
+        )
+
+
+def complete_facts(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """`facts` with every family present (given values win over the defaults, one level deep)."""
+    out: dict[str, Any] = {}
+    for key, default in FACT_SHAPE.items():
+        given = facts.get(key, default)
+        if given is not default and type(default) is dict and isinstance(given, (dict, Mapping)):
+            out[key] = {**default, **given}
+        else:
+            out[key] = given
+    for key, value in facts.items():
+        if key not in out:
+            out[key] = value
+    return out
+
+
+def _full_activation(
+    call: ToolCall, facts: dict[str, Any], now: datetime, variables: Mapping[str, Any]
+) -> dict[str, Any]:
+    annotations = facts.get("annotations")
+    return {
+        "tool": call.tool,
+        "args": call.arguments,
+        "facts": facts,
+        "principal": call.principal,
+        "model": call.model or "",
+        "on_behalf_of": call.on_behalf_of or "",
+        "client": call.client or "",
+        "session": call.session or "",
+        "annotations": annotations if isinstance(annotations, Mapping) else normalise_annotations(call.annotations),
+        "time": now,
+        "vars": variables,
+    }
+
+
+def combine_reviews(specs: list[ReviewSpec]) -> ReviewSpec:
+    """Several review rules at once: every rule's approver groups must be satisfied (AND; each rule is a
+    separate `requirement`, so one person may count toward each), the shortest timeout, a reason if
+    any asks for one, every channel and escalation."""
+    if len(specs) == 1:
+        return specs[0]
+    # Each rule's approver groups stay one requirement of their own: every requirement must be met
+    # (AND across rules), and within one requirement distinct people fill the slots.
+    groups: dict[tuple[str, str, tuple[str, ...]], ApproverGroup] = {}
+    for i, spec in enumerate(specs):
+        for g in spec.groups:
+            labelled = g.model_copy(update={"requirement": g.requirement or f"r{i}"})
+            groups[(labelled.requirement, g.name, g.members)] = labelled
+    escalations: dict[tuple[float, tuple[str, ...], tuple[str, ...]], Escalation] = {}
+    for spec in specs:
+        for e in spec.escalation:
+            escalations.setdefault((e.after_s, e.notify, e.channels), e)
+    return ReviewSpec(
+        groups=tuple(groups.values()),
+        timeout_s=min(s.timeout_s for s in specs),
+        require_reason=any(s.require_reason for s in specs),
+        channels=tuple(dict.fromkeys(c for s in specs for c in s.channels)),
+        escalation=tuple(escalations[k] for k in sorted(escalations)),
+    )
+
+
+def _note(trace: dict[int, dict[str, Any]] | None, rule: CompiledRule, matched: bool, why: str) -> None:
+    if trace is not None:
+        trace[rule.index] = {"considered": True, "matched": matched, "why": why}
+
+
+def _error_text(e: Exception) -> str:
+    if isinstance(e, KeyError):
+        return f"no such key {e.args[0]!r}" if e.args else "no such key"
+    text = str(e).split(". CEL does not coerce")[0]
+    return f"{type(e).__name__}: {text}"[:300]

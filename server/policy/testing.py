@@ -1,0 +1,228 @@
+"""Policy test cases: a YAML file beside the policy that pins what it decides for real calls.
+
+```yaml
+policy: default.yaml                  # relative to this file
+context:                              # optional: what the classifiers know about keyturn
+  roots: [/srv/agent]
+  keyturn_paths: [/var/lib/keyturn/keyturn.db]
+  keyturn_urls: ["http://127.0.0.1:8765"]
+cases:
+  - name: a plain SELECT runs without asking
+    tool: sql_query
+    args: {query: "SELECT * FROM orders WHERE id = 1"}
+    expect: {outcome: allow, risk: low, rules: [sql-read]}   # rules: ids that must be among the matches
+```
+Facts are extracted with the classifiers of the shipped tools (`KNOWN_TOOL_CLASSIFIERS`) unless a
+case gives its own `classifiers:`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from server.canonical import args_hash
+from server.classify import ClassifyContext, extract_facts
+from server.errors import ClassifierError, PolicyError
+from server.models import Decision, Outcome, RiskLevel, ToolCall
+from server.policy.engine import CompiledPolicy
+from server.policy.loader import load_policy, read_yaml
+
+KNOWN_TOOL_CLASSIFIERS: dict[str, dict[str, str]] = {
+    "sql_query": {"query": "sql"},
+    "sql_execute": {"statement": "sql"},
+    "sql_export": {"query": "sql", "path": "path"},
+    "shell_run": {"command": "shell", "argv": "argv", "cwd": "path"},
+    "files_read": {"path": "path"},
+    "files_write": {"path": "path"},
+    "files_move": {"source": "path", "destination": "path"},
+    "files_delete": {"path": "path"},
+    "http_request": {"url": "url"},
+    "secrets_rotate": {"value": "secret"},
+    "secrets_metadata": {},
+    "secrets_read": {},
+    "keyturn_status": {},
+    "keyturn_cancel": {},
+}
+KNOWN_TOOL_ANNOTATIONS: dict[str, dict[str, Any]] = {
+    "sql_query": {"readOnlyHint": True},
+    "sql_execute": {"readOnlyHint": False, "destructiveHint": False},
+    "sql_export": {"readOnlyHint": False},
+    "shell_run": {"readOnlyHint": False, "openWorldHint": True},
+    "files_read": {"readOnlyHint": True},
+    "files_write": {"readOnlyHint": False},
+    "files_move": {"readOnlyHint": False},
+    "files_delete": {"readOnlyHint": False, "destructiveHint": True},
+    "http_request": {"readOnlyHint": False, "openWorldHint": True},
+    "secrets_rotate": {"readOnlyHint": False},
+    "secrets_metadata": {"readOnlyHint": True},
+    "secrets_read": {"readOnlyHint": True},
+    "keyturn_status": {"readOnlyHint": True},
+    "keyturn_cancel": {"readOnlyHint": False},
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Expect(_Strict):
+    outcome: Outcome
+    risk: RiskLevel | None = None
+    rules: tuple[str, ...] | None = None  # must all be among the matched rules
+    not_rules: tuple[str, ...] = ()  # must not match
+    quorum: int | None = None  # distinct approvals needed (review only): the largest requirement's total
+    require_reason: bool | None = None
+    reason_contains: str | None = None
+
+
+class Case(_Strict):
+    name: str
+    tool: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    principal: str = "agent"
+    model: str | None = None
+    classifiers: dict[str, str] | None = None
+    annotations: dict[str, Any] | None = None
+    expect: Expect
+
+
+class SuiteContext(_Strict):
+    roots: tuple[str, ...] = ()
+    keyturn_paths: tuple[str, ...] = ()
+    keyturn_urls: tuple[str, ...] = ()
+    sql_dialect: str | None = None
+
+
+class Suite(_Strict):
+    policy: str
+    context: SuiteContext = SuiteContext()
+    cases: tuple[Case, ...]
+
+
+@dataclass
+class CaseResult:
+    name: str
+    line: int | None
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+    decision: Decision | None = None
+
+
+@dataclass
+class SuiteResult:
+    path: Path
+    policy: Path
+    results: list[CaseResult]
+
+    @property
+    def failed(self) -> list[CaseResult]:
+        return [r for r in self.results if not r.passed]
+
+
+def call_for(tool: str, args: dict[str, Any], principal: str = "agent", model: str | None = None,
+             annotations: Mapping[str, Any] | None = None) -> ToolCall:  # fmt: skip
+    """A ToolCall as the gate would build it, for tests and `policy explain`."""
+    return ToolCall(
+        call_id="policy-test",
+        tool=tool,
+        arguments=args,
+        args_hash=args_hash(args),
+        principal=principal,
+        model=model,
+        annotations=dict(annotations if annotations is not None else KNOWN_TOOL_ANNOTATIONS.get(tool, {})),
+    )
+
+
+def run_case(policy: CompiledPolicy, case: Case, ctx: ClassifyContext, *, now: datetime | None = None) -> CaseResult:
+    classifiers = case.classifiers if case.classifiers is not None else KNOWN_TOOL_CLASSIFIERS.get(case.tool, {})
+    call = call_for(case.tool, case.args, case.principal, case.model, case.annotations)
+    try:
+        facts = extract_facts(call.tool, call.arguments, classifiers, call.annotations, ctx)
+    except ClassifierError as e:
+        return CaseResult(case.name, None, False, [f"classifier error: {e}"])
+    decision = policy.decide(call, facts, now=now)
+    return CaseResult(case.name, None, not (failures := check(decision, case.expect)), failures, decision)
+
+
+def check(decision: Decision, expect: Expect) -> list[str]:
+    failures = []
+    matched = [r.id for r in decision.rules]
+    if decision.outcome != expect.outcome:
+        failures.append(f"expected outcome {expect.outcome}, got {decision.outcome} ({decision.reason})")
+    if expect.risk is not None and decision.risk != expect.risk:
+        failures.append(f"expected risk {expect.risk}, got {decision.risk}")
+    for rule in expect.rules or ():
+        if rule not in matched:
+            failures.append(f"expected rule {rule!r} to match; matched: {matched or 'none'}")
+    for rule in expect.not_rules:
+        if rule in matched:
+            failures.append(f"expected rule {rule!r} not to match")
+    if expect.quorum is not None:
+        total = approvals_needed(decision)
+        if total != expect.quorum:
+            failures.append(f"expected quorum {expect.quorum}, got {total}")
+    if expect.require_reason is not None:
+        got = bool(decision.review and decision.review.require_reason)
+        if got != expect.require_reason:
+            failures.append(f"expected require_reason {expect.require_reason}, got {got}")
+    if expect.reason_contains is not None and expect.reason_contains not in decision.reason:
+        failures.append(f"expected the reason to contain {expect.reason_contains!r}: {decision.reason!r}")
+    return failures
+
+
+def approvals_needed(decision: Decision) -> int:
+    """Distinct approvals a review needs at least: groups of one requirement add up; requirements overlap."""
+    if decision.review is None:
+        return 0
+    totals: dict[str, int] = {}
+    for g in decision.review.groups:
+        totals[g.requirement] = totals.get(g.requirement, 0) + g.quorum
+    return max(totals.values(), default=0)
+
+
+def load_suite(path: Path) -> tuple[Suite, dict[tuple[str | int, ...], int]]:
+    """Parse a test file. Raises PolicyError naming the file and line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise PolicyError(f"cannot read the test file: {e.strerror or e}", file=str(path)) from e
+    raw, lines = read_yaml(text, str(path))
+    try:
+        return Suite.model_validate(raw), lines
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(err["loc"])
+        line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
+        where = ".".join(str(p) for p in loc)
+        raise PolicyError(f"{where}: {err['msg']}", file=str(path), line=line) from None
+
+
+def run_suite(path: Path, *, now: datetime | None = None) -> SuiteResult:
+    """Load the suite and its policy, run every case. Raises PolicyError if either does not load."""
+    suite, lines = load_suite(path)
+    base = Path(path).resolve().parent
+    policy_path = (base / suite.policy).resolve()
+    policy = load_policy(policy_path)
+    ctx = ClassifyContext(
+        keyturn_paths=tuple(_path(base, p) for p in suite.context.keyturn_paths),
+        keyturn_urls=suite.context.keyturn_urls,
+        roots=tuple(_path(base, p) for p in suite.context.roots),
+        sql_dialect=suite.context.sql_dialect,
+    )
+    results = []
+    for i, case in enumerate(suite.cases):
+        result = run_case(policy, case, ctx, now=now)
+        result.line = lines.get(("cases", i))
+        results.append(result)
+    return SuiteResult(Path(path), policy_path, results)
+
+
+def _path(base: Path, p: str) -> Path:
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else base / path

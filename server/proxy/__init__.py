@@ -1,0 +1,29 @@
+"""Proxy mode: keyturn in front of existing MCP servers (stdio or streamable HTTP), each of whose tools
+becomes a guarded tool with the same name, description, input schema and annotations.
+
+    keyturn proxy -- mcp-server-git
+    keyturn proxy --upstream-url https://mcp.example.com/mcp --header 'Authorization: Bearer ...'
+
+config.py    the `proxy:` section: upstreams, prefixes, classifiers, timeouts
+upstream.py  one upstream connection: supervised, restarted with backoff, calls with a timeout
+tools.py     an upstream tool as a gate `Runnable`: schema validation, classifiers, forwarding
+source.py    all upstreams' tools under their exposed names; `running_proxy` attaches them to a Keyturn
+"""
+
+from server.proxy.config import BUILTIN_CLASSIFIERS, ProxyConfig, UpstreamConfig, parse_header, parse_proxy_config
+from server.proxy.source import Proxy, running_proxy
+from server.proxy.tools import UpstreamTool, classifiers_for
+from server.proxy.upstream import Upstream
+
+__all__ = [
+    "BUILTIN_CLASSIFIERS",
+    "Proxy",
+    "ProxyConfig",
+    "Upstream",
+    "UpstreamConfig",
+    "UpstreamTool",
+    "classifiers_for",
+    "parse_header",
+    "parse_proxy_config",
+    "running_proxy",
+]

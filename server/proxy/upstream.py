@@ -1,0 +1,332 @@
+"""One upstream MCP server: its connection, kept alive, its tools, and the calls keyturn forwards to it.
+
+A stdio upstream that exits is restarted with backoff; an HTTP upstream that stops answering is reconnected.
+A call never waits forever: it fails after `call_timeout`, and the upstream is then probed (its tools re-listed)
+and restarted if it does not answer. While an upstream is down, calls wait up to `reconnect_wait` for it and
+then fail with a `ToolError` that says so: nothing is ever delivered outside the gate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from types import TracebackType
+from typing import Any, Literal
+
+import anyio
+import mcp_types as types
+from mcp import Client, StdioServerParameters
+from mcp.client._transport import ReadStream, Transport, TransportStreams
+from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+from mcp.shared.dispatcher import ProgressFnT
+from mcp.shared.exceptions import MCPError
+from mcp.shared.message import SessionMessage
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+
+from server.errors import ConfigError, ToolError
+from server.gate import ProgressFn
+from server.proxy.config import ProxyConfig, UpstreamConfig, substitute_env
+
+log = logging.getLogger(__name__)
+
+State = Literal["starting", "up", "down"]
+CLIENT_INFO = types.Implementation(name="keyturn-proxy", version="0.1.0")
+_LISTED_PAGES_MAX = 100
+# Failures of a first attempt that retrying cannot fix: keyturn refuses to start instead.
+_FATAL_AT_START = (FileNotFoundError, PermissionError, NotADirectoryError, ConfigError)
+
+
+class Upstream:
+    """A supervised connection to one upstream server. Run `supervise()` in a task; `call()` from anywhere."""
+
+    def __init__(self, config: UpstreamConfig, proxy: ProxyConfig, environ: Mapping[str, str],
+                 on_tools: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.settings = proxy
+        self.call_timeout = config.call_timeout or proxy.call_timeout
+        self.tools: dict[str, types.Tool] = {}  # by the upstream's own names; kept while down
+        self.server_name: str | None = None  # as the server names itself in initialize / discover
+        self.state: State = "starting"
+        self.last_error: str | None = None
+        self.restarts = 0
+        self.tried = anyio.Event()  # the first attempt to connect has finished, either way
+        self.spawn_error: Exception | None = None  # the first attempt could not even start the command
+        self._environ = dict(environ)
+        self._on_tools = on_tools
+        self._client: Client | None = None
+        self._changed = anyio.Event()  # set (and replaced) on every state change
+        self._lost = anyio.Event()
+        self._lost_reason = ""
+        self._relist = anyio.Event()
+
+    def __repr__(self) -> str:
+        return f"Upstream({self.name!r}, {self.config.transport}, {self.state})"
+
+    # -- calls -------------------------------------------------------------------------------------
+
+    async def call(
+        self, tool: str, arguments: dict[str, Any], progress: ProgressFn | None = None
+    ) -> types.CallToolResult:
+        """Forward one call with exactly `arguments`. A delivery failure raises `ToolError`; the upstream's own
+        errors (an `isError` result, or a JSON-RPC error) come back as an error result with its message."""
+        client = await self._wait_up()
+        if client is None:
+            raise ToolError(f"upstream {self.name!r} is not available ({self.last_error or 'still starting'}); "
+                            f"{tool} was not delivered")
+        relay: ProgressFnT | None = None
+        if progress is not None:
+            report = progress
+
+            async def relay(progress: float, total: float | None, message: str | None) -> None:
+                try:
+                    await report(progress, total, message)
+                except Exception as e:  # the caller went away: the call goes on, unreported
+                    log.debug("upstream %s: progress not forwarded: %s", self.name, e)
+
+        try:
+            with anyio.fail_after(self.call_timeout):
+                return await client.call_tool(tool, arguments, progress_callback=relay)
+        except TimeoutError:
+            self._relist.set()  # hung, or just slow? A probe that gets no answer restarts it.
+            raise ToolError(f"upstream {self.name!r} did not answer {tool} within {self.call_timeout:g}s; "
+                            "it may or may not have acted") from None
+        except MCPError as e:
+            if e.code != types.CONNECTION_CLOSED:
+                text = f"{e.message} (upstream {self.name!r}, error {e.code})"
+                return types.CallToolResult(content=[types.TextContent(type="text", text=text)], is_error=True)
+            self.lose(f"the connection closed during {tool}")
+            raise ToolError(f"upstream {self.name!r} went away during {tool} (it crashed or disconnected); "
+                            "it may or may not have acted") from e
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream) as e:
+            self.lose(f"the connection broke during {tool}")
+            raise ToolError(f"upstream {self.name!r} is not connected; {tool} was not delivered") from e
+        except Exception as e:
+            raise ToolError(f"upstream {self.name!r}: {tool} failed: {type(e).__name__}: {e}") from e
+
+    def lose(self, reason: str) -> None:
+        """Drop the connection (the supervisor then restarts or reconnects it)."""
+        if not self._lost.is_set():
+            self._lost_reason = reason
+            self._lost.set()
+
+    async def _wait_up(self) -> Client | None:
+        with anyio.move_on_after(self.settings.reconnect_wait):
+            while self._client is None:
+                await self._changed.wait()
+        return self._client
+
+    def _set_state(self, state: State, error: str | None = None) -> None:
+        self.state, self.last_error = state, error
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    # -- the supervisor ----------------------------------------------------------------------------
+
+    async def supervise(self) -> None:
+        """Connect, serve until the connection is lost, back off, reconnect: for as long as keyturn runs."""
+        delay = self.settings.restart_backoff
+        while True:
+            started = time.monotonic()
+            try:
+                await self._connection()
+                reason = self._lost_reason or "the connection ended"
+            except Exception as e:  # a broken upstream never takes keyturn down
+                e = _unwrap(e)
+                reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                if isinstance(e, _FATAL_AT_START) and not self.tried.is_set():
+                    self.spawn_error = e
+            self._client = None
+            self._set_state("down", reason)
+            self.tried.set()
+            if time.monotonic() - started > self.settings.restart_backoff_max:
+                delay = self.settings.restart_backoff  # it ran fine for a while: not a crash loop
+            log.warning("upstream %s is down (%s); %s in %.1fs", self.name, reason,
+                        "restarting" if self.config.command else "reconnecting", delay)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, self.settings.restart_backoff_max)
+            self.restarts += 1
+
+    async def _connection(self) -> None:
+        self._lost, self._lost_reason, self._relist = anyio.Event(), "", anyio.Event()
+        with anyio.CancelScope(deadline=anyio.current_time() + self.settings.connect_timeout) as connecting:
+            async with AsyncExitStack() as stack:
+                transport = await self._transport(stack)
+                client = Client(_Watched(transport, self.lose), cache=None, client_info=CLIENT_INFO,
+                                message_handler=self._on_message)
+                await stack.enter_async_context(client)
+                tools = await self._list_tools(client)
+                connecting.deadline = math.inf
+                info = client.server_info
+                self.server_name = info.name if info is not None else None
+                self._client = client
+                self._set_state("up")
+                self.tried.set()
+                log.info("upstream %s is up (%s, %d tools)", self.name, self.server_name, len(tools))
+                await self._update_tools(tools)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._relister, client)
+                    if self.settings.health_interval:
+                        tg.start_soon(self._health, self.settings.health_interval)
+                    caps = client.server_capabilities
+                    if client.protocol_version in MODERN_PROTOCOL_VERSIONS and caps.tools and caps.tools.list_changed:
+                        tg.start_soon(self._listen, client)
+                    await self._lost.wait()
+                    self._client = None
+                    tg.cancel_scope.cancel()
+        if connecting.cancelled_caught:
+            raise TimeoutError(f"no answer within {self.settings.connect_timeout:g}s")
+
+    async def _transport(self, stack: AsyncExitStack) -> Transport:
+        c = self.config
+        where = f"upstream {c.name!r}"
+        if c.command is not None:
+            env = {k: v for k, v in self._environ.items() if not k.startswith("KEYTURN_")} if c.inherit_env else {}
+            env.update({k: substitute_env(v, self._environ, f"{where}, env {k}") for k, v in c.env.items()})
+            return stdio_client(StdioServerParameters(command=c.command, args=list(c.args), env=env, cwd=c.cwd))
+        assert c.url is not None
+        headers = {k: substitute_env(v, self._environ, f"{where}, header {k}") for k, v in c.headers.items()}
+        http = await stack.enter_async_context(create_mcp_http_client(headers=headers))
+        return streamable_http_client(c.url, http_client=http)
+
+    async def _list_tools(self, client: Client) -> dict[str, types.Tool]:
+        tools: dict[str, types.Tool] = {}
+        cursor: str | None = None
+        for _ in range(_LISTED_PAGES_MAX):
+            page = await client.list_tools(cursor=cursor)
+            tools.update((t.name, t) for t in page.tools)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        return tools
+
+    async def _update_tools(self, tools: dict[str, types.Tool]) -> None:
+        if _dump(tools) == _dump(self.tools):
+            return
+        self.tools = tools
+        if self._on_tools is not None:
+            await self._on_tools()
+
+    async def _relister(self, client: Client) -> None:
+        """Re-list on `tools/list_changed`, on a health tick, or after a call timed out; no answer drops it."""
+        while True:
+            await self._relist.wait()
+            self._relist = anyio.Event()
+            try:
+                with anyio.fail_after(self.settings.connect_timeout):
+                    tools = await self._list_tools(client)
+            except Exception as e:
+                self.lose(f"it did not answer tools/list ({type(e).__name__}: {e})")
+                return
+            await self._update_tools(tools)
+
+    async def _health(self, interval: float) -> None:
+        while True:
+            await anyio.sleep(interval)
+            self._relist.set()
+
+    async def _listen(self, client: Client) -> None:
+        """2026-era servers announce tool changes only on a `subscriptions/listen` stream."""
+        try:
+            async with client.listen(tools_list_changed=True) as subscription:
+                async for _ in subscription:
+                    self._relist.set()
+        except Exception as e:
+            log.info("upstream %s: not following tool changes: %s", self.name, e)
+
+    async def _on_message(self, message: Any) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            self._relist.set()
+        elif isinstance(message, Exception):
+            log.warning("upstream %s: transport error: %s", self.name, message)
+
+
+def _unwrap(e: Exception) -> Exception:
+    while isinstance(e, ExceptionGroup) and len(e.exceptions) == 1 and isinstance(e.exceptions[0], Exception):
+        e = e.exceptions[0]
+    return e
+
+
+def _dump(tools: dict[str, types.Tool]) -> list[dict[str, Any]]:
+    return [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in tools.values()]
+
+
+class _Watched:
+    """The transport's read stream, reporting its end: a stdio upstream that exits closes its stdout."""
+
+    def __init__(self, transport: Transport, on_end: Callable[[str], None]) -> None:
+        self._transport, self._on_end = transport, on_end
+
+    async def __aenter__(self) -> TransportStreams:
+        read, write = await self._transport.__aenter__()
+        return _EndNotifying(read, self._on_end), write
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool | None:
+        return await self._transport.__aexit__(exc_type, exc, tb)
+
+
+class _EndNotifying:
+    def __init__(self, inner: ReadStream[SessionMessage | Exception], on_end: Callable[[str], None]) -> None:
+        self._inner, self._on_end = inner, on_end
+
+    @property
+    def last_context(self) -> Any:
+        return getattr(self._inner, "last_context", None)
+
+    async def receive(self) -> SessionMessage | Exception:
+        try:
+            return await self._inner.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._on_end("the upstream closed the connection (it exited or disconnected)")
+            raise
+
+    def __aiter__(self) -> _EndNotifying:
+        return self
+
+    async def __anext__(self) -> SessionMessage | Exception:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def __aenter__(self) -> _EndNotifying:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool | None:
+        await self.aclose()
+        return None
+
+
+@asynccontextmanager
+async def supervised(upstreams: list[Upstream], startup_wait: float) -> AsyncIterator[None]:
+    """Run every upstream's supervisor; wait (bounded) for each one's first attempt before yielding.
+
+    An upstream whose command cannot be started at all is a configuration error; any other failure is
+    retried in the background while keyturn serves.
+    """
+    async with anyio.create_task_group() as tg:
+        for upstream in upstreams:
+            tg.start_soon(upstream.supervise)
+        with anyio.move_on_after(startup_wait):
+            for upstream in upstreams:
+                await upstream.tried.wait()
+        try:
+            for upstream in upstreams:
+                if upstream.spawn_error is not None:
+                    raise ConfigError(f"upstream {upstream.name!r} cannot start: {upstream.last_error}")
+                if upstream.state != "up":
+                    log.warning("upstream %s is not up yet (%s); serving without its tools until it is",
+                                upstream.name, upstream.last_error or "still starting")
+            yield
+        finally:
+            tg.cancel_scope.cancel()

@@ -1,0 +1,161 @@
+"""tools.files: real files under temporary roots; escapes are refused before anything runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.errors import ConfigError, InvalidArguments, ToolError
+from server.registry import GuardedTool, ToolRegistry, load_pack
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "root").mkdir()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.txt").write_text("top secret")
+    return tmp_path / "root"
+
+
+@pytest.fixture
+def files(root: Path) -> dict[str, GuardedTool]:
+    reg = ToolRegistry()
+    load_pack("tools.files", reg, {"roots": [str(root)], "max_read_bytes": 100})
+    return {t.name: t for t in reg.list()}
+
+
+def test_declarations(files: dict[str, GuardedTool], root: Path) -> None:
+    assert all(t.roots == (root,) for t in files.values())
+    assert sorted(files) == ["files_delete", "files_move", "files_read", "files_write"]
+    assert files["files_read"].classifiers == {"path": "path"}
+    assert files["files_write"].classifiers == {"path": "path", "content": "size"}
+    assert files["files_move"].classifiers == {"source": "path", "destination": "path"}
+    assert files["files_read"].annotations["readOnlyHint"] is True
+    assert files["files_delete"].annotations["destructiveHint"] is True
+
+
+async def test_write_read_move_delete(files: dict[str, GuardedTool], root: Path) -> None:
+    written = (await files["files_write"].run({"path": "notes/a.txt", "content": "héllo"})).structured_content
+    assert written == {"path": str(root / "notes" / "a.txt"), "bytes": 6, "replaced": False}
+    read = (await files["files_read"].run({"path": "notes/a.txt"})).structured_content
+    assert read == {"path": str(root / "notes" / "a.txt"), "content": "héllo", "size": 6, "truncated": False}
+
+    moved = (await files["files_move"].run({"source": "notes/a.txt", "destination": "b.txt"})).structured_content
+    assert moved == {"source": str(root / "notes" / "a.txt"), "destination": str(root / "b.txt")}
+    assert (root / "b.txt").read_text() == "héllo" and not (root / "notes" / "a.txt").exists()
+
+    assert (await files["files_delete"].run({"path": "b.txt"})).structured_content == {
+        "path": str(root / "b.txt"),
+        "was_directory": False,
+    }
+    assert (await files["files_delete"].run({"path": "notes"})).structured_content["was_directory"] is True
+    assert os.listdir(root) == []
+
+
+async def test_overwrite_only_when_asked(files: dict[str, GuardedTool], root: Path) -> None:
+    (root / "a.txt").write_text("old")
+    with pytest.raises(ToolError, match="File exists"):
+        await files["files_write"].run({"path": "a.txt", "content": "new"})
+    assert (root / "a.txt").read_text() == "old"
+    result = await files["files_write"].run({"path": "a.txt", "content": "new", "overwrite": True})
+    assert result.structured_content["replaced"] is True
+    assert (root / "a.txt").read_text() == "new"
+    assert os.listdir(root) == ["a.txt"]  # no temporary file left behind
+
+
+async def test_read_is_capped_with_its_true_size(files: dict[str, GuardedTool], root: Path) -> None:
+    (root / "big.txt").write_text("y" * 5000)
+    data = (await files["files_read"].run({"path": "big.txt"})).structured_content
+    assert data["content"] == "y" * 100 and data["size"] == 5000 and data["truncated"] is True
+
+
+async def test_move_never_overwrites_and_delete_keeps_full_directories(
+    files: dict[str, GuardedTool], root: Path
+) -> None:
+    (root / "a").write_text("a")
+    (root / "b").write_text("b")
+    with pytest.raises(ToolError, match="already exists"):
+        await files["files_move"].run({"source": "a", "destination": "b"})
+    (root / "d").mkdir()
+    (root / "d" / "f").write_text("f")
+    with pytest.raises(ToolError, match="OSError"):
+        await files["files_delete"].run({"path": "d"})
+    assert (root / "b").read_text() == "b" and (root / "d" / "f").exists()
+
+
+def escape_cases(tmp: Path) -> list[tuple[str, dict[str, Any], str]]:
+    outside = str(tmp / "outside" / "secret.txt")
+    return [
+        ("files_read", {"path": "../outside/secret.txt"}, "path"),
+        ("files_read", {"path": outside}, "path"),
+        ("files_read", {"path": "link-to-secret"}, "path"),
+        ("files_read", {"path": "link-to-outside/secret.txt"}, "path"),
+        ("files_read", {"path": "a/../../outside/secret.txt"}, "path"),
+        ("files_write", {"path": "link-to-outside/new.txt", "content": "x"}, "path"),
+        ("files_write", {"path": "dangling", "content": "x"}, "path"),
+        ("files_write", {"path": "/etc/cron.d/evil", "content": "x"}, "path"),
+        ("files_move", {"source": "inside.txt", "destination": "../outside/moved.txt"}, "destination"),
+        ("files_move", {"source": outside, "destination": "stolen.txt"}, "source"),
+        ("files_delete", {"path": "link-to-secret"}, "path"),
+        ("files_delete", {"path": "."}, "path"),
+        ("files_write", {"path": "", "content": "x"}, "path"),
+        ("files_write", {"path": "a\x00b", "content": "x"}, "path"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(14))
+async def test_escapes_are_refused_in_validate(
+    files: dict[str, GuardedTool], root: Path, tmp_path: Path, case: int
+) -> None:
+    os.symlink(tmp_path / "outside" / "secret.txt", root / "link-to-secret")
+    os.symlink(tmp_path / "outside", root / "link-to-outside")
+    os.symlink(tmp_path / "outside" / "not-yet", root / "dangling")
+    (root / "inside.txt").write_text("inside")
+    tool, arguments, field = escape_cases(tmp_path)[case]
+    with pytest.raises(InvalidArguments) as info:
+        files[tool].validate(arguments)
+    assert info.value.field == field
+    with pytest.raises(InvalidArguments):
+        await files[tool].run(arguments)
+    assert sorted(p.name for p in (tmp_path / "outside").iterdir()) == ["secret.txt"]
+    assert (tmp_path / "outside" / "secret.txt").read_text() == "top secret"
+    assert (root / "inside.txt").exists()
+
+
+async def test_links_that_stay_inside_are_followed(files: dict[str, GuardedTool], root: Path) -> None:
+    (root / "real.txt").write_text("real")
+    os.symlink(root / "real.txt", root / "alias.txt")
+    assert files["files_read"].validate({"path": "alias.txt"}) == {"path": str(root / "real.txt")}
+    assert (await files["files_read"].run({"path": "alias.txt"})).structured_content["content"] == "real"
+
+
+def test_facts_hints(files: dict[str, GuardedTool], root: Path) -> None:
+    (root / "a.txt").write_text("12345")
+    read = files["files_read"]
+    assert read.facts_hint(read.validate({"path": "a.txt"})) == {"file": {"exists": True, "size": 5}}
+    write = files["files_write"]
+    facts = write.facts_hint(write.validate({"path": "b.txt", "content": "é"}))
+    assert facts == {"file": {"exists": False, "write_bytes": 2}}
+
+
+def test_several_roots(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    reg = ToolRegistry()
+    load_pack("tools.files", reg, {"roots": [str(tmp_path / "a"), str(tmp_path / "b")]})
+    tool = reg.get("files_write")
+    assert tool is not None
+    assert tool.validate({"path": str(tmp_path / "b" / "x"), "content": ""})["path"] == str(tmp_path / "b" / "x")
+    assert tool.validate({"path": "x", "content": ""})["path"] == str(tmp_path / "a" / "x")
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [({}, "roots"), ({"roots": []}, "roots"), ({"roots": ["/no/such/dir/kt"]}, "not a directory")],
+)
+def test_roots_are_required(options: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_pack("tools.files", ToolRegistry(), options)

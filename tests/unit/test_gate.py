@@ -1,0 +1,161 @@
+"""The gate fails closed: an error in classification, policy, ledger or a channel never runs the tool."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import mcp_types as types
+import pytest
+
+from server.approvals import ApprovalBroker, ReviewerDirectory
+from server.classify import ClassifyContext
+from server.gate import Gate, Identity
+from server.ledger import Ledger
+from server.models import Event, RequestView, Verdict
+from server.policy import LivePolicy
+from server.registry import guarded_tool
+
+POLICY = """
+version: 1
+default: review
+review: {timeout: 10m, approvers: [{any: true, quorum: 1}]}
+rules:
+  - {id: reads, tool: "read_*", outcome: allow, risk: low, reason: reads run}
+  - {id: writes, tool: "write_*", outcome: review, risk: high, reason: writes are reviewed}
+"""
+
+
+@dataclass
+class Runs:
+    count: int = 0
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[tuple[Gate, Runs, Ledger]]:
+    runs = Runs()
+
+    @guarded_tool(name="read_thing")
+    async def read_thing(key: str) -> str:
+        runs.count += 1
+        return f"value of {key}"
+
+    @guarded_tool(name="write_thing")
+    async def write_thing(key: str) -> str:
+        runs.count += 1
+        return "written"
+
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(POLICY)
+    policy = LivePolicy(policy_file)
+    policy.load()
+    async with Ledger(tmp_path / "ledger.db") as ledger:
+        broker = ApprovalBroker(ledger=ledger, directory=ReviewerDirectory(
+            identities={"api:alice": "alice"}, groups_of={"alice": frozenset()}), poll_interval_s=0.05)
+        gate = Gate(ledger=ledger, broker=broker, policy=policy, classify_context=ClassifyContext(),
+                    progress_interval_s=0.2)
+        gate.tools = {"read_thing": read_thing, "write_thing": write_thing}  # type: ignore[attr-defined]
+        yield gate, runs, ledger
+
+
+AGENT = Identity(principal="agent")
+
+
+async def terminal_kinds(ledger: Ledger) -> list[str]:
+    terminal = {"executed", "failed", "denied", "expired", "cancelled", "abandoned"}
+    return [e.kind for e in await ledger.tail(1000) if e.kind in terminal]
+
+
+async def test_an_allowed_call_runs(world: tuple[Gate, Runs, Ledger]) -> None:
+    gate, runs, ledger = world
+    result = await gate.call(gate.tools["read_thing"], {"key": "a"}, AGENT)  # type: ignore[attr-defined]
+    assert not result.is_error and runs.count == 1
+    assert await terminal_kinds(ledger) == ["executed"]
+
+
+async def test_a_classifier_failure_denies_and_never_runs(world: tuple[Gate, Runs, Ledger]) -> None:
+    gate, runs, ledger = world
+
+    class Misconfigured:
+        """An upstream tool whose configured classifier kind does not exist."""
+
+        name = "read_upstream"
+        annotations: dict[str, Any] = {}
+        classifiers = {"key": "no-such-kind"}
+
+        def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
+            return arguments
+
+        async def run(self, arguments: dict[str, Any]) -> types.CallToolResult:
+            runs.count += 1
+            return types.CallToolResult(content=[])
+
+    result = await gate.call(Misconfigured(), {"key": "a"}, AGENT)
+    assert result.is_error and "could not evaluate" in result.content[0].text  # type: ignore[union-attr]
+    assert runs.count == 0
+    assert await terminal_kinds(ledger) == ["denied"]
+
+
+async def test_arguments_that_are_not_plain_json_are_refused(world: tuple[Gate, Runs, Ledger]) -> None:
+    gate, runs, ledger = world
+    result = await gate.call(gate.tools["read_thing"], {"key": float("nan")}, AGENT)  # type: ignore[attr-defined]
+    assert result.is_error and runs.count == 0
+
+
+async def test_a_ledger_that_cannot_write_stops_the_call(world: tuple[Gate, Runs, Ledger]) -> None:
+    gate, runs, ledger = world
+    await ledger._run(lambda conn: conn.execute("PRAGMA query_only = ON"))
+    result = await gate.call(gate.tools["read_thing"], {"key": "a"}, AGENT)  # type: ignore[attr-defined]
+    assert result.is_error and "did not run" in result.content[0].text  # type: ignore[union-attr]
+    assert runs.count == 0
+
+
+async def test_a_failing_channel_neither_blocks_nor_approves(world: tuple[Gate, Runs, Ledger]) -> None:
+    gate, runs, ledger = world
+
+    class BrokenChannel:
+        name = "broken"
+
+        async def request_opened(self, request: RequestView) -> None:
+            raise ConnectionError("chat API is down")
+
+        async def request_changed(self, request: RequestView, event: Event) -> None:
+            raise ConnectionError("chat API is down")
+
+    gate.broker.notifiers.append(BrokenChannel())
+    results = []
+
+    async def agent() -> None:
+        results.append(await gate.call(gate.tools["write_thing"], {"key": "k"}, AGENT))  # type: ignore[attr-defined]
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(agent)
+        with anyio.fail_after(10):
+            while not (pending := await ledger.list_calls(("pending",))):
+                await anyio.sleep(0.02)
+        kinds = [e.kind for e in await ledger.events(pending[0].id)]
+        assert "notify.failed" in kinds and runs.count == 0
+        await gate.broker.decide(Verdict(request_id=pending[0].id, reviewer="api:alice", verdict="approve"))
+    assert not results[0].is_error and runs.count == 1
+    assert await terminal_kinds(ledger) == ["executed"]
+
+
+async def test_the_requester_identity_can_never_approve(world: tuple[Gate, Runs, Ledger]) -> None:
+    gate, runs, ledger = world
+    from server.errors import ApprovalRejected
+
+    alice_agent = Identity(principal="alice-bot", on_behalf_of="alice")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(gate.call, gate.tools["write_thing"], {"key": "k"}, alice_agent)  # type: ignore[attr-defined]
+        with anyio.fail_after(10):
+            while not (pending := await ledger.list_calls(("pending",))):
+                await anyio.sleep(0.02)
+        with pytest.raises(ApprovalRejected) as refused:
+            await gate.broker.decide(Verdict(request_id=pending[0].id, reviewer="api:alice", verdict="approve"))
+        assert refused.value.code == "self_approval"
+        assert await gate.broker.cancel(pending[0].id, "alice-bot", "never mind")
+    assert runs.count == 0
+    assert await terminal_kinds(ledger) == ["cancelled"]

@@ -1,0 +1,177 @@
+"""The files pack: read, write, move and delete files inside configured roots, and nowhere else.
+
+Options (`tools: [{module: tools.files, options: {...}}]`):
+  roots           directories the tools may touch (required). Relative roots are relative to the process's cwd;
+                  a relative `path` argument is relative to the first root.
+  max_read_bytes  bytes `files_read` returns at most (default 1 MiB); the true size is reported.
+
+Every path argument is resolved (symlinks followed) by `validate`, before any policy runs, and a path that lands
+outside the roots is refused. The validated arguments carry the resolved paths, so the reviewer sees the real
+target. Writes never follow a symlink at the final component.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+from pydantic import Field
+from typing_extensions import TypedDict
+
+from server.errors import InvalidArguments
+from server.registry import GuardedTool, ToolRegistry, guarded_tool
+from tools._common import PackOptions, cap_text, open_new, parse_options, real_roots, resolve_inside
+
+PACK = "tools.files"
+
+
+class FilesOptions(PackOptions):
+    roots: list[str] = Field(min_length=1)
+    max_read_bytes: int = Field(1_048_576, ge=0)
+
+
+class ReadResult(TypedDict):
+    path: str
+    content: str
+    size: int
+    truncated: bool
+
+
+class WriteResult(TypedDict):
+    path: str
+    bytes: int
+    replaced: bool
+
+
+class MoveResult(TypedDict):
+    source: str
+    destination: str
+
+
+class DeleteResult(TypedDict):
+    path: str
+    was_directory: bool
+
+
+def _read(path: Path, limit: int) -> ReadResult:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with open(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        content, truncated = cap_text(f.read(limit + 1), limit)
+    return {"path": str(path), "content": content, "size": size, "truncated": truncated}
+
+
+def _write(path: Path, content: str, overwrite: bool) -> WriteResult:
+    data = content.encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replaced = path.exists()
+    if not overwrite:
+        with open_new(path, "wb", encoding=None) as f:  # refuses an existing file, and any symlink
+            f.write(data)
+        return {"path": str(path), "bytes": len(data), "replaced": False}
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory")
+    # Write beside, then rename over: a reader never sees half a file, and a symlink is replaced, not followed.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return {"path": str(path), "bytes": len(data), "replaced": replaced}
+
+
+def _move(source: Path, destination: Path) -> MoveResult:
+    if destination.exists() or destination.is_symlink():
+        raise FileExistsError(f"{destination} already exists")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(source, destination)
+    return {"source": str(source), "destination": str(destination)}
+
+
+def _delete(path: Path) -> DeleteResult:
+    if path.is_dir():
+        path.rmdir()  # empty directories only: a recursive delete is not one call's worth of approval
+        return {"path": str(path), "was_directory": True}
+    path.unlink()
+    return {"path": str(path), "was_directory": False}
+
+
+def build_tools(opts: FilesOptions) -> list[GuardedTool]:
+    roots = real_roots(opts.roots)
+
+    def inside(tool: str, args: dict[str, Any], *fields: str) -> dict[str, Any]:
+        out = dict(args)
+        for field in fields:
+            real = resolve_inside(args[field], roots, tool=tool, field=field)
+            if real in roots and tool != "files_read":
+                raise InvalidArguments(f"{tool}: argument {field!r} is a root itself", tool=tool, field=field)
+            out[field] = str(real)
+        return out
+
+    @guarded_tool(classifiers={"path": "path"}, annotations={"readOnlyHint": True, "openWorldHint": False}, roots=roots)
+    async def files_read(path: str) -> ReadResult:
+        """Read a text file (UTF-8; undecodable bytes replaced), up to the configured size."""
+        return await anyio.to_thread.run_sync(_read, Path(path), opts.max_read_bytes)
+
+    @guarded_tool(
+        classifiers={"path": "path", "content": "size"},
+        annotations={"readOnlyHint": False, "destructiveHint": True, "openWorldHint": False},
+        roots=roots,
+    )
+    async def files_write(path: str, content: str, overwrite: bool = False) -> WriteResult:
+        """Write text to a file, creating parent directories. An existing file is replaced only with `overwrite`."""
+        return await anyio.to_thread.run_sync(_write, Path(path), content, overwrite)
+
+    @guarded_tool(
+        classifiers={"source": "path", "destination": "path"},
+        annotations={"readOnlyHint": False, "destructiveHint": True, "openWorldHint": False},
+        roots=roots,
+    )
+    async def files_move(source: str, destination: str) -> MoveResult:
+        """Move or rename a file or directory. The destination must not exist."""
+        return await anyio.to_thread.run_sync(_move, Path(source), Path(destination))
+
+    @guarded_tool(
+        classifiers={"path": "path"},
+        annotations={"readOnlyHint": False, "destructiveHint": True, "openWorldHint": False},
+        roots=roots,
+    )
+    async def files_delete(path: str) -> DeleteResult:
+        """Delete a file or an empty directory."""
+        return await anyio.to_thread.run_sync(_delete, Path(path))
+
+    files_read.check(lambda a: inside("files_read", a, "path"))
+    files_write.check(lambda a: inside("files_write", a, "path"))
+    files_move.check(lambda a: inside("files_move", a, "source", "destination"))
+    files_delete.check(lambda a: inside("files_delete", a, "path"))
+
+    @files_read.hint
+    def _read_facts(args: dict[str, Any]) -> dict[str, Any]:
+        p = Path(args["path"])
+        return {"file": {"exists": p.exists(), "size": p.stat().st_size if p.is_file() else None}}
+
+    @files_write.hint
+    def _write_facts(args: dict[str, Any]) -> dict[str, Any]:
+        p = Path(args["path"])
+        return {"file": {"exists": p.exists(), "write_bytes": len(args["content"].encode("utf-8"))}}
+
+    return [files_read, files_write, files_move, files_delete]
+
+
+def register(registry: ToolRegistry, options: Mapping[str, Any]) -> None:
+    opts = parse_options(FilesOptions, options, PACK)
+    for root in real_roots(opts.roots):
+        if not root.is_dir():
+            raise ValueError(f"roots: {root} is not a directory")
+    for tool in build_tools(opts):
+        registry.add(tool)
