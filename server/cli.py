@@ -400,8 +400,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyturnError as e:
         print(f"keyturn: {e}", file=sys.stderr)
         return 2
+    except BaseExceptionGroup as group:  # raised inside `running()`, whose task group wraps it
+        ours, rest = group.split(KeyturnError)
+        if ours is None or rest is not None:
+            raise
+        for error in _leaves(ours):
+            print(f"keyturn: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    return [leaf for e in group.exceptions
+            for leaf in (_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])]
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import mcp_types as types
 
 from server.approvals import ApprovalBroker
 from server.canonical import args_hash, canonical_json, sha256_hex
-from server.classify import ClassifyContext, extract_facts, redact
+from server.classify import REDACTED, ClassifyContext, extract_facts, redact
 from server.errors import InvalidArguments, LedgerError
 from server.models import Decision, RequestView, ToolCall
 from server.policy import LivePolicy
@@ -69,6 +69,48 @@ def result_digest(result: types.CallToolResult) -> str:
     return sha256_hex(canonical_json(result.model_dump(mode="json", by_alias=True, exclude_none=True)))
 
 
+def masked_values(original: Any, redacted: Any) -> list[str]:
+    """The strings of `original` that redaction replaced, longest first."""
+    found: set[str] = set()
+
+    def walk(a: Any, b: Any) -> None:
+        if isinstance(a, str) and a != b:
+            if not isinstance(b, str) or b == REDACTED:
+                found.add(a)
+                return
+            # b is a with some spans replaced by REDACTED: recover those spans.
+            pieces, pos = b.split(REDACTED), 0
+            for before, after in zip(pieces, pieces[1:], strict=False):
+                start = a.find(before, pos) + len(before) if before else pos
+                end = a.find(after, start) if after else len(a)
+                if start < 0 or end < start:
+                    found.add(a)
+                    return
+                found.add(a[start:end])
+                pos = end
+        elif isinstance(a, dict) and isinstance(b, dict):
+            for k in a:
+                walk(a[k], b.get(k))
+        elif isinstance(a, list) and isinstance(b, list):
+            for x, y in zip(a, b, strict=False):
+                walk(x, y)
+
+    walk(original, redacted)
+    return sorted((v for v in found if v), key=len, reverse=True)
+
+
+def scrub(value: Any, hidden: list[str]) -> Any:
+    if isinstance(value, str):
+        for secret in hidden:
+            value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {k: scrub(v, hidden) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub(v, hidden) for v in value]
+    return value
+
+
 def describe_rules(decision: Decision) -> str:
     """The rules that carried the decision (the most restrictive outcome), with their reasons."""
     winning = [r for r in decision.rules if r.outcome == decision.outcome]
@@ -114,6 +156,10 @@ class Gate:
                 facts = {**facts, "hints": hints}
             redacted = redact(arguments, facts)
             decision = self.policy.current.decide(call, facts)
+            # Facts and reasons can quote arguments: mask there whatever was masked in the arguments.
+            hidden = masked_values(arguments, redacted)
+            if hidden:
+                decision = Decision.model_validate(scrub(decision.model_dump(), hidden))
         except Exception as e:
             log.exception("classification or policy failed for %s", tool.name)
             return await self._refuse(call, arguments, "error", f"denied: keyturn could not evaluate this call ({e})")

@@ -8,6 +8,7 @@ What it cannot follow is a fact (`unparseable`, `inline_code`, `subshell`), neve
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from dataclasses import dataclass, field
@@ -248,14 +249,19 @@ def _unwrap(argv: list[str], facts: dict[str, Any], depth: int) -> list[str]:
             _script(" ".join(argv[1:]), facts, depth + 1)
             return []
         if program == "find":
+            # `{}` stands for what find finds: everything under its starting points
+            starts = [w for w in itertools.takewhile(lambda w: not w.startswith(("-", "(", "!")), argv[1:])] or ["."]
             for i, word in enumerate(argv):
                 if word in {"-exec", "-execdir", "-ok", "-okdir"} and i + 1 < len(argv):
                     end = next((j for j in range(i + 1, len(argv)) if argv[j] in {";", "+", "\\;"}), len(argv))
                     facts["programs"].append("find")
-                    _pipeline([argv[i + 1 : end]], facts, depth + 1, [])
+                    inner = [w for a in argv[i + 1 : end] for w in (starts if a == "{}" else [a])]
+                    _pipeline([inner], facts, depth + 1, [])
                 if word == "-delete":
                     facts["writes"] = True
                     facts["recursive_delete"] = True
+                    if any(_rootish(s) for s in starts):
+                        facts["dangerous"].append("rm-root")
             return argv
         opts = _WRAPPER_OPTS_WITH_ARG.get(program)
         if opts is None:

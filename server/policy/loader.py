@@ -433,6 +433,8 @@ def _message(err: Any) -> str:
         return f"unknown field {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
     if kind == "missing" and loc:
         return f"missing required field {str(loc[-1])!r}"
+    if kind == "string_type" and isinstance(err.get("input"), bool):
+        return "expected text, got a boolean (YAML reads yes/no/on/off as true/false: quote it)"
     if kind == "literal_error" and loc and loc[-1] == "version":
         return "unsupported policy version (this keyturn reads version: 1)"
     return str(msg).removeprefix("Value error, ")

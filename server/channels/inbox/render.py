@@ -48,7 +48,9 @@ def duration(seconds: float) -> str:
 
 
 def ago(ts: float | None) -> str:
-    return f"{duration(time.time() - ts)} ago" if ts else "—"
+    if not ts:
+        return "—"
+    return "just now" if time.time() - ts < 10 else f"{duration(time.time() - ts)} ago"
 
 
 def time_left(expires: float | None) -> str:

@@ -47,6 +47,8 @@ class Site:
     def page(self, request: Request, name: str, session: Session | None, *, status: int = 200,
              **context: Any) -> HTMLResponse:
         flash = self.sessions.signer.unsign("flash", request.cookies.get(FLASH_COOKIE)) if session else None
+        context.setdefault("error", None)
+        context.setdefault("title", "keyturn")
         html = self.render(
             name, session=session, person=self.person(session), request=request,
             csrf=self.sessions.csrf_token(session) if session else "",

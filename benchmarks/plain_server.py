@@ -1,0 +1,78 @@
+"""The baseline: a plain, unguarded MCP server (the SDK's low-level `Server`) with the same `echo` tool.
+
+    python benchmarks/plain_server.py                 # stdio
+    python benchmarks/plain_server.py --http 127.0.0.1:PORT
+
+It lists the same tool definition keyturn serves (`bench_tools.echo`) and returns the same result
+(text content plus structured content), on the same SDK server class and transports keyturn uses,
+so the difference between the two is what keyturn adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import anyio
+import mcp_types as types
+from mcp.server import Server
+from mcp.server.context import ServerRequestContext
+from mcp.shared.exceptions import MCPError
+
+ECHO = types.Tool(
+    name="echo",
+    description="Return `text` unchanged.",
+    input_schema={"type": "object", "title": "echoArguments", "additionalProperties": False,
+                  "properties": {"text": {"title": "Text", "type": "string"}}, "required": ["text"]},
+    output_schema={"type": "object", "title": "echoOutput",
+                   "properties": {"result": {"title": "Result", "type": "string"}}, "required": ["result"]},
+    annotations=types.ToolAnnotations(read_only_hint=True),
+)
+
+
+async def list_tools(ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+    return types.ListToolsResult(tools=[ECHO])
+
+
+async def call_tool(ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> types.CallToolResult:
+    text = (params.arguments or {}).get("text")
+    if params.name != ECHO.name:
+        raise MCPError(code=types.INVALID_PARAMS, message=f"unknown tool {params.name!r}")
+    if not isinstance(text, str):
+        raise MCPError(code=types.INVALID_PARAMS, message="text must be a string")
+    return types.CallToolResult(content=[types.TextContent(type="text", text=text)],
+                                structured_content={"result": text}, is_error=False)
+
+
+def build() -> Server[Any]:
+    return Server("plain-echo", version="1.0.0", on_list_tools=list_tools, on_call_tool=call_tool)
+
+
+async def serve_stdio() -> None:
+    from mcp.server.stdio import stdio_server
+
+    server = build()
+    async with stdio_server() as (read_stream, write_stream):
+        await server.run(read_stream, write_stream, server.create_initialization_options())
+
+
+async def serve_http(host: str, port: int) -> None:
+    import uvicorn
+
+    app = build().streamable_http_app(streamable_http_path="/mcp", host=host)
+    await uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")).serve()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--http", metavar="HOST:PORT")
+    opts = parser.parse_args()
+    if opts.http:
+        host, _, port = opts.http.rpartition(":")
+        anyio.run(serve_http, host, int(port))
+    else:
+        anyio.run(serve_stdio)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Hot reload: a good edit takes effect, a bad edit is announced and the last good policy stays."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from server.errors import PolicyError
+from server.policy import LivePolicy
+
+V1 = "version: 1\ndefault: review\nrules:\n  - {id: reads, tool: sql_query, outcome: allow, risk: low}\n"
+V2 = V1 + "  - {id: no-shell, tool: shell_run, outcome: deny, risk: high}\n"
+BROKEN = V1 + "  - {id: broken, tool: x, when: 'facts.sql.kinds.all(', outcome: deny}\n"
+
+
+class Events:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, dict[str, Any]]] = []
+        self.arrived = anyio.Event()
+
+    async def __call__(self, kind: str, payload: dict[str, Any]) -> None:
+        self.items.append((kind, payload))
+        self.arrived.set()
+        self.arrived = anyio.Event()
+
+    def kinds(self) -> list[str]:
+        return [k for k, _ in self.items]
+
+
+def write(path: Path, text: str) -> None:
+    path.write_text(text)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a visible change even on coarse clocks
+
+
+@pytest.fixture
+def policy_file(tmp_path: Path) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(V1)
+    return path
+
+
+async def test_a_good_edit_is_loaded_and_announced(policy_file: Path) -> None:
+    events = Events()
+    live = LivePolicy(policy_file, on_event=events)
+    first = live.load()
+    write(policy_file, V2)
+    await live.check_reload()
+    assert live.current is not first and [r.id for r in live.current.rules] == ["reads", "no-shell"]
+    assert events.items == [("policy.loaded", {"digest": live.current.digest, "path": str(policy_file), "rules": 2})]
+
+
+async def test_a_bad_edit_keeps_the_last_good_policy_and_is_announced_once(policy_file: Path) -> None:
+    events = Events()
+    live = LivePolicy(policy_file, on_event=events)
+    good = live.load()
+    write(policy_file, BROKEN)
+    await live.check_reload()
+    await live.check_reload()
+    assert live.current is good
+    assert events.kinds() == ["policy.rejected"]
+    payload = events.items[0][1]
+    assert payload["path"] == str(policy_file)
+    assert "rule 'broken'" in payload["error"] and "field 'when'" in payload["error"] and "line 5" in payload["error"]
+    write(policy_file, V2)
+    await live.check_reload()
+    assert events.kinds() == ["policy.rejected", "policy.loaded"] and len(live.current.rules) == 2
+
+
+async def test_touching_the_file_without_changing_it_announces_nothing(policy_file: Path) -> None:
+    events = Events()
+    live = LivePolicy(policy_file, on_event=events)
+    good = live.load()
+    write(policy_file, V1)
+    await live.check_reload()
+    assert live.current is good and events.items == []
+
+
+async def test_a_deleted_file_keeps_the_last_good_policy(policy_file: Path) -> None:
+    events = Events()
+    live = LivePolicy(policy_file, on_event=events)
+    good = live.load()
+    policy_file.unlink()
+    await live.check_reload()
+    await live.check_reload()
+    assert live.current is good and events.kinds() == ["policy.rejected"]
+    assert "cannot read" in events.items[0][1]["error"]
+
+
+async def test_an_unknown_group_in_an_edit_is_rejected(policy_file: Path) -> None:
+    events = Events()
+    live = LivePolicy(policy_file, groups={"dba": {"alice"}}, people={"alice"}, on_event=events)
+    live.load()
+    write(policy_file, V1 + "  - {id: drop, tool: x, outcome: review, review: {approvers: [{group: dbas}]}}\n")
+    await live.check_reload()
+    assert events.kinds() == ["policy.rejected"] and "unknown approver group 'dbas'" in events.items[0][1]["error"]
+
+
+def test_an_invalid_policy_at_start_refuses_to_start(policy_file: Path) -> None:
+    policy_file.write_text(BROKEN)
+    live = LivePolicy(policy_file)
+    with pytest.raises(PolicyError) as info:
+        live.load()
+    assert info.value.rule == "broken"
+    with pytest.raises(PolicyError):
+        _ = live.current
+
+
+async def test_watch_picks_up_an_edit(policy_file: Path) -> None:
+    events = Events()
+    live = LivePolicy(policy_file, on_event=events, poll_interval_s=0.01)
+    live.load()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(live.watch)
+        waiter = events.arrived
+        write(policy_file, V2)
+        with anyio.fail_after(5):
+            await waiter.wait()
+        tg.cancel_scope.cancel()
+    assert events.kinds() == ["policy.loaded"] and len(live.current.rules) == 2

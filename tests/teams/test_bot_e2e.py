@@ -1,0 +1,239 @@
+"""The Teams bot end to end: a real `keyturn serve --http`, the SDK's MCP client holding a call, the fake Bot
+Connector receiving the card, and reviewers clicking Approve / Deny as signed `adaptiveCard/action` invokes."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import anyio
+
+from tests.conftest import TOKENS, ReviewerAPI, agent_client
+from tests.teams.conftest import OIDS, TENANT, TeamsHome, card_text, new_key, request_id_of
+
+TERMINAL = {"executed", "failed", "denied", "expired", "cancelled", "abandoned"}
+
+
+def text(result: Any) -> str:
+    return "\n".join(c.text for c in result.content if getattr(c, "type", "") == "text")
+
+
+def kinds(th: TeamsHome, request_id: str) -> list[str]:
+    return [e["kind"] for e in th.home.ledger_events(request_id)]
+
+
+def terminal(th: TeamsHome, request_id: str) -> list[str]:
+    return [k for k in kinds(th, request_id) if k in TERMINAL]
+
+
+def votes(th: TeamsHome, request_id: str) -> list[dict[str, Any]]:
+    return [e["payload"] for e in th.home.ledger_events(request_id) if e["kind"] in ("vote", "vote.refused")]
+
+
+def agent_bob() -> dict[str, Any]:
+    return {"name": "agent-bob", "token_sha256": hashlib.sha256(TOKENS["agent-bob"].encode()).hexdigest(),
+            "on_behalf_of": "bob"}
+
+
+async def test_approve_in_teams_runs_the_call_and_the_card_follows_the_request(teams_home: TeamsHome) -> None:
+    th = teams_home
+    base = th.serve()
+    results = []
+    async with agent_client(base) as client:
+        async def agent() -> None:
+            results.append(await client.call_tool("sql_execute", {"statement": "DELETE FROM orders WHERE item = 'pear'"}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(agent)
+            card = await th.wait_card("sql_execute")
+            request_id = request_id_of(card)
+            shown = card_text(card)
+            assert "DELETE FROM orders WHERE item = 'pear'" in shown and "writes-reviewed" in shown
+            assert th.home.rows("SELECT count(*) FROM orders") == [(3,)]  # held: nothing ran yet
+            r = await th.post(th.invoke(request_id, "approve", "alice", "checked with the team"))
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["statusCode"] == 200 and body["type"] == "application/vnd.microsoft.card.adaptive"
+            redrawn = card_text(body["value"])
+            assert "Approved by alice" in redrawn and "You approved" in redrawn
+            assert "actions" not in body["value"]
+    assert not results[0].is_error, text(results[0])
+    assert th.home.rows("SELECT item FROM orders ORDER BY id") == [("apple",), ("plum",)]
+    assert terminal(th, request_id) == ["executed"]
+    (vote,) = votes(th, request_id)
+    assert vote["reviewer"] == f"teams:{TENANT}/{OIDS['alice']}" and vote["person"] == "alice"
+    assert vote["channel"] == "teams" and vote["reason"] == "checked with the team"
+    notified = [e["payload"] for e in th.home.ledger_events(request_id) if e["kind"] == "notified"]
+    activity_id = th.fake.sent[0]["id"]
+    assert {"channel": "teams", "conversation_id": th.fake.sent[0]["conversation_id"],
+            "activity_id": activity_id} in notified
+    final = await th.wait_update(activity_id, "executed")
+    assert "Approved by alice" in card_text(final)
+
+
+async def test_deny_with_a_reason_reaches_the_agent_and_the_ledger(teams_home: TeamsHome) -> None:
+    th = teams_home
+    base = th.serve()
+    results = []
+    async with agent_client(base) as client:
+        async def agent() -> None:
+            results.append(await client.call_tool("sql_execute", {"statement": "UPDATE orders SET qty = 0"}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(agent)
+            request_id = request_id_of(await th.wait_card("sql_execute"))
+            no_reason = await th.post(th.invoke(request_id, "deny", "alice", "   "))
+            assert no_reason.status_code == 200
+            assert "not counted" in card_text(no_reason.json()["value"])
+            assert "Approval needed" in card_text(no_reason.json()["value"])  # still pending, buttons kept
+            r = await th.post(th.invoke(request_id, "deny", "alice", "not during the sale"))
+            assert "Denied by alice: not during the sale" in card_text(r.json()["value"])
+    assert results[0].is_error and "not during the sale" in text(results[0]) and "alice" in text(results[0])
+    assert th.home.rows("SELECT sum(qty) FROM orders") == [(15,)]
+    assert terminal(th, request_id) == ["denied"]
+    denied = next(e["payload"] for e in th.home.ledger_events(request_id) if e["kind"] == "denied")
+    assert denied["reason"] == "not during the sale" and denied["reviewer"] == f"teams:{TENANT}/{OIDS['alice']}"
+    assert [v["code"] for v in votes(th, request_id) if "code" in v] == ["reason_required"]
+    await th.wait_update(th.fake.sent[0]["id"], "Denied")
+
+
+async def test_the_requester_and_ineligible_people_cannot_decide_from_teams(teams_home: TeamsHome) -> None:
+    th = teams_home
+    base = th.serve(agents=[agent_bob()])
+    results = []
+    async with agent_client(base, TOKENS["agent-bob"]) as client:
+        async def agent() -> None:
+            results.append(await client.call_tool("sql_execute", {"statement": "UPDATE payroll SET salary = 1"}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(agent)
+            request_id = request_id_of(await th.wait_card("sql_execute"))
+            selfie = await th.post(th.invoke(request_id, "approve", "bob", "looks fine to me"))
+            assert "requester cannot approve" in card_text(selfie.json()["value"])
+            outsider = await th.post(th.invoke(request_id, "approve", "dave", "sure"))
+            assert "not eligible" in card_text(outsider.json()["value"])
+            stranger = await th.post(th.invoke(request_id, "approve", "alice", "hi",
+                                               **{"from": {"id": "29:x", "aadObjectId": "ffffffff-0000-4000-8000-0"}}))
+            assert "not a configured reviewer" in card_text(stranger.json()["value"])
+            anonymous = await th.post(th.invoke(request_id, "approve", None))
+            assert "did not say who you are" in card_text(anonymous.json()["value"])
+            first = await th.post(th.invoke(request_id, "approve", "alice", "ok"))
+            assert "Approval needed" in card_text(first.json()["value"])  # two DBAs needed
+            second = await th.post(th.invoke(request_id, "approve", "carol", "ok"))
+            assert "Approved by alice, carol" in card_text(second.json()["value"])
+    assert not results[0].is_error, text(results[0])
+    assert th.home.rows("SELECT salary FROM payroll") == [(1,)]
+    refused = [v["code"] for v in votes(th, request_id) if "code" in v]
+    assert refused == ["self_approval", "not_eligible", "unknown_reviewer"]
+    assert terminal(th, request_id) == ["executed"]
+
+
+async def test_replayed_and_racing_clicks_count_once(teams_home: TeamsHome) -> None:
+    th = teams_home
+    base = th.serve()
+    results = []
+    async with agent_client(base) as client:
+        async def agent() -> None:
+            results.append(await client.call_tool("sql_execute", {"statement": "UPDATE orders SET qty = 9 WHERE id = 1"}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(agent)
+            request_id = request_id_of(await th.wait_card("sql_execute"))
+            responses: list[str] = []
+
+            async def click(person: str) -> None:
+                r = await th.post(th.invoke(request_id, "approve", person, "go"))
+                assert r.status_code == 200
+                responses.append(card_text(r.json()["value"]))
+
+            async with anyio.create_task_group() as clicks:
+                for person in ("alice", "carol", "alice", "carol"):
+                    clicks.start_soon(click, person)
+            assert sum("You approved" in r for r in responses) == 1
+            assert sum("not counted" in r for r in responses) == 3
+            replay = th.invoke(request_id, "approve", "alice", "again")
+            for _ in range(2):
+                r = await th.post(replay)
+                assert "not counted" in card_text(r.json()["value"])
+    assert not results[0].is_error
+    assert th.home.rows("SELECT qty FROM orders WHERE id = 1") == [(9,)]
+    assert kinds(th, request_id).count("vote") == 1
+    assert kinds(th, request_id).count("execution.started") == 1
+    assert terminal(th, request_id) == ["executed"]
+
+
+async def test_unauthenticated_invokes_get_401_and_decide_nothing(teams_home: TeamsHome) -> None:
+    th = teams_home
+    base = th.serve()
+    results = []
+    async with agent_client(base) as client:
+        async def agent() -> None:
+            results.append(await client.call_tool("sql_execute", {"statement": "UPDATE orders SET qty = 2"}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(agent)
+            request_id = request_id_of(await th.wait_card("sql_execute"))
+            activity = th.invoke(request_id, "approve", "alice", "ok")
+            fake = th.fake
+            bad_tokens = {
+                "missing": None,
+                "not a jwt": "garbage",
+                "wrong audience": fake.jwt(aud="another-bot"),
+                "wrong serviceurl": fake.jwt(serviceurl="https://attacker.example/"),
+                "expired": fake.jwt(exp=int(time.time()) - 3600, iat=int(time.time()) - 7200, nbf=None),
+                "wrong key": fake.jwt(key=new_key()),
+                "wrong issuer": fake.jwt(iss="https://sts.windows.net/x/"),
+            }
+            for case, token in bad_tokens.items():
+                r = await th.post(activity, token=token)
+                assert r.status_code == 401, case
+            moved = dict(activity, serviceUrl="https://attacker.example/")
+            assert (await th.post(moved)).status_code == 401  # the token is for another serviceUrl
+            assert votes(th, request_id) == []
+            assert kinds(th, request_id)[-1] in {"approval.requested", "notified"}
+            r = await th.post(activity)
+            assert r.status_code == 200 and "You approved" in card_text(r.json()["value"])
+    assert not results[0].is_error
+    assert terminal(th, request_id) == ["executed"]
+
+
+async def test_an_expired_request_updates_its_card_and_other_activities_are_ignored(teams_home: TeamsHome) -> None:
+    th = teams_home
+    base = th.serve()
+    async with agent_client(base) as client:
+        with anyio.fail_after(30):
+            result = await client.call_tool("sql_execute", {"statement": "UPDATE orders SET qty = 1 -- quick_expire"})
+    assert result.is_error and "expired" in text(result)
+    request_id = request_id_of(th.fake.cards_sent()[0])
+    assert terminal(th, request_id) == ["expired"]
+    card = await th.wait_update(th.fake.sent[0]["id"], "Expired")
+    assert "actions" not in card
+    late = await th.post(th.invoke(request_id, "approve", "alice", "too late"))
+    assert "not counted" in card_text(late.json()["value"])
+    message = {**th.invoke(request_id, "approve", "alice"), "type": "message", "name": None, "text": "hi"}
+    assert (await th.post(message)).status_code == 200
+    assert terminal(th, request_id) == ["expired"] and "vote" not in kinds(th, request_id)
+
+
+async def test_a_teams_outage_is_recorded_and_approves_nothing(teams_home: TeamsHome) -> None:
+    th = teams_home
+    th.fake.always_fail = 503
+    base = th.serve()
+    api = ReviewerAPI(base)
+    results = []
+    async with agent_client(base) as client:
+        async def agent() -> None:
+            results.append(await client.call_tool("sql_execute", {"statement": "UPDATE orders SET qty = 5"}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(agent)
+            req = await api.wait_pending("sql_execute")
+            with anyio.fail_after(20):
+                while "notify.failed" not in kinds(th, req["id"]):
+                    await anyio.sleep(0.05)
+            failed = next(e["payload"] for e in th.home.ledger_events(req["id"]) if e["kind"] == "notify.failed")
+            assert failed["channel"] == "teams" and "503" in failed["error"]
+            assert (await api.pending())[0]["state"] == "pending"
+            assert (await api.vote(req["id"], "deny", "alice", "teams is down, not now")).status_code == 200
+    assert results[0].is_error and terminal(th, req["id"]) == ["denied"]
