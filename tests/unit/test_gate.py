@@ -159,3 +159,64 @@ async def test_the_requester_identity_can_never_approve(world: tuple[Gate, Runs,
         assert await gate.broker.cancel(pending[0].id, "alice-bot", "never mind")
     assert runs.count == 0
     assert await terminal_kinds(ledger) == ["cancelled"]
+
+
+async def wait_pending(ledger: Ledger, n: int = 1) -> list[RequestView]:
+    with anyio.fail_after(10):
+        while len(pending := await ledger.list_calls(("pending",))) < n:
+            await anyio.sleep(0.02)
+    return pending
+
+
+async def test_an_approval_is_bound_to_its_arguments_and_consumed_by_the_run(world: tuple[Gate, Runs, Ledger]) -> None:
+    gate, runs, ledger = world
+    write = gate.tools["write_thing"]  # type: ignore[attr-defined]
+    with anyio.move_on_after(0.5):
+        await gate.call(write, {"key": "approved-one"}, AGENT)
+    (request,) = await wait_pending(ledger)
+    await gate.broker.decide(Verdict(request_id=request.id, reviewer="api:alice", verdict="approve"))
+    # Other arguments are another request: the approval does not carry over.
+    with anyio.move_on_after(0.5):
+        await gate.call(write, {"key": "something-else"}, AGENT)
+    assert runs.count == 0
+    assert (await ledger.get_call(request.id)).state == "approved"  # type: ignore[union-attr]
+    # The approved arguments run once; the same call again needs a new approval.
+    result = await gate.call(write, {"key": "approved-one"}, AGENT)
+    assert not result.is_error and runs.count == 1
+    with anyio.move_on_after(0.5):
+        await gate.call(write, {"key": "approved-one"}, AGENT)
+    assert runs.count == 1
+    assert len(await ledger.list_calls(("pending",))) == 2
+
+
+async def test_two_processes_waiting_on_one_approval_run_it_once(world: tuple[Gate, Runs, Ledger],
+                                                                  tmp_path: Path) -> None:
+    gate, runs, ledger = world
+    # A second "process": its own connection, broker and gate on the same database file.
+    async with Ledger(ledger.path) as other_ledger:
+        other_broker = ApprovalBroker(ledger=other_ledger, directory=gate.broker.directory, poll_interval_s=0.05)
+        other = Gate(ledger=other_ledger, broker=other_broker, policy=gate.policy,
+                     classify_context=ClassifyContext(), progress_interval_s=0.2)
+        write = gate.tools["write_thing"]  # type: ignore[attr-defined]
+        results = []
+
+        async def call(g: Gate) -> None:
+            results.append(await g.call(write, {"key": "shared"}, AGENT))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other_broker.poll_store)
+            tg.start_soon(call, gate)
+            (request,) = await wait_pending(ledger)
+            tg.start_soon(call, other)
+            with anyio.fail_after(10):
+                while "call.rejoined" not in [e.kind for e in await ledger.events(request.id)]:
+                    await anyio.sleep(0.02)
+            await gate.broker.decide(Verdict(request_id=request.id, reviewer="api:alice", verdict="approve"))
+            with anyio.fail_after(10):
+                while len(results) < 2:
+                    await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+    assert runs.count == 1
+    assert sorted(bool(r.is_error) for r in results) == [False, True]
+    kinds = [e.kind for e in await ledger.events(request.id)]
+    assert kinds.count("execution.started") == 1 and kinds.count("executed") == 1
