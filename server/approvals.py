@@ -287,7 +287,7 @@ class ApprovalBroker:
                 return await alive(row)
             if row["host"] == host:
                 return _pid_alive(int(row["pid"]))
-            return time.time() - row["heartbeat"] < 30.0
+            return bool(time.time() - row["heartbeat"] < 30.0)
 
         abandoned = []
         open_states = ("received", "allowed", "pending", "approved", "running")

@@ -13,11 +13,13 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,7 +135,29 @@ async def _proxy(args: argparse.Namespace) -> int:
     config = parse_proxy_config(settings.proxy, [upstream] if "command" in upstream or "url" in upstream else [],
                                 call_timeout=args.call_timeout)
     environ = dict(os.environ)
-    return await _serve(args, settings, lambda kt: running_proxy(kt, config, environ))
+
+    async def serve() -> int:
+        return await _serve(args, settings, lambda kt: running_proxy(kt, config, environ))
+
+    # Over HTTP, uvicorn ends cleanly on SIGTERM; over stdio, a desktop app closing us must stop the upstreams too.
+    return await (serve() if args.http else _until_terminated(serve))
+
+
+async def _until_terminated(fn: Callable[[], Awaitable[int]]) -> int:
+    """Run `fn`, cancelling it (so every context closes, child processes included) on SIGTERM or SIGHUP."""
+    result = 0
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(watch)
+        result = await fn()
+        tg.cancel_scope.cancel()
+    return result
 
 
 # -- reviewer commands (HTTP API) ------------------------------------------------------------------
@@ -193,7 +217,7 @@ def cmd_pending(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    data = _api(args, "GET", f"/api/requests/{urllib.request.quote(args.id)}")
+    data = _api(args, "GET", f"/api/requests/{urllib.parse.quote(args.id)}")
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -204,7 +228,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_vote(args: argparse.Namespace) -> int:
-    data = _api(args, "POST", f"/api/requests/{urllib.request.quote(args.id)}/{args.verdict}", {"reason": args.reason})
+    data = _api(args, "POST", f"/api/requests/{urllib.parse.quote(args.id)}/{args.verdict}", {"reason": args.reason})
     print(f"{data['request_id']}: {data['message']} (state: {data['state']})")
     return 0
 
@@ -228,9 +252,11 @@ def _event_line(e: Any) -> str:
     if e.kind == "call.received":
         detail = f"{p.get('tool')} by {p.get('principal')}"
     elif e.kind == "decision":
-        detail = f"{p.get('outcome')} ({p.get('risk')}) rules={[r['id'] for r in p.get('rules', [])]} policy={str(p.get('policy_digest'))[:12]}"
+        rules = [r["id"] for r in p.get("rules", [])]
+        detail = f"{p.get('outcome')} ({p.get('risk')}) rules={rules} policy={str(p.get('policy_digest'))[:12]}"
     elif e.kind in ("vote", "vote.refused"):
-        detail = f"{p.get('verdict')} by {p.get('person') or p.get('reviewer')} via {p.get('channel')}: {p.get('reason') or p.get('message') or ''}"
+        who = p.get("person") or p.get("reviewer")
+        detail = f"{p.get('verdict')} by {who} via {p.get('channel')}: {p.get('reason') or p.get('message') or ''}"
     elif e.kind in ("executed", "failed"):
         detail = f"result sha256 {p.get('result_digest') or p.get('error')}"
     elif e.kind in ("denied", "expired", "cancelled", "abandoned"):
@@ -289,7 +315,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 # -- argument parsing ------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="keyturn", description="A human's key in the lock between AI agents and privileged operations.")
+    parser = argparse.ArgumentParser(
+        prog="keyturn", description="A human's key in the lock between AI agents and privileged operations.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="config file (YAML); default $KEYTURN_CONFIG")
     common.add_argument("--db", help="ledger database file (default ./keyturn.db)")

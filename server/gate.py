@@ -6,6 +6,7 @@ call without running it (fail closed); every call ends in exactly one terminal l
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import uuid
@@ -21,6 +22,7 @@ from server.approvals import ApprovalBroker
 from server.canonical import args_hash, canonical_json, sha256_hex
 from server.classify import REDACTED, ClassifyContext, extract_facts, redact
 from server.errors import InvalidArguments, LedgerError
+from server.ledger import Ledger
 from server.models import Decision, RequestView, ToolCall
 from server.policy import LivePolicy
 
@@ -80,7 +82,7 @@ def masked_values(original: Any, redacted: Any) -> list[str]:
                 return
             # b is a with some spans replaced by REDACTED: recover those spans.
             pieces, pos = b.split(REDACTED), 0
-            for before, after in zip(pieces, pieces[1:], strict=False):
+            for before, after in itertools.pairwise(pieces):
                 start = a.find(before, pos) + len(before) if before else pos
                 end = a.find(after, start) if after else len(a)
                 if start < 0 or end < start:
@@ -119,7 +121,7 @@ def describe_rules(decision: Decision) -> str:
 
 @dataclass
 class Gate:
-    ledger: Any  # server.ledger.Ledger
+    ledger: Ledger
     broker: ApprovalBroker
     policy: LivePolicy
     classify_context: ClassifyContext

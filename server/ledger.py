@@ -249,7 +249,7 @@ class Ledger:
             raise LedgerError("ledger is not open")
         # One hop to the database thread for the whole unit of work (aiosqlite's worker).
         db = self._db
-        return await db._execute(fn, db._conn)  # type: ignore[no-any-return]
+        return await db._execute(fn, db._conn)  # type: ignore[no-untyped-call,no-any-return]
 
     async def transaction(self, body: Callable[[Tx], T]) -> T:
         """Run `body(tx)` inside one `BEGIN IMMEDIATE` transaction; announce its events after commit.

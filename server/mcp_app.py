@@ -77,7 +77,9 @@ def build_mcp_server(kt: Keyturn, *, default_identity: Callable[[], Identity] | 
     changes = ToolListChanges()
     kt.tool_listeners.append(changes.notify)
 
-    async def list_tools(ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+    async def list_tools(
+        ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
         changes.remember(ctx)
         return types.ListToolsResult(tools=[t.to_mcp() for t in kt.tools()] + [STATUS_TOOL, CANCEL_TOOL])
 

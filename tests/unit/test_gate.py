@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import mcp_types as types
@@ -83,8 +83,8 @@ async def test_a_classifier_failure_denies_and_never_runs(world: tuple[Gate, Run
         """An upstream tool whose configured classifier kind does not exist."""
 
         name = "read_upstream"
-        annotations: dict[str, Any] = {}
-        classifiers = {"key": "no-such-kind"}
+        annotations: ClassVar[dict[str, Any]] = {}
+        classifiers: ClassVar[dict[str, str]] = {"key": "no-such-kind"}
 
         def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
             return arguments
@@ -100,7 +100,7 @@ async def test_a_classifier_failure_denies_and_never_runs(world: tuple[Gate, Run
 
 
 async def test_arguments_that_are_not_plain_json_are_refused(world: tuple[Gate, Runs, Ledger]) -> None:
-    gate, runs, ledger = world
+    gate, runs, _ = world
     result = await gate.call(gate.tools["read_thing"], {"key": float("nan")}, AGENT)  # type: ignore[attr-defined]
     assert result.is_error and runs.count == 0
 
