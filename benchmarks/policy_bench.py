@@ -13,20 +13,21 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.classify import ClassifyContext, extract_facts  # noqa: E402
-from server.policy import parse_policy  # noqa: E402
-from server.policy.testing import KNOWN_TOOL_CLASSIFIERS, call_for  # noqa: E402
+from server.classify import ClassifyContext, extract_facts
+from server.policy import CompiledPolicy, parse_policy
+from server.policy.testing import KNOWN_TOOL_CLASSIFIERS, call_for
 
 CONDITIONS = [
     'facts.sql.kinds.exists(k, k == "delete") && facts.sql.tables.exists(t, t.startsWith("t{i}"))',
     "facts.env.prod && !facts.sql.read_only",
     'principal == "agent-{i}" && size(facts.sql.tables) > 3',
-    'has(args.limit) && args.limit > {i}',
+    "has(args.limit) && args.limit > {i}",
     'facts.shell.programs.exists(p, p == "tool{i}")',
     'facts.paths.all.exists(p, p.startsWith("/data/{i}/"))',
     'glob(tool, "team_{i}*") && facts.secrets.present',
@@ -56,19 +57,89 @@ def generated_policy(n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def measure(fn: object, calls: int) -> list[float]:
-    out = []
+def measure(fn: Callable[[], object], calls: int, cpu: list[float] | None = None) -> list[float]:
+    """Wall-clock µs per call; this thread's CPU µs per call go to `cpu` (they ignore other processes' noise)."""
+    wall = []
     for _ in range(calls):
-        t = time.perf_counter_ns()
-        fn()  # type: ignore[operator]
-        out.append((time.perf_counter_ns() - t) / 1000)
+        t, c = time.perf_counter_ns(), time.thread_time_ns()
+        fn()
+        if cpu is not None:
+            cpu.append((time.thread_time_ns() - c) / 1000)
+        wall.append((time.perf_counter_ns() - t) / 1000)
+    return wall
+
+
+def report(name: str, wall: list[float], cpu: list[float]) -> None:
+    for label, values in (("wall", wall), ("cpu", cpu)):
+        values = sorted(values)
+        p99 = values[int(len(values) * 0.99) - 1]
+        print(
+            f"  {name:<22} {label:<4} median {statistics.median(values):8.1f} µs   p99 {p99:8.1f} µs"
+            f"   max {values[-1]:9.1f} µs"
+        )
+
+
+SCENARIOS = [
+    ("sql_query", {"query": "SELECT o.id, c.name FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.id = 7"}),
+    ("shell_run", {"command": "git status && ls -la /srv/agent | head -20"}),
+    ("http_request", {"method": "GET", "url": "https://api.github.com/repos/python/cpython"}),
+    ("tool_17", {"limit": 50, "query": "anything"}),
+    ("team_10_deploy", {"target": "production", "token": "not-a-secret"}),
+]
+
+
+def run(rules: int = 1000, calls: int = 5000, *, verbose: bool = False) -> dict[str, Any]:
+    """Decide every scenario `calls` times under a policy of `rules` generated rules; samples in µs per scenario."""
+    t = time.perf_counter()
+    policy = parse_policy(generated_policy(rules), source="bench")
+    compile_ms = (time.perf_counter() - t) * 1000
+    if verbose:
+        print(f"policy: {len(policy.rules)} rules, compiled in {compile_ms:.0f} ms")
+    ctx = ClassifyContext(
+        keyturn_paths=(Path("/var/lib/keyturn/keyturn.db"),), keyturn_urls=("http://127.0.0.1:8765",), roots=(Path("/srv"),)
+    )
+    out: dict[str, Any] = {"rules": len(policy.rules), "compile_ms": compile_ms, "scenarios": {}}
+    for tool, args in SCENARIOS:
+        out["scenarios"][tool] = scenario(policy, ctx, tool, args, calls, verbose=verbose)
     return out
 
 
-def report(name: str, samples: list[float]) -> None:
-    samples = sorted(samples)
-    p99 = samples[int(len(samples) * 0.99) - 1]
-    print(f"  {name:<22} median {statistics.median(samples):8.1f} µs   p99 {p99:8.1f} µs   max {samples[-1]:8.1f} µs")
+def scenario(
+    policy: CompiledPolicy, ctx: ClassifyContext, tool: str, args: dict[str, Any], calls: int, *, verbose: bool
+) -> dict[str, Any]:
+    """Samples (µs, wall clock) for one call shape; CPU-time samples under "cpu"."""
+    call = call_for(tool, args)
+    kinds = KNOWN_TOOL_CLASSIFIERS.get(tool, {})
+    facts = extract_facts(tool, args, kinds, call.annotations, ctx)
+    policy.decide(call, facts)  # warm the per-tool rule cache, as a running server would be
+    fresh = _fresh(args)  # a different SQL text each time: the parse cache does not help
+    cpu: dict[str, list[float]] = {"extract_facts": [], "decide": [], "extract_facts+decide": []}
+    result: dict[str, Any] = {
+        "candidates": len(policy.candidates(tool)),
+        "outcome": policy.decide(call, facts).outcome,
+        "extract_facts": measure(
+            lambda: extract_facts(tool, next(fresh), kinds, call.annotations, ctx), calls, cpu["extract_facts"]
+        ),
+        "decide": measure(lambda: policy.decide(call, facts), calls, cpu["decide"]),
+        "extract_facts+decide": measure(
+            lambda: policy.decide(call, extract_facts(tool, next(fresh), kinds, call.annotations, ctx)),
+            calls,
+            cpu["extract_facts+decide"],
+        ),
+        "cpu": cpu,
+    }
+    if verbose:
+        print(f"{tool}: {result['candidates']} candidate rules -> {result['outcome']}")
+        for name in ("extract_facts", "decide", "extract_facts+decide"):
+            report(name, result[name], cpu[name])
+    return result
+
+
+def _fresh(args: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    n = 0
+    while True:
+        n += 1
+        yield {k: f"{v} AND {n} = {n}" if k == "query" and str(v).startswith("SELECT") else v for k, v in args.items()}
 
 
 def main() -> None:
@@ -76,39 +147,7 @@ def main() -> None:
     parser.add_argument("--rules", type=int, default=1000)
     parser.add_argument("--calls", type=int, default=5000)
     opts = parser.parse_args()
-    t = time.perf_counter()
-    policy = parse_policy(generated_policy(opts.rules), source="bench")
-    print(f"policy: {len(policy.rules)} rules, compiled in {(time.perf_counter() - t) * 1000:.0f} ms")
-    ctx = ClassifyContext(
-        keyturn_paths=(Path("/var/lib/keyturn/keyturn.db"),), keyturn_urls=("http://127.0.0.1:8765",), roots=(Path("/srv"),)
-    )
-    scenarios = [
-        ("sql_query", {"query": "SELECT o.id, c.name FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.id = 7"}),
-        ("shell_run", {"command": "git status && ls -la /srv/agent | head -20"}),
-        ("http_request", {"method": "GET", "url": "https://api.github.com/repos/python/cpython"}),
-        ("tool_17", {"limit": 50, "query": "anything"}),
-        ("team_10_deploy", {"target": "production", "token": "not-a-secret"}),
-    ]
-    for tool, args in scenarios:
-        call = call_for(tool, args)
-        kinds = KNOWN_TOOL_CLASSIFIERS.get(tool, {})
-        facts = extract_facts(tool, args, kinds, call.annotations, ctx)
-        policy.decide(call, facts)  # warm the per-tool rule cache, as a running server would be
-        print(f"{tool}: {len(policy.candidates(tool))} candidate rules -> {policy.decide(call, facts).outcome}")
-        fresh = _fresh(args)  # a different SQL text every time: no help from the parse cache
-        report("extract_facts", measure(lambda: extract_facts(tool, next(fresh), kinds, call.annotations, ctx), opts.calls))
-        report("decide", measure(lambda: policy.decide(call, facts), opts.calls))
-        report(
-            "extract_facts+decide",
-            measure(lambda: policy.decide(call, extract_facts(tool, next(fresh), kinds, call.annotations, ctx)), opts.calls),
-        )
-
-
-def _fresh(args: dict[str, object]) -> Iterator[dict[str, object]]:
-    n = 0
-    while True:
-        n += 1
-        yield {k: f"{v} AND {n} = {n}" if k == "query" and str(v).startswith("SELECT") else v for k, v in args.items()}
+    run(opts.rules, opts.calls, verbose=True)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
                 f"keyturn is running.\n"
                 f"  MCP endpoint (streamable HTTP): {base}/mcp\n"
                 f"  reviewer API:                   {base}/api/requests\n"
+                f"  reviewer inbox and audit (web): {base}/inbox   {base}/audit\n"
                 f"  ledger: {kt.settings.db.resolve()}   policy: {kt.settings.policy_path()}\n"
                 f"  tools: {', '.join(t.name for t in kt.tools())}\n"
                 f"Review held calls from another terminal:\n"

@@ -1,9 +1,18 @@
 """The ledger: an append-only, hash-chained SQLite event store, and the materialised state of each call.
 
-Every write is one `BEGIN IMMEDIATE` transaction run in the database thread: it reads the chain's
-head, appends the next events and updates the `calls` row together, so several keyturn processes
-sharing one file keep one linear chain, and a conditional update (a claim, a vote) is won by exactly
-one of them. Events are announced to in-process listeners only after their commit.
+Every write is one `BEGIN IMMEDIATE` transaction: it reads the chain's head, appends the next events and
+updates the `calls` row together, so several keyturn processes sharing one file keep one linear chain,
+and a conditional update (a claim, a vote) is won by exactly one of them. Events are announced to
+in-process listeners only after their commit, and a write returns only once committed.
+
+Where the work runs: a quick unit of work (a write transaction, an indexed read) runs at once on the
+event loop's thread. In WAL mode with synchronous=NORMAL a commit is a write() to the WAL, tens of
+microseconds, while a hop to a worker thread and back costs hundreds (two wake-ups and GIL hand-offs):
+that hop was most of what keyturn added to a call. The loop never waits for a lock: the connection has
+`busy_timeout = 0`, and a unit that finds SQLite's write lock held by another process, or the connection
+in use by the database thread, goes to the database thread, which retries it for up to `busy_timeout_ms`.
+Long reads (verify, searches, lists) always run in the database thread, and WAL checkpoints, which
+fsync, run on a connection and thread of their own.
 
 This is the storage interface the rest of keyturn uses (`open_call`, `mutate_call`, `transition`,
 queries); a PostgreSQL backend would implement the same methods.
@@ -12,14 +21,20 @@ queries); a PostgreSQL backend would implement the same methods.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
 
 from server.canonical import canonical_json, sha256_hex
 from server.errors import LedgerError
@@ -27,6 +42,12 @@ from server.models import TERMINAL_STATES, Event, RequestView, ReviewSpec
 
 GENESIS = "0" * 64
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+CHECKPOINT_EVERY = 200
+"""Commits between two background WAL checkpoints (the connection's own autocheckpoint is off)."""
+YIELD_EVERY = 16
+"""Units run at once on the loop's thread between two yields to the other tasks."""
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: events, calls, votes, instances
@@ -91,13 +112,66 @@ MIGRATIONS: tuple[str, ...] = (
 
 
 def event_hash(prev_hash: str, seq: int, ts: float, kind: str, call_id: str | None, payload_json: str) -> str:
-    body = canonical_json({"seq": seq, "ts": ts, "kind": kind, "call_id": call_id, "payload": payload_json})
+    """sha256 of `prev_hash` + the canonical JSON of {seq, ts, kind, call_id, payload}: one link of the chain."""
+    if (type(seq) is int and type(ts) is float and abs(ts) < float("inf") and type(kind) is str
+            and type(payload_json) is str and (call_id is None or type(call_id) is str)):
+        # Byte for byte what `canonical_json` writes for these five keys (sorted, no spaces), built directly:
+        # this runs for every event appended and every event verified.
+        cid = "null" if call_id is None else encode_basestring(call_id)
+        body = (f'{{"call_id":{cid},"kind":{encode_basestring(kind)},"payload":{encode_basestring(payload_json)},'
+                f'"seq":{seq},"ts":{ts!r}}}')
+    else:
+        body = canonical_json({"seq": seq, "ts": ts, "kind": kind, "call_id": call_id, "payload": payload_json})
     return sha256_hex(prev_hash + body)
+
+
+def _busy(e: BaseException) -> bool:
+    """SQLite's lock is held elsewhere (SQLITE_BUSY or one of its extended codes)."""
+    code = getattr(e, "sqlite_errorcode", 0)
+    return isinstance(e, sqlite3.OperationalError) and (code & 0xFF) == sqlite3.SQLITE_BUSY
+
+
+class _Checkpointer:
+    """Copies the WAL back into the database file, from a connection and thread of its own.
+
+    A checkpoint fsyncs the WAL and the database file (milliseconds): here it holds neither the event loop
+    nor the ledger's connection. PASSIVE: it neither waits for nor blocks readers and writers.
+    """
+
+    def __init__(self, path: Path, busy_timeout_ms: int) -> None:
+        self._wanted = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, args=(path, busy_timeout_ms),
+                                        name="keyturn-ledger-checkpoint", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        self._wanted.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wanted.set()
+        self._thread.join(timeout=30)
+
+    def _loop(self, path: Path, busy_timeout_ms: int) -> None:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_ms / 1000)
+        try:
+            while True:
+                self._wanted.wait()
+                self._wanted.clear()
+                if self._stopping:
+                    return
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as e:
+                    log.warning("WAL checkpoint of %s failed: %s", path, e)
+        finally:
+            conn.close()
 
 
 @dataclass
 class Tx:
-    """A write transaction in progress (runs in the database thread)."""
+    """A write transaction in progress (see `Ledger.transaction`)."""
 
     conn: sqlite3.Connection
     now: float
@@ -115,15 +189,21 @@ class Tx:
             "INSERT INTO events(seq, ts, kind, call_id, payload, prev_hash, hash) VALUES (?,?,?,?,?,?,?)",
             (seq, self.now, kind, call_id, payload_json, prev, h),
         )
-        self.conn.execute(
-            "INSERT INTO chain_head(id, seq, hash) VALUES (1, ?, ?) "
-            "ON CONFLICT(id) DO UPDATE SET seq=excluded.seq, hash=excluded.hash",
-            (seq, h),
-        )
         self._head = (seq, h)
-        event = Event(seq=seq, ts=self.now, kind=kind, call_id=call_id, payload=payload, prev_hash=prev, hash=h)
+        # Built from values just written (not validated again): this runs for every event.
+        event = Event.model_construct(seq=seq, ts=self.now, kind=kind, call_id=call_id, payload=dict(payload),
+                                      prev_hash=prev, hash=h)
         self.appended.append(event)
         return event
+
+    def write_head(self) -> None:
+        """Record the chain's new head, once per transaction (just before its commit)."""
+        if self.appended and self._head is not None:
+            self.conn.execute(
+                "INSERT INTO chain_head(id, seq, hash) VALUES (1, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET seq=excluded.seq, hash=excluded.hash",
+                self._head,
+            )
 
     def call_row(self, call_id: str) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self.conn.execute("SELECT * FROM calls WHERE id = ?", (call_id,)).fetchone()
@@ -185,7 +265,10 @@ Listener = Callable[[Sequence[Event]], None]
 
 
 class Ledger:
-    """The event store. One connection per process; all writes go through `transaction`."""
+    """The event store. One connection per process; all writes go through `transaction`.
+
+    `busy_timeout_ms` bounds how long a unit waits (in the database thread) for another process's lock.
+    """
 
     def __init__(self, path: Path | str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000) -> None:
         self.path = Path(path)
@@ -193,23 +276,31 @@ class Ledger:
         self._busy_timeout_ms = busy_timeout_ms
         self._db: aiosqlite.Connection | None = None
         self._listeners: list[Listener] = []
+        # Held by whoever is using the connection: the loop's thread (which never waits for it) or the database thread.
+        self._lock = threading.Lock()
+        self._units_at_once = 0
+        self._commits = 0
+        self._checkpointer: _Checkpointer | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def open(self) -> Ledger:
         try:
-            self._db = await aiosqlite.connect(str(self.path), isolation_level=None)
+            self._db = await aiosqlite.connect(str(self.path), isolation_level=None, check_same_thread=False,
+                                               timeout=self._busy_timeout_ms / 1000)
             self._db.row_factory = sqlite3.Row
-            await self._db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
-            await self._db.execute("PRAGMA journal_mode = WAL")
-            await self._db.execute(f"PRAGMA synchronous = {self._synchronous}")
+            await self._db._execute(self._configure, self._db._conn)  # type: ignore[no-untyped-call]
             await self._run(self._migrate)
+            self._checkpointer = _Checkpointer(self.path, self._busy_timeout_ms)
         except (sqlite3.Error, OSError) as e:
             await self.close()
             raise LedgerError(f"cannot open ledger {self.path}: {e}") from e
         return self
 
     async def close(self) -> None:
+        if self._checkpointer is not None:
+            checkpointer, self._checkpointer = self._checkpointer, None
+            await anyio.to_thread.run_sync(checkpointer.stop)
         if self._db is not None:
             db, self._db = self._db, None
             await db.close()
@@ -224,6 +315,12 @@ class Ledger:
         """Call `listener(events)` after each commit in this process. Returns an unsubscribe function."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _configure(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA journal_mode = WAL")  # under the connect timeout: another process may be writing
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")  # `_Checkpointer` does it, off the loop
+        conn.execute("PRAGMA busy_timeout = 0")  # never wait for a lock on the loop's thread: `_run` retries
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection) -> None:
@@ -245,11 +342,51 @@ class Ledger:
     # -- the one write path ------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` in the database thread (aiosqlite's worker), retrying it while SQLite's lock is busy.
+
+        So `fn` must be safe to run again after SQLITE_BUSY: a read, or a transaction begun with
+        `BEGIN IMMEDIATE` (which rolls back on any error).
+        """
         if self._db is None:
             raise LedgerError("ledger is not open")
-        # One hop to the database thread for the whole unit of work (aiosqlite's worker).
         db = self._db
-        return await db._execute(fn, db._conn)  # type: ignore[no-untyped-call,no-any-return]
+        return await db._execute(self._retrying, fn, db._conn)  # type: ignore[no-untyped-call,no-any-return]
+
+    def _retrying(self, fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
+        deadline = time.monotonic() + self._busy_timeout_ms / 1000
+        pause = 0.001
+        while True:
+            with self._lock:
+                try:
+                    return fn(conn)
+                except sqlite3.OperationalError as e:
+                    if not _busy(e) or time.monotonic() >= deadline:
+                        raise
+            time.sleep(pause)  # without the connection: quick reads go on at once meanwhile
+            pause = min(pause * 2, 0.05)
+
+    async def _unit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a quick unit of work, at once on this thread if the connection and SQLite's lock are free,
+        else in the database thread (see the module docstring). A cancellation point before it runs."""
+        if self._db is None:
+            raise LedgerError("ledger is not open")
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if self._lock.acquire(blocking=False):
+            done = False
+            try:
+                result = fn(self._db._conn)  # type: ignore[arg-type]
+                done = True
+            except sqlite3.OperationalError as e:
+                if not _busy(e):
+                    raise
+            finally:
+                self._lock.release()
+            if done:
+                self._units_at_once += 1
+                if self._units_at_once % YIELD_EVERY == 0:
+                    await anyio.lowlevel.cancel_shielded_checkpoint()  # let the other tasks run now and then
+                return result
+        return await self._run(fn)
 
     async def transaction(self, body: Callable[[Tx], T]) -> T:
         """Run `body(tx)` inside one `BEGIN IMMEDIATE` transaction; announce its events after commit.
@@ -262,6 +399,7 @@ class Ledger:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = body(tx)
+                tx.write_head()
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -270,9 +408,12 @@ class Ledger:
             return result, tx.appended
 
         try:
-            result, events = await self._run(unit)
+            result, events = await self._unit(unit)
         except (sqlite3.Error, OSError) as e:
             raise LedgerError(f"ledger write failed: {e}") from e
+        self._commits += 1
+        if self._commits % CHECKPOINT_EVERY == 0 and self._checkpointer is not None:
+            self._checkpointer.request()
         if events:
             for listener in list(self._listeners):
                 listener(events)
@@ -343,32 +484,45 @@ class Ledger:
         A call already in a terminal state never moves again: that is what makes a terminal event unique.
         """
         allowed = [s for s in from_states if s not in TERMINAL_STATES]
+        if not allowed:
+            return False
+        columns: dict[str, Any] = {}
+        if holder is not None:
+            columns["holder"] = holder
+        if outcome_reason is not None:
+            columns["outcome_reason"] = outcome_reason
+        sets = "".join(f", {k} = ?" for k in columns)
+        # One conditional update: it moves the call only from an allowed state, and says whether it did.
+        sql = f"UPDATE calls SET state = ?, updated = ?{sets} WHERE id = ? AND state IN ({','.join('?' * len(allowed))})"
 
-        def body(tx: Tx, row: sqlite3.Row | None) -> bool:
-            if row is None or row["state"] not in allowed:
+        def body(tx: Tx) -> bool:
+            if tx.conn.execute(sql, (to_state, tx.now, *columns.values(), call_id, *allowed)).rowcount != 1:
                 return False
-            columns: dict[str, Any] = {}
-            if holder is not None:
-                columns["holder"] = holder
-            if outcome_reason is not None:
-                columns["outcome_reason"] = outcome_reason
-            tx.set_state(call_id, to_state, **columns)
             tx.append(event_kind, call_id, payload)
             return True
 
-        return await self.mutate_call(call_id, body)
+        return await self.transaction(body)
 
     # -- queries -----------------------------------------------------------------------------------
 
-    async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        return await self._run(lambda conn: list(conn.execute(sql, params)))
+    async def _read(self, fn: Callable[[sqlite3.Connection], T], *, long: bool = False) -> T:
+        """A read: at once when quick (indexed lookups), in the database thread when `long`."""
+        try:
+            return await (self._run(fn) if long else self._unit(fn))
+        except sqlite3.Error as e:
+            raise LedgerError(f"cannot read ledger: {e}") from e
+
+    async def _query(self, sql: str, params: Sequence[Any] = (), *, long: bool = False) -> list[sqlite3.Row]:
+        return await self._read(lambda conn: list(conn.execute(sql, params)), long=long)
 
     async def get_call(self, call_id: str) -> RequestView | None:
-        rows = await self._query("SELECT * FROM calls WHERE id = ?", (call_id,))
-        if not rows:
-            return None
-        votes = await self._query("SELECT * FROM votes WHERE call_id = ? ORDER BY ts", (call_id,))
-        return row_to_view(rows[0], votes)
+        def read(conn: sqlite3.Connection) -> RequestView | None:
+            row = conn.execute("SELECT * FROM calls WHERE id = ?", (call_id,)).fetchone()
+            if row is None:
+                return None
+            return row_to_view(row, conn.execute("SELECT * FROM votes WHERE call_id = ? ORDER BY ts", (call_id,)))
+
+        return await self._read(read)
 
     async def call_states(self, call_ids: Sequence[str]) -> dict[str, str]:
         if not call_ids:
@@ -380,30 +534,29 @@ class Ledger:
     async def list_calls(self, states: Iterable[str] = ("pending",), limit: int = 200) -> list[RequestView]:
         wanted = list(states)
         marks = ",".join("?" * len(wanted))
-        rows = await self._query(
-            f"SELECT * FROM calls WHERE state IN ({marks}) ORDER BY created DESC LIMIT ?", [*wanted, int(limit)]
-        )
-        out = []
-        for row in rows:
-            votes = await self._query("SELECT * FROM votes WHERE call_id = ? ORDER BY ts", (row["id"],))
-            out.append(row_to_view(row, votes))
-        return out
+        sql = f"SELECT * FROM calls WHERE state IN ({marks}) ORDER BY created DESC LIMIT ?"
+        return await self._read(lambda conn: _with_votes(conn, list(conn.execute(sql, [*wanted, int(limit)]))),
+                                long=True)
 
     async def find_open(self, principal: str, tool: str, args_hash: str) -> RequestView | None:
         """An open (pending or approved) request for the same principal, tool and arguments, if any."""
-        rows = await self._query(
-            "SELECT * FROM calls WHERE principal = ? AND tool = ? AND args_hash = ? AND state IN ('pending','approved')"
-            " ORDER BY created LIMIT 1",
-            (principal, tool, args_hash),
-        )
-        if not rows:
-            return None
-        votes = await self._query("SELECT * FROM votes WHERE call_id = ? ORDER BY ts", (rows[0]["id"],))
-        return row_to_view(rows[0], votes)
+
+        def read(conn: sqlite3.Connection) -> RequestView | None:
+            row = conn.execute(
+                "SELECT * FROM calls WHERE principal = ? AND tool = ? AND args_hash = ?"
+                " AND state IN ('pending','approved') ORDER BY created LIMIT 1",
+                (principal, tool, args_hash),
+            ).fetchone()
+            if row is None:
+                return None
+            return row_to_view(row, conn.execute("SELECT * FROM votes WHERE call_id = ? ORDER BY ts", (row["id"],)))
+
+        return await self._read(read)
 
     async def events(self, call_id: str | None = None, *, after_seq: int = 0, limit: int = 10_000) -> list[Event]:
         if call_id is None:
-            rows = await self._query("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit))
+            rows = await self._query("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit),
+                                     long=True)
         else:
             rows = await self._query(
                 "SELECT * FROM events WHERE call_id = ? AND seq > ? ORDER BY seq LIMIT ?", (call_id, after_seq, limit)
@@ -425,14 +578,7 @@ class Ledger:
                 "since": where.since, "until": where.until, "limit": max(1, int(limit)),
                 "before_created": before[0] if before else None, "before_id": before[1] if before else None,
             }
-            rows = list(conn.execute(_SEARCH_CALLS, params))
-            ids = json.dumps([r["id"] for r in rows])
-            votes: dict[str, list[sqlite3.Row]] = {}
-            for v in conn.execute(
-                "SELECT * FROM votes WHERE call_id IN (SELECT value FROM json_each(?)) ORDER BY ts", (ids,)
-            ):
-                votes.setdefault(v["call_id"], []).append(v)
-            return [row_to_view(r, votes.get(r["id"], ())) for r in rows]
+            return _with_votes(conn, list(conn.execute(_SEARCH_CALLS, params)))
 
         try:
             return await self._run(run)
@@ -441,9 +587,10 @@ class Ledger:
 
     async def call_facets(self, limit: int = 200) -> dict[str, list[str]]:
         """The distinct tools, principals and reviewing people seen, for search suggestions."""
-        tools = await self._query("SELECT DISTINCT tool FROM calls ORDER BY tool LIMIT ?", (limit,))
-        principals = await self._query("SELECT DISTINCT principal FROM calls ORDER BY principal LIMIT ?", (limit,))
-        people = await self._query("SELECT DISTINCT person FROM votes ORDER BY person LIMIT ?", (limit,))
+        tools = await self._query("SELECT DISTINCT tool FROM calls ORDER BY tool LIMIT ?", (limit,), long=True)
+        principals = await self._query("SELECT DISTINCT principal FROM calls ORDER BY principal LIMIT ?", (limit,),
+                                       long=True)
+        people = await self._query("SELECT DISTINCT person FROM votes ORDER BY person LIMIT ?", (limit,), long=True)
         return {"tools": [r[0] for r in tools], "principals": [r[0] for r in principals],
                 "reviewers": [r[0] for r in people]}
 
@@ -498,6 +645,15 @@ class Ledger:
 
     async def remove_instance(self, instance_id: str) -> None:
         await self.transaction(lambda tx: tx.conn.execute("DELETE FROM instances WHERE id = ?", (instance_id,)))
+
+
+def _with_votes(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[RequestView]:
+    """Views of `rows` with their votes, read in one query."""
+    ids = json.dumps([r["id"] for r in rows])
+    votes: dict[str, list[sqlite3.Row]] = {}
+    for v in conn.execute("SELECT * FROM votes WHERE call_id IN (SELECT value FROM json_each(?)) ORDER BY ts", (ids,)):
+        votes.setdefault(v["call_id"], []).append(v)
+    return [row_to_view(r, votes.get(r["id"], ())) for r in rows]
 
 
 def row_to_event(row: sqlite3.Row) -> Event:

@@ -53,7 +53,7 @@ def render(status: int, view: RequestView | None, *, notice: str | None = None, 
     if view is not None:
         if (outcome := outcome_text(view)) is not None:
             parts.append(f"<p><strong>{esc(outcome)}</strong></p>")
-        rows = "".join(f"<tr><th>{esc(label)}</th><td>{esc(value)}</td></tr>" for label, value in request_facts(view))
+        rows = "".join(f"<tr><th>{esc(label)}</th><td>{esc(value)}</td></tr>" for label, value in request_facts(view, True))
         parts.append(f"<table>{rows}</table><h2>Arguments (secrets masked)</h2><pre>{esc(arguments_text(view))}</pre>")
         if nonce is not None and view.state == "pending":
             parts.append(

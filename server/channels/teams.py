@@ -25,7 +25,7 @@ import anyio
 
 try:
     from microsoft_teams.api.activities.invoke.adaptive_card import AdaptiveCardInvokeActivity
-    from microsoft_teams.api.models.adaptive_card import AdaptiveCardActionCardResponse
+    from microsoft_teams.cards import AdaptiveCard
 except ModuleNotFoundError as e:  # the optional `teams` extra is not installed
     from server.errors import ConfigError
 
@@ -38,7 +38,7 @@ from starlette.routing import BaseRoute, Route
 from server.channels import teams_cards as ui
 from server.channels.decision_link import LinkSigner, ensure_link_secret
 from server.channels.decision_page import decision_routes
-from server.channels.teams_auth import BotFrameworkAuth
+from server.channels.teams_auth import BotFrameworkAuth, reviewer_identity
 from server.channels.teams_config import TeamsConfig, TeamsSecrets, load_teams
 from server.channels.teams_connector import BotConnector, BotToken, RetryPolicy, post_webhook
 from server.channels.web import submit_verdict
@@ -55,27 +55,8 @@ MESSAGES_PATH = "/teams/messages"
 MAX_ACTIVITY_BYTES = 256 * 1024
 UPDATE_KINDS = frozenset({"vote", "approval.granted", "execution.started", *TERMINAL_STATES})
 WEBHOOK_FOLLOW_UPS = frozenset({"approval.granted", "denied", "expired", "cancelled", "failed", "abandoned"})
+MAX_UPDATE_RETRIES = 5
 _BACKGROUND: set[asyncio.Task[None]] = set()
-
-
-def reviewer_identity(invoke: AdaptiveCardInvokeActivity) -> str | None:
-    """`teams:<tenant>/<aad-object-id>`, lower-cased, or None when the activity does not say who clicked."""
-    oid = invoke.from_.aad_object_id
-    channel_tenant = invoke.channel_data.tenant.id if invoke.channel_data and invoke.channel_data.tenant else None
-    tenants = {t.lower() for t in (invoke.conversation.tenant_id, channel_tenant) if t}
-    if not oid or len(tenants) != 1:
-        return None
-    return f"teams:{tenants.pop()}/{oid.lower()}"
-
-
-def card_response(card: Any) -> JSONResponse:
-    body = AdaptiveCardActionCardResponse(value=card).model_dump(mode="json", by_alias=True, exclude_none=True)
-    return JSONResponse(body)
-
-
-def error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"statusCode": status, "type": "application/vnd.microsoft.error",
-                         "value": {"code": "BadRequest" if status < 500 else "InternalError", "message": message}})
 
 
 class TeamsChannel:
@@ -101,6 +82,7 @@ class TeamsChannel:
         self._cards: dict[str, tuple[str, str]] = {}  # request id -> (conversation id, activity id)
         self._sent: dict[str, str] = {}  # request id -> digest of the card last sent
         self._local: dict[int, Event] = {}  # changes made in this process (webhook follow-ups)
+        self._retry: dict[str, int] = {}  # request id -> failed card updates so far (tried again next round)
         self._wake = anyio.Event()
         self._last_seq: int | None = None
 
@@ -168,6 +150,11 @@ class TeamsChannel:
             self._last_seq = e.seq
             if e.call_id is not None and e.kind in UPDATE_KINDS:
                 touched.setdefault(e.call_id, []).append(e)
+        for e in list(self._local.values()):  # reported after this follower had already passed them
+            if e.call_id is not None and e.seq <= self._last_seq:
+                touched.setdefault(e.call_id, [])
+        for request_id in list(self._retry):
+            touched.setdefault(request_id, [])
         for request_id, changes in touched.items():
             await self._refresh(request_id, changes)
         if len(events) == 1000:
@@ -181,7 +168,8 @@ class TeamsChannel:
         return self._cards.get(request_id)
 
     async def _refresh(self, request_id: str, changes: list[Event]) -> None:
-        local = [self._local.pop(e.seq) for e in changes if e.seq in self._local]
+        local = [self._local.pop(seq) for seq, e in list(self._local.items())
+                 if e.call_id == request_id and seq <= (self._last_seq or 0)]
         view = await self.ledger.get_call(request_id)
         if view is None:
             return
@@ -192,9 +180,13 @@ class TeamsChannel:
                 try:
                     await self.connector.update_card(card_ref[0], card_ref[1], card)
                     self._sent[request_id] = digest
+                    self._retry.pop(request_id, None)
                 except (ChannelError, ValueError, KeyError) as e:
                     log.warning("teams: could not update the card of %s: %s", request_id, e)
-            if view.state in TERMINAL_STATES:
+                    self._retry[request_id] = self._retry.get(request_id, 0) + 1
+            if self._retry.get(request_id, 0) > MAX_UPDATE_RETRIES:
+                self._retry.pop(request_id, None)
+            if view.state in TERMINAL_STATES and request_id not in self._retry:
                 self._cards.pop(request_id, None)
                 self._sent.pop(request_id, None)
         if self.config.webhook_url and local:
@@ -243,32 +235,41 @@ class TeamsChannel:
             log.warning("teams: refused an unauthenticated activity: %s", e)
             return JSONResponse({"error": str(e)}, status_code=401)
         if activity.get("type") != "invoke" or activity.get("name") != "adaptiveCard/action":
+            conversation = activity.get("conversation") or {}
+            log.info("teams: %s activity in conversation %s (serviceUrl %s)", activity.get("type"),
+                     conversation.get("id") if isinstance(conversation, dict) else None, activity.get("serviceUrl"))
             return Response(status_code=200)  # installs, messages, conversation updates: nothing to do
         try:
             invoke = AdaptiveCardInvokeActivity.model_validate(activity)
         except ValidationError:
-            return error_response(400, "not an Adaptive Card action keyturn understands")
+            return JSONResponse(ui.invoke_error(400, "not an Adaptive Card action keyturn understands"))
+        try:
+            return JSONResponse(await self._on_action(invoke))
+        except LedgerError as e:
+            return JSONResponse(ui.invoke_error(500, f"the ledger is unavailable, nothing was decided: {e}"))
+
+    async def _on_action(self, invoke: AdaptiveCardInvokeActivity) -> dict[str, Any]:
+        """Report the click as a verdict with the verified identity; answer with the card redrawn for the clicker."""
         data = invoke.value.action.data
         verdict = {ui.APPROVE_VERB: "approve", ui.DENY_VERB: "deny"}.get(invoke.value.action.verb or "")
-        request_id = data.get("request_id")
+        request_id, reason = data.get("request_id"), data.get(ui.REASON_INPUT)
         if verdict is None or not isinstance(request_id, str):
-            return error_response(400, "not a keyturn action")
-        identity = reviewer_identity(invoke)
+            return ui.invoke_error(400, "not a keyturn action")
         view = await self.ledger.get_call(request_id)
         if view is None:
-            return error_response(404, f"keyturn has no request {request_id}")
+            return ui.invoke_error(404, f"keyturn has no request {request_id}")
+        identity = reviewer_identity(invoke)
         if identity is None:
-            return card_response(ui.request_card(view, notice="Teams did not say who you are, so nothing was counted."))
-        reason = data.get(ui.REASON_INPUT)
+            return ui.invoke_card(ui.request_card(view, notice="Teams did not say who you are; nothing was counted."))
         outcome = await submit_verdict(self.kt, request_id, identity, "approve" if verdict == "approve" else "deny",
                                        (reason.strip() or None) if isinstance(reason, str) else reason, channel="teams")
         view = await self.ledger.get_call(request_id) or view
         notice = (f"You {'approved' if verdict == 'approve' else 'denied'}: {outcome.message}." if outcome.accepted
                   else f"Your vote was not counted: {outcome.message}")
-        return card_response(ui.request_card(view, notice=notice, notice_ok=outcome.accepted))
+        return ui.invoke_card(ui.request_card(view, notice=notice, notice_ok=outcome.accepted))
 
 
-def _digest(card: Any) -> str:
+def _digest(card: AdaptiveCard) -> str:
     return hashlib.sha256(json.dumps(ui.card_json(card), sort_keys=True).encode()).hexdigest()
 
 

@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -26,6 +26,9 @@ import httpx
 import jwt
 
 from server.errors import AuthError, ConfigError
+
+if TYPE_CHECKING:
+    from microsoft_teams.api.activities.invoke.adaptive_card import AdaptiveCardInvokeActivity
 
 BOT_FRAMEWORK_OPENID = "https://login.botframework.com/v1/.well-known/openidconfiguration"
 BOT_FRAMEWORK_ISSUER = "https://api.botframework.com"
@@ -140,3 +143,17 @@ async def _get_json(http: httpx.AsyncClient, url: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{url} did not return a JSON object")
     return data
+
+
+def reviewer_identity(invoke: AdaptiveCardInvokeActivity) -> str | None:
+    """`teams:<tenant>/<aad-object-id>`, lower-cased, or None when the activity does not say who clicked.
+
+    The tenant is `conversation.tenantId` and `channelData.tenant.id`; if both are given they must agree.
+    The activity body is trusted because its JWT was verified (only the Bot Connector can send it).
+    """
+    oid = invoke.from_.aad_object_id
+    channel_tenant = invoke.channel_data.tenant.id if invoke.channel_data and invoke.channel_data.tenant else None
+    tenants = {t.lower() for t in (invoke.conversation.tenant_id, channel_tenant) if t}
+    if not oid or len(tenants) != 1:
+        return None
+    return f"teams:{tenants.pop()}/{oid.lower()}"

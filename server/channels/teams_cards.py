@@ -15,6 +15,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from microsoft_teams.api.models.adaptive_card import AdaptiveCardActionCardResponse
 from microsoft_teams.cards import (
     AdaptiveCard,
     CardElement,
@@ -50,12 +51,13 @@ TITLE_COLORS: dict[str, TextColor] = {"pending": "Warning", "approved": "Good", 
                 "denied": "Attention", "failed": "Attention"}
 
 
-def format_time(ts: float | None) -> str:
+def format_time(ts: float | None, relative: bool = False) -> str:
+    """An absolute UTC time (cards stay as sent, so they cannot say "in 5 min"); `relative` for live pages."""
     if ts is None:
         return "never"
     when = datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     left = int(ts - time.time())
-    return f"{when} (in {left // 60} min {left % 60} s)" if left > 0 else when
+    return f"{when} (in {left // 60} min {left % 60} s)" if relative and left > 0 else when
 
 
 def arguments_text(view: RequestView) -> str:
@@ -102,7 +104,7 @@ def outcome_text(view: RequestView) -> str | None:
     return f"{OUTCOME_TITLES.get(view.state, view.state)}" + (f": {view.outcome_reason}" if view.outcome_reason else "")
 
 
-def request_facts(view: RequestView) -> list[tuple[str, str]]:
+def request_facts(view: RequestView, relative: bool = False) -> list[tuple[str, str]]:
     """(label, value) pairs shown on every surface, in order."""
     rules = "; ".join(f"{r.get('id')}: {r.get('reason')}" for r in view.rules) or (view.reason or "-")
     return [
@@ -112,7 +114,7 @@ def request_facts(view: RequestView) -> list[tuple[str, str]]:
         ("Rules", rules),
         ("Needs", quorum_text(view)),
         ("Votes", votes_text(view)),
-        ("Expires", format_time(view.expires)),
+        ("Expires", format_time(view.expires, relative)),
         ("Request", view.id),
     ]
 
@@ -159,3 +161,15 @@ def request_card(view: RequestView, *, notice: str | None = None, notice_ok: boo
 def card_json(card: AdaptiveCard) -> dict[str, Any]:
     dumped: dict[str, Any] = card.model_dump(mode="json", by_alias=True, exclude_none=True)
     return dumped
+
+
+def invoke_card(card: AdaptiveCard) -> dict[str, Any]:
+    """The `adaptiveCard/action` invoke response that redraws the card for the reviewer who clicked."""
+    body: dict[str, Any] = AdaptiveCardActionCardResponse(value=card).model_dump(
+        mode="json", by_alias=True, exclude_none=True)
+    return body
+
+
+def invoke_error(status: int, message: str) -> dict[str, Any]:
+    return {"statusCode": status, "type": "application/vnd.microsoft.error",
+            "value": {"code": "BadRequest" if status < 500 else "InternalError", "message": message}}

@@ -75,7 +75,7 @@ class Targets:
                 needle = f"{host}:{p}" if p is not None else f"//{host}"
                 if needle in lowered or (":" in host and f"[{host}]:{p}" in lowered):
                     return f"mentions keyturn endpoint {needle}"
-        m = _CLI_VERBS.search(text)
+        m = _CLI_VERBS.search(text) if "keyturn" in lowered else None
         if m:
             return f"mentions the keyturn CLI ({m.group(0)[:60]})"
         return None

@@ -77,6 +77,9 @@ _REDIRECTS = ("<<<", "<<-", "<<", ">>", "&>>", "&>", ">&", "<&", ">|", "<>", ">"
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 _FORK_BOMB = re.compile(r":\s*\(\s*\)\s*\{\s*:\s*\|\s*:\s*&\s*\}\s*;\s*:")
 _MAX_DEPTH = 8
+_MAX_CHARS = 65536  # longer command lines are not lexed (a reviewer could not read them either)
+_ROUGH_TOKENS = re.compile(r"&&|\|\||[;|&\n]|[^\s;|&]+")
+_PLAIN = re.compile(r"[^\s'\"\\`$<>&|;()]+")
 _MAX_COMMANDS = 200
 
 
@@ -151,12 +154,16 @@ def _script(text: str, facts: dict[str, Any], depth: int) -> None:
     if _FORK_BOMB.search(text):
         facts["dangerous"].append("fork-bomb")
     try:
+        if len(text) > _MAX_CHARS:
+            raise ShellSyntaxError(f"command longer than {_MAX_CHARS} characters is not analysed")
         lexed = lex(text)
     except ShellSyntaxError as e:
         facts["unparseable"] = True
         facts["errors"].append(str(e))
         # Still look at the words we can see: an unterminated quote must not hide `rm -rf /`.
-        lexed = _Lexed(tokens=[("word", w) for w in text.replace(";", " ; ").split()])
+        lexed = _Lexed(
+            tokens=[("op" if w in _OPERATORS or w == "\n" else "word", w) for w in _ROUGH_TOKENS.findall(text)]
+        )
     fetched: list[str] = []  # substitutions whose output comes from the network
     for sub in lexed.substitutions:
         facts["subshell"] = True
@@ -413,7 +420,7 @@ def lex(text: str) -> _Lexed:
             word.append(text[i : j + 1])
             in_word = True
             i = j + 1
-        else:
+        elif c in "<>&|;()":
             op = next((o for o in _REDIRECTS if text.startswith(o, i)), None)
             if op is not None:
                 if in_word and "".join(word).isdigit():
@@ -423,15 +430,16 @@ def lex(text: str) -> _Lexed:
                 out.tokens.append(("redir", op))
                 i += len(op)
                 continue
-            op = next((o for o in _OPERATORS if text.startswith(o, i)), None)
-            if op is not None:
-                end_word()
-                out.tokens.append(("op", op))
-                i += len(op)
-                continue
-            word.append(c)
+            op = next((o for o in _OPERATORS if text.startswith(o, i)), "&")
+            end_word()
+            out.tokens.append(("op", op))
+            i += len(op)
+        else:
+            m = _PLAIN.match(text, i)
+            end = m.end() if m else i + 1
+            word.append(text[i:end])
             in_word = True
-            i += 1
+            i = end
     end_word()
     return out
 

@@ -94,6 +94,7 @@ DANGEROUS_FUNCTIONS = frozenset({
 _EXECUTABLE_COMMENT = re.compile(r"/\*[!+]")  # MySQL `/*! ... */` runs; Oracle `/*+` hints
 _WORD = re.compile(r"[A-Za-z_]+")
 _CACHE_MAX_CHARS = 16384
+_MAX_CHARS = 65536  # sqlglot parses ~100 KB/s; longer SQL is unparseable (a reviewer could not read it either)
 
 
 def empty() -> dict[str, Any]:
@@ -148,6 +149,8 @@ def _classify(texts: list[str], dialect: str | None) -> dict[str, Any]:
             facts["unparseable"] = True
             facts["errors"].append("executable comment (/*! or /*+) is not analysed")
         try:
+            if len(text) > _MAX_CHARS:
+                raise ValueError(f"SQL longer than {_MAX_CHARS} characters is not analysed")
             statements = [s for s in sqlglot.parse(text, read=dialect) if isinstance(s, exp.Expression)]
         except (SqlglotError, RecursionError, ValueError) as e:
             facts["unparseable"] = True

@@ -30,6 +30,8 @@ def cmd_check(path: Path, settings: Settings | None = None, *, out: TextIO | Non
         _print_errors(e, out or sys.stderr)
         return 1
     out = out or sys.stdout
+    for warning in policy.warnings:
+        print(f"warning: {warning}", file=out)
     checked = "checked against the configured people and groups" if settings else "people and groups not checked"
     print(f"ok: {len(policy.rules)} rules, digest {policy.digest} ({checked})", file=out)
     return 0
@@ -133,7 +135,8 @@ def render_explain(trace: Mapping[str, Any]) -> str:
     review = d.get("review")
     if review:
         groups = ", ".join(
-            f"{g['quorum']} from {'any reviewer' if not g['members'] else ' '.join(g['members'])}" for g in review["groups"]
+            f"{g['quorum']} from {'any reviewer' if not g['members'] else ' '.join(g['members'])}"
+            for g in review["groups"]
         )
         extra = "; reason required" if review["require_reason"] else ""
         lines.append(f"review    {groups}; timeout {_duration(review['timeout_s'])}{extra}")

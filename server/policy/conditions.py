@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import cel
+from cel.stdlib import STDLIB_FUNCTIONS
 
 from server.classify import empty_facts
 
@@ -54,6 +55,14 @@ def _upper(value: str) -> str:
 
 
 FUNCTIONS: dict[str, Callable[..., Any]] = {"glob": _glob, "lower": _lower, "upper": _upper}
+# cel-go's extension libraries (split, join, math.greatest, sets.contains ...), registered only where used
+AVAILABLE: dict[str, Callable[..., Any]] = {**STDLIB_FUNCTIONS, **FUNCTIONS}
+NATIVE_FUNCTIONS = frozenset({
+    "size", "contains", "startsWith", "endsWith", "matches", "int", "uint", "double", "string", "bytes",
+    "timestamp", "duration", "dyn", "type", "has", "all", "exists", "exists_one", "map", "filter",
+    "getFullYear", "getMonth", "getDayOfYear", "getDayOfMonth", "getDate", "getDayOfWeek", "getHours",
+    "getMinutes", "getSeconds", "getMilliseconds",
+})  # fmt: skip
 
 
 class ConditionError(ValueError):
@@ -75,6 +84,8 @@ class Condition:
     compiled: str  # what was compiled: fact references flattened, `vars.x` inlined as literals
     program: Any  # cel.Program
     slots: tuple[Slot, ...]
+    functions: tuple[tuple[str, Callable[..., Any]], ...] = ()  # Python functions it calls
+    unknown_functions: tuple[str, ...] = ()  # neither CEL's nor ours: will fail (closed) at call time
 
     def evaluate(self, context: Any) -> Any:
         return self.program.execute(context)
@@ -105,8 +116,17 @@ def compile_condition(source: str, variables: Mapping[str, Any] | None = None) -
             pass  # an expression the rewrite does not understand: evaluate it as written
         else:
             rest = set(flat_program.variables()) & VARIABLES
-            return Condition(source, flat, flat_program, (*slots, *((n, (n,)) for n in sorted(rest))))
-    return Condition(source, source, program, tuple((n, (n,)) for n in sorted(names & VARIABLES)))
+            slots = (*slots, *((n, (n,)) for n in sorted(rest)))
+            return Condition(source, flat, flat_program, slots, *_functions(flat_program))
+    slots = tuple((n, (n,)) for n in sorted(names & VARIABLES))
+    return Condition(source, source, program, slots, *_functions(program))
+
+
+def _functions(program: Any) -> tuple[tuple[tuple[str, Callable[..., Any]], ...], tuple[str, ...]]:
+    called = {f for f in program.functions() if not f.startswith(("_", "@", "!"))}
+    needed = tuple((n, f) for n, f in AVAILABLE.items() if n.rsplit(".", 1)[-1] in called)
+    provided = {n.rsplit(".", 1)[-1] for n, _ in needed}
+    return needed, tuple(sorted(called - provided - NATIVE_FUNCTIONS))
 
 
 def _flatten(source: str, variables: Mapping[str, Any]) -> tuple[str, tuple[Slot, ...]]:
@@ -121,6 +141,7 @@ def _flatten(source: str, variables: Mapping[str, Any]) -> tuple[str, tuple[Slot
     def fact(m: re.Match[str]) -> str:
         family, field_ = m.group(1), m.group(2)
         shape = FACT_SHAPE.get(family)
+        path: tuple[str, ...]
         if field_ and isinstance(shape, dict) and field_ in shape:
             name, path = f"facts__{family}__{field_}", ("facts", family, field_)
         elif shape is not None:

@@ -7,7 +7,8 @@ Semantics, in one place:
 - no match: the policy's default outcome and risk;
 - a condition that errors fails closed: a deny/review rule counts as matched ("condition error"),
   an allow rule counts as not matched; either way the error is in the decision's facts;
-- annotations may raise risk (a destructive tool is at least high), never lower it.
+- annotations may raise risk, never lower it: a call no rule matches, of a tool that declares itself
+  destructive, is at least high (a matched rule's risk is the policy's own, more precise, word).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from server.models import (
     RiskLevel,
     ToolCall,
 )
-from server.policy.conditions import FACT_SHAPE, FUNCTIONS, Condition, Template
+from server.policy.conditions import FACT_SHAPE, Condition, Template
 
 _GLOB_CHARS = frozenset("*?[")
 _CACHE_LIMIT = 4096
@@ -115,6 +116,12 @@ class CompiledPolicy:
                 for tool in rule.tools:
                     self._exact.setdefault(tool, []).append(rule)
         self._cache: dict[str, tuple[CompiledRule, ...]] = {}
+        self.warnings: tuple[str, ...] = tuple(
+            f"rule {r.id!r} (line {r.line}): unknown function {name!r}: the condition will fail (closed) at call time"
+            for r in rules
+            if r.condition is not None
+            for name in r.condition.unknown_functions
+        )
 
     def __repr__(self) -> str:
         return f"CompiledPolicy({self.source!r}, rules={len(self.rules)}, digest={self.digest[:12]})"
@@ -184,7 +191,10 @@ class CompiledPolicy:
             elif trace is not None:
                 trace[rule.index] = {"considered": True, "matched": False, "why": why}
         activation = self._activation(call, full, now, live)
-        context = cel.Context(variables=activation, functions=FUNCTIONS) if activation is not None else None
+        context = None
+        if activation is not None:
+            functions = {n: f for r in live if r.condition is not None for n, f in r.condition.functions}
+            context = cel.Context(variables=activation, functions=functions)
         matches: list[_Match] = []
         errors: list[dict[str, str]] = []
         for rule in live:
@@ -219,10 +229,12 @@ class CompiledPolicy:
     ) -> dict[str, Any] | None:
         """Only the values the live rules read: converting values into CEL is the expensive part."""
         slots: dict[str, tuple[str, ...]] = {}
+        conditions = False
         for rule in live:
             if rule.condition is not None:
+                conditions = True
                 slots.update(rule.condition.slots)
-        if not slots:
+        if not conditions:
             return None
         full = _full_activation(call, facts, now, self.vars)
         out: dict[str, Any] = {}
@@ -255,8 +267,9 @@ class CompiledPolicy:
             outcome, risk = self.default_outcome, self.default_risk
             reason = f"no rule matched: the policy default is {outcome}"
             specs = [self.default_review]
-        if facts.get("annotations", {}).get("destructive") is True and RISK_ORDER[risk] < RISK_ORDER["high"]:
-            risk = "high"
+            if facts.get("annotations", {}).get("destructive") is True and RISK_ORDER[risk] < RISK_ORDER["high"]:
+                # No rule speaks for this call: the tool's own word that it is destructive raises the default.
+                risk = "high"
         return Decision(
             outcome=outcome,
             risk=risk,

@@ -29,6 +29,7 @@ from server.policy.engine import CompiledPolicy, CompiledRule
 
 Loc = tuple[str | int, ...]
 _MAX_NODES = 200_000
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: same nodes, 10x faster
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _ALL_FIELDS = sorted(
     {
@@ -305,7 +306,7 @@ class _Builder:
 def read_yaml(text: str, source: str) -> tuple[Any, dict[Loc, int]]:
     """Parse YAML into plain data plus a map from each path (("rules", 0, "when")) to its line number."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_YAML_LOADER)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         raise PolicyError(

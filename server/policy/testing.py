@@ -6,6 +6,7 @@ context:                              # optional: what the classifiers know abou
   roots: [/srv/agent]
   keyturn_paths: [/var/lib/keyturn/keyturn.db]
   keyturn_urls: ["http://127.0.0.1:8765"]
+now: 2025-03-12T10:00:00Z             # optional: the time the calls are made (per case too)
 cases:
   - name: a plain SELECT runs without asking
     tool: sql_query
@@ -33,37 +34,40 @@ from server.models import Decision, Outcome, RiskLevel, ToolCall
 from server.policy.engine import CompiledPolicy
 from server.policy.loader import load_policy, read_yaml
 
+# What the shipped tool packs (tools/*.py) declare, so tests and `policy explain` need not load them.
 KNOWN_TOOL_CLASSIFIERS: dict[str, dict[str, str]] = {
     "sql_query": {"query": "sql"},
     "sql_execute": {"statement": "sql"},
     "sql_export": {"query": "sql", "path": "path"},
     "shell_run": {"command": "shell", "argv": "argv", "cwd": "path"},
     "files_read": {"path": "path"},
-    "files_write": {"path": "path"},
+    "files_write": {"path": "path", "content": "size"},
     "files_move": {"source": "path", "destination": "path"},
     "files_delete": {"path": "path"},
-    "http_request": {"url": "url"},
-    "secrets_rotate": {"value": "secret"},
+    "http_request": {"url": "url", "headers": "secret", "body": "size"},
+    "secrets_rotate": {},
     "secrets_metadata": {},
     "secrets_read": {},
     "keyturn_status": {},
     "keyturn_cancel": {},
 }
+_READ = {"readOnlyHint": True, "openWorldHint": False}
+_CHANGE = {"readOnlyHint": False, "destructiveHint": True, "openWorldHint": False}
 KNOWN_TOOL_ANNOTATIONS: dict[str, dict[str, Any]] = {
-    "sql_query": {"readOnlyHint": True},
-    "sql_execute": {"readOnlyHint": False, "destructiveHint": False},
-    "sql_export": {"readOnlyHint": False},
-    "shell_run": {"readOnlyHint": False, "openWorldHint": True},
-    "files_read": {"readOnlyHint": True},
-    "files_write": {"readOnlyHint": False},
-    "files_move": {"readOnlyHint": False},
-    "files_delete": {"readOnlyHint": False, "destructiveHint": True},
-    "http_request": {"readOnlyHint": False, "openWorldHint": True},
-    "secrets_rotate": {"readOnlyHint": False},
-    "secrets_metadata": {"readOnlyHint": True},
-    "secrets_read": {"readOnlyHint": True},
-    "keyturn_status": {"readOnlyHint": True},
-    "keyturn_cancel": {"readOnlyHint": False},
+    "sql_query": _READ,
+    "sql_execute": {"destructiveHint": True, "openWorldHint": False},
+    "sql_export": {"readOnlyHint": False, "destructiveHint": False, "openWorldHint": False},
+    "shell_run": {**_CHANGE, "openWorldHint": True},
+    "files_read": _READ,
+    "files_write": _CHANGE,
+    "files_move": _CHANGE,
+    "files_delete": _CHANGE,
+    "http_request": {**_CHANGE, "openWorldHint": True},
+    "secrets_rotate": _CHANGE,
+    "secrets_metadata": _READ,
+    "secrets_read": _READ,
+    "keyturn_status": _READ,
+    "keyturn_cancel": {"readOnlyHint": False, "destructiveHint": False, "openWorldHint": False},
 }
 
 
@@ -89,6 +93,7 @@ class Case(_Strict):
     model: str | None = None
     classifiers: dict[str, str] | None = None
     annotations: dict[str, Any] | None = None
+    now: datetime | None = None  # the call's time (UTC when no zone is given); default: the suite's, else now
     expect: Expect
 
 
@@ -102,6 +107,7 @@ class SuiteContext(_Strict):
 class Suite(_Strict):
     policy: str
     context: SuiteContext = SuiteContext()
+    now: datetime | None = None
     cases: tuple[Case, ...]
 
 
@@ -146,7 +152,7 @@ def run_case(policy: CompiledPolicy, case: Case, ctx: ClassifyContext, *, now: d
         facts = extract_facts(call.tool, call.arguments, classifiers, call.annotations, ctx)
     except ClassifierError as e:
         return CaseResult(case.name, None, False, [f"classifier error: {e}"])
-    decision = policy.decide(call, facts, now=now)
+    decision = policy.decide(call, facts, now=case.now or now)
     return CaseResult(case.name, None, not (failures := check(decision, case.expect)), failures, decision)
 
 
@@ -217,7 +223,7 @@ def run_suite(path: Path, *, now: datetime | None = None) -> SuiteResult:
     )
     results = []
     for i, case in enumerate(suite.cases):
-        result = run_case(policy, case, ctx, now=now)
+        result = run_case(policy, case, ctx, now=now or suite.now)
         result.line = lines.get(("cases", i))
         results.append(result)
     return SuiteResult(Path(path), policy_path, results)

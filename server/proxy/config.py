@@ -38,7 +38,7 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Built-in classifiers for well-known servers, by the name the server gives itself in `initialize`.
 # Keys are tool-name globs; configured classifiers override these argument by argument.
 BUILTIN_CLASSIFIERS: dict[str, dict[str, dict[str, str]]] = {
-    "mcp-git": {"*": {"repo_path": "path", "files": "path"}},  # PyPI mcp-server-git
+    "mcp-git": {"*": {"repo_path": "path"}},  # PyPI mcp-server-git (its `files` are relative to repo_path)
     "secure-filesystem-server": {  # npm @modelcontextprotocol/server-filesystem
         "*": {"path": "path", "paths": "path", "source": "path", "destination": "path"},
     },

@@ -67,8 +67,9 @@ class UpstreamTool:
         return await self.upstream.call(self.upstream_name, arguments, tool_progress.get())
 
     def to_mcp(self) -> types.Tool:
-        """The upstream's tool, as listed by the upstream, under the exposed name."""
-        return self.tool.model_copy(update={"name": self.name})
+        """The upstream's tool, as listed by the upstream, under the exposed name. Less `execution`: keyturn
+        forwards plain calls only, never task-augmented ones, whatever the upstream supports."""
+        return self.tool.model_copy(update={"name": self.name, "execution": None})
 
 
 def classifiers_for(config: UpstreamConfig, server_name: str | None, tool: types.Tool) -> dict[str, str]:

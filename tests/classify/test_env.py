@@ -7,7 +7,9 @@ import pytest
 from server.classify.env import classify_env
 
 
-@pytest.mark.parametrize("text", ["prod-db.internal", "DATABASE=production", "orders_prod", "deploy to PROD", "eu-prd-1"])
+@pytest.mark.parametrize(
+    "text", ["prod-db.internal", "DATABASE=production", "orders_prod", "deploy to PROD", "eu-prd-1"]
+)
 def test_production_is_named(text: str) -> None:
     assert classify_env([text], [])["prod"]
 

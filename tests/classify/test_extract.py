@@ -30,7 +30,13 @@ def test_facts_are_json_serialisable() -> None:
 
 def test_annotations_are_normalised() -> None:
     f = extract_facts("t", {}, {}, {"readOnlyHint": True, "destructiveHint": "yes", "title": "T"}, CTX)
-    assert f["annotations"] == {"read_only": True, "destructive": None, "idempotent": None, "open_world": None, "title": "T"}
+    assert f["annotations"] == {
+        "read_only": True,
+        "destructive": None,
+        "idempotent": None,
+        "open_world": None,
+        "title": "T",
+    }
 
 
 def test_an_unknown_classifier_kind_is_a_configuration_error() -> None:
@@ -80,7 +86,7 @@ hostile_text = st.sampled_from(
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     value=json_values | st.lists(hostile_text, max_size=8).map("".join),
-    kind=st.sampled_from(sorted(KINDS - {"sql"}) + ["sql", "sql:postgres"]),
+    kind=st.sampled_from([*sorted(KINDS - {"sql"}), "sql", "sql:postgres"]),
 )
 def test_extract_facts_never_raises_on_hostile_input(value: object, kind: str) -> None:
     f = extract_facts("t", {"x": value, "y": [value]}, {"x": kind}, {}, CTX)

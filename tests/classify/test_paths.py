@@ -83,7 +83,8 @@ def test_things_that_are_not_paths_are_unparseable(value: object, root: Path) ->
 
 
 @pytest.mark.parametrize(
-    "path", ["~/.ssh/id_rsa", "/home/a/.aws/credentials", "/srv/app/.env", "/etc/shadow", "/x/server.pem", "/root/.netrc"]
+    "path",
+    ["~/.ssh/id_rsa", "/home/a/.aws/credentials", "/srv/app/.env", "/etc/shadow", "/x/server.pem", "/root/.netrc"],
 )
 def test_credential_files_are_sensitive(path: str) -> None:
     assert classify_paths([("path", path)], ())["sensitive"]

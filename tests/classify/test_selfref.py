@@ -62,7 +62,9 @@ def test_another_local_port_is_not_keyturn(ctx: ClassifyContext) -> None:
 
 
 def test_curl_to_the_api_from_a_shell(ctx: ClassifyContext) -> None:
-    f = run(ctx, "shell_run", {"command": "curl -X POST http://localhost:8765/api/requests/1/approve"}, {"command": "shell"})
+    f = run(
+        ctx, "shell_run", {"command": "curl -X POST http://localhost:8765/api/requests/1/approve"}, {"command": "shell"}
+    )
     assert f["self_target"]
 
 

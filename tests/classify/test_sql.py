@@ -44,7 +44,12 @@ def test_a_delete_inside_a_cte_makes_the_select_a_delete() -> None:
 
 @pytest.mark.parametrize(
     "sql",
-    ["DELETE FROM orders", "DELETE FROM orders WHERE 1 = 1", "delete from orders where true", "DELETE FROM t WHERE 'a' = 'a'"],
+    [
+        "DELETE FROM orders",
+        "DELETE FROM orders WHERE 1 = 1",
+        "delete from orders where true",
+        "DELETE FROM t WHERE 'a' = 'a'",
+    ],
 )
 def test_delete_without_a_real_where(sql: str) -> None:
     assert facts(sql)["delete_without_where"]
@@ -126,3 +131,8 @@ def test_cached_results_are_independent_copies() -> None:
     first = facts("SELECT * FROM orders")
     first["kinds"].append("delete")
     assert facts("SELECT * FROM orders")["kinds"] == ["select"]
+
+
+def test_sql_too_long_to_review_is_unparseable() -> None:
+    f = facts("SELECT 1 UNION ALL " * 5000 + "SELECT 1")
+    assert f["unparseable"] and not f["read_only"] and "not analysed" in f["errors"][0]

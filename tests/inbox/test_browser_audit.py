@@ -8,7 +8,6 @@ import io
 import json
 import sqlite3
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -51,7 +50,7 @@ async def download(page: Any, name: str) -> str:
     async with page.expect_download() as info:
         await page.get_by_role("link", name=name).click()
     path = await (await info.value).path()
-    return Path(path).read_text(encoding="utf-8")
+    return await anyio.Path(path).read_text(encoding="utf-8")
 
 
 async def test_filter_the_audit_view_export_it_and_see_the_chain_verified(home: Home, page: Any) -> None:

@@ -38,9 +38,10 @@ async def test_session_cookie_flags_security_headers_and_the_secret_file(home: H
     await sign_in(page, base, "alice")
     cookie = next(c for c in await page.context.cookies() if c["name"] == "keyturn_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and not cookie["secure"]  # plain http here
-    async with httpx2.AsyncClient(base_url=base, cookies={"keyturn_session": cookie["value"]}) as http:
+    async with httpx2.AsyncClient(base_url=base, cookies={"keyturn_session": cookie["value"]}) as http, \
+            httpx2.AsyncClient(base_url=base) as anonymous:
         for path in ("/inbox", "/audit", "/login", "/inbox/static/keyturn.js", "/inbox/static/keyturn.css"):
-            r = await http.get(path)
+            r = await (anonymous if path == "/login" else http).get(path)
             assert r.status_code == 200, path
             csp = r.headers["content-security-policy"]
             assert "default-src 'self'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp
@@ -117,15 +118,24 @@ async def test_sign_out_ends_the_session_and_needs_a_token_too(home: Home, page:
     assert (await ReviewerAPI(base).request("GET", "/api/requests", None)).status_code == 401
 
 
+def form_token(html: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found is not None
+    return found.group(1)
+
+
 async def test_login_form_refuses_a_post_from_another_site(home: Home) -> None:
     base = home.serve_http()
     async with httpx2.AsyncClient(base_url=base) as http:
-        form_page = await http.get("/login")
-        token = re.search(r'name="csrf" value="([^"]+)"', form_page.text)
-        assert token is not None
-        data = {"csrf": token.group(1), "token": TOKENS["alice"], "next": "/inbox"}
+        first = form_token((await http.get("/login")).text)
+        data = {"csrf": first, "token": TOKENS["alice"], "next": "/inbox"}
         r = await http.post("/login", data=data, headers={"Origin": "http://localhost:1"})
         assert r.status_code == 403 and "keyturn_session" not in r.cookies
+        second = form_token(r.text)  # each form has its own token, bound to its cookie
+        assert second != first
+        r = await http.post("/login", data=data, headers={"Origin": base})
+        assert r.status_code == 403  # the old form's token no longer matches the form cookie
+        data["csrf"] = form_token(r.text)
         r = await http.post("/login", data={**data, "next": "https://evil.example/"}, headers={"Origin": base})
         assert r.status_code == 303 and r.headers["location"] == "/inbox"  # no open redirect
         assert "keyturn_session" in r.cookies

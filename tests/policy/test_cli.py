@@ -80,7 +80,9 @@ def test_the_default_policy_checks_against_the_embedded_single_reviewer_config()
 
 def test_explain_prints_the_decision_and_the_rules_that_matched() -> None:
     out = io.StringIO()
-    code = cmd_explain(POLICIES / "default.yaml", "sql_execute", '{"statement": "DELETE FROM orders"}', "agent", None, out=out)
+    code = cmd_explain(
+        POLICIES / "default.yaml", "sql_execute", '{"statement": "DELETE FROM orders"}', "agent", None, out=out
+    )
     text = out.getvalue()
     assert code == 0
     assert "decision  REVIEW  risk critical" in text
@@ -109,3 +111,26 @@ def test_explain_refuses_arguments_that_are_not_a_json_object() -> None:
     out = io.StringIO()
     assert cmd_explain(POLICIES / "default.yaml", "t", "{not json", "agent", None, out=out) == 2
     assert cmd_explain(POLICIES / "default.yaml", "t", "[1]", "agent", None, out=out) == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "people"),
+    [
+        ("data-platform.yaml", {"alice": ("dba",), "carol": ("dba",), "gita": ("governance",), "sam": ("security",)}),
+        ("infrastructure.yaml", {"ana": ("sre",), "ben": ("sre",), "sam": ("security",)}),
+        ("read-only-agent.yaml", {"local": ()}),
+    ],
+)
+def test_the_examples_check_against_the_people_they_document(name: str, people: dict[str, tuple[str, ...]]) -> None:
+    settings = Settings(people={p: Person(groups=g) for p, g in people.items()})
+    out = io.StringIO()
+    assert cmd_check(POLICIES / "examples" / name, settings, out=out) == 0, out.getvalue()
+    assert "warning" not in out.getvalue()
+
+
+def test_check_warns_about_functions_cel_does_not_have(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("version: 1\nrules:\n  - {id: a, tool: t, outcome: deny, when: 'args.x.frobnicate()'}\n")
+    out = io.StringIO()
+    assert cmd_check(path, out=out) == 0
+    assert "warning: rule 'a' (line 3): unknown function 'frobnicate'" in out.getvalue()

@@ -63,7 +63,7 @@ def test_an_allow_rule_alone_allows(policy) -> None:  # type: ignore[no-untyped-
 
 
 def test_no_match_gets_the_default(policy) -> None:  # type: ignore[no-untyped-def]
-    d = decide_with(policy, "shell_run", {"command": "ls"})
+    d = decide_with(policy, "jira_create_issue", {"summary": "x"})
     assert (d.outcome, d.risk, d.rules) == ("review", "medium", ())
     assert d.review is not None and d.review.timeout_s == 900 and "default" in d.reason
 
@@ -157,7 +157,9 @@ def test_an_allow_rule_that_errors_never_allows() -> None:
 
 
 def test_a_condition_that_is_not_a_boolean_fails_closed() -> None:
-    policy = parse_policy("version: 1\ndefault: allow\nrules:\n  - {id: odd, tool: '*', when: 'args.n', outcome: deny}\n")
+    policy = parse_policy(
+        "version: 1\ndefault: allow\nrules:\n  - {id: odd, tool: '*', when: 'args.n', outcome: deny}\n"
+    )
     d = decide_with(policy, "t", {"n": 3})
     assert d.outcome == "deny" and "not a bool" in d.rules[0].reason
 
@@ -169,11 +171,15 @@ def test_a_missing_fact_family_never_errors() -> None:
     assert d.outcome == "review" and "condition_errors" not in d.facts
 
 
-def test_annotations_raise_risk_but_never_lower_it() -> None:
+def test_annotations_raise_the_default_risk_but_never_lower_a_rule() -> None:
     policy = parse_policy(PRECEDENCE)
     assert decide_with(policy, "purge", annotations={"destructiveHint": True}).risk == "high"
+    assert decide_with(policy, "purge", annotations={}).risk == "medium"
     read = decide_with(policy, "sql_query", {"query": "DELETE FROM payroll"}, annotations={"readOnlyHint": True})
     assert read.outcome == "deny" and read.risk == "high"
+    # a matched rule's risk stands: the tool calling itself destructive does not overrule the SQL facts
+    write = decide_with(policy, "sql_execute", {"statement": "UPDATE t SET a = 1 WHERE id = 2"})
+    assert write.risk == "medium"
 
 
 def test_time_and_vars_are_available_to_conditions() -> None:
@@ -248,5 +254,7 @@ def test_the_tool_index_agrees_with_checking_every_rule() -> None:
 
 
 def test_a_disabled_rule_never_matches() -> None:
-    policy = parse_policy("version: 1\ndefault: allow\nrules:\n  - {id: dormant, tool: '*', outcome: deny, enabled: false}\n")
+    policy = parse_policy(
+        "version: 1\ndefault: allow\nrules:\n  - {id: dormant, tool: '*', outcome: deny, enabled: false}\n"
+    )
     assert decide_with(policy, "t").outcome == "allow"

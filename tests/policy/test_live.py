@@ -37,6 +37,10 @@ def write(path: Path, text: str) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a visible change even on coarse clocks
 
 
+def delete(path: Path) -> None:
+    path.unlink()
+
+
 @pytest.fixture
 def policy_file(tmp_path: Path) -> Path:
     path = tmp_path / "policy.yaml"
@@ -84,7 +88,7 @@ async def test_a_deleted_file_keeps_the_last_good_policy(policy_file: Path) -> N
     events = Events()
     live = LivePolicy(policy_file, on_event=events)
     good = live.load()
-    policy_file.unlink()
+    delete(policy_file)
     await live.check_reload()
     await live.check_reload()
     assert live.current is good and events.kinds() == ["policy.rejected"]

@@ -36,7 +36,9 @@ def test_a_good_policy_loads_with_its_digest_and_path(tmp_path: Path) -> None:
 
 
 def test_a_cel_syntax_error_names_file_line_rule_and_field() -> None:
-    e = error_of(GOOD + "  - id: broken\n    tool: x\n    when: 'facts.sql.kinds.all(k, k == \"select\"'\n    outcome: deny\n")
+    e = error_of(
+        GOOD + "  - id: broken\n    tool: x\n    when: 'facts.sql.kinds.all(k, k == \"select\"'\n    outcome: deny\n"
+    )
     assert (e.file, e.line, e.rule, e.field) == ("team.yaml", 11, "broken", "when")
     assert "does not compile" in str(e) and "team.yaml" in str(e) and "line 11" in str(e)
 
@@ -53,7 +55,9 @@ def test_a_wrong_outcome_is_named() -> None:
 
 
 def test_a_nested_field_is_named_with_its_path() -> None:
-    text = GOOD + "  - id: r2\n    tool: x\n    outcome: review\n    review:\n      approvers: [{any: true, quorum: 0}]\n"
+    text = (
+        GOOD + "  - id: r2\n    tool: x\n    outcome: review\n    review:\n      approvers: [{any: true, quorum: 0}]\n"
+    )
     e = error_of(text)
     assert e.rule == "r2" and e.field == "review.approvers[0].quorum" and e.line == 13
 
@@ -99,7 +103,9 @@ def test_wrong_version_is_refused() -> None:
 
 
 def test_all_problems_are_reported_at_once() -> None:
-    text = GOOD.replace("outcome: allow", "outcome: nope") + "  - id: two\n    tool: x\n    outcome: deny\n    extra: 1\n"
+    text = (
+        GOOD.replace("outcome: allow", "outcome: nope") + "  - id: two\n    tool: x\n    outcome: deny\n    extra: 1\n"
+    )
     e = error_of(text)
     assert isinstance(e, PolicyErrors) and len(e.problems) == 2
     assert {p.rule for p in e.problems} == {"sql-read", "two"}
@@ -114,19 +120,27 @@ def test_an_unknown_approver_group_is_refused_when_groups_are_known() -> None:
 
 
 def test_an_unknown_person_is_refused() -> None:
-    text = GOOD + "  - id: drop\n    tool: x\n    outcome: review\n    review:\n      approvers: [{people: [alice, mallory]}]\n"
+    text = (
+        GOOD
+        + "  - id: drop\n    tool: x\n    outcome: review\n    review:\n      approvers: [{people: [alice, mallory]}]\n"
+    )
     e = error_of(text, groups={}, people={"alice"})
     assert e.field == "review.approvers[0].people[1]" and "mallory" in str(e)
 
 
 def test_a_quorum_larger_than_the_group_is_refused() -> None:
-    text = GOOD + "  - id: drop\n    tool: x\n    outcome: review\n    review:\n      approvers: [{group: dba, quorum: 3}]\n"
+    text = (
+        GOOD
+        + "  - id: drop\n    tool: x\n    outcome: review\n    review:\n      approvers: [{group: dba, quorum: 3}]\n"
+    )
     e = error_of(text, groups={"dba": {"alice", "carol"}}, people={"alice", "carol"})
     assert e.field == "review.approvers[0].quorum" and "has 2 member" in str(e)
 
 
 def test_an_approver_entry_needs_exactly_one_kind() -> None:
-    text = GOOD + "  - id: r\n    tool: x\n    outcome: review\n    review:\n      approvers: [{group: dba, any: true}]\n"
+    text = (
+        GOOD + "  - id: r\n    tool: x\n    outcome: review\n    review:\n      approvers: [{group: dba, any: true}]\n"
+    )
     assert "exactly one of" in str(error_of(text))
 
 

@@ -1,11 +1,13 @@
 """A tiny upstream MCP server (stdio, plain JSON-RPC, 2025-era handshake) that misbehaves on request.
 
-    python flaky_server.py CALLS_LOG
+    python flaky_server.py CALLS_LOG [DOWN_MARKER]
 
-Every `tools/call` it receives is appended to CALLS_LOG (one JSON line) before it acts, so a test can tell
-what was delivered. Tools: `echo`, `run_query` (no annotations: the config classifies `query` as SQL),
+While the file DOWN_MARKER exists the server exits at once (an upstream that cannot restart). Every
+`tools/call` it receives is appended to CALLS_LOG (one JSON line) before it acts, so a test can tell what
+was delivered. Tools: `echo`, `run_query` (no annotations: the config classifies `query` as SQL),
 `slow` (reports progress), `fail` (an isError result), `crash` (the process exits mid-call), `hang`
-(the whole server stops answering), `add_tool` (adds `extra` and announces tools/list_changed).
+(the whole server stops answering), `add_tool` (adds `extra` and announces tools/list_changed), `env`
+(the names of its environment variables). Its pid is appended to CALLS_LOG.pids when it starts.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ TOOLS: list[dict[str, Any]] = [
     {"name": "hang", "description": "Stop answering anything.", "annotations": READ_ONLY,
      "inputSchema": {"type": "object", "properties": {}}},
     {"name": "add_tool", "description": "Add the tool `extra`.", "annotations": READ_ONLY,
+     "inputSchema": {"type": "object", "properties": {}}},
+    {"name": "env", "description": "The names of the environment variables.", "annotations": READ_ONLY,
      "inputSchema": {"type": "object", "properties": {}}},
 ]
 EXTRA = {"name": "extra", "description": "Appeared later.", "annotations": READ_ONLY,
@@ -75,6 +79,8 @@ def call(log: str, msg_id: Any, params: dict[str, Any]) -> None:
             TOOLS.append(EXTRA)
         send({"id": msg_id, "result": text("added")})
         send({"method": "notifications/tools/list_changed"})
+    elif name == "env":
+        send({"id": msg_id, "result": text(" ".join(sorted(os.environ)))})
     elif name == "extra":
         send({"id": msg_id, "result": text("extra ran")})
     else:
@@ -83,6 +89,10 @@ def call(log: str, msg_id: Any, params: dict[str, Any]) -> None:
 
 def main() -> None:
     log = sys.argv[1]
+    if len(sys.argv) > 2 and os.path.exists(sys.argv[2]):
+        sys.exit(4)
+    with open(log + ".pids", "a", encoding="utf-8") as f:
+        f.write(f"{os.getpid()}\n")
     for line in sys.stdin:
         msg = json.loads(line)
         method, msg_id = msg.get("method"), msg.get("id")

@@ -44,7 +44,7 @@ def slack_config(home: Home, **slack: Any) -> dict[str, Any]:
         "policy": str(POLICY), "people": people, "reviewers": reviewers,
         "agents": [{"name": "agent-bob", "token_sha256": sha256_hex(TOKENS["agent-bob"]), "on_behalf_of": "bob"},
                    {"name": "agent-ci", "token_sha256": sha256_hex(TOKENS["agent-ci"])}],
-        "slack": {"default_channel": "#ops-approvals", "map_email": True, "post_timeout_s": 5,
+        "slack": {"default_channel": "#ops-approvals", "map_email": True, "post_timeout_s": 10,
                   "retry_backoff_s": 0.05, "update_interval_s": 0.2, **slack},
     }
 

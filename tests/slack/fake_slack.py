@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 
 BOT_TOKEN = "xoxb-keyturn-test-token"
+APP_TOKEN = "xapp-keyturn-test-token"
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 TEAM = "T0KEYTURN"
 CHANNELS = {"#ops-approvals": "C0OPS", "#dba": "C0DBA"}
@@ -40,6 +41,7 @@ class FakeSlack:
     calls: list[Call] = field(default_factory=list)
     failures: dict[str, list[str]] = field(default_factory=dict)
     release: threading.Event = field(default_factory=threading.Event)
+    socket_url: str | None = None  # what apps.connections.open hands out (Socket Mode)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _seq: int = 0
     server: ThreadingHTTPServer | None = None
@@ -88,8 +90,9 @@ class FakeSlack:
             return "\n".join(c.raw for c in self.calls)
 
     async def wait_for(self, method: str, where: Callable[[Call], bool] = lambda c: True,
-                       timeout: float = 15) -> Call:
-        with anyio.fail_after(timeout):
+                       within_s: float = 15) -> Call:
+        """The first recorded successful call of `method` that `where` accepts (polled: the server is a thread)."""
+        with anyio.fail_after(within_s):
             while True:
                 for call in self.of(method):
                     if where(call):
@@ -120,7 +123,7 @@ class FakeSlack:
             self._send(h, 429, {"ok": False, "error": "ratelimited"}, {"Retry-After": "1"})
         elif status != 200:
             self._send(h, status, {"ok": False, "error": "fatal_error"})
-        elif token != BOT_TOKEN:
+        elif token != (APP_TOKEN if method == "apps.connections.open" else BOT_TOKEN):
             self._send(h, 200, {"ok": False, "error": "invalid_auth"})
         else:
             self._send(h, 200, self._answer(method, args))
@@ -144,13 +147,16 @@ class FakeSlack:
             return {"ok": True, "message_ts": ts}
         if method == "views.open":
             return {"ok": True, "view": {"id": f"V{self._seq}", **(args.get("view") or {})}}
+        if method == "apps.connections.open" and self.socket_url:
+            return {"ok": True, "url": self.socket_url}
         if method == "users.info":
             user = self.users.get(str(args.get("user")))
             return {"ok": True, "user": user} if user else {"ok": False, "error": "user_not_found"}
         return {"ok": False, "error": "unknown_method"}
 
     @staticmethod
-    def _send(h: BaseHTTPRequestHandler, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    def _send(h: BaseHTTPRequestHandler, status: int, body: dict[str, Any],
+              headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
         try:
             h.send_response(status)

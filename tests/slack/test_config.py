@@ -40,7 +40,8 @@ def test_a_slack_section_without_tokens_is_a_clear_error() -> None:
 def test_socket_mode_needs_the_app_token_not_the_signing_secret() -> None:
     with pytest.raises(ConfigError, match="KEYTURN_SLACK_APP_TOKEN is not set"):
         load_slack({"socket_mode": True}, {"KEYTURN_SLACK_BOT_TOKEN": "xoxb-1"})
-    loaded = load_slack({"socket_mode": True}, {"KEYTURN_SLACK_BOT_TOKEN": "xoxb-1", "KEYTURN_SLACK_APP_TOKEN": "xapp-1"})
+    loaded = load_slack({"socket_mode": True},
+                        {"KEYTURN_SLACK_BOT_TOKEN": "xoxb-1", "KEYTURN_SLACK_APP_TOKEN": "xapp-1"})
     assert loaded is not None and loaded[1].signing_secret is None and loaded[1].app_token == "xapp-1"
 
 

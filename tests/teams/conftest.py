@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from server.canonical import sha256_hex
-from tests.conftest import TOKENS, Home, free_port
+from tests.conftest import TOKENS, Home
 
 APP_ID = "00000000-0000-4000-8000-00000000b07a"
 APP_PASSWORD = "test-app-password-not-a-secret"
@@ -194,13 +194,12 @@ def reviewers() -> list[dict[str, Any]]:
 class TeamsHome:
     home: Home
     fake: FakeTeams
-    port: int
     base: str = ""
 
     def serve(self, teams: dict[str, Any] | None = None, **config: Any) -> str:
         self.home.write_config(teams=teams if teams is not None else teams_config(self.fake),
                                reviewers=reviewers(), **config)
-        self.base = self.home.serve_http(self.port)
+        self.base = self.home.serve_http()
         return self.base
 
     def invoke(self, request_id: str, verb: str, person: str | None, reason: str | None = None,
@@ -226,17 +225,18 @@ class TeamsHome:
         async with httpx2.AsyncClient(timeout=30) as http:
             return await http.post(self.base + "/teams/messages", json=activity, headers=headers)
 
-    async def wait_card(self, tool: str, n: int = 1, timeout: float = 20) -> dict[str, Any]:
+    async def wait_card(self, tool: str, n: int = 1, within: float = 20) -> dict[str, Any]:
         """The n-th card sent for `tool` (1-based)."""
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(within):
             while True:
                 cards = [c for c in self.fake.cards_sent() if f'"{tool}"' in json.dumps(c)]
                 if len(cards) >= n:
                     return cards[n - 1]
                 await anyio.sleep(0.05)
 
-    async def wait_update(self, activity_id: str, title: str, timeout: float = 20) -> dict[str, Any]:
-        with anyio.fail_after(timeout):
+    async def wait_update(self, activity_id: str, title: str, within: float = 20) -> dict[str, Any]:
+        """The first update of the card `activity_id` whose title contains `title`."""
+        with anyio.fail_after(within):
             while True:
                 with self.fake.lock:
                     updates = [u for u in self.fake.updated if u["activity_id"] == activity_id]
@@ -251,7 +251,16 @@ class TeamsHome:
 def teams_home(home: Home, fake_teams: FakeTeams, monkeypatch: pytest.MonkeyPatch) -> TeamsHome:
     monkeypatch.setenv("KEYTURN_TEAMS_APP_PASSWORD", APP_PASSWORD)
     monkeypatch.setenv("KEYTURN_LINK_SECRET", LINK_SECRET)
-    return TeamsHome(home=home, fake=fake_teams, port=free_port())
+    return TeamsHome(home=home, fake=fake_teams)
+
+
+async def eventually(predicate: Callable[[], bool], within: float = 20) -> None:
+    """Poll something another process or thread changes (the ledger file, the fake) until it holds."""
+    with anyio.fail_after(within):
+        while True:
+            if predicate():
+                return
+            await anyio.sleep(0.05)
 
 
 def request_id_of(card: dict[str, Any]) -> str:

@@ -8,9 +8,10 @@ import time
 from typing import Any
 
 import anyio
+import yaml
 
 from tests.conftest import TOKENS, ReviewerAPI, agent_client
-from tests.teams.conftest import OIDS, TENANT, TeamsHome, card_text, new_key, request_id_of
+from tests.teams.conftest import OIDS, TENANT, TeamsHome, card_text, eventually, new_key, request_id_of
 
 TERMINAL = {"executed", "failed", "denied", "expired", "cancelled", "abandoned"}
 
@@ -42,7 +43,8 @@ async def test_approve_in_teams_runs_the_call_and_the_card_follows_the_request(t
     results = []
     async with agent_client(base) as client:
         async def agent() -> None:
-            results.append(await client.call_tool("sql_execute", {"statement": "DELETE FROM orders WHERE item = 'pear'"}))
+            statement = "DELETE FROM orders WHERE item = 'pear'"
+            results.append(await client.call_tool("sql_execute", {"statement": statement}))
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(agent)
@@ -135,7 +137,8 @@ async def test_replayed_and_racing_clicks_count_once(teams_home: TeamsHome) -> N
     results = []
     async with agent_client(base) as client:
         async def agent() -> None:
-            results.append(await client.call_tool("sql_execute", {"statement": "UPDATE orders SET qty = 9 WHERE id = 1"}))
+            statement = "UPDATE orders SET qty = 9 WHERE id = 1"
+            results.append(await client.call_tool("sql_execute", {"statement": statement}))
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(agent)
@@ -229,11 +232,31 @@ async def test_a_teams_outage_is_recorded_and_approves_nothing(teams_home: Teams
         async with anyio.create_task_group() as tg:
             tg.start_soon(agent)
             req = await api.wait_pending("sql_execute")
-            with anyio.fail_after(20):
-                while "notify.failed" not in kinds(th, req["id"]):
-                    await anyio.sleep(0.05)
+            await eventually(lambda: "notify.failed" in kinds(th, req["id"]))
             failed = next(e["payload"] for e in th.home.ledger_events(req["id"]) if e["kind"] == "notify.failed")
             assert failed["channel"] == "teams" and "503" in failed["error"]
             assert (await api.pending())[0]["state"] == "pending"
             assert (await api.vote(req["id"], "deny", "alice", "teams is down, not now")).status_code == 200
     assert results[0].is_error and terminal(th, req["id"]) == ["denied"]
+
+
+async def test_a_decision_made_in_another_keyturn_process_updates_the_card(teams_home: TeamsHome) -> None:
+    th = teams_home
+    base = th.serve()
+    config = yaml.safe_load(th.home.config.read_text())
+    del config["teams"]  # a second process on the same ledger, without Teams (e.g. the reviewer API host)
+    other_config = th.home.dir / "other.yaml"
+    other_config.write_text(yaml.safe_dump(config))
+    api = ReviewerAPI(th.home.serve_http(None, "--config", str(other_config)))
+    results = []
+    async with agent_client(base) as client:
+        async def agent() -> None:
+            results.append(await client.call_tool("sql_execute", {"statement": "UPDATE orders SET qty = 7"}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(agent)
+            request_id = request_id_of(await th.wait_card("sql_execute"))
+            assert (await api.vote(request_id, "deny", "carol", "decided elsewhere")).status_code == 200
+            card = await th.wait_update(th.fake.sent[0]["id"], "Denied")
+    assert "Denied by carol: decided elsewhere" in card_text(card)
+    assert results[0].is_error and terminal(th, request_id) == ["denied"]

@@ -27,6 +27,7 @@ PAGE_SIZE = 50
 EXPORT_BATCH = 500
 MAX_EXPORT = 100_000
 MAX_FIELD = 200
+VERIFY_AUTO_MAX = 200_000  # events verified on every page load; past that, on request
 STATES: tuple[str, ...] = get_args(RequestState)
 FILTER_KEYS = ("tool", "principal", "reviewer", "outcome", "since", "until")
 CSV_COLUMNS = ("id", "created_utc", "tool", "principal", "on_behalf_of", "model", "state", "risk", "reason",
@@ -101,25 +102,25 @@ class Audit:
     def __init__(self, site: Site) -> None:
         self.site = site
         self.kt = site.kt
-        self._verified: tuple[int, VerifyResult] | None = None
 
-    async def verification(self) -> VerifyResult:
-        """Verify the chain; reuse the last result while no event was appended since (same head)."""
+    async def verification(self, asked: bool) -> VerifyResult | int:
+        """The whole chain recomputed (an edit anywhere must show, so nothing is cached), or, past
+        VERIFY_AUTO_MAX events and unless asked, the number of events left unverified on this load."""
         head = await self.kt.ledger.head_seq()
-        if self._verified is None or self._verified[0] != head or not self._verified[1].ok:
-            self._verified = (head, await self.kt.ledger.verify())
-        return self._verified[1]
+        if head > VERIFY_AUTO_MAX and not asked:
+            return head
+        return await self.kt.ledger.verify()
 
     async def page(self, request: Request, session: Session) -> Response:
         facets = await self.kt.ledger.call_facets()
-        verify = await self.verification()
+        verify = await self.verification(request.query_params.get("verify") == "1")
         try:
             query = AuditQuery.parse(request.query_params)
         except BadFilter as e:
             empty = {k: request.query_params.get(k, "")[:MAX_FIELD] for k in FILTER_KEYS}
             return self.site.page(request, "audit.html", session, status=400, title="Audit", error=str(e),
                                   fields=empty, states=STATES, facets=facets, verify=verify, rows=[],
-                                  older=None, exports=None, newest=None)
+                                  older=None, exports=None, newest=None, verify_link="/audit?verify=1")
         rows = await self.kt.ledger.search_calls(query.where, limit=PAGE_SIZE + 1, before=query.before)
         older = None
         if len(rows) > PAGE_SIZE:
@@ -128,7 +129,8 @@ class Audit:
         exports = {fmt: query.link(f"/audit/export.{fmt}") for fmt in ("csv", "jsonl")}
         return self.site.page(request, "audit.html", session, title="Audit", error=None, fields=query.fields,
                               states=STATES, facets=facets, verify=verify, rows=rows, older=older, exports=exports,
-                              newest=query.link("/audit") if query.before else None)
+                              newest=query.link("/audit") if query.before else None,
+                              verify_link=query.link("/audit", verify="1"))
 
     async def export(self, request: Request, session: Session) -> Response:
         fmt = request.path_params["fmt"]

@@ -7,7 +7,6 @@ broker alone judges it (eligibility, self-approval, quorum), exactly as for ever
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -86,9 +85,8 @@ class Pages:
     # -- the inbox -----------------------------------------------------------------------------
 
     def _card(self, view: RequestView, session: Session) -> Card:
-        tool = self.kt.registry.get(view.tool)
-        classifiers: Any = getattr(tool, "classifiers", None) or {}
-        return card(view, classifiers, self.site.person(session))
+        tool = self.kt.find_tool(view.tool)  # a native or a proxied tool: its classifiers say what is SQL/shell
+        return card(view, tool.classifiers if tool is not None else {}, self.site.person(session))
 
     async def _cards(self, session: Session) -> list[Card]:
         views = await self.kt.ledger.list_calls(("pending",), limit=INBOX_LIMIT)

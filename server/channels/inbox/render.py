@@ -152,6 +152,7 @@ class Entry:
     tone: str = "info"  # info | good | bad | warn
     rules: list[dict[str, Any]] = field(default_factory=list)
     digest: str | None = None  # a result digest or an arguments hash worth showing in full
+    policy: str | None = None  # the digest of the policy that decided
 
 
 def _who(p: Mapping[str, Any]) -> str:
@@ -170,9 +171,9 @@ def describe(event: Event) -> Entry:
         return Entry(event, "Asked again", [f"the same call from {p.get('principal')} joined this request"])
     if kind == "decision":
         tone = {"allow": "good", "deny": "bad"}.get(str(p.get("outcome")), "warn")
-        lines = [f"outcome {p.get('outcome')}, risk {p.get('risk')}: {p.get('reason')}",
-                 f"policy {p.get('policy_digest')}"]
-        return Entry(event, "Policy decision", lines, tone, rules=list(p.get("rules") or []))
+        lines = [f"outcome {p.get('outcome')}, risk {p.get('risk')}: {p.get('reason')}"]
+        return Entry(event, "Policy decision", lines, tone, rules=list(p.get("rules") or []),
+                     policy=p.get("policy_digest"))
     if kind == "approval.requested":
         review = p.get("review") or {}
         needs = "; ".join(f"{g.get('quorum', 1)} of {', '.join(g.get('members') or []) or 'any reviewer'}"

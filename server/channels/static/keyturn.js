@@ -21,18 +21,22 @@
     });
   }
 
+  var leaving = false; // a form is being submitted: the page is about to go, leave it alone
+
   // A denial needs a reason: say so before the round trip (the server checks it anyway).
   document.addEventListener("submit", function (ev) {
     var form = ev.target;
-    if (!(form instanceof HTMLFormElement) || !form.classList.contains("vote")) return;
-    var reason = form.querySelector("textarea[name=reason]");
-    var error = form.querySelector(".field-error");
+    if (!(form instanceof HTMLFormElement)) return;
+    var reason = form.classList.contains("vote") ? form.querySelector("textarea[name=reason]") : null;
     if (ev.submitter && ev.submitter.value === "deny" && reason && !reason.value.trim()) {
       ev.preventDefault();
+      var error = form.querySelector(".field-error");
       if (error) error.hidden = false;
       reason.setAttribute("aria-invalid", "true");
       reason.focus();
+      return;
     }
+    leaving = true;
   });
 
   function live(list) {
@@ -96,7 +100,7 @@
       busy = true;
       fetch(list.dataset.fragment, { credentials: "same-origin", cache: "no-store", headers: { Accept: "text/html" } })
         .then(function (resp) {
-          if (resp.status === 401) { window.location.reload(); return null; }
+          if (resp.status === 401) { if (!leaving) window.location.reload(); return null; }
           if (!resp.ok) throw new Error("HTTP " + resp.status);
           return resp.text();
         })
@@ -125,11 +129,16 @@
       opened = true;
     });
     source.addEventListener("message", refresh);
-    source.addEventListener("signed-out", function () { window.location.reload(); });
+    source.addEventListener("signed-out", function () {
+      source.close();
+      if (!leaving) window.location.assign("/login?next=%2Finbox");
+    });
     source.addEventListener("error", function () {
+      if (leaving) return;
       if (source.readyState === EventSource.CLOSED) refresh(); // e.g. signed out: the list answers 401
       else say("Live · reconnecting…", "off");
     });
+    window.addEventListener("pagehide", function () { source.close(); });
   }
 
   function start() {

@@ -1,0 +1,96 @@
+"""The Markdown tables of a benchmark run (written beside the JSON, and printed)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from benchmarks.stats import fmt, ratio
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _transport(t: dict[str, Any]) -> list[str]:
+    out = ["### Allow-path overhead: the same trivial tool, plain MCP server vs keyturn (policy allow, ledger on)", ""]
+    rows = []
+    for tr in ("stdio", "http"):
+        for mode, label in (("sequential", "sequential"), ("concurrent_32", "32 concurrent")):
+            sides = t.get(tr, {}).get(mode)
+            if not sides:
+                continue
+            plain = sides["plain"]
+            for name, s in sides.items():
+                rows.append([tr if tr == "stdio" else "streamable HTTP", label, name, s["median_ms"], s["p99_ms"],
+                             s["calls_per_s"], s["server_cpu_ms_per_call"],
+                             ratio(s["median_ms"], plain["median_ms"]), ratio(s["p99_ms"], plain["p99_ms"])])
+    out += _table(["transport", "calls", "server", "median ms", "p99 ms", "calls/s", "server CPU ms/call",
+                   "median ÷ plain", "p99 ÷ plain"], rows)
+    out.append("`proxy` is `keyturn proxy -- python benchmarks/plain_server.py`: its CPU includes the upstream's.")
+    out += [f"Note: {n}" for n in t.get("notes", [])]
+    return out + [""]
+
+
+def _held(h: dict[str, Any]) -> list[str]:
+    d = h["decision_to_tool_start"]
+    rows = [
+        ["calls held at once", h["held"]],
+        ["time to hold them all (s)", h["hold_all_s"]],
+        ["memory per held call (KiB, RSS delta)", h["rss_per_held_call_kib"]],
+        ["approvals recorded (sequential decide, per s)", h["decisions_per_s"]],
+        ["decision → tool start, median (ms)", d["median_ms"]],
+        ["decision → tool start, p99 (ms)", d["p99_ms"]],
+        ["tool runs (each call exactly once)", f"{h['tool_runs']:,} ({'yes' if h['ran_exactly_once'] else 'NO'})"],
+        ["ledger `executed` events", h["ledger_executed_events"]],
+        ["ledger chain verifies", f"{'yes' if h['chain_verifies'] else 'NO'} ({h['ledger_events']:,} events)"],
+    ]
+    return ["### Held calls at scale (in-process: gate + approvals broker + ledger on a temp file)", "",
+            *_table(["measure", "value"], rows)]
+
+
+def _ledger(g: dict[str, Any]) -> list[str]:
+    raw = g["raw_insert_per_commit_per_s"]
+    rows = [
+        ["raw SQLite insert, one row per commit", raw, 1.0],
+        ["raw SQLite insert, batched (one transaction)", g["raw_insert_batched_per_s"], ratio(g["raw_insert_batched_per_s"], raw)],
+        ["Ledger.append, sequential", g["ledger_append_sequential_per_s"], ratio(g["ledger_append_sequential_per_s"], raw)],
+        ["Ledger.append, 32 concurrent tasks", g["ledger_append_32_tasks_per_s"], ratio(g["ledger_append_32_tasks_per_s"], raw)],
+        [f"audit verify ({g['verify_events']:,} events)", g["verify_events_per_s"], ratio(g["verify_events_per_s"], raw)],
+        ["raw SQLite scan of the same events", g["raw_scan_events_per_s"], ratio(g["raw_scan_events_per_s"], raw)],
+    ]
+    return ["### Ledger (WAL, synchronous=NORMAL, as shipped)", "",
+            *_table(["measure", "events/s", "÷ raw insert per commit"], rows),
+            f"`audit verify` of {g['verify_events']:,} events took {g['verify_s']:.1f} s "
+            f"(building the chain with executemany took {g['build_s']:.1f} s).", ""]
+
+
+def _policy(p: dict[str, Any]) -> list[str]:
+    rows = []
+    for tool, s in p["scenarios"].items():
+        both, decide = s["extract_facts+decide"], s["decide"]
+        rows.append([tool, s["candidates"], s["outcome"], both["median_us"], both["p99_us"],
+                     decide["median_us"], decide["p99_us"]])
+    return [f"### Policy decisions ({p['rules']:,} rules, compiled in {p['compile_ms']:,.0f} ms)", "",
+            *_table(["call", "candidate rules", "outcome", "facts+decide median µs", "p99 µs",
+                     "decide median µs", "p99 µs"], rows)]
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [f"## keyturn benchmarks{' (quick)' if r.get('quick') else ''} — {r['started']}", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}; Python {m['python']}, "
+             f"SQLite {m['sqlite']}, mcp {m['mcp']}. Load average at start "
+             f"{', '.join(f'{x:.1f}' for x in m['load_at_start'])}, at end "
+             f"{', '.join(f'{x:.1f}' for x in m.get('load_at_end', (math.nan,) * 3))}.", ""]
+    if "transport" in r:
+        lines += _transport(r["transport"])
+    if "held" in r:
+        lines += _held(r["held"])
+    if "ledger" in r:
+        lines += _ledger(r["ledger"])
+    if "policy" in r:
+        lines += _policy(r["policy"])
+    return "\n".join(lines) + "\n"

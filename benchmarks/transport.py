@@ -1,0 +1,266 @@
+"""Allow-path and proxy overhead: the same `echo` tool through real server processes and the SDK's client.
+
+Sides (each a separate server process, all started by this module):
+
+    plain    benchmarks/plain_server.py (the SDK's low-level Server, unguarded)
+    keyturn  `keyturn serve` with benchmarks.bench_tools (policy allow, ledger on)
+    proxy    `keyturn proxy -- python benchmarks/plain_server.py` (stdio only; policy allow, ledger on)
+
+Sequential calls rotate the order of the sides every round, so machine noise lands on all of them;
+concurrent runs alternate whole blocks of calls between the sides. Warm-up calls are not counted.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+import yaml
+from mcp import Client, StdioServerParameters
+from mcp.client.stdio import stdio_client
+
+from benchmarks.stats import summary
+
+ROOT = Path(__file__).resolve().parent.parent
+PLAIN = ROOT / "benchmarks" / "plain_server.py"
+POLICY = ROOT / "benchmarks" / "bench-policy.yaml"
+PAYLOAD = {"text": "hello from the benchmark"}
+
+
+@dataclass
+class Side:
+    """One server under test and the client connection(s) to it."""
+
+    name: str
+    transport: str
+    clients: list[Client]
+    marker: str  # BENCH_SIDE value in the server's environment, to find its processes
+    calls: int = 0
+
+    def cpu_s(self) -> float:
+        return tree_cpu_s(self.marker)
+
+
+def tree_cpu_s(marker: str) -> float:
+    """User+system CPU seconds of every live process whose environment carries BENCH_SIDE=marker."""
+    want = f"BENCH_SIDE={marker}".encode()
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if want not in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                continue
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_env(marker: str) -> dict[str, str]:
+    return {"PYTHONPATH": str(ROOT), "BENCH_SIDE": marker, "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def write_home(dir: Path, name: str, *, tools: bool = True) -> Path:
+    """A keyturn config in `dir`: its own ledger file, the benchmark policy, and (for serve) the bench tool pack."""
+    dir.mkdir(parents=True, exist_ok=True)
+    cfg: dict[str, Any] = {"db": str(dir / f"{name}.db"), "policy": str(POLICY)}
+    cfg["tools"] = [{"module": "benchmarks.bench_tools"}] if tools else []
+    path = dir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def stdio_params(name: str, marker: str, home: Path) -> StdioServerParameters:
+    py = sys.executable
+    if name == "plain":
+        return StdioServerParameters(command=py, args=[str(PLAIN)], env=server_env(marker), cwd=str(home))
+    if name == "keyturn":
+        config = write_home(home, marker)
+        return StdioServerParameters(command=py, args=["-m", "server.cli", "serve", "--config", str(config)],
+                                     env=server_env(marker), cwd=str(home))
+    if name == "proxy":
+        config = write_home(home, marker, tools=False)
+        return StdioServerParameters(
+            command=py, args=["-m", "server.cli", "proxy", "--config", str(config), "--", py, str(PLAIN)],
+            env=server_env(marker), cwd=str(home))
+    raise ValueError(name)
+
+
+async def start_http(name: str, marker: str, home: Path, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    py = sys.executable
+    if name == "plain":
+        cmd = [py, str(PLAIN), "--http", f"127.0.0.1:{port}"]
+    elif name == "keyturn":
+        cmd = [py, "-m", "server.cli", "serve", "--http", f"127.0.0.1:{port}", "--config", str(write_home(home, marker))]
+    else:
+        raise ValueError(name)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=home,
+                            env={**os.environ, **server_env(marker)})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} --http exited with {proc.returncode}; see {log.name}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                pass
+            if name == "keyturn":
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                    pass
+            return proc, f"http://127.0.0.1:{port}/mcp"
+        except (OSError, urllib.error.URLError):
+            await anyio.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{name} --http did not start in 60 s")
+
+
+@asynccontextmanager
+async def stdio_sides(names: Sequence[str], home: Path) -> AsyncIterator[list[Side]]:
+    """Start each named server over stdio (one connection each); yield the sides; stop them."""
+    async with AsyncExitStack() as stack:
+        sides = []
+        for name in names:
+            marker = f"{name}-stdio-{os.getpid()}"
+            errlog = stack.enter_context(open(home / f"{marker}.log", "w"))
+            client = await stack.enter_async_context(Client(stdio_client(stdio_params(name, marker, home), errlog=errlog)))
+            sides.append(Side(name, "stdio", [client], marker))
+        yield sides
+
+
+@asynccontextmanager
+async def http_sides(names: Sequence[str], home: Path, clients: int) -> AsyncIterator[list[Side]]:
+    """Start each named server over streamable HTTP with `clients` client sessions each."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        async with AsyncExitStack() as stack:
+            sides = []
+            for name in names:
+                marker = f"{name}-http-{os.getpid()}"
+                log = stack.enter_context(open(home / f"{marker}.log", "wb"))
+                proc, url = await start_http(name, marker, home, log)
+                procs.append(proc)
+                conns = [await stack.enter_async_context(Client(url)) for _ in range(clients)]
+                sides.append(Side(name, "http", conns, marker))
+            yield sides
+    finally:
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+async def call_once(client: Client) -> float:
+    t = time.perf_counter()
+    result = await client.call_tool("echo", PAYLOAD)
+    elapsed = time.perf_counter() - t
+    if result.is_error or (result.structured_content or {}).get("result") != PAYLOAD["text"]:
+        raise RuntimeError(f"unexpected result: {result}")
+    return elapsed
+
+
+@dataclass
+class Measured:
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+    wall: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    def report(self, sides: Sequence[Side]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for side in sides:
+            lat = self.latencies[side.name]
+            stats = summary(lat, wall_s=self.wall.get(side.name))
+            stats["server_cpu_ms_per_call"] = self.cpu[side.name] / len(lat) * 1e3 if lat else float("nan")
+            out[side.name] = stats
+        return out
+
+
+async def sequential(sides: Sequence[Side], calls: int, warmup: int) -> dict[str, Any]:
+    """One call at a time, the sides' order rotating each round."""
+    for side in sides:
+        for _ in range(warmup):
+            await call_once(side.clients[0])
+    m = Measured({s.name: [] for s in sides})
+    cpu0 = {s.name: s.cpu_s() for s in sides}
+    for i in range(calls):
+        k = i % len(sides)
+        for side in [*sides[k:], *sides[:k]]:
+            m.latencies[side.name].append(await call_once(side.clients[0]))
+    m.cpu = {s.name: s.cpu_s() - cpu0[s.name] for s in sides}
+    return m.report(sides)
+
+
+async def concurrent(sides: Sequence[Side], workers: int, per_worker: int, blocks: int) -> dict[str, Any]:
+    """`workers` callers at once (sharing a side's connections round robin), whole blocks alternating between sides."""
+
+    async def block(side: Side, into: list[float] | None) -> float:
+        async def worker(i: int) -> None:
+            client = side.clients[i % len(side.clients)]
+            for _ in range(per_worker):
+                elapsed = await call_once(client)
+                if into is not None:
+                    into.append(elapsed)
+
+        t = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for i in range(workers):
+                tg.start_soon(worker, i)
+        return time.perf_counter() - t
+
+    for side in sides:
+        await block(side, None)  # warm-up
+    m = Measured({s.name: [] for s in sides}, {s.name: 0.0 for s in sides}, {s.name: 0.0 for s in sides})
+    for b in range(blocks):
+        order = list(sides) if b % 2 == 0 else list(reversed(sides))
+        for side in order:
+            cpu0 = side.cpu_s()
+            m.wall[side.name] += await block(side, m.latencies[side.name])
+            m.cpu[side.name] += side.cpu_s() - cpu0
+    return m.report(sides)
+
+
+async def run(home: Path, *, quick: bool, with_proxy: bool = True) -> dict[str, Any]:
+    """Every transport benchmark; the result is keyed transport -> mode -> side."""
+    seq_calls, warmup = (200, 30) if quick else (3000, 200)
+    per_worker, blocks = (3, 2) if quick else (20, 6)
+    home.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {"stdio": {}, "http": {}, "notes": []}
+    names = ["plain", "keyturn"]
+    if with_proxy:
+        names.append("proxy")
+    try:
+        async with stdio_sides(names, home) as sides:
+            out["stdio"]["sequential"] = await sequential(sides, seq_calls, warmup)
+            out["stdio"]["concurrent_32"] = await concurrent(sides, 32, per_worker, blocks)
+    except Exception as e:
+        if not with_proxy:
+            raise
+        out["notes"].append(f"proxy side failed ({type(e).__name__}: {e}); stdio measured without it")
+        async with stdio_sides(["plain", "keyturn"], home) as sides:
+            out["stdio"]["sequential"] = await sequential(sides, seq_calls, warmup)
+            out["stdio"]["concurrent_32"] = await concurrent(sides, 32, per_worker, blocks)
+    async with http_sides(["plain", "keyturn"], home, clients=32) as sides:
+        out["http"]["sequential"] = await sequential(sides, seq_calls, warmup)
+        out["http"]["concurrent_32"] = await concurrent(sides, 32, per_worker, blocks)
+    return out
