@@ -49,7 +49,8 @@ class Targets:
         return cls(tuple(files), frozenset(os.path.basename(f) for f in files[::4]), tuple(netlocs))
 
     def is_file(self, real: str) -> bool:
-        return real in self.files
+        # Files keyturn keeps beside its database (`<db>.reviewer-token`, `<db>.link-secret` ...) are its own too.
+        return real in self.files or any(real.startswith(f + ".") for f in self.files[::4])
 
     def inside(self, real_dir: str) -> bool:
         prefix = real_dir.rstrip(os.sep) + os.sep
@@ -86,8 +87,8 @@ def check_paths(targets: Targets, resolved: Iterable[str], read_only: bool | Non
     reasons = []
     for real in resolved:
         if targets.is_file(real):
-            if read_only and not _is_db(real):
-                continue  # reading the policy or config file is harmless; reading the ledger is not
+            if read_only and real.endswith((".yaml", ".yml")):
+                continue  # reading the policy or config file is harmless; the ledger, tokens and secrets are not
             reasons.append(f"path {real} is keyturn's own file")
         elif not read_only and targets.inside(real):
             reasons.append(f"path {real} contains keyturn's own files")
@@ -152,10 +153,6 @@ def scan_strings(targets: Targets, strings: Iterable[tuple[str, str]]) -> list[s
         if reason:
             reasons.append(f"{where or '/'}: {reason}")
     return reasons
-
-
-def _is_db(real: str) -> bool:
-    return real.endswith((".db", ".sqlite", ".sqlite3", "-wal", "-shm", "-journal"))
 
 
 def empty() -> dict[str, Any]:

@@ -113,3 +113,14 @@ def test_ordinary_calls_are_not_self_targeting(ctx: ClassifyContext) -> None:
     assert not run(ctx, "sql_query", {"query": "SELECT * FROM keyturn_orders"}, {"query": "sql"})["self_target"]
     assert not run(ctx, "shell_run", {"command": "ls -la"}, {"command": "shell"})["self_target"]
     assert not run(ctx, "jira_comment", {"body": "keyturn is great"}, {})["self_target"]
+
+
+def test_files_kept_beside_the_ledger_are_keyturns_own_even_to_read(tmp_path: Path) -> None:
+    db = tmp_path / "keyturn.db"
+    ctx = ClassifyContext(keyturn_paths=(db, tmp_path / "policy.yaml"))
+    token = extract_facts("files_read", {"path": str(db) + ".reviewer-token"}, {"path": "path"},
+                          {"readOnlyHint": True}, ctx)
+    assert token["self_target"]
+    policy = extract_facts("files_read", {"path": str(tmp_path / "policy.yaml")}, {"path": "path"},
+                           {"readOnlyHint": True}, ctx)
+    assert not policy["self_target"]

@@ -1,0 +1,52 @@
+"""An agent cannot approve its own held call through the tools keyturn guards: not by running the
+`keyturn` CLI, not by calling the reviewer API, not by reading or writing keyturn's own files."""
+
+from __future__ import annotations
+
+import anyio
+
+from tests.conftest import TOKENS, Home, ReviewerAPI, agent_client
+
+
+def text(result) -> str:  # type: ignore[no-untyped-def]
+    return "\n".join(c.text for c in result.content if getattr(c, "type", "") == "text")
+
+
+async def test_the_default_policy_closes_the_side_doors(home: Home) -> None:
+    home.write_config(
+        policy=None,  # the shipped default policy
+        tools=[
+            {"module": "tools.sql", "options": {"database": str(home.data_db)}},
+            {"module": "tools.shell", "options": {"cwd_roots": [str(home.dir)]}},
+            {"module": "tools.files", "options": {"roots": [str(home.dir)]}},
+            {"module": "tools.http", "options": {"allow_hosts": ["127.0.0.1"]}},
+        ],
+    )
+    base = home.serve_http()
+    api = ReviewerAPI(base)
+    async with agent_client(base) as client:
+        with anyio.move_on_after(1.0):
+            await client.call_tool("sql_execute", {"statement": "UPDATE orders SET qty = 0"})
+        request = await api.wait_pending("sql_execute")
+        rid = request["id"]
+        attempts = {
+            "shell: the keyturn CLI": ("shell_run", {"command": f"keyturn approve {rid} --reason lgtm"}),
+            "shell: curl to the API": ("shell_run", {
+                "command": f"curl -X POST -H 'Authorization: Bearer {TOKENS['alice']}' {base}/api/requests/{rid}/approve"}),
+            "http: the reviewer API": ("http_request", {
+                "method": "POST", "url": f"{base}/api/requests/{rid}/approve",
+                "headers": {"Authorization": f"Bearer {TOKENS['alice']}"}, "body": '{"reason": "lgtm"}'}),
+            "files: write the ledger": ("files_write", {"path": str(home.db), "content": "x", "overwrite": True}),
+            "files: read the ledger": ("files_read", {"path": str(home.db)}),
+            "files: delete the ledger's WAL": ("files_delete", {"path": str(home.db) + "-wal"}),
+        }
+        for label, (tool, args) in attempts.items():
+            result = await client.call_tool(tool, args)
+            assert result.is_error, label
+            assert "self-target" in text(result) or "keyturn itself" in text(result), (label, text(result))
+    still = await api.pending()
+    assert [r["id"] for r in still] == [rid] and still[0]["votes"] == []
+    assert home.rows("SELECT sum(qty) FROM orders") == [(15,)]
+    denied = [e for e in home.ledger_events() if e["kind"] == "denied" and e["payload"].get("by") == "policy"]
+    assert len(denied) == len(attempts)
+    assert all("self-target" in e["payload"]["rules"] for e in denied)
