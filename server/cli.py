@@ -19,8 +19,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, nullcontext
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from server.errors import KeyturnError
 
 if TYPE_CHECKING:
     from server.app import Keyturn
+    from server.proxy import Proxy
 
 DEFAULT_HTTP = "127.0.0.1:8765"
 log = logging.getLogger("keyturn")
@@ -113,10 +114,11 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
 async def _proxy(args: argparse.Namespace) -> int:
     from server.proxy import parse_header, parse_proxy_config, running_proxy
 
+    logging.getLogger("server").setLevel(args.log_level.upper())
     settings = _settings(args)
     if "tools" not in settings.model_fields_set:
         settings = settings.model_copy(update={"tools": ()})  # only the upstreams' tools, unless configured
-    command = list(args.command)
+    command = list(args.upstream_command)
     if command[:1] == ["--"]:
         command = command[1:]
     if command and args.upstream_url:
@@ -136,24 +138,40 @@ async def _proxy(args: argparse.Namespace) -> int:
     config = parse_proxy_config(settings.proxy, [upstream] if "command" in upstream or "url" in upstream else [],
                                 call_timeout=args.call_timeout)
     environ = dict(os.environ)
+    proxies: list[Proxy] = []
+
+    @asynccontextmanager
+    async def attach(kt: Keyturn) -> AsyncIterator[object]:
+        async with running_proxy(kt, config, environ) as proxy:
+            proxies.append(proxy)
+            yield proxy
 
     async def serve() -> int:
-        return await _serve(args, settings, lambda kt: running_proxy(kt, config, environ))
+        return await _serve(args, settings, attach)
+
+    async def stopped() -> None:
+        for proxy in proxies:
+            await proxy.wait_stopped()
 
     # Over HTTP, uvicorn ends cleanly on SIGTERM; over stdio, a desktop app closing us must stop the upstreams too.
-    return await (serve() if args.http else _until_terminated(serve))
+    return await (serve() if args.http else _until_terminated(serve, stopped))
 
 
-async def _until_terminated(fn: Callable[[], Awaitable[int]]) -> int:
-    """Run `fn`, cancelling it (so every context closes, child processes included) on SIGTERM or SIGHUP."""
+async def _until_terminated(fn: Callable[[], Awaitable[int]], stopped: Callable[[], Awaitable[None]]) -> int:
+    """Run `fn`; on SIGTERM or SIGHUP cancel it, so every context closes and child processes are stopped."""
     result = 0
     async with anyio.create_task_group() as tg:
 
         async def watch() -> None:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
                 async for _ in signals:
-                    tg.cancel_scope.cancel()
-                    return
+                    break
+            tg.cancel_scope.cancel()
+            # The MCP SDK reads stdin in a worker thread that no cancellation interrupts: once the upstreams
+            # are stopped (and the ledger, committed per event, needs nothing more), leave without waiting on it.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await stopped()
+            os._exit(0)
 
         tg.start_soon(watch)
         result = await fn()
@@ -348,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--call-timeout", type=float, metavar="SECONDS",
                        help="how long one forwarded call may take (default: proxy.call_timeout, or 300)")
     proxy.add_argument("--log-level", default="WARNING")
-    proxy.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...: the upstream server (stdio)")
+    proxy.add_argument("upstream_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS",
+                       help="the upstream server to start (stdio)")
     proxy.set_defaults(func=lambda a: anyio.run(_proxy, a))
 
     sub.add_parser("pending", parents=[reviewer], help="list held requests").set_defaults(func=cmd_pending)
@@ -417,7 +436,10 @@ def _policy_explain(args: argparse.Namespace) -> int:
 def _policy_replay(args: argparse.Namespace) -> int:
     from server.policy.replay import cmd_replay
 
-    return anyio.run(cmd_replay, Path(args.file), _settings(args), args.limit)
+    settings = _settings(args)
+    if not settings.db.exists():
+        raise KeyturnError(f"no ledger at {settings.db}")
+    return int(anyio.run(cmd_replay, Path(args.file), settings, args.limit))
 
 
 def main(argv: list[str] | None = None) -> int:
