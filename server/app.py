@@ -208,10 +208,12 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
 
 
 async def _housekeeping(kt: Keyturn) -> None:
-    """Heartbeat (so other processes know we hold our calls) and expiry of requests nobody is waiting on."""
+    """Heartbeat (so other processes know we hold our calls), expiry of requests nobody is waiting on, and the
+    outcomes of runs the ledger could not record at the time (a full disk, a lock held too long)."""
     while True:
         await anyio.sleep(2.0)
         try:
+            await kt.gate.record_pending_outcomes()
             await kt.ledger.heartbeat(kt.broker.instance_id)
             await kt.broker.sweep_expired()
         except LedgerError as e:

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import anyio
@@ -21,6 +21,7 @@ import mcp_types as types
 from server.approvals import ApprovalBroker
 from server.canonical import args_hash, canonical_json, sha256_hex
 from server.classify import REDACTED, ClassifyContext, extract_facts, redact
+from server.classify.secrets import mask
 from server.errors import InvalidArguments, LedgerError
 from server.ledger import Ledger
 from server.models import Decision, RequestView, ToolCall
@@ -113,6 +114,16 @@ def scrub(value: Any, hidden: list[str]) -> Any:
     return value
 
 
+def conceal(arguments: Any, text: str) -> str:
+    """`text` (an error message, which may quote the arguments) with the arguments' secrets masked: every value
+    redaction masks in `arguments`, and every secret-looking span. For what keyturn records and says."""
+    try:
+        hidden = masked_values(arguments, redact(arguments, {})) if isinstance(arguments, dict) else []
+    except Exception:  # masking must never be why a refusal fails; the pattern scan below still runs
+        hidden = []
+    return mask(scrub(text, hidden))
+
+
 def describe_rules(decision: Decision) -> str:
     """The rules that carried the decision (the most restrictive outcome), with their reasons."""
     winning = [r for r in decision.rules if r.outcome == decision.outcome]
@@ -126,6 +137,8 @@ class Gate:
     policy: LivePolicy
     classify_context: ClassifyContext
     progress_interval_s: float = 10.0
+    _unrecorded: dict[str, tuple[str, dict[str, Any], str | None, str]] = field(default_factory=dict)
+    """Runs whose terminal event the ledger refused: call id -> (kind, payload, outcome reason, error)."""
 
     async def call(
         self, tool: Runnable, arguments: dict[str, Any], who: Identity, progress: ProgressFn | None = None
@@ -163,7 +176,9 @@ class Gate:
             if hidden:
                 decision = Decision.model_validate(scrub(decision.model_dump(), hidden))
         except Exception as e:
-            log.exception("classification or policy failed for %s", tool.name)
+            # The error may quote the arguments: log and record it masked (the traceback only at debug level).
+            log.error("classification or policy failed for %s: %s", tool.name, conceal(arguments, f"{type(e).__name__}: {e}"))
+            log.debug("classification or policy traceback", exc_info=True)
             return await self._refuse(call, arguments, "error", f"denied: keyturn could not evaluate this call ({e})")
 
         try:
@@ -210,7 +225,8 @@ class Gate:
         )
 
     async def _refuse(self, call: ToolCall, arguments: dict[str, Any], code: str, message: str) -> types.CallToolResult:
-        # Arguments that could not be classified are not stored, only their hash.
+        # Arguments that could not be classified are not stored, only their hash; the message may quote them.
+        message = conceal(arguments, message)
         try:
             await self.ledger.open_call(
                 call_id=call.call_id, tool=call.tool, principal=call.principal, on_behalf_of=call.on_behalf_of,
@@ -238,19 +254,53 @@ class Gate:
         try:
             result = await tool.run(call.arguments)
         except Exception as e:
-            reason = f"{type(e).__name__}: {e}"
-            await self.ledger.transition(call.call_id, ("allowed", "running"), "failed", "failed",
-                                         {"error": reason}, outcome_reason=reason)
-            return error_result(f"the tool failed: {e}", outcome="failed", call_id=call.call_id)
+            # A tool's error can quote its arguments (a driver's "no such column: <secret>"): masked like them.
+            reason = conceal(call.arguments, f"{type(e).__name__}: {e}")
+            if not await self._record_outcome(call.call_id, "failed", {"error": reason}, reason):
+                return self._unrecorded_result(call.call_id)
+            return error_result(f"the tool failed: {conceal(call.arguments, str(e))}", outcome="failed",
+                                call_id=call.call_id)
         finally:
             tool_progress.reset(token)
         kind = "failed" if result.is_error else "executed"
-        await self.ledger.transition(call.call_id, ("allowed", "running"), kind, kind,
-                                     {"result_digest": result_digest(result), "is_error": bool(result.is_error)})
-        if decision.outcome == "review" and self.broker.notifiers:  # (the allow path reads nothing back)
-            event = (await self.ledger.events(call.call_id))[-1]
-            await self.broker.announce_change(call.call_id, event)
+        if not await self._record_outcome(call.call_id, kind, {"result_digest": result_digest(result),
+                                                                "is_error": bool(result.is_error)}, None):
+            return self._unrecorded_result(call.call_id)
+        if decision.outcome == "review" and self.broker.notifiers:  # only a reviewed call has messages to update
+            try:
+                event = (await self.ledger.events(call.call_id))[-1]
+                await self.broker.announce_change(call.call_id, event)
+            except LedgerError as e:  # the outcome is recorded: a message update must not change what the agent gets
+                log.warning("could not announce the outcome of %s: %s", call.call_id, e)
         return result
+
+    async def _record_outcome(self, call_id: str, kind: str, payload: dict[str, Any], reason: str | None) -> bool:
+        """Record a run's terminal event. When the ledger cannot take it, keep it for `record_pending_outcomes`
+        (the tool did run: its outcome must still reach the ledger once the ledger recovers) and return False."""
+        try:
+            await self.ledger.transition(call_id, ("allowed", "running"), kind, kind, payload, outcome_reason=reason)
+        except LedgerError as e:
+            log.error("the tool ran but its outcome could not be recorded for %s (kept to retry): %s", call_id, e)
+            self._unrecorded[call_id] = (kind, payload, reason, str(e))
+            return False
+        return True
+
+    def _unrecorded_result(self, call_id: str) -> types.CallToolResult:
+        error = self._unrecorded[call_id][3]
+        return error_result(
+            f"The tool ran, but keyturn could not record its outcome ({error}), so its result is withheld. "
+            "Do not repeat the call: it has run. keyturn records the outcome as soon as its ledger is writable again.",
+            outcome="unrecorded", call_id=call_id)
+
+    async def record_pending_outcomes(self) -> int:
+        """Record the outcomes of runs the ledger could not take at the time; returns how many are still waiting."""
+        for call_id, (kind, payload, reason, _) in list(self._unrecorded.items()):
+            try:
+                await self.ledger.transition(call_id, ("allowed", "running"), kind, kind, payload, outcome_reason=reason)
+            except LedgerError:
+                break  # still failing: try again at the next round
+            del self._unrecorded[call_id]
+        return len(self._unrecorded)
 
     async def _hold(
         self, tool: Runnable, call: ToolCall, redacted: dict[str, Any], decision: Decision,

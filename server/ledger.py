@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 200
 """Commits between two background WAL checkpoints (the connection's own autocheckpoint is off)."""
+WAL_RESTART_FRAMES = 16384
+"""A WAL this long (64 MiB of 4 KiB pages) is checkpointed completely and truncated, even if writers must wait."""
 YIELD_EVERY = 16
 """Units run at once on the loop's thread between two yields to the other tasks."""
 
@@ -135,7 +137,10 @@ class _Checkpointer:
     """Copies the WAL back into the database file, from a connection and thread of its own.
 
     A checkpoint fsyncs the WAL and the database file (milliseconds): here it holds neither the event loop
-    nor the ledger's connection. PASSIVE: it neither waits for nor blocks readers and writers.
+    nor the ledger's connection. PASSIVE: it neither waits for nor blocks readers and writers. The WAL starts
+    over when a write begins after a checkpoint copied all of it, so one that fell behind is tried again
+    shortly (a quiet moment lets it finish); under a steady stream of writes that may never happen, so past
+    `WAL_RESTART_FRAMES` a TRUNCATE checkpoint makes writers wait (in the database thread) while it finishes.
     """
 
     def __init__(self, path: Path, busy_timeout_ms: int) -> None:
@@ -155,14 +160,18 @@ class _Checkpointer:
 
     def _loop(self, path: Path, busy_timeout_ms: int) -> None:
         conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_ms / 1000)
+        behind = False
         try:
             while True:
-                self._wanted.wait()
+                self._wanted.wait(timeout=0.5 if behind else None)
                 self._wanted.clear()
                 if self._stopping:
                     return
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    _, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if frames >= WAL_RESTART_FRAMES:
+                        _, frames, copied = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                    behind = copied < frames
                 except sqlite3.Error as e:
                     log.warning("WAL checkpoint of %s failed: %s", path, e)
         finally:

@@ -1,12 +1,11 @@
 """The Slack reviewer channel: a Block Kit message per held call, Approve/Deny buttons, a reason modal.
 
-Slack only delivers and reports. A click becomes a `Verdict` whose reviewer is the Slack identity
-`slack:<team>/<user>` taken from the signed payload (or the person whose e-mail `users.info` gives,
-when `map_email` is on); `ApprovalBroker.decide` alone judges it. Each posted message's channel and
-ts are recorded in the ledger (`notified` events), and a follower re-renders the messages of every
-request that changes, whichever keyturn process changed it, so Slack slowness never holds up a
-decision or an agent. Requests arrive over HTTP at `/slack/events` (signature and timestamp checked
-by Bolt, always) or over Socket Mode.
+Slack only delivers and reports. A click becomes a `Verdict` for the Slack identity of the clicking
+user (`slack_identity`); `ApprovalBroker.decide` alone judges it, and a refusal is explained to that
+user only. Each posted message's channel and ts are recorded in the ledger (`notified` events), and a
+follower re-renders the messages of every request that changes, whichever keyturn process changed
+it, so a slow Slack never holds up a decision or an agent. Clicks arrive over HTTP at `/slack/events`
+(signature and timestamp always checked by Bolt) or over Socket Mode.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import asyncio
 import hashlib
 import json
 import logging
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -29,6 +27,7 @@ from starlette.routing import BaseRoute, Route
 from server.approvals import ApprovalBroker
 from server.channels import slack_blocks as ui
 from server.channels.slack_config import SlackConfig, SlackSecrets, describe, load_slack, make_client
+from server.channels.slack_identity import SlackIdentities
 from server.config import Settings
 from server.errors import ApprovalRejected, ChannelError, LedgerError, UnknownRequest
 from server.ledger import Ledger
@@ -58,9 +57,11 @@ class SlackChannel:
         self.app.action(ui.APPROVE_ACTION)(self._on_click)
         self.app.action(ui.DENY_ACTION)(self._on_click)
         self.app.view(ui.REASON_CALLBACK)(self._on_reason)
-        self._configured = frozenset(r.identity for r in settings.reviewers)
+        self.identities = SlackIdentities(client=self.client, broker=broker, settings=settings,
+                                          map_email=config.map_email, timeout_s=config.post_timeout_s)
         self._messages: dict[str, list[tuple[str, str]]] = {}  # request id -> [(slack channel id, ts)]
         self._sent: dict[tuple[str, str], str] = {}  # (channel, ts) -> digest of what it shows
+        self._posted: set[tuple[str, str]] = set()  # messages this process posted: it alone replies in their threads
         self._retry: dict[str, int] = {}
         self._wake = anyio.Event()
         self._last_seq: int | None = None
@@ -80,7 +81,8 @@ class SlackChannel:
 
     async def run(self) -> None:
         """Follow the ledger to keep messages current; hold the Socket Mode connection when configured."""
-        self._last_seq = await self.ledger.head_seq()
+        if self._last_seq is None:
+            self._last_seq = await self.ledger.head_seq()
         async with anyio.create_task_group() as tg:
             if self.config.socket_mode:
                 tg.start_soon(self._socket_mode)
@@ -155,6 +157,7 @@ class SlackChannel:
                 continue
             self._messages.setdefault(request.id, []).append((channel, ts))
             self._sent[(channel, ts)] = digest
+            self._posted.add((channel, ts))
             await self.ledger.append("notified", request.id,
                                      {"channel": "slack", "slack_channel": channel, "ts": ts, "target": target})
         if failures:
@@ -175,6 +178,8 @@ class SlackChannel:
                 await self.catch_up()
             except LedgerError as e:
                 log.warning("slack: cannot read the ledger: %s", e)
+            except Exception:  # a rendering bug must not stop every later update
+                log.exception("slack: updating messages failed")
 
     async def catch_up(self) -> None:
         """Re-render the messages of every request changed since the last look (and retry failed updates)."""
@@ -224,7 +229,9 @@ class SlackChannel:
                 except Exception as e:
                     ok = False
                     log.warning("slack: could not update the message for %s: %s", request_id, describe(e))
-            for line in (ui.thread_line(e) for e in changes) if self.config.thread_replies else ():
+            # Updates are idempotent, so any process may make them; a thread reply is made once, by the poster.
+            replies = self.config.thread_replies and (channel, ts) in self._posted
+            for line in (ui.thread_line(e) for e in changes) if replies else ():
                 if line:
                     await self._call("chat_postMessage", channel=channel, thread_ts=ts, text=line)
         attempts = 0 if ok else self._retry.get(request_id, 0) + 1
@@ -233,6 +240,7 @@ class SlackChannel:
             if view.state in TERMINAL_STATES:
                 for msg in self._messages.pop(request_id, []):
                     self._sent.pop(msg, None)
+                    self._posted.discard(msg)
         else:
             self._retry[request_id] = attempts
 
@@ -253,7 +261,7 @@ class SlackChannel:
         verdict: VerdictKind = "approve" if action["action_id"] == ui.APPROVE_ACTION else "deny"
         request_id = str(action.get("value") or "")
         channel = str((body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id") or "")
-        user, identity = await self.identify(body)
+        user, identity = await self.identities.identify(body)
         view = await self.ledger.get_call(request_id)
         wants_reason = verdict == "deny" or bool(view and view.review and view.review.require_reason)
         if view is not None and view.state == "pending" and wants_reason:
@@ -273,7 +281,7 @@ class SlackChannel:
         await ack()
         meta = json.loads(view.get("private_metadata") or "{}")
         verdict: VerdictKind = "approve" if meta.get("v") == "approve" else "deny"
-        user, identity = await self.identify(body)
+        user, identity = await self.identities.identify(body)
         await self._vote(Verdict(request_id=str(meta.get("r", "")), reviewer=identity, verdict=verdict,
                                  reason=value.strip(), channel="slack"), user, str(meta.get("c") or ""))
 
@@ -294,48 +302,6 @@ class SlackChannel:
             await self._call("chat_postEphemeral", channel=channel, user=user, text=text)
         else:
             await self._call("chat_postMessage", channel=user, text=text)
-
-    # -- who clicked -------------------------------------------------------------------------------
-
-    async def identify(self, body: dict[str, Any]) -> tuple[str, str]:
-        """(Slack user id, reviewer identity) from the signed payload's user and team ids, nothing else."""
-        user_obj = body.get("user") or {}
-        user = str(user_obj.get("id") or "")
-        teams = [str(t) for t in ((body.get("team") or {}).get("id"), user_obj.get("team_id")) if t]
-        candidates = list(dict.fromkeys(f"slack:{t}/{user}" for t in teams)) or [f"slack:unknown/{user}"]
-        for identity in candidates:
-            if identity in self._configured:
-                return user, identity
-        if self.config.map_email and user:
-            self._learn(candidates[0], await self._person_by_email(user))
-        return user, candidates[0]
-
-    async def _person_by_email(self, user: str) -> str | None:
-        try:
-            with anyio.fail_after(self.config.post_timeout_s):
-                info = (await self.client.users_info(user=user))["user"]
-        except Exception as e:
-            log.warning("slack: users.info failed for %s: %s", user, describe(e))
-            return None
-        if (info.get("id") != user or info.get("deleted") or info.get("is_bot") or info.get("is_restricted")
-                or info.get("is_ultra_restricted")):
-            return None
-        email = str((info.get("profile") or {}).get("email") or "").strip().lower()
-        people = [name for name, p in self.settings.people.items() if email and (p.email or "").lower() == email]
-        return people[0] if len(people) == 1 else None
-
-    def _learn(self, identity: str, person: str | None) -> None:
-        """Map (or unmap) an e-mail-matched identity in the broker's directory; configured ones never change."""
-        directory = self.broker.directory
-        identities = dict(directory.identities)
-        if identities.get(identity) == person or identity in self._configured:
-            return
-        if person is None:
-            identities.pop(identity, None)
-        else:
-            identities[identity] = person
-        self.broker.directory = replace(directory, identities=identities)
-
 
 def _finished(task: asyncio.Task[None]) -> None:
     _BACKGROUND.discard(task)

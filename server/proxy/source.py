@@ -43,6 +43,11 @@ class Proxy:
     def get(self, name: str) -> UpstreamTool | None:
         return self._tools.get(name)
 
+    async def wait_stopped(self) -> None:
+        """Until every upstream connection has been shut down (after `running()` was cancelled)."""
+        for upstream in self.upstreams:
+            await upstream.stopped.wait()
+
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Proxy]:
         """Connect to every upstream (waiting, bounded, for the first attempts) and keep them connected."""

@@ -13,24 +13,23 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
-from types import TracebackType
 from typing import Any, Literal
 
 import anyio
 import mcp_types as types
 from mcp import Client, StdioServerParameters
-from mcp.client._transport import ReadStream, Transport, TransportStreams
+from mcp.client._transport import Transport
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
-from mcp.shared.message import SessionMessage
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from server.errors import ConfigError, ToolError
 from server.gate import ProgressFn
 from server.proxy.config import ProxyConfig, UpstreamConfig, substitute_env
+from server.proxy.transport import EndWatched
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +55,7 @@ class Upstream:
         self.last_error: str | None = None
         self.restarts = 0
         self.tried = anyio.Event()  # the first attempt to connect has finished, either way
+        self.stopped = anyio.Event()  # the supervisor has ended: the connection (and any process) is closed
         self.spawn_error: Exception | None = None  # the first attempt could not even start the command
         self._environ = dict(environ)
         self._on_tools = on_tools
@@ -98,6 +98,7 @@ class Upstream:
                             "it may or may not have acted") from None
         except MCPError as e:
             if e.code != types.CONNECTION_CLOSED:
+                self._relist.set()  # a stale HTTP session answers errors too: a probe reconnects if so
                 text = f"{e.message} (upstream {self.name!r}, error {e.code})"
                 return types.CallToolResult(content=[types.TextContent(type="text", text=text)], is_error=True)
             self.lose(f"the connection closed during {tool}")
@@ -130,6 +131,12 @@ class Upstream:
 
     async def supervise(self) -> None:
         """Connect, serve until the connection is lost, back off, reconnect: for as long as keyturn runs."""
+        try:
+            await self._supervise()
+        finally:
+            self.stopped.set()
+
+    async def _supervise(self) -> None:
         delay = self.settings.restart_backoff
         while True:
             started = time.monotonic()
@@ -157,7 +164,7 @@ class Upstream:
         with anyio.CancelScope(deadline=anyio.current_time() + self.settings.connect_timeout) as connecting:
             async with AsyncExitStack() as stack:
                 transport = await self._transport(stack)
-                client = Client(_Watched(transport, self.lose), cache=None, client_info=CLIENT_INFO,
+                client = Client(EndWatched(transport, self.lose), cache=None, client_info=CLIENT_INFO,
                                 message_handler=self._on_message)
                 await stack.enter_async_context(client)
                 tools = await self._list_tools(client)
@@ -254,57 +261,6 @@ def _unwrap(e: Exception) -> Exception:
 
 def _dump(tools: dict[str, types.Tool]) -> list[dict[str, Any]]:
     return [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in tools.values()]
-
-
-class _Watched:
-    """The transport's read stream, reporting its end: a stdio upstream that exits closes its stdout."""
-
-    def __init__(self, transport: Transport, on_end: Callable[[str], None]) -> None:
-        self._transport, self._on_end = transport, on_end
-
-    async def __aenter__(self) -> TransportStreams:
-        read, write = await self._transport.__aenter__()
-        return _EndNotifying(read, self._on_end), write
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> bool | None:
-        return await self._transport.__aexit__(exc_type, exc, tb)
-
-
-class _EndNotifying:
-    def __init__(self, inner: ReadStream[SessionMessage | Exception], on_end: Callable[[str], None]) -> None:
-        self._inner, self._on_end = inner, on_end
-
-    @property
-    def last_context(self) -> Any:
-        return getattr(self._inner, "last_context", None)
-
-    async def receive(self) -> SessionMessage | Exception:
-        try:
-            return await self._inner.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
-            self._on_end("the upstream closed the connection (it exited or disconnected)")
-            raise
-
-    def __aiter__(self) -> _EndNotifying:
-        return self
-
-    async def __anext__(self) -> SessionMessage | Exception:
-        try:
-            return await self.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    async def __aenter__(self) -> _EndNotifying:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> bool | None:
-        await self.aclose()
-        return None
 
 
 @asynccontextmanager

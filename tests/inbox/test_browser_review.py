@@ -218,3 +218,33 @@ async def test_a_request_decided_elsewhere_is_marked_closed_on_an_open_page(home
                 await expect(card.locator(".closed-note")).to_contain_text("No longer pending")
                 await expect(page.locator("#requests .empty")).to_be_visible()
     assert not results[0].is_error
+
+
+async def test_quorum_progress_updates_live_as_reviewers_vote(home: Home, page: Any) -> None:
+    base = home.serve_http()
+    await sign_in(page, base, "alice")
+    results: list[Any] = []
+    async with agent_client(base) as client:
+        async def agent() -> None:
+            results.append(await client.call_tool("sql_execute", {"statement": "UPDATE payroll SET salary = 7"}))
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(agent)
+                card = page.locator("article.request")
+                await expect(card.locator(".quorum")).to_contain_text("0 of 2")
+                await expect(card.locator("ul.groups")).to_contain_text("dba")
+                await expect(card.locator(".badge")).to_have_text("critical risk")
+                await card.get_by_label("Reason").fill("first DBA")
+                await card.get_by_role("button", name="Approve").click()
+                await expect(page.locator(".notice.good")).to_contain_text("vote recorded")
+                await expect(card.locator(".quorum")).to_contain_text("1 of 2")
+                await expect(card.locator("p.voted")).to_contain_text("You approved")  # no second vote offered
+                await expect(card.locator("form.vote")).to_have_count(0)
+                await page.evaluate("window.__sameDocument = true")
+                request_id = await card.get_attribute("data-id")
+                assert request_id and await _api_vote(base, request_id, "carol") == 200
+                await expect(card).to_have_class(re.compile(r"\bclosed\b"))  # approved elsewhere, seen live
+                assert await page.evaluate("window.__sameDocument") is True
+    assert not results[0].is_error
+    assert home.rows("SELECT salary FROM payroll") == [(7,)]

@@ -13,7 +13,7 @@ import httpx2
 from playwright.async_api import expect
 
 from tests.conftest import TOKENS, Home, ReviewerAPI, agent_client
-from tests.inbox.conftest import sign_in
+from tests.inbox.conftest import screenshot, sign_in
 
 
 async def test_a_bad_token_or_an_agent_token_cannot_sign_in(home: Home, page: Any) -> None:
@@ -28,6 +28,7 @@ async def test_a_bad_token_or_an_agent_token_cannot_sign_in(home: Home, page: An
             await page.get_by_role("button", name="Sign in").click()
         assert (await answer.value).status == 401
         await expect(page.locator(".notice.bad")).to_contain_text("not a reviewer token")
+    await screenshot(page, "login")
     assert not [c for c in await page.context.cookies() if c["name"] == "keyturn_session"]
     await page.goto(base + "/audit")
     await expect(page).to_have_url(re.compile(r"/login"))
@@ -139,3 +140,34 @@ async def test_login_form_refuses_a_post_from_another_site(home: Home) -> None:
         r = await http.post("/login", data={**data, "next": "https://evil.example/"}, headers={"Origin": base})
         assert r.status_code == 303 and r.headers["location"] == "/inbox"  # no open redirect
         assert "keyturn_session" in r.cookies
+        huge = await http.post("/login", data={"token": "x" * 100_000}, headers={"Origin": base})
+        assert huge.status_code == 413  # refused unread
+
+
+async def test_what_an_agent_sends_is_shown_as_text_never_run_as_markup(home: Home, page: Any) -> None:
+    base = home.serve_http()
+    await sign_in(page, base, "alice")
+    hostile = "UPDATE orders SET item = '<img src=x onerror=\"window.__xss=1\"><script>window.__xss=2</script>'"
+    results: list[Any] = []
+    async with agent_client(base) as client:
+        async def agent() -> None:
+            results.append(await client.call_tool("sql_execute", {"statement": hostile}))
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(agent)
+                card = page.locator("article.request")
+                await expect(card.locator("pre.code.sql")).to_have_text(hostile)  # arrived live, as text
+                await page.reload()
+                await expect(card.locator("pre.code.sql")).to_have_text(hostile)  # and server-rendered
+                assert await page.evaluate("window.__xss") is None
+                assert await card.locator("img, script").count() == 0
+                request_id = await card.get_attribute("data-id")
+                await card.get_by_label("Reason").fill("<b>no</b>")
+                await card.get_by_role("button", name="Deny").click()
+                await expect(page.locator(".notice.good")).to_contain_text("denied by alice")
+    assert results[0].is_error
+    await page.goto(f"{base}/inbox/requests/{request_id}")
+    await expect(page.locator("ol.events")).to_contain_text("reason: <b>no</b>")
+    assert await page.locator("ol.events b, article img").count() == 0
+    assert await page.evaluate("window.__xss") is None

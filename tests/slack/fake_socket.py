@@ -20,10 +20,12 @@ class FakeSocketMode:
         self._ws: web.WebSocketResponse | None = None
         self._runner: web.AppRunner | None = None
         self.url = ""
+        self._thread: threading.Thread | None = None
 
     def start(self) -> FakeSocketMode:
         ready = threading.Event()
-        threading.Thread(target=self._serve, args=(ready,), name="fake-socket-mode", daemon=True).start()
+        self._thread = threading.Thread(target=self._serve, args=(ready,), name="fake-socket-mode", daemon=True)
+        self._thread.start()
         ready.wait(10)
         return self
 
@@ -38,7 +40,10 @@ class FakeSocketMode:
         port = self._runner.addresses[0][1]
         self.url = f"ws://127.0.0.1:{port}/link"
         ready.set()
-        self._loop.run_forever()
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
 
     async def _socket(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
@@ -71,3 +76,5 @@ class FakeSocketMode:
         if self._loop.is_running():
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)

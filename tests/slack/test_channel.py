@@ -147,6 +147,10 @@ async def test_a_process_that_did_not_post_finds_the_message_through_the_ledger(
     notified = next(e.payload for e in await rig.ledger.events("r1") if e.payload.get("ts"))
     assert (update.args["channel"], update.args["ts"]) == (notified["slack_channel"], notified["ts"])
     assert "Expired" in message_text(update.args)
+    assert not [c for c in rig.fake.of("chat.postMessage") if c.args.get("thread_ts")]  # replies: the poster's job
+    await rig.channel.catch_up()
+    replies = [c.args["text"] for c in rig.fake.of("chat.postMessage") if c.args.get("thread_ts")]
+    assert len(replies) == 1 and "Expired" in replies[0]
 
 
 async def test_rate_limits_and_server_errors_are_retried(rig: Rig) -> None:
@@ -255,7 +259,7 @@ async def test_an_unmapped_user_counts_as_the_person_whose_email_matches(rig: Ri
 async def test_socket_mode_receives_clicks_without_a_public_url(tmp_path: Path, fake_slack: FakeSlack) -> None:
     socket = FakeSocketMode().start()
     fake_slack.socket_url = socket.url
-    async with await Ledger(tmp_path / "socket.db").open() as ledger:
+    async with Ledger(tmp_path / "socket.db") as ledger, httpx2.AsyncClient() as http:
         directory = ReviewerDirectory(identities={r.identity: r.person for r in SETTINGS.reviewers},
                                       groups_of={n: frozenset(p.groups) for n, p in SETTINGS.people.items()})
         broker = ApprovalBroker(ledger=ledger, directory=directory)
@@ -269,7 +273,7 @@ async def test_socket_mode_receives_clicks_without_a_public_url(tmp_path: Path, 
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(channel.run)
                     await socket.wait_connected()
-                    rig = Rig(ledger, broker, channel, fake_slack, httpx2.AsyncClient())
+                    rig = Rig(ledger, broker, channel, fake_slack, http)
                     await rig.hold("r1")
                     socket.push({"envelope_id": "env-1", "type": "interactive", "accepts_response_payload": True,
                                  "payload": block_action("r1", "keyturn_approve", "UCAROL")})

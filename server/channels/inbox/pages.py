@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 
 from server.channels.inbox.render import Card, card, timeline
 from server.channels.inbox.sessions import (
@@ -22,7 +22,7 @@ from server.channels.inbox.sessions import (
     harden,
     set_cookie,
 )
-from server.channels.inbox.site import Site, safe_next
+from server.channels.inbox.site import FormTooLarge, Site, read_form, safe_next
 from server.channels.web import MAX_REASON, submit_verdict
 from server.models import RequestView
 
@@ -54,7 +54,10 @@ class Pages:
         return self._login_page(request, next_url=request.query_params.get("next") or "/inbox")
 
     async def login(self, request: Request) -> Response:
-        form = await request.form(max_files=0, max_fields=10)
+        try:
+            form = await read_form(request)
+        except FormTooLarge:
+            return harden(Response("the form is too large", status_code=413, media_type="text/plain"))
         next_url = safe_next(str(form.get("next") or ""))
         if not self.site.sessions.check_login(request, form.get("csrf")):
             return self._login_page(request, status=403, next_url=next_url,
@@ -73,7 +76,7 @@ class Pages:
         return response
 
     async def logout(self, request: Request, session: Session) -> Response:
-        form = await request.form(max_files=0, max_fields=10)
+        form = await read_form(request)
         if not self.site.sessions.check_csrf(request, session, form.get("csrf")):
             return self.site.page(request, "error.html", session, status=403, title="Refused",
                                   message="Sign-out refused: the form's security token is missing or wrong.")
@@ -96,8 +99,10 @@ class Pages:
         return self.site.page(request, "inbox.html", session, title="Inbox", cards=await self._cards(session))
 
     async def inbox_list(self, request: Request, session: Session) -> Response:
-        """The list alone, for the page's live updates."""
-        return self.site.page(request, "_requests.html", session, cards=await self._cards(session))
+        """The list alone, for the page's live updates (leaves any flash message to the next full page)."""
+        html = self.site.render("_requests.html", cards=await self._cards(session),
+                                csrf=self.site.sessions.csrf_token(session))
+        return harden(HTMLResponse(html))
 
     # -- one request ---------------------------------------------------------------------------
 
@@ -113,7 +118,7 @@ class Pages:
 
     async def vote(self, request: Request, session: Session) -> Response:
         request_id = request.path_params["request_id"]
-        form = await request.form(max_files=0, max_fields=10)
+        form = await read_form(request)
         reason = form.get("reason")
         text = reason.strip() if isinstance(reason, str) else ""
         if not self.site.sessions.check_csrf(request, session, form.get("csrf")):
@@ -134,5 +139,5 @@ class Pages:
             return await self.request_page(request, session, status=outcome.status, reason=text,
                                            error=f"Your vote was not counted: {outcome.message}")
         back = f"/inbox/requests/{request_id}" if form.get("back") == "request" else "/inbox"
-        verb = "Approved" if verdict == "approve" else "Denied"
-        return self.site.redirect(request, back, flash=f"{verb} request {request_id[:12]}: {outcome.message}.")
+        verb = "approved" if verdict == "approve" else "denied"
+        return self.site.redirect(request, back, flash=f"You {verb} request {request_id[:12]}: {outcome.message}.")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 import jinja2
+from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
@@ -20,6 +21,19 @@ if TYPE_CHECKING:
 
 Handler = Callable[[Request, Session], Awaitable[Response]]
 SAFE_NEXT = ("/inbox", "/audit")
+MAX_FORM_BYTES = 64 * 1024
+
+
+class FormTooLarge(Exception):
+    pass
+
+
+async def read_form(request: Request) -> FormData:
+    """A small url-encoded form; a body without a length or larger than MAX_FORM_BYTES is refused unread."""
+    length = request.headers.get("content-length", "")
+    if not length.isdigit() or int(length) > MAX_FORM_BYTES:
+        raise FormTooLarge()
+    return await request.form(max_files=0, max_fields=10)
 
 
 def safe_next(target: str | None) -> str:
@@ -77,6 +91,8 @@ class Site:
                 return harden(RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303))
             try:
                 return await handler(request, session)
+            except FormTooLarge:
+                return harden(Response("the form is too large", status_code=413, media_type="text/plain"))
             except LedgerError as e:
                 return self.page(request, "error.html", session, status=503, title="Ledger unavailable",
                                  message=f"The ledger is unavailable: {e}")
