@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
+import anyio.abc
 import mcp_types as types
 
 from server.approvals import ApprovalBroker, Notifier, ReviewerDirectory
@@ -122,8 +123,16 @@ class Keyturn:
     sources: list[ToolSource] = field(default_factory=list)
     tool_listeners: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
+    task_group: anyio.abc.TaskGroup | None = None
+
     def add_notifier(self, notifier: Notifier) -> None:
         self.broker.notifiers.append(notifier)
+
+    def start_soon(self, fn: Callable[[], Awaitable[Any]], name: str | None = None) -> None:
+        """Run a channel's background work for as long as this process runs; cancelled on shutdown."""
+        if self.task_group is None:
+            raise RuntimeError("keyturn is not running")
+        self.task_group.start_soon(_supervised, fn, name or getattr(fn, "__qualname__", "task"), name=name)
 
     def tools(self) -> list[ServedTool]:
         """Every guarded tool this process serves: the registry's, then each source's."""
@@ -190,6 +199,7 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
         kt = Keyturn(settings=settings, ledger=ledger, policy=policy, broker=broker, registry=registry, gate=gate,
                      credentials=credentials, local_token=local_token, http_base_urls=list(urls))
         async with anyio.create_task_group() as tg:
+            kt.task_group = tg
             tg.start_soon(policy.watch)
             tg.start_soon(broker.poll_store)
             tg.start_soon(_housekeeping, kt)
@@ -205,6 +215,19 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
     finally:
         with anyio.CancelScope(shield=True):
             await ledger.close()
+
+
+async def _supervised(fn: Callable[[], Awaitable[Any]], name: str) -> None:
+    """A channel's failure is logged and retried with backoff; it never takes the gate down with it."""
+    delay = 1.0
+    while True:
+        try:
+            await fn()
+            return
+        except Exception:
+            log.exception("%s stopped; restarting in %.0f s", name, delay)
+        await anyio.sleep(delay)
+        delay = min(delay * 2, 60.0)
 
 
 async def _housekeeping(kt: Keyturn) -> None:

@@ -101,8 +101,13 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
     from mcp.server.lowlevel import NotificationOptions
     from mcp.server.stdio import stdio_server
 
+    from server.channels import build_channels
+
     async with running(settings) as kt, attached(kt):
         server = build_mcp_server(kt)
+        # Chat channels announce the calls this process holds; their clicks arrive at whichever
+        # process serves HTTP (or Socket Mode), and reach this one through the shared database.
+        await build_channels(kt, dict(os.environ))
         print(f"keyturn (stdio) serving {len(kt.tools())} guarded tools; ledger {kt.settings.db}",
               file=sys.stderr, flush=True)
         options = server.create_initialization_options(NotificationOptions(tools_changed=attach is not None))

@@ -10,7 +10,6 @@ it, so a slow Slack never holds up a decision or an agent. Clicks arrive over HT
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -40,7 +39,6 @@ log = logging.getLogger(__name__)
 
 EVENTS_PATH = "/slack/events"
 UPDATE_KINDS = frozenset({"vote", "approval.granted", "execution.started", *TERMINAL_STATES})
-_BACKGROUND: set[asyncio.Task[None]] = set()
 
 
 class SlackChannel:
@@ -87,12 +85,6 @@ class SlackChannel:
             if self.config.socket_mode:
                 tg.start_soon(self._socket_mode)
             await self._follow()
-
-    def start_in_background(self) -> None:
-        # keyturn's runtime has no task group for channels yet; Bolt is asyncio-only anyway.
-        task = asyncio.get_running_loop().create_task(self.run(), name="keyturn-slack")
-        _BACKGROUND.add(task)
-        task.add_done_callback(_finished)
 
     async def _socket_mode(self) -> None:
         from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
@@ -303,12 +295,6 @@ class SlackChannel:
         else:
             await self._call("chat_postMessage", channel=user, text=text)
 
-def _finished(task: asyncio.Task[None]) -> None:
-    _BACKGROUND.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        log.error("slack: the channel's background task stopped: %s", task.exception())
-
-
 def attach_slack(kt: Keyturn, env: dict[str, str]) -> list[BaseRoute]:
     """Enable Slack when configured: add the notifier, start its background work, return its routes."""
     loaded = load_slack(kt.settings.slack, env)
@@ -317,5 +303,5 @@ def attach_slack(kt: Keyturn, env: dict[str, str]) -> list[BaseRoute]:
     config, secrets = loaded
     channel = SlackChannel(ledger=kt.ledger, broker=kt.broker, settings=kt.settings, config=config, secrets=secrets)
     kt.add_notifier(channel)
-    channel.start_in_background()
+    kt.start_soon(channel.run, name="keyturn-slack")
     return channel.routes()

@@ -145,10 +145,7 @@ def hold_write_lock(db: Path) -> subprocess.Popen[str]:
 
 
 def release(proc: subprocess.Popen[str]) -> None:
-    assert proc.stdin is not None
-    proc.stdin.write("\n")
-    proc.stdin.flush()
-    proc.wait(10)
+    proc.communicate("\n", timeout=10)
 
 
 async def test_a_ledger_locked_by_another_process_fails_calls_closed_and_keyturn_recovers_when_it_is_released(
