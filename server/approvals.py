@@ -14,7 +14,8 @@ import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -110,6 +111,7 @@ class ApprovalBroker:
     notifiers: list[Notifier] = field(default_factory=list)
     instance_id: str = field(default_factory=_instance_id)
     _waiters: dict[str, anyio.Event] = field(default_factory=dict)
+    _watching: dict[str, int] = field(default_factory=dict)  # request id -> calls waiting on it now
     _last_seq: int = 0
 
     def __post_init__(self) -> None:
@@ -122,13 +124,34 @@ class ApprovalBroker:
             if e.call_id in self._waiters and e.kind in WAKE_KINDS:
                 self._waiters[e.call_id].set()
 
+    @contextmanager
+    def watching(self, request_id: str) -> Iterator[None]:
+        """Keep `request_id`'s wake-up registered while a call waits on it, across `wait_for_change` rounds (so a
+        change between two rounds is not missed); drop it when the last waiter leaves, however the wait ended
+        (decided, expired, the client gone). Without this, every wait that ended without a wake-up stayed here."""
+        self._watching[request_id] = self._watching.get(request_id, 0) + 1
+        self._waiters.setdefault(request_id, anyio.Event())
+        try:
+            yield
+        finally:
+            left = self._watching.pop(request_id) - 1
+            if left:
+                self._watching[request_id] = left
+            else:
+                self._waiters.pop(request_id, None)
+
     async def wait_for_change(self, request_id: str, timeout: float) -> None:
         """Return when the request leaves `pending` (in this process or another), or after `timeout` seconds."""
         event = self._waiters.setdefault(request_id, anyio.Event())
-        with anyio.move_on_after(max(0.0, timeout)):
-            await event.wait()
-        if event.is_set():
-            self._waiters.pop(request_id, None)
+        try:
+            with anyio.move_on_after(max(0.0, timeout)):
+                await event.wait()
+        finally:
+            if request_id not in self._watching:
+                if self._waiters.get(request_id) is event:
+                    del self._waiters[request_id]
+            elif event.is_set() and self._waiters.get(request_id) is event:
+                self._waiters[request_id] = anyio.Event()  # consumed: the next round waits for the next change
 
     async def poll_store(self) -> None:
         """Learn of decisions recorded by other processes: a cheap head check, then the waiters' states."""

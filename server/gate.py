@@ -345,20 +345,21 @@ class Gate:
 
     async def _wait(self, request_id: str, progress: ProgressFn | None) -> RequestView:
         started = time.monotonic()
-        while True:
-            view = await self.ledger.get_call(request_id)
-            if view is None:
-                raise LedgerError(f"request {request_id} vanished from the ledger")
-            if view.state != "pending":
-                return view
-            now = time.time()
-            if view.expires is not None and now >= view.expires:
-                await self.broker.expire(request_id)
-                continue
-            if progress is not None:
-                await progress(time.monotonic() - started, None, self._waiting_message(view))
-            remaining = (view.expires - now) if view.expires is not None else self.progress_interval_s
-            await self.broker.wait_for_change(request_id, min(self.progress_interval_s, remaining))
+        with self.broker.watching(request_id):
+            while True:
+                view = await self.ledger.get_call(request_id)
+                if view is None:
+                    raise LedgerError(f"request {request_id} vanished from the ledger")
+                if view.state != "pending":
+                    return view
+                now = time.time()
+                if view.expires is not None and now >= view.expires:
+                    await self.broker.expire(request_id)
+                    continue
+                if progress is not None:
+                    await progress(time.monotonic() - started, None, self._waiting_message(view))
+                remaining = (view.expires - now) if view.expires is not None else self.progress_interval_s
+                await self.broker.wait_for_change(request_id, min(self.progress_interval_s, remaining))
 
     @staticmethod
     def _waiting_message(view: RequestView) -> str:
