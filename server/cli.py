@@ -80,7 +80,8 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
             server = build_mcp_server(kt)
             extra_routes = await build_channels(kt, dict(os.environ))
             app = build_http_app(kt, server, host, extra_routes)
-            config = uvicorn.Config(app, host=host, port=port, log_level=args.log_level.lower(), lifespan="on")
+            config = uvicorn.Config(app, host=host, port=port, log_level=args.log_level.lower(), lifespan="on",
+                                    timeout_graceful_shutdown=5)
             token_note = (f"the reviewer token is in {reviewer_token_path(kt.settings.db)}" if kt.local_token
                           else "reviewers use their configured tokens (KEYTURN_TOKEN)")
             print(

@@ -14,7 +14,7 @@ from mcp.server import Server
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, RedirectResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -105,7 +105,10 @@ def build_http_app(kt: Keyturn, server: Server[Any], host: str, extra_routes: li
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"ok": True})
 
-    routes: list[Any] = [Route("/healthz", health), *api_routes(kt), *(extra_routes or [])]
+    async def home(request: Request) -> RedirectResponse:
+        return RedirectResponse("/inbox", status_code=303)
+
+    routes: list[Any] = [Route("/healthz", health), Route("/", home), *api_routes(kt), *(extra_routes or [])]
     app: Starlette = server.streamable_http_app(
         streamable_http_path="/mcp", transport_security=settings, host=host, custom_starlette_routes=routes)
     return HostOriginGuard(AgentAuth(app, kt), settings)
