@@ -110,6 +110,13 @@ MIGRATIONS: tuple[str, ...] = (
         hash TEXT NOT NULL
     );
     """,
+    # 2: fewer pages written per call. `find_open` looks only for open requests, so its index holds only those
+    #    (a call that runs at once never enters it); no query reads events by kind.
+    """
+    DROP INDEX calls_same;
+    CREATE INDEX calls_open_same ON calls(principal, tool, args_hash) WHERE state IN ('pending','approved');
+    DROP INDEX events_kind;
+    """,
 )
 
 

@@ -47,6 +47,8 @@ EventKind = Literal[
     "policy.loaded",
     "policy.rejected",
     "process.started",
+    "link.used",  # a signed single-use decision link was consumed (Teams webhook fallback)
+    "link.released",  # ... and given back because the broker refused the vote
     # terminal kinds: exactly one per call
     "executed",
     "failed",

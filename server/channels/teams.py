@@ -14,7 +14,6 @@ decision page (`decision_link`, `decision_page`).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -56,11 +55,10 @@ MAX_ACTIVITY_BYTES = 256 * 1024
 UPDATE_KINDS = frozenset({"vote", "approval.granted", "execution.started", *TERMINAL_STATES})
 WEBHOOK_FOLLOW_UPS = frozenset({"approval.granted", "denied", "expired", "cancelled", "failed", "abandoned"})
 MAX_UPDATE_RETRIES = 5
-_BACKGROUND: set[asyncio.Task[None]] = set()
 
 
 class TeamsChannel:
-    """The Notifier(s) for Teams and the bot endpoint. `run()` keeps sent cards current."""
+    """The Notifier for Teams (bot and/or webhook) and the bot endpoint. `run()` keeps sent cards current."""
 
     name = "teams"
 
@@ -125,7 +123,9 @@ class TeamsChannel:
     # -- keeping cards current -------------------------------------------------------------------
 
     async def run(self) -> None:
-        self._last_seq = await self.ledger.head_seq()
+        """Follow the ledger to keep cards current (run in the runtime's task group, restarted if it fails)."""
+        if self._last_seq is None:
+            self._last_seq = await self.ledger.head_seq()
         while True:
             with anyio.move_on_after(self.config.update_interval_s):
                 await self._wake.wait()
@@ -134,12 +134,6 @@ class TeamsChannel:
                 await self.catch_up()
             except LedgerError as e:
                 log.warning("teams: cannot read the ledger: %s", e)
-
-    def start_in_background(self) -> None:
-        # keyturn's runtime has no task group for channels yet (see the Slack channel).
-        task = asyncio.get_running_loop().create_task(self.run(), name="keyturn-teams")
-        _BACKGROUND.add(task)
-        task.add_done_callback(_finished)
 
     async def catch_up(self) -> None:
         if self._last_seq is None:
@@ -273,12 +267,6 @@ def _digest(card: AdaptiveCard) -> str:
     return hashlib.sha256(json.dumps(ui.card_json(card), sort_keys=True).encode()).hexdigest()
 
 
-def _finished(task: asyncio.Task[None]) -> None:
-    _BACKGROUND.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        log.error("teams: the channel's background task stopped: %s", task.exception())
-
-
 def attach_teams(kt: Keyturn, env: dict[str, str]) -> list[BaseRoute]:
     """Enable Teams when configured: add the notifier, start its background work, return its routes."""
     loaded = load_teams(kt.settings.teams, env)
@@ -295,5 +283,5 @@ def attach_teams(kt: Keyturn, env: dict[str, str]) -> list[BaseRoute]:
     channel = TeamsChannel(ledger=kt.ledger, kt=kt, config=config, secrets=secrets, signer=signer,
                            link_base=link_base)
     kt.add_notifier(channel)
-    channel.start_in_background()
+    kt.start_soon(channel.run, name="keyturn-teams")
     return channel.routes()

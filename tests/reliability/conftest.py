@@ -36,6 +36,11 @@ class RelHome(Home):
     def gates(self) -> Path:
         return self.dir / "gates"
 
+    extra_env: dict[str, str]
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), **getattr(self, "extra_env", {})}
+
     def configure(self, *, tools: list[dict[str, Any]] | None = None, **extra: Any) -> None:
         probe = {"module": PROBE, "options": {"runs": str(self.runs_file), "gates": str(self.gates)}}
         sql = {"module": "tools.sql", "options": {"database": str(self.data_db), "export_dir": str(self.dir / "exports")}}

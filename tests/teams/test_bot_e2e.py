@@ -9,9 +9,10 @@ from typing import Any
 
 import anyio
 import yaml
+from mcp import Client
 
 from tests.conftest import TOKENS, ReviewerAPI, agent_client
-from tests.teams.conftest import OIDS, TENANT, TeamsHome, card_text, eventually, new_key, request_id_of
+from tests.teams.conftest import APP_PASSWORD, LINK_SECRET, OIDS, TENANT, TeamsHome, card_text, eventually, new_key, request_id_of
 
 TERMINAL = {"executed", "failed", "denied", "expired", "cancelled", "abandoned"}
 
@@ -260,3 +261,26 @@ async def test_a_decision_made_in_another_keyturn_process_updates_the_card(teams
             card = await th.wait_update(th.fake.sent[0]["id"], "Denied")
     assert "Denied by carol: decided elsewhere" in card_text(card)
     assert results[0].is_error and terminal(th, request_id) == ["denied"]
+
+
+async def test_a_stdio_agents_held_call_gets_a_card_and_is_decided_through_the_http_process(
+        teams_home: TeamsHome) -> None:
+    th = teams_home
+    th.serve()  # the HTTP process: the bot endpoint Teams posts clicks to
+    params = th.home.stdio_params()
+    params = params.model_copy(update={"env": {**(params.env or {}), "KEYTURN_TEAMS_APP_PASSWORD": APP_PASSWORD,
+                                               "KEYTURN_LINK_SECRET": LINK_SECRET}})
+    results = []
+    async with Client(params) as client:
+        async def agent() -> None:
+            results.append(await client.call_tool("sql_execute", {"statement": "DELETE FROM orders WHERE id = 2"}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(agent)
+            request_id = request_id_of(await th.wait_card("sql_execute"))  # posted by the stdio process
+            r = await th.post(th.invoke(request_id, "approve", "alice", "ok"))
+            assert "You approved" in card_text(r.json()["value"])
+    assert not results[0].is_error, text(results[0])
+    assert th.home.rows("SELECT count(*) FROM orders") == [(2,)]
+    assert terminal(th, request_id) == ["executed"]
+    await th.wait_update(th.fake.sent[0]["id"], "executed")

@@ -156,3 +156,27 @@ async def test_checkpoints_copy_the_wal_into_the_database_file(tmp_path: Path) -
             while db.stat().st_size <= before:  # another thread's work: no event to wait on
                 await anyio.sleep(0.02)
         assert (await ledger.verify()).ok
+
+
+async def test_a_version_1_ledger_is_migrated_and_open_requests_are_found_by_their_own_index(tmp_path: Path) -> None:
+    from server.ledger import MIGRATIONS
+
+    db = tmp_path / "l.db"
+    with sqlite3.connect(db) as conn:  # a ledger written by keyturn before migration 2
+        conn.executescript(MIGRATIONS[0] + "; CREATE TABLE schema_version (version INTEGER NOT NULL);"
+                           " INSERT INTO schema_version VALUES (1);")
+    async with Ledger(db) as ledger:
+        await ledger.open_call(call_id="c1", tool="t", principal="p", on_behalf_of=None, model=None, args_hash="h",
+                               redacted_arguments={}, state="pending", holder=None, events=[("call.received", {})])
+        found = await ledger.find_open("p", "t", "h")
+        assert found is not None and found.id == "c1"
+        assert await ledger.transition("c1", ("pending",), "expired", "expired", {})
+        assert await ledger.find_open("p", "t", "h") is None
+    with sqlite3.connect(db) as conn:
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        plan = " ".join(str(r) for r in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM calls WHERE principal = 'p' AND tool = 't' AND args_hash = 'h'"
+            " AND state IN ('pending','approved') ORDER BY created LIMIT 1"))
+        assert max(r[0] for r in conn.execute("SELECT version FROM schema_version")) == len(MIGRATIONS)
+    assert "calls_open_same" in indexes and "calls_same" not in indexes and "events_kind" not in indexes
+    assert "calls_open_same" in plan
