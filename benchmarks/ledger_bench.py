@@ -140,7 +140,7 @@ async def verify_rate(path: Path, n: int) -> dict[str, float]:
 
 
 async def run(home: Path, *, appends: int, verify_events: int) -> dict[str, Any]:
-    home.mkdir(parents=True, exist_ok=True)
+    await anyio.Path(home).mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"appends": appends}
     out.update(raw_insert_rates(home / "raw.db", appends))
     out.update(await append_rates(home / "append.db", appends))

@@ -11,7 +11,7 @@ from benchmarks.stats import fmt, ratio
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _transport(t: dict[str, Any]) -> list[str]:
@@ -31,7 +31,7 @@ def _transport(t: dict[str, Any]) -> list[str]:
                    "median ÷ plain", "p99 ÷ plain"], rows)
     out.append("`proxy` is `keyturn proxy -- python benchmarks/plain_server.py`: its CPU includes the upstream's.")
     out += [f"Note: {n}" for n in t.get("notes", [])]
-    return out + [""]
+    return [*out, ""]
 
 
 def _held(h: dict[str, Any]) -> list[str]:
@@ -55,7 +55,8 @@ def _ledger(g: dict[str, Any]) -> list[str]:
     raw = g["raw_insert_per_commit_per_s"]
     rows = [
         ["raw SQLite insert, one row per commit", raw, 1.0],
-        ["raw SQLite insert, batched (one transaction)", g["raw_insert_batched_per_s"], ratio(g["raw_insert_batched_per_s"], raw)],
+        ["raw SQLite insert, batched (one transaction)", g["raw_insert_batched_per_s"],
+         ratio(g["raw_insert_batched_per_s"], raw)],
         ["Ledger.append, sequential", g["ledger_append_sequential_per_s"], ratio(g["ledger_append_sequential_per_s"], raw)],
         ["Ledger.append, 32 concurrent tasks", g["ledger_append_32_tasks_per_s"], ratio(g["ledger_append_32_tasks_per_s"], raw)],
         [f"audit verify ({g['verify_events']:,} events)", g["verify_events_per_s"], ratio(g["verify_events_per_s"], raw)],

@@ -17,8 +17,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -26,6 +24,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import anyio
+import anyio.abc
+import httpx2
 import yaml
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
@@ -106,7 +106,7 @@ def stdio_params(name: str, marker: str, home: Path) -> StdioServerParameters:
     raise ValueError(name)
 
 
-async def start_http(name: str, marker: str, home: Path, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], str]:
+async def start_http(name: str, marker: str, home: Path, log: IO[bytes]) -> tuple[anyio.abc.Process, str]:
     port = free_port()
     py = sys.executable
     if name == "plain":
@@ -115,21 +115,19 @@ async def start_http(name: str, marker: str, home: Path, log: IO[bytes]) -> tupl
         cmd = [py, "-m", "server.cli", "serve", "--http", f"127.0.0.1:{port}", "--config", str(write_home(home, marker))]
     else:
         raise ValueError(name)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=home,
-                            env={**os.environ, **server_env(marker)})
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} --http exited with {proc.returncode}; see {log.name}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                pass
-            if name == "keyturn":
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                    pass
-            return proc, f"http://127.0.0.1:{port}/mcp"
-        except (OSError, urllib.error.URLError):
-            await anyio.sleep(0.1)
+    proc = await anyio.open_process(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=home,
+                                    env={**os.environ, **server_env(marker)})
+    # Up once it answers HTTP (any status: the plain server has no health route).
+    async with httpx2.AsyncClient(timeout=1) as http:
+        with anyio.move_on_after(60):
+            while proc.returncode is None:
+                try:
+                    await http.get(f"http://127.0.0.1:{port}/healthz")
+                    return proc, f"http://127.0.0.1:{port}/mcp"
+                except httpx2.TransportError:
+                    await anyio.sleep(0.1)
+    if proc.returncode is not None:
+        raise RuntimeError(f"{name} --http exited with {proc.returncode}; see {log.name}")
     proc.kill()
     raise RuntimeError(f"{name} --http did not start in 60 s")
 
@@ -141,7 +139,7 @@ async def stdio_sides(names: Sequence[str], home: Path) -> AsyncIterator[list[Si
         sides = []
         for name in names:
             marker = f"{name}-stdio-{os.getpid()}"
-            errlog = stack.enter_context(open(home / f"{marker}.log", "w"))
+            errlog = stack.enter_context(open(home / f"{marker}.log", "w"))  # noqa: ASYNC230 (a local log file)
             client = await stack.enter_async_context(Client(stdio_client(stdio_params(name, marker, home), errlog=errlog)))
             sides.append(Side(name, "stdio", [client], marker))
         yield sides
@@ -150,25 +148,27 @@ async def stdio_sides(names: Sequence[str], home: Path) -> AsyncIterator[list[Si
 @asynccontextmanager
 async def http_sides(names: Sequence[str], home: Path, clients: int) -> AsyncIterator[list[Side]]:
     """Start each named server over streamable HTTP with `clients` client sessions each."""
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[anyio.abc.Process] = []
     try:
         async with AsyncExitStack() as stack:
             sides = []
             for name in names:
                 marker = f"{name}-http-{os.getpid()}"
-                log = stack.enter_context(open(home / f"{marker}.log", "wb"))
+                log = stack.enter_context(open(home / f"{marker}.log", "wb"))  # noqa: ASYNC230 (a local log file)
                 proc, url = await start_http(name, marker, home, log)
                 procs.append(proc)
                 conns = [await stack.enter_async_context(Client(url)) for _ in range(clients)]
                 sides.append(Side(name, "http", conns, marker))
             yield sides
     finally:
-        for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        with anyio.CancelScope(shield=True):
+            for proc in procs:
+                proc.terminate()
+                with anyio.move_on_after(10):
+                    await proc.wait()
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
 
 
 async def call_once(client: Client) -> float:
@@ -242,25 +242,32 @@ async def concurrent(sides: Sequence[Side], workers: int, per_worker: int, block
 
 async def run(home: Path, *, quick: bool, with_proxy: bool = True) -> dict[str, Any]:
     """Every transport benchmark; the result is keyed transport -> mode -> side."""
-    seq_calls, warmup = (200, 30) if quick else (3000, 200)
+    seq_calls, warmup = (250, 30) if quick else (3000, 200)
     per_worker, blocks = (3, 2) if quick else (20, 6)
-    home.mkdir(parents=True, exist_ok=True)
+    await anyio.Path(home).mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"stdio": {}, "http": {}, "notes": []}
-    names = ["plain", "keyturn"]
-    if with_proxy:
-        names.append("proxy")
+    names = ["plain", "keyturn", *(["proxy"] if with_proxy else [])]
     try:
         async with stdio_sides(names, home) as sides:
+            progress(f"stdio: {', '.join(names)} started")
             out["stdio"]["sequential"] = await sequential(sides, seq_calls, warmup)
+            progress("stdio: sequential done")
             out["stdio"]["concurrent_32"] = await concurrent(sides, 32, per_worker, blocks)
     except Exception as e:
         if not with_proxy:
             raise
-        out["notes"].append(f"proxy side failed ({type(e).__name__}: {e}); stdio measured without it")
+        out["notes"].append(f"the proxy side failed ({type(e).__name__}: {e}), so stdio was measured without it")
         async with stdio_sides(["plain", "keyturn"], home) as sides:
             out["stdio"]["sequential"] = await sequential(sides, seq_calls, warmup)
             out["stdio"]["concurrent_32"] = await concurrent(sides, 32, per_worker, blocks)
+    progress("stdio: done")
     async with http_sides(["plain", "keyturn"], home, clients=32) as sides:
+        progress("http: started, 32 sessions each")
         out["http"]["sequential"] = await sequential(sides, seq_calls, warmup)
         out["http"]["concurrent_32"] = await concurrent(sides, 32, per_worker, blocks)
+    progress("http: done")
     return out
+
+
+def progress(message: str) -> None:
+    print(f"  {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)

@@ -327,6 +327,7 @@ class Gate:
             view = await self.ledger.get_call(request_id)
             assert view is not None
             await self.broker.announce(view)
+            del view  # not kept while the call waits (see `_wait`)
 
         view = await self._wait(request_id, progress)
         if view.state == "approved":
@@ -359,6 +360,7 @@ class Gate:
                 if progress is not None:
                     await progress(time.monotonic() - started, None, self._waiting_message(view))
                 remaining = (view.expires - now) if view.expires is not None else self.progress_interval_s
+                del view  # read again on waking: not kept while waiting, it is a fifth of a held call's memory
                 await self.broker.wait_for_change(request_id, min(self.progress_interval_s, remaining))
 
     @staticmethod

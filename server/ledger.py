@@ -3,16 +3,9 @@
 Every write is one `BEGIN IMMEDIATE` transaction: it reads the chain's head, appends the next events and
 updates the `calls` row together, so several keyturn processes sharing one file keep one linear chain,
 and a conditional update (a claim, a vote) is won by exactly one of them. Events are announced to
-in-process listeners only after their commit, and a write returns only once committed.
-
-Where the work runs: a quick unit of work (a write transaction, an indexed read) runs at once on the
-event loop's thread. In WAL mode with synchronous=NORMAL a commit is a write() to the WAL, tens of
-microseconds, while a hop to a worker thread and back costs hundreds (two wake-ups and GIL hand-offs):
-that hop was most of what keyturn added to a call. The loop never waits for a lock: the connection has
-`busy_timeout = 0`, and a unit that finds SQLite's write lock held by another process, or the connection
-in use by the database thread, goes to the database thread, which retries it for up to `busy_timeout_ms`.
-Long reads (verify, searches, lists) always run in the database thread, and WAL checkpoints, which
-fsync, run on a connection and thread of their own.
+in-process listeners only after their commit, and a write returns only once committed. Where each unit
+of work runs (mostly at once on the event loop's thread, never waiting for a lock there) is
+`server.ledger_db`'s business.
 
 This is the storage interface the rest of keyturn uses (`open_call`, `mutate_call`, `transition`,
 queries); a PostgreSQL backend would implement the same methods.
@@ -21,9 +14,7 @@ queries); a PostgreSQL backend would implement the same methods.
 from __future__ import annotations
 
 import json
-import logging
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,25 +22,13 @@ from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiosqlite
-import anyio
-import anyio.lowlevel
-import anyio.to_thread
-
 from server.canonical import canonical_json, sha256_hex
 from server.errors import LedgerError
+from server.ledger_db import Database
 from server.models import TERMINAL_STATES, Event, RequestView, ReviewSpec
 
 GENESIS = "0" * 64
 T = TypeVar("T")
-log = logging.getLogger(__name__)
-
-CHECKPOINT_EVERY = 200
-"""Commits between two background WAL checkpoints (the connection's own autocheckpoint is off)."""
-WAL_RESTART_FRAMES = 16384
-"""A WAL this long (64 MiB of 4 KiB pages) is checkpointed completely and truncated, even if writers must wait."""
-YIELD_EVERY = 16
-"""Units run at once on the loop's thread between two yields to the other tasks."""
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: events, calls, votes, instances
@@ -132,57 +111,6 @@ def event_hash(prev_hash: str, seq: int, ts: float, kind: str, call_id: str | No
     else:
         body = canonical_json({"seq": seq, "ts": ts, "kind": kind, "call_id": call_id, "payload": payload_json})
     return sha256_hex(prev_hash + body)
-
-
-def _busy(e: BaseException) -> bool:
-    """SQLite's lock is held elsewhere (SQLITE_BUSY or one of its extended codes)."""
-    code = getattr(e, "sqlite_errorcode", 0)
-    return isinstance(e, sqlite3.OperationalError) and (code & 0xFF) == sqlite3.SQLITE_BUSY
-
-
-class _Checkpointer:
-    """Copies the WAL back into the database file, from a connection and thread of its own.
-
-    A checkpoint fsyncs the WAL and the database file (milliseconds): here it holds neither the event loop
-    nor the ledger's connection. PASSIVE: it neither waits for nor blocks readers and writers. The WAL starts
-    over when a write begins after a checkpoint copied all of it, so one that fell behind is tried again
-    shortly (a quiet moment lets it finish); under a steady stream of writes that may never happen, so past
-    `WAL_RESTART_FRAMES` a TRUNCATE checkpoint makes writers wait (in the database thread) while it finishes.
-    """
-
-    def __init__(self, path: Path, busy_timeout_ms: int) -> None:
-        self._wanted = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, args=(path, busy_timeout_ms),
-                                        name="keyturn-ledger-checkpoint", daemon=True)
-        self._thread.start()
-
-    def request(self) -> None:
-        self._wanted.set()
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._wanted.set()
-        self._thread.join(timeout=30)
-
-    def _loop(self, path: Path, busy_timeout_ms: int) -> None:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_ms / 1000)
-        behind = False
-        try:
-            while True:
-                self._wanted.wait(timeout=0.5 if behind else None)
-                self._wanted.clear()
-                if self._stopping:
-                    return
-                try:
-                    _, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    if frames >= WAL_RESTART_FRAMES:
-                        _, frames, copied = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-                    behind = copied < frames
-                except sqlite3.Error as e:
-                    log.warning("WAL checkpoint of %s failed: %s", path, e)
-        finally:
-            conn.close()
 
 
 @dataclass
@@ -288,38 +216,21 @@ class Ledger:
 
     def __init__(self, path: Path | str, *, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000) -> None:
         self.path = Path(path)
-        self._synchronous = synchronous
-        self._busy_timeout_ms = busy_timeout_ms
-        self._db: aiosqlite.Connection | None = None
+        self._db = Database(self.path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms)
         self._listeners: list[Listener] = []
-        # Held by whoever is using the connection: the loop's thread (which never waits for it) or the database thread.
-        self._lock = threading.Lock()
-        self._units_at_once = 0
-        self._commits = 0
-        self._checkpointer: _Checkpointer | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def open(self) -> Ledger:
         try:
-            self._db = await aiosqlite.connect(str(self.path), isolation_level=None, check_same_thread=False,
-                                               timeout=self._busy_timeout_ms / 1000)
-            self._db.row_factory = sqlite3.Row
-            await self._db._execute(self._configure, self._db._conn)  # type: ignore[no-untyped-call]
-            await self._run(self._migrate)
-            self._checkpointer = _Checkpointer(self.path, self._busy_timeout_ms)
+            await self._db.open(self._migrate)
         except (sqlite3.Error, OSError) as e:
             await self.close()
             raise LedgerError(f"cannot open ledger {self.path}: {e}") from e
         return self
 
     async def close(self) -> None:
-        if self._checkpointer is not None:
-            checkpointer, self._checkpointer = self._checkpointer, None
-            await anyio.to_thread.run_sync(checkpointer.stop)
-        if self._db is not None:
-            db, self._db = self._db, None
-            await db.close()
+        await self._db.close()
 
     async def __aenter__(self) -> Ledger:
         return await self.open()
@@ -331,12 +242,6 @@ class Ledger:
         """Call `listener(events)` after each commit in this process. Returns an unsubscribe function."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
-
-    def _configure(self, conn: sqlite3.Connection) -> None:
-        conn.execute("PRAGMA journal_mode = WAL")  # under the connect timeout: another process may be writing
-        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        conn.execute("PRAGMA wal_autocheckpoint = 0")  # `_Checkpointer` does it, off the loop
-        conn.execute("PRAGMA busy_timeout = 0")  # never wait for a lock on the loop's thread: `_run` retries
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection) -> None:
@@ -358,51 +263,12 @@ class Ledger:
     # -- the one write path ------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn(conn)` in the database thread (aiosqlite's worker), retrying it while SQLite's lock is busy.
-
-        So `fn` must be safe to run again after SQLITE_BUSY: a read, or a transaction begun with
-        `BEGIN IMMEDIATE` (which rolls back on any error).
-        """
-        if self._db is None:
-            raise LedgerError("ledger is not open")
-        db = self._db
-        return await db._execute(self._retrying, fn, db._conn)  # type: ignore[no-untyped-call,no-any-return]
-
-    def _retrying(self, fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
-        deadline = time.monotonic() + self._busy_timeout_ms / 1000
-        pause = 0.001
-        while True:
-            with self._lock:
-                try:
-                    return fn(conn)
-                except sqlite3.OperationalError as e:
-                    if not _busy(e) or time.monotonic() >= deadline:
-                        raise
-            time.sleep(pause)  # without the connection: quick reads go on at once meanwhile
-            pause = min(pause * 2, 0.05)
+        """Run `fn(conn)` in the database thread (see `Database.run`)."""
+        return await self._db.run(fn)
 
     async def _unit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run a quick unit of work, at once on this thread if the connection and SQLite's lock are free,
-        else in the database thread (see the module docstring). A cancellation point before it runs."""
-        if self._db is None:
-            raise LedgerError("ledger is not open")
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        if self._lock.acquire(blocking=False):
-            done = False
-            try:
-                result = fn(self._db._conn)  # type: ignore[arg-type]
-                done = True
-            except sqlite3.OperationalError as e:
-                if not _busy(e):
-                    raise
-            finally:
-                self._lock.release()
-            if done:
-                self._units_at_once += 1
-                if self._units_at_once % YIELD_EVERY == 0:
-                    await anyio.lowlevel.cancel_shielded_checkpoint()  # let the other tasks run now and then
-                return result
-        return await self._run(fn)
+        """Run a quick `fn(conn)` at once if it can, else in the database thread (see `Database.unit`)."""
+        return await self._db.unit(fn)
 
     async def transaction(self, body: Callable[[Tx], T]) -> T:
         """Run `body(tx)` inside one `BEGIN IMMEDIATE` transaction; announce its events after commit.
@@ -427,9 +293,7 @@ class Ledger:
             result, events = await self._unit(unit)
         except (sqlite3.Error, OSError) as e:
             raise LedgerError(f"ledger write failed: {e}") from e
-        self._commits += 1
-        if self._commits % CHECKPOINT_EVERY == 0 and self._checkpointer is not None:
-            self._checkpointer.request()
+        self._db.committed()
         if events:
             for listener in list(self._listeners):
                 listener(events)
@@ -543,8 +407,8 @@ class Ledger:
     async def call_states(self, call_ids: Sequence[str]) -> dict[str, str]:
         if not call_ids:
             return {}
-        marks = ",".join("?" * len(call_ids))
-        rows = await self._query(f"SELECT id, state FROM calls WHERE id IN ({marks})", list(call_ids))
+        rows = await self._query("SELECT id, state FROM calls WHERE id IN (SELECT value FROM json_each(?))",
+                                 (json.dumps(list(call_ids)),), long=len(call_ids) > 100)
         return {r["id"]: r["state"] for r in rows}
 
     async def list_calls(self, states: Iterable[str] = ("pending",), limit: int = 200) -> list[RequestView]:

@@ -1,0 +1,193 @@
+"""The ledger's SQLite connection, and where each unit of work on it runs.
+
+A quick unit of work (a write transaction, an indexed read) runs at once on the event loop's thread.
+In WAL mode with synchronous=NORMAL a commit is a write() to the WAL, tens of microseconds, while a hop
+to a worker thread and back costs hundreds (two wake-ups and GIL hand-offs): that hop was most of what
+keyturn added to a call. The loop never blocks on a lock: the connection has `busy_timeout = 0`; a unit
+that finds SQLite's write lock held by another process sleeps (asynchronously) and tries again, for up to
+`busy_timeout_ms`, and one that finds the connection in use by the database thread waits for it. Long
+reads (verify, searches, lists) run in the database thread. WAL checkpoints, which fsync, run on a
+connection and thread of their own (the connection's autocheckpoint is off).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import aiosqlite
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+
+from server.errors import LedgerError
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+CHECKPOINT_EVERY = 200
+"""Commits between two background WAL checkpoints."""
+WAL_RESTART_FRAMES = 16384
+"""A WAL this long (64 MiB of 4 KiB pages) is checkpointed completely and truncated, even if writers must wait."""
+YIELD_EVERY = 8
+"""Units run at once on the loop's thread between two yields to the other tasks."""
+
+
+def is_busy(e: BaseException) -> bool:
+    """SQLite's lock is held elsewhere (SQLITE_BUSY or one of its extended codes)."""
+    code = getattr(e, "sqlite_errorcode", 0)
+    return isinstance(e, sqlite3.OperationalError) and (code & 0xFF) == sqlite3.SQLITE_BUSY
+
+
+class Database:
+    """One SQLite connection, used at once from the loop's thread or by the database thread, never both."""
+
+    def __init__(self, path: Path, *, synchronous: str, busy_timeout_ms: int) -> None:
+        self.path = path
+        self._synchronous = synchronous
+        self._busy_timeout_ms = busy_timeout_ms
+        self._db: aiosqlite.Connection | None = None
+        self._lock = threading.Lock()  # held by whoever uses the connection; the loop's thread never waits for it
+        self._thread_done: anyio.Event | None = None  # set when the database thread's current work ends
+        self._units_at_once = 0
+        self._commits = 0
+        self._checkpointer: _Checkpointer | None = None
+
+    async def open(self, migrate: Callable[[sqlite3.Connection], None]) -> None:
+        self._db = await aiosqlite.connect(str(self.path), isolation_level=None, check_same_thread=False,
+                                           timeout=self._busy_timeout_ms / 1000)
+        self._db.row_factory = sqlite3.Row
+        await self._db._execute(self._configure, self._db._conn)  # type: ignore[no-untyped-call]
+        await self.run(migrate)
+        self._checkpointer = _Checkpointer(self.path, self._busy_timeout_ms)
+
+    def _configure(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA journal_mode = WAL")  # under the connect timeout: another process may be writing
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")  # `_Checkpointer` does it, off the loop
+        conn.execute("PRAGMA busy_timeout = 0")  # never wait for a lock on the loop's thread: `run` retries
+
+    async def close(self) -> None:
+        if self._checkpointer is not None:
+            checkpointer, self._checkpointer = self._checkpointer, None
+            await anyio.to_thread.run_sync(checkpointer.stop)
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` in the database thread (aiosqlite's worker), retrying it while SQLite's lock is busy.
+
+        So `fn` must be safe to run again after SQLITE_BUSY: a read, or a transaction begun with
+        `BEGIN IMMEDIATE` (which rolls back on any error).
+        """
+        db = self._open()
+        done = self._thread_done = anyio.Event()
+        try:
+            return await db._execute(self._retrying, fn, db._conn)  # type: ignore[no-untyped-call,no-any-return]
+        finally:
+            done.set()
+
+    def _retrying(self, fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
+        deadline = time.monotonic() + self._busy_timeout_ms / 1000
+        pause = 0.001
+        while True:
+            with self._lock:
+                try:
+                    return fn(conn)
+                except sqlite3.OperationalError as e:
+                    if not is_busy(e) or time.monotonic() >= deadline:
+                        raise
+            time.sleep(pause)  # without the connection: quick reads go on at once meanwhile
+            pause = min(pause * 2, 0.05)
+
+    async def unit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a quick unit of work at once on this thread (see the module docstring). A cancellation point
+        before it runs, and while it waits for a lock; `fn` must be safe to run again after SQLITE_BUSY."""
+        db = self._open()
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        deadline = time.monotonic() + self._busy_timeout_ms / 1000
+        pause = 0.001
+        while True:
+            if not self._lock.acquire(blocking=False):
+                # The database thread has the connection (a long read): wait for it rather than queue behind it.
+                with anyio.move_on_after(0.01):  # (re-checked: its event may belong to work already replaced)
+                    await (self._thread_done or anyio.Event()).wait()
+                continue
+            busy = False
+            try:
+                result = fn(db._conn)
+            except sqlite3.OperationalError as e:
+                if not is_busy(e) or time.monotonic() >= deadline:
+                    raise
+                busy = True
+            finally:
+                self._lock.release()
+            if not busy:
+                self._units_at_once += 1
+                if self._units_at_once % YIELD_EVERY == 0:
+                    await anyio.lowlevel.cancel_shielded_checkpoint()  # let the other tasks run now and then
+                return result
+            await anyio.sleep(pause)  # another process is writing
+            pause = min(pause * 2, 0.05)
+
+    def committed(self) -> None:
+        """Count a commit; every `CHECKPOINT_EVERY`, ask for a checkpoint."""
+        self._commits += 1
+        if self._commits % CHECKPOINT_EVERY == 0 and self._checkpointer is not None:
+            self._checkpointer.request()
+
+    def _open(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise LedgerError("ledger is not open")
+        return self._db
+
+
+class _Checkpointer:
+    """Copies the WAL back into the database file, from a connection and thread of its own.
+
+    A checkpoint fsyncs the WAL and the database file (milliseconds): here it holds neither the event loop
+    nor the ledger's connection. PASSIVE: it neither waits for nor blocks readers and writers. The WAL starts
+    over when a write begins after a checkpoint copied all of it, so one that fell behind is tried again
+    shortly (a quiet moment lets it finish); under a steady stream of writes that may never happen, so past
+    `WAL_RESTART_FRAMES` a TRUNCATE checkpoint makes writers wait (in the database thread) while it finishes.
+    """
+
+    def __init__(self, path: Path, busy_timeout_ms: int) -> None:
+        self._wanted = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, args=(path, busy_timeout_ms),
+                                        name="keyturn-ledger-checkpoint", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        self._wanted.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wanted.set()
+        self._thread.join(timeout=30)
+
+    def _loop(self, path: Path, busy_timeout_ms: int) -> None:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_ms / 1000)
+        behind = False
+        try:
+            while True:
+                self._wanted.wait(timeout=0.5 if behind else None)
+                self._wanted.clear()
+                if self._stopping:
+                    return
+                try:
+                    _, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if frames >= WAL_RESTART_FRAMES:
+                        _, frames, copied = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                    behind = copied < frames
+                except sqlite3.Error as e:
+                    log.warning("WAL checkpoint of %s failed: %s", path, e)
+        finally:
+            conn.close()
