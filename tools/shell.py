@@ -136,7 +136,7 @@ def build_tools(opts: ShellOptions, environ: Mapping[str, str]) -> list[GuardedT
         command: str | None = None,
         argv: list[str] | None = None,
         cwd: str | None = None,
-        timeout: Annotated[float, Field(gt=0)] = opts.default_timeout,  # noqa: ASYNC109 - the agent's time limit
+        timeout: Annotated[float, Field(gt=0)] = opts.default_timeout,
         use_shell: bool = False,
     ) -> ShellResult:
         """Run a command and return its exit code and (capped) output.
