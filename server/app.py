@@ -230,14 +230,24 @@ async def _supervised(fn: Callable[[], Awaitable[Any]], name: str) -> None:
         delay = min(delay * 2, 60.0)
 
 
+ORPHAN_SWEEP_EVERY = 5
+"""Housekeeping rounds (of 2 s) between two looks for calls held by a process that has died."""
+
+
 async def _housekeeping(kt: Keyturn) -> None:
-    """Heartbeat (so other processes know we hold our calls), expiry of requests nobody is waiting on, and the
-    outcomes of runs the ledger could not record at the time (a full disk, a lock held too long)."""
+    """Heartbeat (so other processes know we hold our calls), expiry of requests nobody is waiting on, the
+    outcomes of runs the ledger could not record at the time (a full disk, a lock held too long), and calls held
+    by another keyturn process that died (abandoned now, not at that process's next start: until then reviewers
+    would be offered, and could approve, a request nobody waits for)."""
+    rounds = 0
     while True:
         await anyio.sleep(2.0)
+        rounds += 1
         try:
             await kt.gate.record_pending_outcomes()
             await kt.ledger.heartbeat(kt.broker.instance_id)
             await kt.broker.sweep_expired()
+            if rounds % ORPHAN_SWEEP_EVERY == 0 and (abandoned := await kt.broker.abandon_orphans()):
+                log.warning("abandoned %d call(s) held by a keyturn process that stopped", len(abandoned))
         except LedgerError as e:
             log.warning("housekeeping failed: %s", e)

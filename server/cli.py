@@ -61,7 +61,7 @@ Attach = Callable[["Keyturn"], AbstractAsyncContextManager[object]]
 async def _serve(args: argparse.Namespace, settings: Settings | None = None, attach: Attach | None = None) -> int:
     """Serve MCP (stdio or HTTP); `attach` adds to the running Keyturn (proxy mode: the upstreams' tools)."""
     from server.app import reviewer_token_path, running
-    from server.mcp_app import build_mcp_server
+    from server.mcp_app import build_mcp_server, stdio_transport
 
     def attached(kt: Keyturn) -> AbstractAsyncContextManager[object]:
         return attach(kt) if attach is not None else nullcontext()
@@ -100,7 +100,6 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
         return 0
 
     from mcp.server.lowlevel import NotificationOptions
-    from mcp.server.stdio import stdio_server
 
     from server.channels import build_channels
 
@@ -112,7 +111,7 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
         print(f"keyturn (stdio) serving {len(kt.tools())} guarded tools; ledger {kt.settings.db}",
               file=sys.stderr, flush=True)
         options = server.create_initialization_options(NotificationOptions(tools_changed=attach is not None))
-        async with stdio_server() as (read_stream, write_stream):
+        async with stdio_transport() as (read_stream, write_stream):
             await server.run(read_stream, write_stream, options)
     return 0
 

@@ -4,6 +4,8 @@ still there unchanged, held requests are `abandoned`, and nothing runs without a
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 import anyio
@@ -182,3 +184,43 @@ async def test_kill_9_in_a_burst_of_calls_leaves_a_verifiable_ledger_with_one_ou
     for tag, result in results.items():
         if not isinstance(result, Exception) and "request_id" not in meta(result) and not result.is_error:
             assert outcomes[by_tag[tag]] == "executed"
+
+
+async def test_a_held_call_whose_process_is_killed_is_abandoned_by_the_process_still_serving_reviewers(
+        rhome: RelHome) -> None:
+    """The desktop case: an agent's stdio keyturn holds the call, another keyturn serves the reviewer API. When the
+    holder dies, the survivor must not keep offering a request nobody waits for: it is abandoned, and refused."""
+    import sqlite3
+
+    from mcp import Client
+
+    base = rhome.serve_http()
+    api = ReviewerAPI(base)
+    http_pid = rhome.procs[0].pid
+    with anyio.fail_after(90):
+        try:
+            async with Client(rhome.stdio_params()) as client:
+                async with anyio.create_task_group() as tg:
+                    async def agent() -> None:
+                        await client.call_tool("probe_run", {"tag": "hold-orphan"})
+
+                    tg.start_soon(agent)
+                    req = await api.wait_pending("probe_run")
+                    with sqlite3.connect(rhome.db) as conn:
+                        pids = [pid for (pid,) in conn.execute("SELECT pid FROM instances") if pid != http_pid]
+                    assert len(pids) == 1
+                    before = rhome.event_snapshot()
+                    os.kill(pids[0], signal.SIGKILL)
+                    tg.cancel_scope.cancel()
+        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, ExceptionGroup):
+            pass  # the stdio pipe broke under the client: that is the point
+        # The survivor notices within a few housekeeping rounds, without a restart.
+        await eventually(lambda: rhome.calls()[req["id"]] == "abandoned", within=30)
+    assert_prefix_kept(before, rhome.event_snapshot())
+    late = await api.vote(req["id"], "approve", "alice", "nobody is waiting for this")
+    assert late.status_code == 409 and late.json()["code"] == "not_pending"
+    assert await api.pending() == []
+    assert rhome.runs() == []
+    rhome.stop_all()
+    rhome.verify()
+    assert list(rhome.assert_one_outcome_each().values()) == ["abandoned"]

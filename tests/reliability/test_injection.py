@@ -68,7 +68,7 @@ def test_audit_filters_are_values_never_sql(ledger_file: Path, field: str, value
         elif field == "state":
             assert view.state == value
         else:
-            assert False, "no call has votes"
+            raise AssertionError(f"no call has votes, yet {view.id} matched reviewer {value!r}")
     with sqlite3.connect(ledger_file) as conn:
         assert conn.execute("SELECT count(*) FROM calls").fetchone() == (3,)
 
@@ -115,9 +115,9 @@ async def test_sql_in_api_parameters_inbox_and_audit_filters_is_never_sql(world:
                 assert page.status_code == 200, page.status_code
                 if not (key == "tool" and value in "sql_query"):  # "%", "_", "*" are not wildcards either
                     assert "Nothing in the ledger matches these filters." in page.text, (key, value)
-                exported = await web.get("/audit/export.csv", params={key: value})
-                rows = list(csv.reader(io.StringIO(exported.text)))
-                assert len(rows) <= 1, (key, value, rows[:3])  # the header alone: nothing matched
+                    exported = await web.get("/audit/export.csv", params={key: value})
+                    rows = list(csv.reader(io.StringIO(exported.text)))
+                    assert len(rows) <= 1, (key, value, rows[:3])  # the header alone: nothing matched
     out = world.home.keyturn("audit", "show", "' OR '1'='1", "--config", str(world.home.config))
     assert out.returncode == 2 and "no request" in out.stderr
     with sqlite3.connect(world.home.db) as conn:
@@ -150,7 +150,8 @@ async def test_path_traversal_in_files_tools_and_export_paths_is_refused_and_tou
         for tool, args in attempts:
             with anyio.move_on_after(3):  # a held call would wait: none of these may even get that far
                 result = await client.call_tool(tool, args)
-                assert result.is_error and meta(result)["outcome"] in ("refused", "denied"), (tool, args, text(result))
+                # refused before running, denied by policy, or (a literal "%2e%2e" directory) not found inside the root
+                assert result.is_error and meta(result)["outcome"] in ("refused", "denied", "failed"), (tool, args)
                 assert "OUTSIDE-SECRET" not in text(result)
                 continue
             pytest.fail(f"{tool} {args} was held for a human instead of refused")
