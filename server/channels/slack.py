@@ -14,13 +14,15 @@ import hashlib
 import json
 import logging
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 import anyio
 from slack_bolt.adapter.starlette.async_handler import AsyncSlackRequestHandler
 from slack_bolt.async_app import AsyncAck, AsyncApp
+from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from server.approvals import ApprovalBroker
@@ -71,9 +73,27 @@ class SlackChannel:
         if not self.secrets.signing_secret:
             return []
         handler = AsyncSlackRequestHandler(self.app)
+        verifier = SignatureVerifier(self.secrets.signing_secret)
 
         async def events(request: Request) -> Response:
-            return await handler.handle(request)
+            # Checked here, before Bolt parses anything: an unsigned body never reaches a parser.
+            body = await request.body()
+            timestamp = request.headers.get("x-slack-request-timestamp", "")
+            if not timestamp.isdigit() or not verifier.is_valid(body, timestamp,
+                                                                request.headers.get("x-slack-signature", "")):
+                return JSONResponse({"error": "invalid Slack signature"}, status_code=401)
+            if not _well_formed(body, request.headers.get("content-type", "")):
+                return JSONResponse({"error": "malformed Slack request"}, status_code=400)
+            try:
+                response = await handler.handle(request)
+            except Exception:
+                log.warning("slack: a signed request could not be handled (malformed payload)", exc_info=True)
+                return JSONResponse({"error": "malformed Slack request"}, status_code=400)
+            if response.status_code >= 500:
+                # Bolt failed on a signed body whose shape no real Slack payload has: the caller's fault.
+                log.warning("slack: a signed request could not be handled (malformed payload)")
+                return JSONResponse({"error": "malformed Slack request"}, status_code=400)
+            return response
 
         return [Route(EVENTS_PATH, events, methods=["POST"])]
 
@@ -271,7 +291,13 @@ class SlackChannel:
                       errors={ui.REASON_BLOCK: f"Please give a reason (at most {ui.MAX_REASON} characters)."})
             return
         await ack()
-        meta = json.loads(view.get("private_metadata") or "{}")
+        try:
+            meta = json.loads(view.get("private_metadata") or "{}")
+        except (TypeError, ValueError):
+            meta = None
+        if not isinstance(meta, dict):
+            log.warning("slack: a modal submission without keyturn's metadata was ignored")
+            return
         verdict: VerdictKind = "approve" if meta.get("v") == "approve" else "deny"
         user, identity = await self.identities.identify(body)
         await self._vote(Verdict(request_id=str(meta.get("r", "")), reviewer=identity, verdict=verdict,
@@ -294,6 +320,28 @@ class SlackChannel:
             await self._call("chat_postEphemeral", channel=channel, user=user, text=text)
         else:
             await self._call("chat_postMessage", channel=user, text=text)
+
+def _well_formed(body: bytes, content_type: str) -> bool:
+    """A JSON object, or a form whose `payload` (if any) is a JSON object with a mapping `view` (if any)."""
+    try:
+        if content_type.startswith("application/json"):
+            return isinstance(json.loads(body), dict)
+        form = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+        if "payload" not in form:
+            return True
+        payload = json.loads(form["payload"][0])
+    except (ValueError, UnicodeDecodeError):
+        return False
+    if not isinstance(payload, dict) or not isinstance(payload.get("type", ""), str):
+        return False
+    if any(payload.get(key) is not None and not isinstance(payload[key], dict) for key in _OBJECT_FIELDS):
+        return False
+    actions = payload.get("actions", [])
+    return isinstance(actions, list) and all(isinstance(a, dict) for a in actions)
+
+
+_OBJECT_FIELDS = ("view", "user", "team", "channel", "container", "message", "enterprise", "state")
+
 
 def attach_slack(kt: Keyturn, env: dict[str, str]) -> list[BaseRoute]:
     """Enable Slack when configured: add the notifier, start its background work, return its routes."""
