@@ -25,6 +25,7 @@ from server.gate import Gate, Runnable
 from server.ledger import Ledger
 from server.policy import LivePolicy
 from server.registry import ToolRegistry, load_pack
+from server.secret_files import beside, ensure_secret_file
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +35,11 @@ LOCAL_PERSON = "owner"
 
 def reviewer_token_path(db: Path) -> Path:
     """Where the embedded default keeps its generated reviewer token (mode 0600, beside the database)."""
-    return db.with_name(db.name + ".reviewer-token")
+    return beside(db, "reviewer-token")
 
 
 def ensure_local_reviewer_token(db: Path) -> str:
-    path = reviewer_token_path(db)
-    if path.exists():
-        return path.read_text(encoding="utf-8").strip()
-    token = "kt_" + secrets.token_urlsafe(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(token + "\n")
-    return token
+    return ensure_secret_file(reviewer_token_path(db), lambda: "kt_" + secrets.token_urlsafe(32))
 
 
 @dataclass

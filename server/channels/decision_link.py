@@ -22,7 +22,6 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import sqlite3
 import time
@@ -33,6 +32,7 @@ from typing import Any
 
 from server.errors import AuthError
 from server.ledger import Ledger, Tx
+from server.secret_files import beside, ensure_secret_file
 
 LINK_USED = "link.used"
 LINK_RELEASED = "link.released"
@@ -40,25 +40,12 @@ NONCE_MAX_AGE_S = 3600.0
 
 
 def link_secret_path(db: Path) -> Path:
-    return db.with_name(db.name + ".link-secret")
+    return beside(db, "link-secret")
 
 
 def ensure_link_secret(db: Path) -> bytes:
     """The per-database link key: created once (0600, atomically), then shared by every process."""
-    path = link_secret_path(db)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(secrets.token_urlsafe(48) + "\n")
-        try:
-            os.link(tmp, path)  # atomic: another process may have won the race, then we read theirs
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-    return path.read_text(encoding="utf-8").strip().encode()
+    return ensure_secret_file(link_secret_path(db)).encode()
 
 
 def _b64(data: bytes) -> str:

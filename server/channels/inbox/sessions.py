@@ -15,7 +15,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -29,6 +28,7 @@ from starlette.responses import Response
 
 from server.canonical import sha256_hex
 from server.errors import ConfigError
+from server.secret_files import beside, ensure_secret_file
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Response)
@@ -55,28 +55,13 @@ SECURITY_HEADERS = {
 
 def secret_path(db: Path) -> Path:
     """Where the web session secret of the ledger `db` lives (mode 0600, beside the database)."""
-    return db.with_name(db.name + ".web-secret")
+    return beside(db, "web-secret")
 
 
 def load_or_create_secret(db: Path) -> bytes:
     """The per-database signing secret; created atomically (first process wins) when missing."""
     path = secret_path(db)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(secrets.token_urlsafe(48) + "\n")
-        try:
-            os.link(tmp, path)  # fails if another process created it first: then theirs is the secret
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
-    if path.stat().st_mode & 0o077:
-        log.warning("%s was readable by others; restricting it to its owner", path)
-        os.chmod(path, 0o600)
-    value = path.read_text(encoding="utf-8").strip()
+    value = ensure_secret_file(path)
     if len(value) < 32:
         raise ConfigError(f"{path}: the web session secret is too short; delete the file to make a new one")
     return value.encode("utf-8")
