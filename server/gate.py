@@ -114,11 +114,16 @@ def scrub(value: Any, hidden: list[str]) -> Any:
     return value
 
 
-def conceal(arguments: Any, text: str) -> str:
+def conceal(arguments: Any, text: str, redacted: dict[str, Any] | None = None) -> str:
     """`text` (an error message, which may quote the arguments) with the arguments' secrets masked: every value
-    redaction masks in `arguments`, and every secret-looking span. For what keyturn records and says."""
+    redaction masks in `arguments`, and every secret-looking span. For what keyturn records and says.
+
+    Pass the call's `redacted` arguments when the facts produced them, so declared secrets (an HTTP tool's
+    headers) are masked too; without them only secret-looking values are."""
     try:
-        hidden = masked_values(arguments, redact(arguments, {})) if isinstance(arguments, dict) else []
+        if redacted is None and isinstance(arguments, dict):
+            redacted = redact(arguments, {})
+        hidden = masked_values(arguments, redacted) if redacted is not None else []
     except Exception:  # masking must never be why a refusal fails; the pattern scan below still runs
         hidden = []
     return mask(scrub(text, hidden))
@@ -188,7 +193,7 @@ class Gate:
                 # Once recorded, the call runs to a terminal event even if the client goes away.
                 with anyio.CancelScope(shield=True):
                     await self._open(call, redacted, decision, state="allowed")
-                    return await self._run(tool, call, decision, progress)
+                    return await self._run(tool, call, decision, progress, redacted)
             return await self._hold(tool, call, redacted, decision, progress)
         except LedgerError as e:
             log.error("ledger failure on %s: %s", call.call_id, e)
@@ -248,17 +253,18 @@ class Gate:
                             rules=[r.id for r in decision.rules], risk=decision.risk)
 
     async def _run(
-        self, tool: Runnable, call: ToolCall, decision: Decision, progress: ProgressFn | None = None
+        self, tool: Runnable, call: ToolCall, decision: Decision, progress: ProgressFn | None = None,
+        redacted: dict[str, Any] | None = None,
     ) -> types.CallToolResult:
         token = tool_progress.set(progress)
         try:
             result = await tool.run(call.arguments)
         except Exception as e:
             # A tool's error can quote its arguments (a driver's "no such column: <secret>"): masked like them.
-            reason = conceal(call.arguments, f"{type(e).__name__}: {e}")
+            reason = conceal(call.arguments, f"{type(e).__name__}: {e}", redacted)
             if not await self._record_outcome(call.call_id, "failed", {"error": reason}, reason):
                 return self._unrecorded_result(call.call_id)
-            return error_result(f"the tool failed: {conceal(call.arguments, str(e))}", outcome="failed",
+            return error_result(f"the tool failed: {conceal(call.arguments, str(e), redacted)}", outcome="failed",
                                 call_id=call.call_id)
         finally:
             tool_progress.reset(token)
@@ -341,7 +347,7 @@ class Gate:
                     return error_result(f"request {request_id} was already run or closed by another process",
                                         outcome="not_run", request_id=request_id)
                 run_call = call.model_copy(update={"call_id": request_id})
-                return await self._run(tool, run_call, decision, progress)
+                return await self._run(tool, run_call, decision, progress, redacted)
         return self._closed_result(view)
 
     async def _wait(self, request_id: str, progress: ProgressFn | None) -> RequestView:

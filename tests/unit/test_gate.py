@@ -220,3 +220,19 @@ async def test_two_processes_waiting_on_one_approval_run_it_once(world: tuple[Ga
     assert sorted(bool(r.is_error) for r in results) == [False, True]
     kinds = [e.kind for e in await ledger.events(request.id)]
     assert kinds.count("execution.started") == 1 and kinds.count("executed") == 1
+
+
+async def test_a_tool_error_quoting_a_declared_secret_is_masked_everywhere(world: tuple[Gate, Runs, Ledger]) -> None:
+    gate, _, ledger = world
+    token = "hunter2"
+
+    @guarded_tool(name="read_with_token", classifiers={"value": "secret"})
+    async def read_with_token(value: str) -> str:
+        raise RuntimeError(f"upstream refused credentials {value}")
+
+    result = await gate.call(read_with_token, {"value": token}, AGENT)
+    assert result.is_error
+    assert token not in result.content[0].text  # type: ignore[union-attr]
+    events = await ledger.tail(1000)
+    assert not any(token in str(e.payload) for e in events)
+    assert any(e.kind == "failed" for e in events)
