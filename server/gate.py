@@ -26,6 +26,7 @@ from server.errors import InvalidArguments, LedgerError
 from server.ledger import Ledger
 from server.models import Decision, RequestView, ToolCall
 from server.policy import LivePolicy
+from server.policy.engine import compact_facts
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,10 @@ def conceal(arguments: Any, text: str, redacted: dict[str, Any] | None = None) -
     return mask(scrub(text, hidden))
 
 
+def _rules(decision: Decision) -> list[dict[str, Any]]:
+    return [{"id": r.id, "outcome": r.outcome, "risk": r.risk, "reason": r.reason} for r in decision.rules]
+
+
 def describe_rules(decision: Decision) -> str:
     """The rules that carried the decision (the most restrictive outcome), with their reasons."""
     winning = [r for r in decision.rules if r.outcome == decision.outcome]
@@ -157,7 +162,8 @@ class Gate:
             digest, problem = "", f"invalid arguments: {e}"
         except (TypeError, ValueError):
             digest, problem = "", "invalid arguments: arguments must be plain JSON (no NaN or Infinity)"
-        call = ToolCall(
+        # Built from values this process made or validated just now (not validated again: this runs for every call).
+        call = ToolCall.model_construct(
             call_id=uuid.uuid4().hex, tool=tool.name, arguments=arguments, args_hash=digest,
             principal=who.principal, on_behalf_of=who.on_behalf_of, model=who.model, client=who.client,
             session=who.session, annotations=tool.annotations,
@@ -174,10 +180,10 @@ class Gate:
             facts_hint = getattr(tool, "facts_hint", None)
             if facts_hint is not None and (hints := facts_hint(arguments)):
                 facts = {**facts, "hints": hints}
-            redacted = redact(arguments, facts)
+            redacted = redact(arguments, facts, rescan=False)  # (the facts were found in these arguments just now)
             decision = self.policy.current.decide(call, facts)
             # Facts and reasons can quote arguments: mask there whatever was masked in the arguments.
-            hidden = masked_values(arguments, redacted)
+            hidden = masked_values(arguments, redacted) if redacted is not arguments else []
             if hidden:
                 decision = Decision.model_validate(scrub(decision.model_dump(), hidden))
         except Exception as e:
@@ -201,11 +207,11 @@ class Gate:
 
     # -- the branches --------------------------------------------------------------------------
 
-    def _decision_payload(self, decision: Decision) -> dict[str, Any]:
+    def _decision_payload(self, decision: Decision, rules: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         return {
             "outcome": decision.outcome, "risk": decision.risk, "reason": decision.reason,
-            "rules": [r.model_dump() for r in decision.rules], "policy_digest": decision.policy_digest,
-            "facts": decision.facts,
+            "rules": rules if rules is not None else _rules(decision), "policy_digest": decision.policy_digest,
+            "facts": compact_facts(decision.facts),  # only what differs from the defaults: a replay restores them
             "review": decision.review.model_dump() if decision.review else None,
         }
 
@@ -219,14 +225,14 @@ class Gate:
         self, call: ToolCall, redacted: dict[str, Any], decision: Decision, *, state: str,
         extra: list[tuple[str, dict[str, Any]]] | None = None, expires: float | None = None,
     ) -> None:
+        rules = _rules(decision)
         await self.ledger.open_call(
             call_id=call.call_id, tool=call.tool, principal=call.principal, on_behalf_of=call.on_behalf_of,
             model=call.model, args_hash=call.args_hash, redacted_arguments=redacted, state=state,
             holder=self.broker.instance_id, risk=decision.risk, reason=decision.reason,
-            rules=[r.model_dump() for r in decision.rules], review=decision.review,
-            policy_digest=decision.policy_digest, expires=expires,
+            rules=rules, review=decision.review, policy_digest=decision.policy_digest, expires=expires,
             events=[("call.received", self._received_payload(call, redacted)),
-                    ("decision", self._decision_payload(decision)), *(extra or [])],
+                    ("decision", self._decision_payload(decision, rules)), *(extra or [])],
         )
 
     async def _refuse(self, call: ToolCall, arguments: dict[str, Any], code: str, message: str) -> types.CallToolResult:

@@ -54,7 +54,7 @@ def empty_facts() -> dict[str, Any]:
         "secrets": secrets.empty(),
         "env": env.empty(),
         "size": {"total_chars": 0, "max": 0, "by_arg": {}},
-        "annotations": normalise_annotations({}),
+        "annotations": dict(_NO_ANNOTATIONS),
         "self_target": False,
         "self_target_reasons": [],
         "classifier_errors": [],
@@ -63,6 +63,23 @@ def empty_facts() -> dict[str, Any]:
 
 def normalise_annotations(annotations: Mapping[str, Any]) -> dict[str, Any]:
     """MCP tool annotations (`readOnlyHint` ...) as `read_only`, `destructive`, `idempotent`, `open_world`."""
+    try:
+        key = tuple(annotations.items())
+        cached = _normalised.get(key)
+    except TypeError:  # an unhashable value: not cached
+        key, cached = None, None
+    if cached is None:
+        cached = _normalise(annotations)
+        if key is not None and len(_normalised) < 1024:
+            _normalised[key] = cached
+    return dict(cached)
+
+
+_normalised: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
+"""A tool's annotations are the same on every call: normalised once."""
+
+
+def _normalise(annotations: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, names in _ANNOTATION_KEYS.items():
         value = next((annotations[n] for n in names if n in annotations), None)
@@ -121,9 +138,10 @@ def extract_facts(
     return facts
 
 
-def redact(arguments: dict[str, Any], facts: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of `arguments` with secret-looking values masked as «redacted» (for chat and the ledger)."""
-    return secrets.redact(arguments, facts)
+def redact(arguments: dict[str, Any], facts: Mapping[str, Any], *, rescan: bool = True) -> dict[str, Any]:
+    """A deep copy of `arguments` with secret-looking values masked as «redacted» (for chat and the ledger).
+    See `secrets.redact` for `rescan`."""
+    return secrets.redact(arguments, facts, rescan=rescan)
 
 
 def _group(classifiers: Mapping[str, str], arguments: Mapping[str, Any]) -> dict[str, list[tuple[str, str, Any]]]:
@@ -228,3 +246,6 @@ def _self_reference(
         reasons.append("self-reference check failed")
     facts["self_target_reasons"] = list(dict.fromkeys(reasons))
     facts["self_target"] = bool(reasons)
+
+
+_NO_ANNOTATIONS = _normalise({})

@@ -99,7 +99,15 @@ _LITERALS: dict[str, tuple[bool, tuple[str, ...]]] = {
 }
 
 
+_ANY_LITERAL = re.compile("|".join(re.escape(lit) for insensitive, lits in _LITERALS.values() if not insensitive for lit in lits))
+_ANY_LITERAL_I = re.compile(
+    "|".join(re.escape(lit) for insensitive, lits in _LITERALS.values() if insensitive for lit in lits), re.IGNORECASE)
+"""One scan for any literal at all: most strings have none, and then no pattern can match."""
+
+
 def _candidates(text: str) -> list[tuple[str, re.Pattern[str]]]:
+    if _ANY_LITERAL.search(text) is None and _ANY_LITERAL_I.search(text) is None:
+        return []
     lowered: str | None = None
     out = []
     for name, pattern in PATTERNS:
@@ -180,12 +188,16 @@ def _header_pair_secret(arguments: Mapping[str, Any], parts: tuple[str | int, ..
     )
 
 
-def redact(arguments: Mapping[str, Any], facts: Mapping[str, Any]) -> dict[str, Any]:
+def redact(arguments: Mapping[str, Any], facts: Mapping[str, Any], *, rescan: bool = True) -> dict[str, Any]:
     """A deep copy with secrets masked: whole values for named/declared fields, matches elsewhere.
 
-    Every string is re-scanned, so a caller that lost the facts still gets a masked copy.
+    Every string is re-scanned, so a caller that lost the facts still gets a masked copy. `rescan=False` is for
+    the caller that has just computed `facts` from these very `arguments` (the gate): when they found no secret
+    at all, nothing can be masked and `arguments` itself is returned (not a copy: do not change it).
     """
     secrets = facts.get("secrets") if isinstance(facts, Mapping) else None
+    if not rescan and isinstance(secrets, Mapping) and secrets.get("present") is False and not secrets.get("whole"):
+        return dict(arguments) if not isinstance(arguments, dict) else arguments
     whole = set(secrets.get("whole", ())) if isinstance(secrets, Mapping) else set()
     declared: list[str] = []
     if isinstance(secrets, Mapping):

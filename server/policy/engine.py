@@ -296,6 +296,41 @@ def complete_facts(facts: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def compact_facts(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """`facts` less what equals the defaults (one level deep, type included): what the ledger records.
+    `complete_facts(compact_facts(f)) == complete_facts(f)`, so a replay decides on exactly the same facts."""
+    out: dict[str, Any] = {}
+    for key, value in facts.items():
+        default = FACT_SHAPE.get(key, _NO_DEFAULT)
+        if default is _NO_DEFAULT:
+            out[key] = value
+        elif value == default and _same_types(value, default):  # the common case: a family with nothing to say
+            continue
+        elif type(default) is dict and isinstance(value, Mapping):
+            differs = {k: v for k, v in value.items() if k not in default or not _same(v, default[k])}
+            if differs:
+                out[key] = differs
+        elif not _same(value, default):
+            out[key] = value
+    return out
+
+
+_NO_DEFAULT: Any = object()
+
+
+def _same(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a == b
+
+
+def _same_types(value: Any, default: Any) -> bool:
+    """Equal values (`value == default`) that are also alike in type, one level deep (`True == 1` in Python)."""
+    if type(value) is not type(default):
+        return False
+    if type(default) is dict:
+        return all(type(v) is type(default[k]) for k, v in value.items())
+    return True
+
+
 def _full_activation(
     call: ToolCall, facts: dict[str, Any], now: datetime, variables: Mapping[str, Any]
 ) -> dict[str, Any]:
