@@ -34,6 +34,14 @@ def _transport(t: dict[str, Any]) -> list[str]:
     return [*out, ""]
 
 
+def _gate(g: dict[str, Any]) -> list[str]:
+    rows = [[name, s["median_us"], s["p99_us"]] for name, s in g["steps"].items()]
+    return ["### The guard's own cost (in-process, no transport: one allowed call, step by step)", "",
+            *_table(["step", "median µs", "p99 µs"], rows),
+            f"The guard adds {g['guard_us_median']:,.0f} µs to the median call ({g['calls']:,} calls): "
+            "`Gate.call` less the tool run bare. The steps are timed one by one on separate calls.", ""]
+
+
 def _held(h: dict[str, Any]) -> list[str]:
     d = h["decision_to_tool_start"]
     rows = [
@@ -88,6 +96,8 @@ def markdown(r: dict[str, Any]) -> str:
              f"{', '.join(f'{x:.1f}' for x in m.get('load_at_end', (math.nan,) * 3))}.", ""]
     if "transport" in r:
         lines += _transport(r["transport"])
+    if "gate" in r:
+        lines += _gate(r["gate"])
     if "held" in r:
         lines += _held(r["held"])
     if "ledger" in r:

@@ -10,6 +10,7 @@ Writes benchmarks/results/<stamp>.json and .md (the Markdown tables) and ends wi
 
     transport  allow-path overhead over stdio and streamable HTTP, sequential and 32 concurrent (transport.py),
                and `keyturn proxy` in front of the plain server over stdio
+    gate       the guard's own cost in-process, step by step, against the tool run bare (gate_bench.py)
     held       N calls held at once awaiting review, then all approved (held.py)
     ledger     events appended per second and verify speed, against raw SQLite (ledger_bench.py)
     policy     decision latency with a 1,000-rule policy (policy_bench.py)
@@ -35,11 +36,11 @@ sys.path.insert(0, str(ROOT))
 
 import anyio  # noqa: E402
 
-from benchmarks import held, ledger_bench, policy_bench, transport  # noqa: E402
+from benchmarks import gate_bench, held, ledger_bench, policy_bench, transport  # noqa: E402
 from benchmarks.report import markdown  # noqa: E402
 from benchmarks.stats import percentile, ratio  # noqa: E402
 
-SECTIONS = ("transport", "held", "ledger", "policy")
+SECTIONS = ("transport", "gate", "held", "ledger", "policy")
 
 
 def machine() -> dict[str, Any]:
@@ -78,6 +79,8 @@ async def run_all(sections: tuple[str, ...], quick: bool, work: Path) -> dict[st
         print(f"[{name}] ...", file=sys.stderr, flush=True)
         if name == "transport":
             results[name] = await transport.run(work / "transport", quick=quick)
+        elif name == "gate":
+            results[name] = await gate_bench.run(work / "gate", 2000 if quick else 20_000)
         elif name == "held":
             results[name] = await held.run(work / "held", 1000 if quick else 10_000)
         elif name == "ledger":

@@ -304,7 +304,7 @@ def compact_facts(facts: Mapping[str, Any]) -> dict[str, Any]:
         default = FACT_SHAPE.get(key, _NO_DEFAULT)
         if default is _NO_DEFAULT:
             out[key] = value
-        elif value == default and _same_types(value, default):  # the common case: a family with nothing to say
+        elif value == default and _same_types(key, value, default):  # the common case: a family with nothing to say
             continue
         elif type(default) is dict and isinstance(value, Mapping):
             differs = {k: v for k, v in value.items() if k not in default or not _same(v, default[k])}
@@ -322,13 +322,18 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def _same_types(value: Any, default: Any) -> bool:
+def _same_types(key: str, value: Any, default: Any) -> bool:
     """Equal values (`value == default`) that are also alike in type, one level deep (`True == 1` in Python)."""
     if type(value) is not type(default):
         return False
     if type(default) is dict:
+        if tuple(map(type, value.values())) == _SHAPE_TYPES[key]:  # (the keys in the defaults' order: one C pass)
+            return True
         return all(type(v) is type(default[k]) for k, v in value.items())
     return True
+
+
+_SHAPE_TYPES = {k: tuple(map(type, d.values())) for k, d in FACT_SHAPE.items() if type(d) is dict}
 
 
 def _full_activation(
