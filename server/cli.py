@@ -61,7 +61,7 @@ Attach = Callable[["Keyturn"], AbstractAsyncContextManager[object]]
 async def _serve(args: argparse.Namespace, settings: Settings | None = None, attach: Attach | None = None) -> int:
     """Serve MCP (stdio or HTTP); `attach` adds to the running Keyturn (proxy mode: the upstreams' tools)."""
     from server.app import reviewer_token_path, running
-    from server.mcp_app import build_mcp_server, stdio_transport
+    from server.mcp_app import build_mcp_server, stdio_identity, stdio_transport
 
     def attached(kt: Keyturn) -> AbstractAsyncContextManager[object]:
         return attach(kt) if attach is not None else nullcontext()
@@ -102,7 +102,9 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
     from mcp.server.lowlevel import NotificationOptions
 
     from server.channels import build_channels
+    from server.fastlane import FastLane
 
+    logging.getLogger("server").setLevel(args.log_level.upper())
     async with running(settings) as kt, attached(kt):
         server = build_mcp_server(kt)
         # Chat channels announce the calls this process holds; their clicks arrive at whichever
@@ -111,7 +113,9 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
         print(f"keyturn (stdio) serving {len(kt.tools())} guarded tools; ledger {kt.settings.db}",
               file=sys.stderr, flush=True)
         options = server.create_initialization_options(NotificationOptions(tools_changed=attach is not None))
-        async with stdio_transport() as (read_stream, write_stream):
+        # The stdio fast lane (server/fastlane.py): KEYTURN_STDIO_FASTLANE=0 sends every call through the SDK.
+        lane = None if os.environ.get("KEYTURN_STDIO_FASTLANE", "").strip() == "0" else FastLane(kt, stdio_identity(kt))
+        async with stdio_transport(lane) as (read_stream, write_stream):
             await server.run(read_stream, write_stream, options)
     return 0
 

@@ -12,9 +12,9 @@ import json
 import os
 import stat
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager, nullcontext
+from typing import TYPE_CHECKING, Any
 
 import mcp_types as types
 from mcp.server import Server
@@ -23,10 +23,14 @@ from mcp.server.session import ServerSession
 from mcp.server.stdio import stdio_server
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ToolsListChanged
 from mcp.shared.exceptions import MCPError
+from mcp.shared.jsonrpc_dispatcher import progress_token_from_params
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from server.app import Keyturn
-from server.gate import Identity, error_result
+from server.gate import Identity, ProgressFn, error_result
+
+if TYPE_CHECKING:
+    from server.fastlane import FastLane
 
 PRINCIPAL_SCOPE_KEY = "keyturn.principal"
 MODEL_META_KEYS = ("io.keyturn/model", "model", "modelId")
@@ -60,26 +64,56 @@ def identity_from_context(ctx: ServerRequestContext[Any, Any], default: Identity
     client = None
     params = ctx.session.client_params
     if params is not None and params.client_info is not None:
-        client = f"{params.client_info.name}/{params.client_info.version}"
-    model = None
+        client = client_label(params.client_info.name, params.client_info.version)
     raw_meta: Any = ctx.meta
     meta: dict[str, Any] = (dict(raw_meta) if isinstance(raw_meta, dict)
                             else raw_meta.model_dump(by_alias=True) if raw_meta is not None else {})
-    for key in MODEL_META_KEYS:
-        if isinstance(meta.get(key), str):
-            model = meta[key][:200]
-            break
     session = None
     if request is not None and hasattr(request, "headers"):
         session = request.headers.get("mcp-session-id")
-    return Identity(principal=principal, on_behalf_of=on_behalf_of, model=model, client=client, session=session)
+    return Identity(principal=principal, on_behalf_of=on_behalf_of, model=model_from_meta(meta), client=client,
+                    session=session)
+
+
+def stdio_identity(kt: Keyturn) -> Identity:
+    """The configured stdio principal (and whom it acts for), before client and model are known."""
+    return Identity(principal=kt.settings.stdio.principal, on_behalf_of=kt.settings.stdio.on_behalf_of)
+
+
+def client_label(name: str, version: str) -> str:
+    """How a client's `clientInfo` is recorded: `name/version`."""
+    return f"{name}/{version}"
+
+
+def model_from_meta(meta: Mapping[str, Any]) -> str | None:
+    """The model the client names in a request's `_meta`, if any (first of `MODEL_META_KEYS`)."""
+    for key in MODEL_META_KEYS:
+        value = meta.get(key)
+        if isinstance(value, str):
+            return value[:200]
+    return None
+
+
+def monotonic_progress(report: ProgressFn) -> ProgressFn:
+    """The gate's progress callback over `report` (the caller's MCP progress channel), as one increasing sequence:
+    the tool's own progress (an upstream's) continues above the wait's, since MCP progress must only increase."""
+    sent = base = 0.0
+
+    async def progress(value: float, total: float | None, message: str | None) -> None:
+        nonlocal sent, base
+        if base + value <= sent:
+            base = sent
+        sent = base + value
+        await report(sent, None if total is None else base + total, message)
+
+    return progress
 
 
 def build_mcp_server(kt: Keyturn, *, default_identity: Callable[[], Identity] | None = None) -> Server[Any]:
-    stdio_identity = Identity(principal=kt.settings.stdio.principal, on_behalf_of=kt.settings.stdio.on_behalf_of)
+    stdio = stdio_identity(kt)
 
     def default() -> Identity:
-        return default_identity() if default_identity else stdio_identity
+        return default_identity() if default_identity else stdio
 
     changes = ToolListChanges()
     kt.tool_listeners.append(changes.notify)
@@ -98,17 +132,9 @@ def build_mcp_server(kt: Keyturn, *, default_identity: Callable[[], Identity] | 
         tool = kt.find_tool(params.name)
         if tool is None:
             raise MCPError(code=types.INVALID_PARAMS, message=f"unknown tool {params.name!r}")
-        sent = base = 0.0
-
-        async def progress(value: float, total: float | None, message: str | None) -> None:
-            # One increasing sequence: the tool's own progress (an upstream's) continues above the wait's.
-            nonlocal sent, base
-            if base + value <= sent:
-                base = sent
-            sent = base + value
-            await ctx.session.report_progress(progress=sent, total=None if total is None else base + total,
-                                              message=message)
-
+        # No progress token, no progress: then an upstream (proxy mode) is not asked for any either.
+        wants_progress = progress_token_from_params(ctx.params) is not None
+        progress = monotonic_progress(ctx.session.report_progress) if wants_progress else None
         return await kt.gate.call(tool, arguments, who, progress)
 
     return Server("keyturn", version="0.1.0", instructions=(
@@ -178,7 +204,7 @@ STDIO_MAX_LINE = 2**28
 
 
 @asynccontextmanager
-async def stdio_transport() -> AsyncIterator[tuple[Any, Any]]:
+async def stdio_transport(lane: FastLane | None = None) -> AsyncIterator[tuple[Any, Any]]:
     """MCP over this process's stdin and stdout: `(read_stream, write_stream)` for `Server.run`.
 
     The SDK's `stdio_server` hands every line read, every write and every flush to a worker thread: three
@@ -186,6 +212,9 @@ async def stdio_transport() -> AsyncIterator[tuple[Any, Any]]:
     are pipes or sockets (how MCP clients start servers) and the loop is asyncio, the same SDK transport is fed
     by the loop's own pipe transports instead; otherwise it is the SDK's as it is. While serving, fd 0 reads
     /dev/null and fd 1 writes to stderr, as with the SDK, so a tool's stray output cannot corrupt the protocol.
+
+    With a `lane` (`server.fastlane`), on the loop's pipes only, each line read is offered to it first: it
+    answers the well-formed `tools/call` requests it takes, through the same writer; the SDK gets the rest.
     """
     if not _loop_pipes_usable():
         async with stdio_server() as streams:
@@ -205,9 +234,11 @@ async def stdio_transport() -> AsyncIterator[tuple[Any, Any]]:
         write_transport, write_protocol = await loop.connect_write_pipe(
             asyncio.streams.FlowControlMixin, os.fdopen(wire_out, "wb", buffering=0))
         writer = asyncio.StreamWriter(write_transport, write_protocol, None, loop)
+        sink = _Sink(writer, lane)
         try:
-            async with stdio_server(_Lines(reader), _Sink(writer)) as streams:  # type: ignore[arg-type]
-                yield streams
+            async with lane.serving(sink) if lane is not None else nullcontext():
+                async with stdio_server(_Lines(reader, lane), sink) as streams:  # type: ignore[arg-type]
+                    yield streams
         finally:
             read_transport.close()
             write_transport.close()
@@ -235,29 +266,38 @@ def _loop_pipes_usable() -> bool:
 
 
 class _Lines:
-    """stdin's lines as the SDK's `stdio_server` iterates them (text, newline included)."""
+    """stdin's lines as the SDK's `stdio_server` iterates them (text, newline included), less those the lane takes."""
 
-    def __init__(self, reader: asyncio.StreamReader) -> None:
+    def __init__(self, reader: asyncio.StreamReader, lane: FastLane | None = None) -> None:
         self._reader = reader
+        self._lane = lane
 
     def __aiter__(self) -> _Lines:
         return self
 
     async def __anext__(self) -> str:
-        line = await self._reader.readline()
-        if not line:
-            raise StopAsyncIteration
-        return line.decode("utf-8", errors="replace")
+        while True:
+            line = await self._reader.readline()
+            if not line:
+                raise StopAsyncIteration
+            if self._lane is None or not self._lane.take(line):
+                return line.decode("utf-8", errors="replace")
 
 
 class _Sink:
-    """stdout as the SDK's `stdio_server` writes to it."""
+    """stdout as the SDK's `stdio_server` writes to it, and as the fast lane does: one whole line per write."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, lane: FastLane | None = None) -> None:
         self._writer = writer
+        self._lane = lane
 
     async def write(self, text: str) -> None:
+        if self._lane is not None:
+            self._lane.sent(text)
         self._writer.write(text.encode("utf-8"))
+
+    def send(self, line: bytes) -> None:
+        self._writer.write(line)
 
     async def flush(self) -> None:
         await self._writer.drain()

@@ -1,0 +1,443 @@
+"""The stdio fast lane: `keyturn serve` answers well-formed `tools/call` requests itself, after the SDK's handshake,
+exactly as the SDK would, and leaves everything else to the SDK. Each story runs real `keyturn serve` processes,
+with the lane on and off (`KEYTURN_STDIO_FASTLANE=0`), and reads on stderr (`--log-level DEBUG`) which calls the
+lane took, so a story cannot pass with the lane silently off."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+import anyio
+import pytest
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
+from mcp import Client, StdioServerParameters
+from mcp.client.stdio import stdio_client
+from mcp.shared.exceptions import MCPError
+
+from tests.conftest import ROOT, Home, ReviewerAPI
+
+TAKEN = "fast lane: tools/call"
+
+
+def text(result: Any) -> str:
+    return "\n".join(c.text for c in result.content if getattr(c, "type", "") == "text")
+
+
+def params(home: Home, lane: bool) -> StdioServerParameters:
+    return StdioServerParameters(
+        command=sys.executable, args=["-m", "server.cli", "serve", "--config", str(home.config), "--log-level", "DEBUG"],
+        env={"PYTHONPATH": str(ROOT), "KEYTURN_STDIO_FASTLANE": "1" if lane else "0"}, cwd=str(home.dir))
+
+
+def appending(log: Path) -> TextIO:
+    """The server's stderr: one log file per story, appended to by each server it starts."""
+    return open(log, "a", encoding="utf-8")  # (a real file: the child process writes to it)
+
+
+@asynccontextmanager
+async def sdk_client(home: Home, lane: bool, log: Path, mode: Any = "legacy") -> AsyncIterator[Client]:
+    """The SDK's client over stdio; `legacy` is the initialize handshake that agent apps use today."""
+    with appending(log) as errlog:
+        async with Client(stdio_client(params(home, lane), errlog=errlog), mode=mode) as client:
+            yield client
+
+
+def taken(log: Path) -> list[str]:
+    return [line for line in log.read_text(encoding="utf-8").splitlines() if TAKEN in line]
+
+
+class Raw:
+    """A JSON-RPC client that writes and reads raw lines, to compare the two lanes byte for byte."""
+
+    def __init__(self, proc: Process) -> None:
+        self.proc = proc
+        assert proc.stdout is not None and proc.stdin is not None
+        self.stdout = BufferedByteReceiveStream(proc.stdout)
+
+    async def send(self, message: dict[str, Any] | bytes) -> None:
+        line = message if isinstance(message, bytes) else json.dumps(message).encode()
+        assert self.proc.stdin is not None
+        await self.proc.stdin.send(line + b"\n")
+
+    async def line(self, timeout: float = 20) -> bytes:
+        """The next line, without its newline."""
+        with anyio.fail_after(timeout):
+            return await self.stdout.receive_until(b"\n", 2**24)
+
+    async def response(self, rid: Any, timeout: float = 20) -> tuple[bytes, list[dict[str, Any]]]:
+        """The response line for `rid`, and the notifications that came before it."""
+        notes = []
+        while True:
+            line = await self.line(timeout)
+            message = json.loads(line)
+            if "id" in message and "method" not in message:
+                assert message["id"] == rid, f"expected the response to {rid!r}, got {line!r}"
+                return line, notes
+            notes.append(message)
+
+    async def initialize(self, version: str = "2025-06-18") -> bytes:
+        await self.send({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "raw-agent", "version": "7.1"}}})
+        line, _ = await self.response(0)
+        await self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        return line
+
+    async def call(self, rid: Any, tool: str, arguments: dict[str, Any], **meta: Any) -> bytes:
+        body: dict[str, Any] = {"name": tool, "arguments": arguments}
+        if meta:
+            body["_meta"] = meta
+        await self.send({"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": body})
+        line, _ = await self.response(rid)
+        return line
+
+
+@asynccontextmanager
+async def raw_server(home: Home, lane: bool, log: Path) -> AsyncIterator[Raw]:
+    p = params(home, lane)
+    with appending(log) as errlog:
+        async with await anyio.open_process([p.command, *p.args], stderr=errlog, cwd=home.dir,
+                                            env={**home.env(), **(p.env or {})}) as proc:
+            try:
+                yield Raw(proc)
+            finally:
+                assert proc.stdin is not None
+                await proc.stdin.aclose()
+                with anyio.fail_after(20):
+                    await proc.wait()
+
+
+async def both(home: Home, tmp_path: Path, story: Any) -> tuple[Any, Any]:
+    """Run `story(raw)` against a fresh server with the lane on and one with it off."""
+    out = []
+    for lane in (True, False):
+        log = tmp_path / f"lane-{lane}.log"
+        async with raw_server(home, lane, log) as raw:
+            out.append(await story(raw))
+        assert bool(taken(log)) is lane, log.read_text()
+    return out[0], out[1]
+
+
+# -- the same answers --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version", ["2025-06-18", "2025-03-26", "2025-11-25"])
+async def test_an_allowed_call_is_answered_byte_for_byte_as_the_sdk_answers_it(
+        home: Home, tmp_path: Path, version: str) -> None:
+    async def story(raw: Raw) -> list[bytes]:
+        init = await raw.initialize(version)
+        return [init,
+                await raw.call(1, "sql_query", {"query": "SELECT item, qty FROM orders ORDER BY id"}),
+                await raw.call("two", "sql_query", {"query": "SELECT 'naïve ✓' AS word, 1.5 AS x"}, model="m-1"),
+                await raw.call(-3, "sql_query", {"query": "SELECT 1 AS n"}, progressToken="tok")]
+
+    on, off = await both(home, tmp_path, story)
+    assert on == off
+    result = json.loads(on[1])["result"]
+    assert "apple" in result["content"][0]["text"] and result["isError"] is False
+    assert result["structuredContent"]["rows"] == [["apple", 3], ["pear", 5], ["plum", 7]]
+    assert json.loads(on[2])["id"] == "two" and "naïve ✓".encode() in on[2]  # UTF-8 on the wire, as the SDK writes it
+
+
+async def test_allowed_denied_and_invalid_calls_give_the_same_results_on_both_lanes(home: Home, tmp_path: Path) -> None:
+    calls = [("sql_query", {"query": "SELECT count(*) AS n FROM orders"}),  # allowed
+             ("sql_execute", {"statement": "DROP TABLE orders"}),  # denied by policy
+             ("sql_query", {"query": 42}),  # invalid arguments
+             ("sql_query", {"query": "SELECT * FROM no_such_table"})]  # allowed, and the tool fails
+    results: dict[bool, list[Any]] = {}
+    for lane in (True, False):
+        log = tmp_path / f"lane-{lane}.log"
+        async with sdk_client(home, lane, log) as client:
+            results[lane] = [await client.call_tool(tool, arguments) for tool, arguments in calls]
+        assert len(taken(log)) == (len(calls) if lane else 0)
+
+    def comparable(result: Any) -> tuple[Any, ...]:
+        structured = json.loads(json.dumps(result.structured_content))
+        if isinstance(structured, dict) and "call_id" in structured.get("keyturn", {}):
+            structured["keyturn"]["call_id"] = "<call>"  # one per call
+        return result.is_error, [c.model_dump() for c in result.content if c.type != "text"], structured
+
+    for on, off in zip(results[True], results[False], strict=True):
+        assert comparable(on) == comparable(off)
+        assert (on.is_error, len(on.content)) == (off.is_error, len(off.content))
+    allowed, denied, invalid, failed = results[True]
+    assert not allowed.is_error and "3" in text(allowed)
+    assert denied.is_error and "dropping tables is never allowed" in text(denied)
+    assert invalid.is_error and "invalid arguments" in text(invalid)
+    assert failed.is_error and "no such table" in text(failed)
+    assert home.rows("SELECT count(*) FROM orders") == [(3,)]
+
+
+async def test_the_ledger_records_the_same_identity_on_both_lanes(home: Home, tmp_path: Path) -> None:
+    for lane in (True, False):
+        async with raw_server(home, lane, tmp_path / f"lane-{lane}.log") as raw:
+            await raw.initialize()
+            await raw.call(5, "sql_query", {"query": "SELECT 1"}, model="claude-test")
+    received = [e["payload"] for e in home.ledger_events() if e["kind"] == "call.received"]
+    assert len(received) == 2
+    who = [{k: p.get(k) for k in ("principal", "on_behalf_of", "model", "client", "session")} for p in received]
+    assert who[0] == who[1] and who[0]["client"] == "raw-agent/7.1" and who[0]["model"] == "claude-test", who
+
+
+# -- what stays with the SDK ----------------------------------------------------------------------------
+
+ODD_LINES: list[tuple[int | None, bytes]] = [  # (the id the SDK answers, or None: it drops the line), the line
+    (1, b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"no_such_tool","arguments":{}}}'),
+    (2, b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"sql_query","arguments":["SELECT 1"]}}'),
+    (3, b'{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"sql_query","arguments":null}}'),
+    (4, b'{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"sql_query","arguments":{"query":"SELECT 1"},'
+        b'"_meta":{"progressToken":null}}}'),
+    (5, b'{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"sql_query","arguments":{"query":"SELECT 1"},'
+        b'"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}'),
+    (6, b'{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"sql_query","arguments":{"query":"SELECT 1"},'
+        b'"extra":1}}'),
+    (7, b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":7}}'),
+    (None, b'{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"sql_query","arguments":{"q":"\\ud800"}}}'),
+    (9, b'{"jsonrpc":"2.0","id":9,"method":"tools/call"}'),
+    (10, b'{"jsonrpc":"2.0","id":10,"method":"tools/call","params":{"name":"keyturn_status","arguments":{"request_id":"x"}}}'),
+    (11, b'{"jsonrpc":"2.0","id":11,"method":"tools/call","params":{"name":"sql_query","arguments":{"query":"SELECT 1"}},'
+         b'"note":"extra"}'),
+    (None, b'{"jsonrpc":"2.0","id":true,"method":"tools/call","params":{"name":"sql_query","arguments":{"query":"SELECT 1"}}}'),
+    (13, b'{"jsonrpc":"2.0","id":13,"method":"tools/list"}'),
+    (None, b'{"jsonrpc":"2.0","id":14.0,"method":"tools/call","params":{"name":"sql_query","arguments":{"query":"SELECT 1"}}}'),
+]
+
+
+UNUSUAL_CALLS: list[tuple[int | str, bytes]] = [  # well-formed calls the lane takes: the same answers all the same
+    (10**30, b'{"jsonrpc":"2.0","id":1000000000000000000000000000000,"method":"tools/call",'
+             b'"params":{"name":"sql_query","arguments":{"query":"SELECT 1"}}}'),
+    ("", b'{"jsonrpc":"2.0","id":"","method":"tools/call","params":{"name":"sql_query","arguments":{"query":"SELECT 2"},'
+         b'"_meta":{}}}'),
+    (21, b'{"method":"tools/call","params":{"arguments":{"query":"SELECT 3"},"name":"sql_query"},"id":21,"jsonrpc":"2.0"}'),
+    (22, b'{"jsonrpc":"2.0","id":22,"method":"tools/call","params":{"name":"sql_query"}}'),  # no arguments: invalid
+    (23, b'{"jsonrpc":"2.0","id":23,"method":"tools/call","params":{"name":"sql_query","arguments":{"query":"SELECT 4"},'
+         b'"_meta":{"progressToken":true}}}'),  # a token the SDK accepts, but reports no progress for
+    (24, b'{"jsonrpc":"2.0","id":24,"method":"tools/call","params":{"name":"sql_query","arguments":{"query":"SELECT 5"},'
+         b'"_meta":{"progressToken":1.0,"model":7,"modelId":"m-2"}}}'),
+    ("7", b'{"jsonrpc":"2.0","id":"7","method":"tools/call","params":{"name":"sql_query",'
+          b'"arguments":{"query":"SELECT \'\\u00e9\\n\\\\\' AS e, 1e400 AS big"}}}'),
+]
+
+
+async def test_unusual_but_valid_calls_are_taken_and_answered_as_the_sdk_answers_them(
+        home: Home, tmp_path: Path) -> None:
+    async def story(raw: Raw) -> list[bytes]:
+        await raw.initialize()
+        out = []
+        for rid, line in UNUSUAL_CALLS:
+            await raw.send(line)
+            answer, notes = await raw.response(rid)
+            assert notes == []
+            out.append(re.sub(rb'"call_id":"[0-9a-f]+"', b'"call_id":"-"', answer))
+        return out
+
+    on, off = await both(home, tmp_path, story)
+    assert on == off
+    assert len(taken(tmp_path / "lane-True.log")) == len(UNUSUAL_CALLS)
+    assert json.loads(on[3])["result"]["isError"] is True  # sql_query without its query: the gate's refusal
+
+
+async def test_odd_requests_go_to_the_sdk_and_get_its_own_answers(home: Home, tmp_path: Path) -> None:
+    async def story(raw: Raw) -> list[bytes]:
+        await raw.initialize()
+        out = [await raw.call(100, "sql_query", {"query": "SELECT 1"})]  # (so the lane is on, the log says so)
+        for n, (expected, line) in enumerate(ODD_LINES):
+            await raw.send(line)
+            # The SDK drops some lines unanswered: a ping after each shows the server is past it.
+            ping = b'{"jsonrpc":"2.0","id":"ping-%d","result":{}}' % n
+            await raw.send({"jsonrpc": "2.0", "id": f"ping-{n}", "method": "ping"})
+            pinged, answered = False, expected is None
+            while not (pinged and answered):
+                answer = await raw.line()
+                if answer == ping:  # (it can overtake the answer: the SDK runs both as tasks)
+                    pinged = True
+                else:
+                    assert json.loads(answer)["id"] == expected and not answered, answer
+                    out.append(re.sub(rb'"call_id":"[0-9a-f]+"', b'"call_id":"-"', answer))
+                    answered = True
+        return out
+
+    on, off = await both(home, tmp_path, story)
+    assert on == off
+    assert len(taken(tmp_path / "lane-True.log")) == 1
+    unknown = json.loads(on[1])
+    assert unknown["error"]["code"] == -32602 and "no_such_tool" in unknown["error"]["message"]
+
+
+async def test_calls_before_the_handshake_and_on_2026_sessions_go_to_the_sdk(home: Home, tmp_path: Path) -> None:
+    log = tmp_path / "lane.log"
+    async with raw_server(home, True, log) as raw:
+        await raw.send({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                        "params": {"name": "sql_query", "arguments": {"query": "SELECT 1"}}})
+        early, _ = await raw.response(1)
+        assert "error" in json.loads(early)  # the SDK's: not initialized
+    async with sdk_client(home, True, log, mode="auto") as client:  # the SDK's client opens a 2026-07-28 session
+        result = await client.call_tool("sql_query", {"query": "SELECT 2 AS n"})
+        assert not result.is_error and "2" in text(result)
+    assert taken(log) == []
+
+
+async def test_keyturn_status_and_unknown_tools_stay_on_the_sdk_path(home: Home, tmp_path: Path) -> None:
+    log = tmp_path / "lane.log"
+    async with sdk_client(home, True, log) as client:
+        with pytest.raises(MCPError) as unknown:
+            await client.call_tool("no_such_tool", {})
+        assert "unknown tool 'no_such_tool'" in str(unknown.value)
+        status = await client.call_tool("keyturn_status", {"request_id": "nope"})
+        assert status.is_error and "no request nope of yours" in text(status)
+        ok = await client.call_tool("sql_query", {"query": "SELECT 1"})
+        assert not ok.is_error
+    assert len(taken(log)) == 1 and "sql_query" in taken(log)[0]
+
+
+# -- held calls, progress, cancellation, concurrency ------------------------------------------------------
+
+async def test_a_held_call_reports_progress_with_its_request_id_and_completes_once_approved(
+        home: Home, tmp_path: Path) -> None:
+    api = ReviewerAPI(home.serve_http())
+    log = tmp_path / "lane.log"
+    progress: list[tuple[float, str | None]] = []
+    results = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        progress.append((value, message))
+
+    async with sdk_client(home, True, log) as client:
+        async def agent() -> None:
+            results.append(await client.call_tool("sql_execute", {"statement": "DELETE FROM orders WHERE id = 2"},
+                                                  progress_callback=on_progress))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(agent)
+            req = await api.wait_pending("sql_execute")
+            with anyio.fail_after(10):
+                while not progress:
+                    await anyio.sleep(0.05)
+            assert (await api.vote(req["id"], "approve", "alice", "fine")).status_code == 200
+        status = await client.call_tool("keyturn_status", {"request_id": req["id"]})
+        assert status.structured_content["state"] == "executed"
+    assert not results[0].is_error, text(results[0])
+    assert home.rows("SELECT count(*) FROM orders") == [(2,)]
+    assert any(req["id"] in (message or "") for _, message in progress)
+    values = [value for value, _ in progress]
+    assert values == sorted(values) and len(set(values)) == len(values)  # increasing, as MCP requires
+    assert [line for line in taken(log) if "sql_execute" in line]
+
+
+async def test_a_cancelled_held_call_is_never_answered_and_the_server_keeps_serving(home: Home, tmp_path: Path) -> None:
+    log = tmp_path / "lane.log"
+    async with raw_server(home, True, log) as raw:
+        await raw.initialize()
+        await raw.send({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {
+            "name": "sql_execute", "arguments": {"statement": "DELETE FROM orders"}, "_meta": {"progressToken": "p7"}}})
+        first = json.loads(await raw.line())  # the wait's first progress: the call is held
+        assert first["method"] == "notifications/progress" and first["params"]["progressToken"] == "p7"
+        await raw.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 7, "reason": "bored"}})
+        assert json.loads(await raw.call(8, "sql_query", {"query": "SELECT 1"}))["result"]["isError"] is False
+        assert json.loads(await raw.call(9, "sql_query", {"query": "SELECT 2"}))["result"]["isError"] is False
+        assert raw.proc.stdin is not None
+        await raw.proc.stdin.aclose()
+        rest = b""
+        with anyio.fail_after(20):
+            try:
+                while True:  # until the server leaves: never an answer for id 7
+                    rest += await raw.stdout.receive()
+            except anyio.EndOfStream:
+                pass
+        assert b'"id":7' not in rest, rest
+    assert {line.split(" id=")[1] for line in taken(log)} == {"7", "8", "9"}
+    assert "fast lane: the client cancelled id=7" in log.read_text(encoding="utf-8")
+    assert home.rows("SELECT count(*) FROM orders") == [(3,)]
+    kinds = [e["kind"] for e in home.ledger_events()]
+    assert "executed" in kinds and "approval.requested" in kinds
+
+
+async def test_a_client_that_gives_up_on_a_held_call_leaves_a_working_server(home: Home, tmp_path: Path) -> None:
+    api = ReviewerAPI(home.serve_http())
+    log = tmp_path / "lane.log"
+    statement = {"statement": "INSERT INTO orders(item, qty) VALUES ('fig', 1)"}
+    async with sdk_client(home, True, log) as client:
+        with anyio.move_on_after(1.5):  # the SDK's client sends notifications/cancelled as it gives up
+            await client.call_tool("sql_execute", statement)
+        req = await api.wait_pending("sql_execute")
+        ok = await client.call_tool("sql_query", {"query": "SELECT count(*) AS n FROM orders"})
+        assert not ok.is_error and "3" in text(ok)
+        assert (await api.vote(req["id"], "approve", "alice", "ok")).status_code == 200
+        again = await client.call_tool("sql_execute", statement)  # comes back: the approved request runs once
+        assert not again.is_error, text(again)
+    assert home.rows("SELECT count(*) FROM orders WHERE item = 'fig'") == [(1,)]
+    assert len(taken(log)) == 3
+
+
+async def test_twenty_concurrent_calls_are_all_answered_with_their_own_ids(home: Home, tmp_path: Path) -> None:
+    log = tmp_path / "lane.log"
+    async with raw_server(home, True, log) as raw:
+        await raw.initialize()
+        ids: list[int | str] = [*range(1, 11), *(f"s-{i}" for i in range(11, 21))]
+        for i, rid in enumerate(ids):
+            await raw.send({"jsonrpc": "2.0", "id": rid, "method": "tools/call",
+                            "params": {"name": "sql_query", "arguments": {"query": f"SELECT {i} AS n"}}})
+        answers: dict[Any, Any] = {}
+        while len(answers) < len(ids):
+            message = json.loads(await raw.line())
+            answers[message["id"]] = message["result"]
+    assert set(answers) == set(ids)
+    for i, rid in enumerate(ids):
+        assert answers[rid]["structuredContent"]["rows"] == [[i]]
+    assert len(taken(log)) == 20
+
+    results = []
+    async with sdk_client(home, True, log) as client:  # and through the SDK's own client
+        async def one(i: int) -> None:
+            results.append((i, await client.call_tool("sql_query", {"query": f"SELECT {i} * 1000 AS n"})))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(one, i)
+    assert all(not r.is_error and str(i * 1000) in text(r) for i, r in results) and len(results) == 20
+    assert len(taken(log)) == 40
+
+
+async def test_a_call_in_flight_when_the_client_leaves_is_answered_connection_closed_on_both_lanes(
+        home: Home, tmp_path: Path) -> None:
+    async def story(raw: Raw) -> bytes:
+        await raw.initialize()
+        await raw.send({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+            "name": "sql_execute", "arguments": {"statement": "DELETE FROM orders"}, "_meta": {"progressToken": 3}}})
+        assert json.loads(await raw.line())["method"] == "notifications/progress"  # held
+        assert raw.proc.stdin is not None
+        await raw.proc.stdin.aclose()
+        rest = b""
+        with anyio.fail_after(20):
+            try:
+                while True:
+                    rest += await raw.stdout.receive()
+            except anyio.EndOfStream:
+                pass
+        return rest.splitlines()[-1]
+
+    on, off = await both(home, tmp_path, story)
+    assert on == off == b'{"jsonrpc":"2.0","id":3,"error":{"code":-32000,"message":"Connection closed"}}'
+    assert home.rows("SELECT count(*) FROM orders") == [(3,)]
+
+
+async def test_an_unexpected_error_is_answered_as_an_internal_error_and_the_server_keeps_serving(
+        home: Home, tmp_path: Path) -> None:
+    home.write_config(tools=[{"module": "tests.e2e.fastlane_pack"},
+                             {"module": "tools.sql", "options": {"database": str(home.data_db)}}])
+    log = tmp_path / "lane.log"
+    async with raw_server(home, True, log) as raw:
+        await raw.initialize()
+        broken = json.loads(await raw.call(1, "brittle", {"text": "explode"}))
+        assert broken["error"] == {"code": -32603, "message": "Internal server error"}  # no internals on the wire
+        assert json.loads(await raw.call(2, "sql_query", {"query": "SELECT 1"}))["result"]["isError"] is False
+    err = log.read_text(encoding="utf-8")
+    assert "fast lane: the call id=1 failed" in err and "the check broke" in err  # logged, with the traceback
+    assert len(taken(log)) == 2
+    kinds = [e["kind"] for e in home.ledger_events()]
+    assert "executed" in kinds

@@ -1,0 +1,63 @@
+"""`keyturn proxy` over stdio serves the upstream's tools on the same fast lane as `keyturn serve`
+(server/fastlane.py): a 2025-era client gets the same results, progress and tool-list changes with the lane on as
+with it off (`KEYTURN_STDIO_FASTLANE=0`), and stderr (`--log-level DEBUG`) shows which calls the lane took."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TextIO
+
+import anyio
+import mcp_types as types
+from mcp import Client, StdioServerParameters
+from mcp.client.stdio import stdio_client
+
+from tests.proxy.conftest import ProxyHome, text
+
+TAKEN = "fast lane: tools/call"
+
+
+def appending(log: Path) -> TextIO:
+    return open(log, "a", encoding="utf-8")  # (a real file: the child process writes to it)
+
+
+async def test_upstream_calls_are_the_same_on_both_lanes_and_the_lane_takes_them(home: ProxyHome) -> None:
+    home.configure([home.flaky()])
+    seen: dict[bool, tuple[list[Any], list[Any]]] = {}
+    for lane in (True, False):
+        base = home.proxy_params("--log-level", "DEBUG")
+        params = StdioServerParameters(command=base.command, args=base.args, cwd=base.cwd,
+                                       env={**(base.env or {}), "KEYTURN_STDIO_FASTLANE": "1" if lane else "0"})
+        log = home.dir / f"lane-{lane}.log"
+        progress: list[tuple[float, float | None, str | None]] = []
+        changed = anyio.Event()
+
+        async def on_progress(value: float, total: float | None, message: str | None) -> None:
+            progress.append((value, total, message))  # noqa: B023 (this lane's list, read before the next lane)
+
+        async def on_message(message: Any) -> None:
+            if isinstance(message, types.ToolListChangedNotification):
+                changed.set()  # noqa: B023
+
+        with anyio.fail_after(60), appending(log) as errlog:
+            async with Client(stdio_client(params, errlog=errlog), mode="legacy", message_handler=on_message) as client:
+                results = [await client.call_tool("echo", {"text": "hi"}),
+                           await client.call_tool("slow", {"steps": 3}, progress_callback=on_progress),
+                           await client.call_tool("fail", {}),
+                           await client.call_tool("run_query", {"query": "SELECT 1"}),
+                           await client.call_tool("add_tool", {})]
+                await changed.wait()
+                results.append(await client.call_tool("extra", {}))  # a tool the upstream added while serving
+        seen[lane] = ([(r.is_error, text(r), r.structured_content) for r in results], progress)
+        lines = [line for line in log.read_text(encoding="utf-8").splitlines() if TAKEN in line]
+        assert [line.split(" id=")[0].rsplit(" ", 1)[1] for line in lines] == (
+            ["echo", "slow", "fail", "run_query", "add_tool", "extra"] if lane else [])
+    assert seen[True] == seen[False]
+    results, progress = seen[True]
+    assert [(is_error, said) for is_error, said, _ in results] == [
+        (False, "hi"), (False, "done in 3 steps"), (True, "upstream says no: the flux capacitor is offline"),
+        (False, "ran: SELECT 1"), (False, "added"), (False, "extra ran")]
+    assert [(value, message) for value, _, message in progress] == [(1, "step 1"), (2, "step 2"), (3, "step 3")]
+    # The upstream is asked for progress only for a call whose client asked for it, on either lane.
+    assert {c["tool"] for c in home.calls() if (c["meta"] or {}).get("progressToken") is not None} == {"slow"}
+    assert len([c for c in home.calls() if c["tool"] == "slow"]) == 2
