@@ -4,6 +4,11 @@ A stdio upstream that exits is restarted with backoff; an HTTP upstream that sto
 A call never waits forever: it fails after `call_timeout`, and the upstream is then probed (its tools re-listed)
 and restarted if it does not answer. While an upstream is down, calls wait up to `reconnect_wait` for it and
 then fail with a `ToolError` that says so: nothing is ever delivered outside the gate.
+
+A stdio upstream's calls skip the SDK client's per-call machinery: keyturn owns the upstream's pipes
+(`server/proxy/wire.py`), the SDK `Client` runs over them for everything else (handshake, tools/list, listen,
+notifications), and `call()` writes the `tools/call` line itself and reads back its answer (`raw.py`). `KEYTURN_PROXY_RAW=0`
+in keyturn's environment turns that off: every call then goes through `Client.call_tool`, as HTTP upstreams' do.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from server.errors import ConfigError, ToolError
 from server.gate import ProgressFn
 from server.proxy.config import ProxyConfig, UpstreamConfig, substitute_env
+from server.proxy.raw import RawToolCalls
 from server.proxy.transport import EndWatched
+from server.proxy.wire import StdioWire
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +61,15 @@ class Upstream:
         self.state: State = "starting"
         self.last_error: str | None = None
         self.restarts = 0
+        self.raw = raw_calls_enabled(environ)  # stdio calls skip the SDK client's per-call machinery
+        self.raw_calls = 0  # calls that went that way
         self.tried = anyio.Event()  # the first attempt to connect has finished, either way
         self.stopped = anyio.Event()  # the supervisor has ended: the connection (and any process) is closed
         self.spawn_error: Exception | None = None  # the first attempt could not even start the command
         self._environ = dict(environ)
         self._on_tools = on_tools
         self._client: Client | None = None
+        self._raw: RawToolCalls | None = None  # set with `_client` when its calls go raw
         self._changed = anyio.Event()  # set (and replaced) on every state change
         self._lost = anyio.Event()
         self._lost_reason = ""
@@ -75,7 +85,7 @@ class Upstream:
     ) -> types.CallToolResult:
         """Forward one call with exactly `arguments`. A delivery failure raises `ToolError`; the upstream's own
         errors (an `isError` result, or a JSON-RPC error) come back as an error result with its message."""
-        client = await self._wait_up()
+        client, raw = await self._wait_up()
         if client is None:
             raise ToolError(f"upstream {self.name!r} is not available ({self.last_error or 'still starting'}); "
                             f"{tool} was not delivered")
@@ -91,6 +101,9 @@ class Upstream:
 
         try:
             with anyio.fail_after(self.call_timeout):
+                if raw is not None:
+                    self.raw_calls += 1
+                    return await raw.call(tool, arguments, relay)
                 return await client.call_tool(tool, arguments, progress_callback=relay)
         except TimeoutError:
             self._relist.set()  # hung, or just slow? A probe that gets no answer restarts it.
@@ -116,11 +129,16 @@ class Upstream:
             self._lost_reason = reason
             self._lost.set()
 
-    async def _wait_up(self) -> Client | None:
-        with anyio.move_on_after(self.settings.reconnect_wait):
-            while self._client is None:
-                await self._changed.wait()
-        return self._client
+    async def _wait_up(self) -> tuple[Client | None, RawToolCalls | None]:
+        if not self._up():
+            with anyio.move_on_after(self.settings.reconnect_wait):
+                while not self._up():
+                    await self._changed.wait()
+        return (self._client, self._raw) if self._up() else (None, None)
+
+    def _up(self) -> bool:
+        # A closed wire is a connection the supervisor is about to drop (its read stream has ended): not up.
+        return self._client is not None and (self._raw is None or not self._raw.closed)
 
     def _set_state(self, state: State, error: str | None = None) -> None:
         self.state, self.last_error = state, error
@@ -148,7 +166,7 @@ class Upstream:
                 reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                 if isinstance(e, _FATAL_AT_START) and not self.tried.is_set():
                     self.spawn_error = e
-            self._client = None
+            self._client, self._raw = None, None
             self._set_state("down", reason)
             self.tried.set()
             if time.monotonic() - started > self.settings.restart_backoff_max:
@@ -172,6 +190,7 @@ class Upstream:
                 info = client.server_info
                 self.server_name = info.name if info is not None else None
                 self._client = client
+                self._raw = RawToolCalls.over(client, transport)
                 self._set_state("up")
                 self.tried.set()
                 log.info("upstream %s is up (%s, %d tools)", self.name, self.server_name, len(tools))
@@ -184,7 +203,7 @@ class Upstream:
                     if client.protocol_version in MODERN_PROTOCOL_VERSIONS and caps.tools and caps.tools.list_changed:
                         tg.start_soon(self._listen, client)
                     await self._lost.wait()
-                    self._client = None
+                    self._client, self._raw = None, None
                     tg.cancel_scope.cancel()
         if connecting.cancelled_caught:
             raise TimeoutError(f"no answer within {self.settings.connect_timeout:g}s")
@@ -195,7 +214,8 @@ class Upstream:
         if c.command is not None:
             env = {k: v for k, v in self._environ.items() if not k.startswith("KEYTURN_")} if c.inherit_env else {}
             env.update({k: substitute_env(v, self._environ, f"{where}, env {k}") for k, v in c.env.items()})
-            return stdio_client(StdioServerParameters(command=c.command, args=list(c.args), env=env, cwd=c.cwd))
+            params = StdioServerParameters(command=c.command, args=list(c.args), env=env, cwd=c.cwd)
+            return StdioWire(params) if self.raw else stdio_client(params)
         assert c.url is not None
         headers = {k: substitute_env(v, self._environ, f"{where}, header {k}") for k, v in c.headers.items()}
         http = await stack.enter_async_context(create_mcp_http_client(headers=headers))
@@ -251,6 +271,12 @@ class Upstream:
             self._relist.set()
         elif isinstance(message, Exception):
             log.warning("upstream %s: transport error: %s", self.name, message)
+
+
+def raw_calls_enabled(environ: Mapping[str, str]) -> bool:
+    """Whether stdio upstreams' calls go raw (`server/proxy/raw.py`): yes unless `KEYTURN_PROXY_RAW` is 0 (or
+    false, no, off)."""
+    return environ.get("KEYTURN_PROXY_RAW", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _unwrap(e: Exception) -> Exception:

@@ -3,11 +3,13 @@
     python flaky_server.py CALLS_LOG [DOWN_MARKER]
 
 While the file DOWN_MARKER exists the server exits at once (an upstream that cannot restart). Every
-`tools/call` it receives is appended to CALLS_LOG (one JSON line) before it acts, so a test can tell what
-was delivered. Tools: `echo`, `run_query` (no annotations: the config classifies `query` as SQL),
-`slow` (reports progress), `fail` (an isError result), `crash` (the process exits mid-call), `hang`
-(the whole server stops answering), `add_tool` (adds `extra` and announces tools/list_changed), `env`
-(the names of its environment variables). Its pid is appended to CALLS_LOG.pids when it starts.
+`tools/call` it receives is appended to CALLS_LOG (one JSON line, with its request id and `_meta`) before it
+acts, so a test can tell what was delivered, and how. Tools: `echo`, `run_query` (no annotations: the config
+classifies `query` as SQL), `slow` (reports progress), `fail` (an isError result), `crash` (the process exits
+mid-call), `hang` (the whole server stops answering), `add_tool` (adds `extra` and announces
+tools/list_changed), `env` (the names of its environment variables); unlisted: `noise` (writes lines that are
+not JSON-RPC messages first), `mangled` (answers with a malformed response). Its pid is appended to
+CALLS_LOG.pids when it starts.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def text(value: str, *, error: bool = False) -> dict[str, Any]:
 def call(log: str, msg_id: Any, params: dict[str, Any]) -> None:
     name, args = params.get("name"), params.get("arguments") or {}
     with open(log, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"tool": name, "arguments": args, "pid": os.getpid()}) + "\n")
+        f.write(json.dumps({"tool": name, "arguments": args, "pid": os.getpid(), "id": msg_id,
+                            "meta": params.get("_meta")}) + "\n")
     token = (params.get("_meta") or {}).get("progressToken")
     if name == "echo":
         send({"id": msg_id, "result": text(args["text"])})
@@ -83,6 +86,12 @@ def call(log: str, msg_id: Any, params: dict[str, Any]) -> None:
         send({"id": msg_id, "result": text(" ".join(sorted(os.environ)))})
     elif name == "extra":
         send({"id": msg_id, "result": text("extra ran")})
+    elif name == "noise":
+        sys.stdout.write("this is not JSON-RPC\n")
+        send({"method": 5, "params": {"note": "keyturn-1 is mentioned"}})
+        send({"id": msg_id, "result": text("after the noise")})
+    elif name == "mangled":
+        send({"id": msg_id, "result": "not an object"})
     else:
         send({"id": msg_id, "error": {"code": -32602, "message": f"Unknown tool: {name}"}})
 

@@ -1,0 +1,226 @@
+"""A stdio upstream's calls skip the SDK client's per-call machinery (`server/proxy/wire.py`): keyturn writes the
+`tools/call` line and reads its answer. The story: the same request reaches the upstream (bar its string id), the
+same results, errors and progress come back, an abandoned call is cancelled upstream, a crash or a hang ends as it
+did; and `KEYTURN_PROXY_RAW=0` gives the SDK's path back. Real upstream processes, in-process and behind a real
+`keyturn proxy`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client
+
+from server.errors import ToolError
+from server.proxy import Upstream, parse_proxy_config
+from server.proxy.upstream import supervised
+from tests.proxy.conftest import FLAKY, HERE, ProxyHome, text
+
+MODERN = HERE / "modern_server.py"
+Outcome = tuple[str, Any, list[tuple[float, float | None, str | None]]]
+
+
+def flaky(log: Path) -> dict[str, Any]:
+    return {"name": "flaky", "command": sys.executable, "args": [str(FLAKY), str(log)]}
+
+
+def modern(log: Path) -> dict[str, Any]:
+    return {"name": "modern", "command": sys.executable, "args": [str(MODERN), str(log)]}
+
+
+def logged(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def pids(log: Path) -> list[int]:
+    """The flaky upstream's processes, in the order they started."""
+    return [int(p) for p in Path(f"{log}.pids").read_text().split()]
+
+
+@asynccontextmanager
+async def upstream(config: dict[str, Any], *, raw: bool = True, **proxy: Any) -> AsyncIterator[Upstream]:
+    settings = parse_proxy_config({"upstreams": [config], "restart_backoff": 0.2, "restart_backoff_max": 1,
+                                   "reconnect_wait": 10, "connect_timeout": 20, "health_interval": None, **proxy})
+    up = Upstream(settings.upstreams[0], settings, {"KEYTURN_PROXY_RAW": "1" if raw else "0"})
+    with anyio.fail_after(60):
+        async with supervised([up], 20):
+            assert up.state == "up", up.last_error
+            yield up
+
+
+async def outcome(up: Upstream, tool: str, arguments: dict[str, Any]) -> Outcome:
+    """What the gate gets back from one forwarded call: a result, or the ToolError's text; and the progress."""
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    try:
+        result = await up.call(tool, arguments, progress)
+    except ToolError as e:
+        return "error", str(e), seen
+    return "result", result.model_dump(mode="json", by_alias=True), seen
+
+
+CALLS = {
+    "flaky": [("echo", {"text": "héllo"}), ("fail", {}), ("nope", {}), ("slow", {"steps": 3}), ("crash", {}),
+              ("echo", {"text": "back"})],
+    "modern": [("echo", {"text": "héllo"}), ("fail", {}), ("refuse", {}), ("bad_output", {}), ("ask", {}),
+               ("resume", {}), ("slow", {"steps": 3}), ("crash", {}), ("echo", {"text": "back"})],
+}
+
+
+@pytest.mark.parametrize("server", ["flaky", "modern"])
+async def test_raw_calls_give_exactly_what_the_sdk_client_gives(server: str, tmp_path: Path) -> None:
+    runs: dict[bool, list[Outcome]] = {}
+    for raw in (True, False):
+        log = tmp_path / f"{server}-{raw}.log"
+        async with upstream((flaky if server == "flaky" else modern)(log), raw=raw) as up:
+            runs[raw] = [await outcome(up, tool, arguments) for tool, arguments in CALLS[server]]
+            assert up.raw_calls == (len(CALLS[server]) if raw else 0)
+        received = [c for c in logged(log) if "tool" in c]
+        assert [c["tool"] for c in received if c.get("state") is None] == [t for t, _ in CALLS[server]]
+        ids = [c["id"] for c in received if c.get("state") is None]
+        assert all(isinstance(i, str) and i.startswith("keyturn-") for i in ids) if raw else \
+            all(isinstance(i, int) for i in ids)
+        runs[raw].append(("sent", [_sans_token(c["meta"]) for c in received], []))
+    assert runs[True] == runs[False]
+    by_tool = dict(zip([t for t, _ in CALLS[server]], runs[True], strict=False))
+    assert by_tool["fail"][1]["isError"] is True
+    assert [m for _, _, m in by_tool["slow"][2]] == ["step 1", "step 2", "step 3"]
+    assert "went away during crash" in by_tool["crash"][1] and "may or may not have acted" in by_tool["crash"][1]
+    assert by_tool["echo"][1]["content"][0]["text"] == "back"  # the restarted upstream, raw again
+    if server == "flaky":
+        assert by_tool["nope"][1]["content"][0]["text"] == "Unknown tool: nope (upstream 'flaky', error -32602)"
+    else:
+        assert by_tool["refuse"][1]["content"][0]["text"] == \
+            "refused: the vault is sealed (upstream 'modern', error -32050)"
+        assert by_tool["refuse"][1]["isError"] is True
+        assert "Invalid structured content returned by tool bad_output" in by_tool["bad_output"][1]
+        assert "Elicitation not supported" in by_tool["ask"][1]["content"][0]["text"]
+        assert by_tool["resume"][1]["content"][0]["text"] == "resumed from step-2"
+
+
+def _sans_token(meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A request's `_meta` less its progress token (the request id: a string on the raw path, an int otherwise)."""
+    return None if meta is None else {k: v for k, v in meta.items() if k != "progressToken"}
+
+
+async def test_a_2026_call_carries_the_sdk_clients_envelope(tmp_path: Path) -> None:
+    log = tmp_path / "calls.log"
+    async with upstream(modern(log)) as up:
+        await up.call("slow", {"steps": 1}, None)
+        await up.call("slow", {"steps": 1}, _ignore)
+    plain, with_progress = logged(log)
+    assert plain["meta"] == {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                             "io.modelcontextprotocol/clientInfo": {"name": "keyturn-proxy", "version": "0.1.0"},
+                             "io.modelcontextprotocol/clientCapabilities": {}}
+    assert with_progress["meta"] == {**plain["meta"], "progressToken": with_progress["id"]}
+
+
+async def _ignore(progress: float, total: float | None, message: str | None) -> None:
+    pass
+
+
+async def test_a_hung_call_times_out_is_cancelled_upstream_and_the_upstream_is_probed(tmp_path: Path) -> None:
+    log = tmp_path / "calls.log"
+    async with upstream(modern(log), call_timeout=1) as up:
+        with pytest.raises(ToolError, match=r"did not answer sleep within 1s; it may or may not have acted"):
+            await up.call("sleep", {})
+        with anyio.fail_after(10):
+            while {"cancelled": "keyturn-1"} not in logged(log):
+                await anyio.sleep(0.05)
+        assert text(await up.call("echo", {"text": "still here"})) == "still here"
+        assert up.restarts == 0  # the probe (tools/list) answered: not restarted
+
+
+async def test_a_hung_upstream_is_restarted(tmp_path: Path) -> None:
+    log = tmp_path / "calls.log"
+    async with upstream(flaky(log), call_timeout=1, connect_timeout=2) as up:
+        with pytest.raises(ToolError, match="did not answer hang within 1s"):
+            await up.call("hang", {})
+        with anyio.fail_after(30):
+            while True:  # a call sent before the probe gives up fails with the connection; then it is restarted
+                try:
+                    after = await up.call("echo", {"text": "alive"})
+                    break
+                except ToolError as e:
+                    assert any(m in str(e) for m in ("did not answer echo", "went away during echo", "not available"))
+        assert text(after) == "alive" and up.restarts == 1
+    received = logged(log)
+    assert len({c["pid"] for c in received}) == 2
+    assert received[-1]["id"] == f"keyturn-{len([c for c in received if c['pid'] == received[-1]['pid']])}"
+
+
+async def test_an_answer_that_comes_too_late_is_dropped(tmp_path: Path) -> None:
+    log = tmp_path / "calls.log"
+    async with upstream(flaky(log), call_timeout=1) as up:
+        with pytest.raises(ToolError, match="did not answer slow"):
+            await up.call("slow", {"steps": 24})  # answers after 1.2s, before it reads the next request
+        assert text(await up.call("echo", {"text": "mine"})) == "mine"
+        assert up.restarts == 0 and up.state == "up"
+    assert [c["id"] for c in logged(log)] == ["keyturn-1", "keyturn-2"]
+
+
+async def test_an_upstream_that_dies_while_idle_is_noticed_and_restarted(tmp_path: Path) -> None:
+    log = tmp_path / "calls.log"
+    async with upstream(flaky(log)) as up:
+        os.kill(pids(log)[0], signal.SIGKILL)
+        with anyio.fail_after(20):
+            while up.restarts == 0 or up.state != "up":  # its stdout closed: the SDK session's read stream ended
+                await anyio.sleep(0.05)
+        assert text(await up.call("echo", {"text": "new process"})) == "new process"
+    assert len(pids(log)) == 2
+
+
+async def test_lines_that_are_not_answers_go_to_the_sdk_as_its_stdio_transport_parses_them(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with upstream(flaky(tmp_path / "calls.log")) as up:
+        assert text(await up.call("noise", {})) == "after the noise"
+        assert up.restarts == 0 and up.state == "up"
+    assert "Failed to parse JSONRPC message from server" in caplog.text  # the SDK's own handling of a bad line
+
+
+async def test_a_malformed_answer_fails_its_call_at_once(tmp_path: Path) -> None:
+    async with upstream(flaky(tmp_path / "calls.log")) as up:
+        with pytest.raises(ToolError, match="mangled failed: ValueError: the upstream sent a malformed answer"):
+            await up.call("mangled", {})
+        assert text(await up.call("echo", {"text": "fine"})) == "fine"
+
+
+async def test_the_proxy_forwards_raw_and_the_upstreams_progress_reaches_the_agent(home: ProxyHome) -> None:
+    home.configure([home.flaky()])
+    seen: list[str | None] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append(message)
+
+    with anyio.fail_after(60):
+        async with Client(home.proxy_params()) as client:
+            result = await client.call_tool("slow", {"steps": 3}, progress_callback=on_progress)
+    assert text(result) == "done in 3 steps" and seen == ["step 1", "step 2", "step 3"]
+    assert home.calls()[0]["id"] == "keyturn-1" and home.calls()[0]["meta"] == {"progressToken": "keyturn-1"}
+
+
+async def test_keyturn_proxy_raw_0_forwards_through_the_sdk_client_with_the_same_results(home: ProxyHome) -> None:
+    home.configure([home.flaky()])
+    results: dict[str, list[Any]] = {}
+    for raw in ("1", "0"):
+        params = home.proxy_params()
+        assert params.env is not None
+        params.env["KEYTURN_PROXY_RAW"] = raw
+        with anyio.fail_after(60):
+            async with Client(params) as client:
+                calls = [await client.call_tool(t, a) for t, a in [("echo", {"text": "x"}), ("fail", {})]]
+        results[raw] = [(r.is_error, text(r)) for r in calls]
+    assert results["1"] == results["0"] == [(False, "x"), (True, "upstream says no: the flux capacitor is offline")]
+    ids = [c["id"] for c in home.calls()]
+    assert ids[:2] == ["keyturn-1", "keyturn-2"] and all(isinstance(i, int) for i in ids[2:]) and len(ids) == 4
