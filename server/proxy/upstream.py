@@ -36,7 +36,7 @@ from server.gate import ProgressFn
 from server.proxy.config import ProxyConfig, UpstreamConfig, substitute_env
 from server.proxy.raw import RawToolCalls
 from server.proxy.transport import EndWatched
-from server.proxy.wire import StdioWire
+from server.proxy.wire import ConnectionLost, StdioWire
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,10 @@ class Upstream:
             raise ToolError(f"upstream {self.name!r} did not answer {tool} within {self.call_timeout:g}s; "
                             "it may or may not have acted") from None
         except MCPError as e:
-            if e.code != types.CONNECTION_CLOSED:
+            # The SDK's client raises its "connection closed" with the code a server's own error may carry too
+            # (-32000, JSON-RPC's generic server error): on the raw leg keyturn knows which it is.
+            gone = isinstance(e, ConnectionLost) or (e.code == types.CONNECTION_CLOSED and (raw is None or raw.closed))
+            if not gone:
                 self._relist.set()  # a stale HTTP session answers errors too: a probe reconnects if so
                 text = f"{e.message} (upstream {self.name!r}, error {e.code})"
                 return types.CallToolResult(content=[types.TextContent(type="text", text=text)], is_error=True)

@@ -49,6 +49,14 @@ _PROGRESS_QUEUED_MAX = 64  # progress a slow caller has not taken yet; past it, 
 _CANCEL_WRITE_TIMEOUT = 5.0  # as the SDK bounds its courtesy cancel
 
 
+class ConnectionLost(MCPError):
+    """The upstream went away with the request unanswered: the SDK's `CONNECTION_CLOSED` error, told apart from a
+    JSON-RPC error response that merely uses the same code (-32000 is also the generic "server error")."""
+
+    def __init__(self) -> None:
+        super().__init__(code=types.CONNECTION_CLOSED, message="Connection closed")
+
+
 class _Pending:
     """One raw request awaiting its answer: the reader fills it, the caller waits on `wake`."""
 
@@ -91,7 +99,7 @@ class StdioWire:
                       on_progress: ProgressFnT | None = None) -> dict[str, Any]:
         """Send `method` with `params`; return the response's `result` dict as the server sent it.
 
-        Raises `MCPError` for a JSON-RPC error response, and with `CONNECTION_CLOSED` when the upstream went away
+        Raises `MCPError` for a JSON-RPC error response, and `ConnectionLost` when the upstream went away
         after the request was written; `anyio.ClosedResourceError` / `BrokenResourceError` when it could not be
         written at all. Abandoned (cancelled, timed out), it sends `notifications/cancelled` for its id.
         """
@@ -156,7 +164,7 @@ class StdioWire:
         self._closed = True
         for pending in self._pending.values():
             if pending.answer is None:
-                pending.answer = MCPError(code=types.CONNECTION_CLOSED, message="Connection closed")
+                pending.answer = ConnectionLost()
                 pending.wake.set()
 
     def _take(self, line: str) -> bool:

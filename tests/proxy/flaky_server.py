@@ -90,6 +90,8 @@ def call(log: str, msg_id: Any, params: dict[str, Any]) -> None:
         sys.stdout.write("this is not JSON-RPC\n")
         send({"method": 5, "params": {"note": "keyturn-1 is mentioned"}})
         send({"id": msg_id, "result": text("after the noise")})
+    elif name == "busy":  # JSON-RPC's generic server error: the same code as the SDK's "connection closed"
+        send({"id": msg_id, "error": {"code": -32000, "message": "busy: try again later"}})
     elif name == "mangled":
         send({"id": msg_id, "result": "not an object"})
     else:

@@ -189,6 +189,19 @@ async def test_lines_that_are_not_answers_go_to_the_sdk_as_its_stdio_transport_p
     assert "Failed to parse JSONRPC message from server" in caplog.text  # the SDK's own handling of a bad line
 
 
+async def test_an_upstream_error_with_the_generic_server_code_is_its_answer_not_a_lost_connection(
+        tmp_path: Path) -> None:
+    """-32000 is JSON-RPC's generic server error, and also the code of the SDK's "connection closed": a live
+    upstream that answers with it has answered (an error result, the same process goes on serving)."""
+    log = tmp_path / "calls.log"
+    async with upstream(flaky(log)) as up:
+        result = await up.call("busy", {})
+        assert result.is_error and text(result) == "busy: try again later (upstream 'flaky', error -32000)"
+        assert text(await up.call("echo", {"text": "still here"})) == "still here"
+        assert up.restarts == 0 and up.state == "up" and up.raw_calls == 2
+    assert len(pids(log)) == 1
+
+
 async def test_a_malformed_answer_fails_its_call_at_once(tmp_path: Path) -> None:
     async with upstream(flaky(tmp_path / "calls.log")) as up:
         with pytest.raises(ToolError, match="mangled failed: ValueError: the upstream sent a malformed answer"):
