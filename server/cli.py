@@ -114,7 +114,8 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
               file=sys.stderr, flush=True)
         options = server.create_initialization_options(NotificationOptions(tools_changed=attach is not None))
         # The stdio fast lane (server/fastlane.py): KEYTURN_STDIO_FASTLANE=0 sends every call through the SDK.
-        lane = None if os.environ.get("KEYTURN_STDIO_FASTLANE", "").strip() == "0" else FastLane(kt, stdio_identity(kt))
+        lane_off = os.environ.get("KEYTURN_STDIO_FASTLANE", "").strip() == "0"
+        lane = None if lane_off else FastLane(kt, stdio_identity(kt), server)
         async with stdio_transport(lane) as (read_stream, write_stream):
             await server.run(read_stream, write_stream, options)
     return 0

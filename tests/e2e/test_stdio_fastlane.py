@@ -1,7 +1,8 @@
-"""The stdio fast lane: `keyturn serve` answers well-formed `tools/call` requests itself, after the SDK's handshake,
-exactly as the SDK would, and leaves everything else to the SDK. Each story runs real `keyturn serve` processes,
-with the lane on and off (`KEYTURN_STDIO_FASTLANE=0`), and reads on stderr (`--log-level DEBUG`) which calls the
-lane took, so a story cannot pass with the lane silently off."""
+"""The stdio fast lane: `keyturn serve` answers well-formed `tools/call` requests itself, after the SDK's handshake
+or on a 2026-07-28 session (no handshake: each request carries its envelope in `_meta`), exactly as the SDK would,
+and leaves everything else to the SDK. Each story runs real `keyturn serve` processes, with the lane on and off
+(`KEYTURN_STDIO_FASTLANE=0`), and reads on stderr (`--log-level DEBUG`) which calls the lane took, so a story cannot
+pass with the lane silently off."""
 
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ from mcp.shared.exceptions import MCPError
 from tests.conftest import ROOT, Home, ReviewerAPI
 
 TAKEN = "fast lane: tools/call"
+MODERN = "2026-07-28"
+VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
+INFO_KEY = "io.modelcontextprotocol/clientInfo"
+CAPABILITIES_KEY = "io.modelcontextprotocol/clientCapabilities"
+SERVER_INFO_KEY = "io.modelcontextprotocol/serverInfo"
+ENVELOPE: dict[str, Any] = {  # what a 2026-07-28 client puts in every request's `_meta`
+    VERSION_KEY: MODERN, INFO_KEY: {"name": "raw-agent", "version": "9.2"}, CAPABILITIES_KEY: {}}
 
 
 def text(result: Any) -> str:
@@ -53,6 +61,15 @@ def taken(log: Path) -> list[str]:
     return [line for line in log.read_text(encoding="utf-8").splitlines() if TAKEN in line]
 
 
+def taken_ids(log: Path) -> list[str]:
+    """The ids of the calls the lane took, as logged (`repr`), in the order it took them."""
+    return [line.rsplit(" id=", 1)[1] for line in taken(log)]
+
+
+def same_call_ids(line: bytes) -> bytes:
+    return re.sub(rb'"call_id":"[0-9a-f]+"', b'"call_id":"-"', line)  # one per call
+
+
 class Raw:
     """A JSON-RPC client that writes and reads raw lines, to compare the two lanes byte for byte."""
 
@@ -73,7 +90,7 @@ class Raw:
 
     async def response(self, rid: Any, timeout: float = 20) -> tuple[bytes, list[dict[str, Any]]]:
         """The response line for `rid`, and the notifications that came before it."""
-        notes = []
+        notes: list[dict[str, Any]] = []
         while True:
             line = await self.line(timeout)
             message = json.loads(line)
@@ -87,6 +104,12 @@ class Raw:
             "protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "raw-agent", "version": "7.1"}}})
         line, _ = await self.response(0)
         await self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        return line
+
+    async def discover(self, rid: Any = 0) -> bytes:
+        """Open a 2026-07-28 session as the SDK's own client does: no handshake, the envelope on each request."""
+        await self.send({"jsonrpc": "2.0", "id": rid, "method": "server/discover", "params": {"_meta": ENVELOPE}})
+        line, _ = await self.response(rid)
         return line
 
     async def call(self, rid: Any, tool: str, arguments: dict[str, Any], **meta: Any) -> bytes:
@@ -145,10 +168,11 @@ async def test_an_allowed_call_is_answered_byte_for_byte_as_the_sdk_answers_it(
 
 
 async def test_allowed_denied_and_invalid_calls_give_the_same_results_on_both_lanes(home: Home, tmp_path: Path) -> None:
-    calls = [("sql_query", {"query": "SELECT count(*) AS n FROM orders"}),  # allowed
-             ("sql_execute", {"statement": "DROP TABLE orders"}),  # denied by policy
-             ("sql_query", {"query": 42}),  # invalid arguments
-             ("sql_query", {"query": "SELECT * FROM no_such_table"})]  # allowed, and the tool fails
+    calls: list[tuple[str, dict[str, Any]]] = [
+        ("sql_query", {"query": "SELECT count(*) AS n FROM orders"}),  # allowed
+        ("sql_execute", {"statement": "DROP TABLE orders"}),  # denied by policy
+        ("sql_query", {"query": 42}),  # invalid arguments
+        ("sql_query", {"query": "SELECT * FROM no_such_table"})]  # allowed, and the tool fails
     results: dict[bool, list[Any]] = {}
     for lane in (True, False):
         log = tmp_path / f"lane-{lane}.log"
@@ -233,7 +257,7 @@ async def test_unusual_but_valid_calls_are_taken_and_answered_as_the_sdk_answers
             await raw.send(line)
             answer, notes = await raw.response(rid)
             assert notes == []
-            out.append(re.sub(rb'"call_id":"[0-9a-f]+"', b'"call_id":"-"', answer))
+            out.append(same_call_ids(answer))
         return out
 
     on, off = await both(home, tmp_path, story)
@@ -258,7 +282,7 @@ async def test_odd_requests_go_to_the_sdk_and_get_its_own_answers(home: Home, tm
                     pinged = True
                 else:
                     assert json.loads(answer)["id"] == expected and not answered, answer
-                    out.append(re.sub(rb'"call_id":"[0-9a-f]+"', b'"call_id":"-"', answer))
+                    out.append(same_call_ids(answer))
                     answered = True
         return out
 
@@ -269,17 +293,22 @@ async def test_odd_requests_go_to_the_sdk_and_get_its_own_answers(home: Home, tm
     assert unknown["error"]["code"] == -32602 and "no_such_tool" in unknown["error"]["message"]
 
 
-async def test_calls_before_the_handshake_and_on_2026_sessions_go_to_the_sdk(home: Home, tmp_path: Path) -> None:
-    log = tmp_path / "lane.log"
-    async with raw_server(home, True, log) as raw:
-        await raw.send({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-                        "params": {"name": "sql_query", "arguments": {"query": "SELECT 1"}}})
-        early, _ = await raw.response(1)
-        assert "error" in json.loads(early)  # the SDK's: not initialized
-    async with sdk_client(home, True, log, mode="auto") as client:  # the SDK's client opens a 2026-07-28 session
-        result = await client.call_tool("sql_query", {"query": "SELECT 2 AS n"})
-        assert not result.is_error and "2" in text(result)
-    assert taken(log) == []
+async def test_calls_before_the_handshake_go_to_the_sdk(home: Home, tmp_path: Path) -> None:
+    async def story(raw: Raw) -> list[bytes]:
+        early = await raw.call(1, "sql_query", {"query": "SELECT 1"})  # the opening request: the SDK's
+        await raw.send({"jsonrpc": "2.0", "id": 2, "method": "initialize", "params": {  # a handshake under way
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw-agent", "version": "7.1"}}})
+        init, _ = await raw.response(2)
+        # The SDK serves a call once `initialize` is answered, before notifications/initialized; so does the lane.
+        before = await raw.call(3, "sql_query", {"query": "SELECT 3"})
+        await raw.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        return [early, init, before, await raw.call(4, "sql_query", {"query": "SELECT 4"})]
+
+    on, off = await both(home, tmp_path, story)
+    assert on == off
+    assert "error" in json.loads(on[0])  # the SDK's: not initialized
+    assert json.loads(on[2])["result"]["isError"] is False
+    assert taken_ids(tmp_path / "lane-True.log") == ["3", "4"]
 
 
 async def test_keyturn_status_and_unknown_tools_stay_on_the_sdk_path(home: Home, tmp_path: Path) -> None:
@@ -301,11 +330,11 @@ async def test_a_held_call_reports_progress_with_its_request_id_and_completes_on
         home: Home, tmp_path: Path) -> None:
     api = ReviewerAPI(home.serve_http())
     log = tmp_path / "lane.log"
-    progress: list[tuple[float, str | None]] = []
+    reports: list[tuple[float, str | None]] = []
     results = []
 
-    async def on_progress(value: float, total: float | None, message: str | None) -> None:
-        progress.append((value, message))
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        reports.append((progress, message))
 
     async with sdk_client(home, True, log) as client:
         async def agent() -> None:
@@ -316,15 +345,15 @@ async def test_a_held_call_reports_progress_with_its_request_id_and_completes_on
             tg.start_soon(agent)
             req = await api.wait_pending("sql_execute")
             with anyio.fail_after(10):
-                while not progress:
+                while not reports:
                     await anyio.sleep(0.05)
             assert (await api.vote(req["id"], "approve", "alice", "fine")).status_code == 200
         status = await client.call_tool("keyturn_status", {"request_id": req["id"]})
         assert status.structured_content["state"] == "executed"
     assert not results[0].is_error, text(results[0])
     assert home.rows("SELECT count(*) FROM orders") == [(2,)]
-    assert any(req["id"] in (message or "") for _, message in progress)
-    values = [value for value, _ in progress]
+    assert any(req["id"] in (message or "") for _, message in reports)
+    values = [value for value, _ in reports]
     assert values == sorted(values) and len(set(values)) == len(values)  # increasing, as MCP requires
     assert [line for line in taken(log) if "sql_execute" in line]
 
@@ -441,3 +470,367 @@ async def test_an_unexpected_error_is_answered_as_an_internal_error_and_the_serv
     assert len(taken(log)) == 2
     kinds = [e["kind"] for e in home.ledger_events()]
     assert "executed" in kinds
+
+
+# -- 2026-07-28 sessions: no handshake, the envelope on every request ------------------------------------
+
+def enveloped(rid: Any, method: str, body: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
+              without: str = "") -> dict[str, Any]:
+    """A request on a 2026 session: its `_meta` is the envelope, `without` one key, with `meta` added (or replacing)."""
+    full = {key: value for key, value in {**ENVELOPE, **(meta or {})}.items() if key != without}
+    return {"jsonrpc": "2.0", "id": rid, "method": method, "params": {**(body or {}), "_meta": full}}
+
+
+def call_2026(rid: Any, tool: str, arguments: dict[str, Any], meta: dict[str, Any] | None = None,
+              without: str = "") -> dict[str, Any]:
+    return enveloped(rid, "tools/call", {"name": tool, "arguments": arguments}, meta, without)
+
+
+@pytest.mark.parametrize("opening", ["server/discover", "tools/call", "a refused call"])
+async def test_an_allowed_call_on_a_2026_session_is_answered_byte_for_byte_as_the_sdk_answers_it(
+        home: Home, tmp_path: Path, opening: str) -> None:
+    async def story(raw: Raw) -> list[bytes]:
+        if opening == "server/discover":
+            first = await raw.discover()
+        elif opening == "tools/call":  # the session's very first request is a call: the SDK's, as it settles the era
+            first = await raw.call(0, "sql_query", {"query": "SELECT 0 AS n"}, **ENVELOPE)
+        else:  # the envelope's version key settles the era even on a request the SDK refuses
+            first = await raw.call(0, "sql_query", {"query": "SELECT 0 AS n"}, **{**ENVELOPE, VERSION_KEY: "2099-01-01"})
+        return [first,
+                await raw.call(1, "sql_query", {"query": "SELECT item, qty FROM orders ORDER BY id"}, **ENVELOPE),
+                await raw.call("two", "sql_query", {"query": "SELECT 'naïve ✓' AS word, 1.5 AS x"}, **ENVELOPE,
+                               model="m-1"),
+                await raw.call(-3, "sql_query", {"query": "SELECT 1 AS n"}, **ENVELOPE, progressToken="tok"),
+                await raw.call(10**20, "sql_query", {"query": "SELECT 2 AS n"}, **ENVELOPE, progressToken=4,
+                               modelId="m-2"),
+                await raw.call("", "sql_query", {"query": "SELECT 3 AS n"},
+                               **{**ENVELOPE, INFO_KEY: {"name": "ünï", "version": "1", "title": "T"}})]
+
+    on, off = await both(home, tmp_path, story)
+    assert on == off
+    assert taken_ids(tmp_path / "lane-True.log") == ["1", "'two'", "-3", str(10**20), "''"]
+    for line in on[1:]:
+        result = json.loads(line)["result"]
+        assert result["resultType"] == "complete" and result["isError"] is False, line
+        assert result["_meta"][SERVER_INFO_KEY]["name"] == "keyturn", line
+    assert json.loads(on[1])["result"]["structuredContent"]["rows"] == [["apple", 3], ["pear", 5], ["plum", 7]]
+    assert json.loads(on[2])["id"] == "two" and "naïve ✓".encode() in on[2]  # UTF-8 on the wire, as the SDK writes it
+    if opening == "tools/call":
+        assert json.loads(on[0])["result"]["structuredContent"]["rows"] == [[0]]
+    elif opening == "a refused call":
+        assert json.loads(on[0])["error"]["code"] == -32022
+
+
+async def test_allowed_denied_and_invalid_calls_on_a_2026_session_give_the_same_results_on_both_lanes(
+        home: Home, tmp_path: Path) -> None:
+    calls: list[tuple[str, dict[str, Any]]] = [
+        ("sql_query", {"query": "SELECT count(*) AS n FROM orders"}),  # allowed
+        ("sql_execute", {"statement": "DROP TABLE orders"}),  # denied by policy
+        ("sql_query", {"query": 42}),  # invalid arguments
+        ("sql_query", {"query": "SELECT * FROM no_such_table"}),  # allowed, and the tool fails
+        ("sql_query", {})]  # its query missing
+
+    async def story(raw: Raw) -> list[bytes]:
+        await raw.discover()
+        return [same_call_ids(await raw.call(rid, tool, arguments, **ENVELOPE))
+                for rid, (tool, arguments) in enumerate(calls, 1)]
+
+    on, off = await both(home, tmp_path, story)
+    assert on == off
+    assert taken_ids(tmp_path / "lane-True.log") == [str(rid) for rid in range(1, len(calls) + 1)]
+    allowed, denied, invalid, failed, missing = (json.loads(line)["result"] for line in on)
+    assert allowed["isError"] is False and allowed["structuredContent"]["rows"] == [[3]]
+    assert denied["isError"] is True and "dropping tables is never allowed" in denied["content"][0]["text"]
+    assert invalid["isError"] is True and "invalid arguments" in invalid["content"][0]["text"]
+    assert failed["isError"] is True and "no such table" in failed["content"][0]["text"]
+    assert missing["isError"] is True
+    assert all(r["resultType"] == "complete" and SERVER_INFO_KEY in r["_meta"]
+               for r in (allowed, denied, invalid, failed, missing))
+    assert home.rows("SELECT count(*) FROM orders") == [(3,)]
+
+
+async def test_the_ledger_records_the_same_identity_on_2026_sessions_on_both_lanes(home: Home, tmp_path: Path) -> None:
+    async def story(raw: Raw) -> list[bytes]:
+        await raw.discover()
+        return [await raw.call(5, "sql_query", {"query": "SELECT 1"}, **ENVELOPE, model="claude-test"),
+                # Client info null, or left out (it is optional): the SDK records no client, nor does the lane.
+                await raw.call(6, "sql_query", {"query": "SELECT 2"}, **{**ENVELOPE, INFO_KEY: None}),
+                await raw.call(7, "sql_query", {"query": "SELECT 3"}, **{VERSION_KEY: MODERN, CAPABILITIES_KEY: {}}),
+                # A client that names itself otherwise mid-session.
+                await raw.call(8, "sql_query", {"query": "SELECT 4"},
+                               **{**ENVELOPE, INFO_KEY: {"name": "other-agent", "version": "1.0"}}, modelId="m-8"),
+                # Client info without its version: the SDK refuses the call (it types the envelope strictly).
+                await raw.call(9, "sql_query", {"query": "SELECT 5"}, **{**ENVELOPE, INFO_KEY: {"name": "raw-agent"}}),
+                await raw.call(10, "sql_query", {"query": "SELECT 6"}, **ENVELOPE)]
+
+    on, off = await both(home, tmp_path, story)
+    assert [same_call_ids(line) for line in on] == [same_call_ids(line) for line in off]
+    assert taken_ids(tmp_path / "lane-True.log") == ["5", "6", "7", "8", "10"]
+    assert json.loads(on[4])["error"]["code"] == -32602
+    received = [e["payload"] for e in home.ledger_events() if e["kind"] == "call.received"]
+    assert len(received) == 10
+    who = [{k: p.get(k) for k in ("principal", "on_behalf_of", "model", "client", "session")} for p in received]
+    assert who[:5] == who[5:], who
+    assert [(w["client"], w["model"]) for w in who[:5]] == [
+        ("raw-agent/9.2", "claude-test"), (None, None), (None, None), ("other-agent/1.0", "m-8"),
+        ("raw-agent/9.2", None)], who
+    assert who[0]["principal"] and who[0]["session"] is None
+
+
+UNUSUAL_2026_CALLS: list[dict[str, Any]] = [  # well-formed 2026 calls the lane takes: the same answers all the same
+    {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "sql_query", "_meta": ENVELOPE}},  # invalid
+    call_2026(2, "sql_query", {"query": "SELECT 2"}, {CAPABILITIES_KEY: {"experimental": {}, "roots": {}, "x": 1}}),
+    call_2026(3, "sql_query", {"query": "SELECT 3"}, {CAPABILITIES_KEY: {"roots": {"listChanged": 1}}}),
+    call_2026(4, "sql_query", {"query": "SELECT 4"}, {INFO_KEY: {"name": "a", "version": "1", "x": 1, "title": None}}),
+    call_2026(5, "sql_query", {"query": "SELECT 5"}, {INFO_KEY: {"name": "a", "version": "1", "icons": [{"src": "i"}]}}),
+    call_2026(6, "sql_query", {"query": "SELECT 6"}, {"io.keyturn/model": "km", "model": "m", "progressToken": 6}),
+    {"jsonrpc": "2.0", "method": "tools/call", "id": "7", "params": {  # keys in another order
+        "_meta": {CAPABILITIES_KEY: {}, VERSION_KEY: MODERN}, "arguments": {"query": "SELECT 7"}, "name": "sql_query"}},
+]
+
+
+async def test_unusual_but_valid_calls_on_a_2026_session_are_taken_and_answered_as_the_sdk_answers_them(
+        home: Home, tmp_path: Path) -> None:
+    async def story(raw: Raw) -> list[bytes]:
+        await raw.discover()
+        out = []
+        for request in UNUSUAL_2026_CALLS:
+            await raw.send(request)
+            answer, notes = await raw.response(request["id"])
+            assert notes == []
+            out.append(same_call_ids(answer))
+        return out
+
+    on, off = await both(home, tmp_path, story)
+    assert on == off
+    assert taken_ids(tmp_path / "lane-True.log") == [repr(request["id"]) for request in UNUSUAL_2026_CALLS]
+    assert json.loads(on[0])["result"]["isError"] is True  # sql_query without its arguments: the gate's refusal
+    assert all(json.loads(line)["result"]["isError"] is False for line in on[1:])
+    received = [e["payload"] for e in home.ledger_events() if e["kind"] == "call.received"]
+    who = [(p.get("client"), p.get("model")) for p in received]
+    assert who[:7] == who[7:] and who[3:7] == [("a/1", None), ("a/1", None), ("raw-agent/9.2", "km"), (None, None)], who
+
+
+ODD_2026_REQUESTS: list[tuple[int | None, dict[str, Any]]] = [  # (the id the SDK answers, or None), the request
+    (1, call_2026(1, "sql_query", {"query": "SELECT 1"}, without=CAPABILITIES_KEY)),  # the envelope half-built
+    (2, call_2026(2, "sql_query", {"query": "SELECT 1"}, {VERSION_KEY: "2025-06-18"})),  # a handshake-era version
+    (3, call_2026(3, "sql_query", {"query": "SELECT 1"}, {VERSION_KEY: "2099-01-01"})),  # an unknown version
+    (4, call_2026(4, "sql_query", {"query": "SELECT 1"}, {VERSION_KEY: 20260728})),  # not a string
+    (5, call_2026(5, "sql_query", {"query": "SELECT 1"}, {"io.modelcontextprotocol/logLevel": "debug"})),
+    (6, call_2026(6, "sql_query", {"query": "SELECT 1"}, {"io.modelcontextprotocol/other": 1})),  # (the SDK's too)
+    (7, enveloped(7, "initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
+                                    "clientInfo": {"name": "raw-agent", "version": "7.1"}})),
+    (8, {"jsonrpc": "2.0", "id": 8, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw-agent", "version": "7.1"}}}),
+    (9, {"jsonrpc": "2.0", "id": 9, "method": "tools/call",  # no envelope
+         "params": {"name": "sql_query", "arguments": {"query": "SELECT 1"}}}),
+    (10, {"jsonrpc": "2.0", "id": 10, "method": "tools/call",  # a handshake-era _meta
+          "params": {"name": "sql_query", "arguments": {"query": "SELECT 1"}, "_meta": {"progressToken": "p"}}}),
+    (11, call_2026(11, "sql_query", {"query": "SELECT 1"}, {CAPABILITIES_KEY: ["sampling"]})),  # mis-shaped
+    (12, call_2026(12, "sql_query", {"query": "SELECT 1"}, {INFO_KEY: "raw-agent/9.2"})),  # mis-shaped
+    (13, call_2026(13, "no_such_tool", {})),
+    (14, call_2026(14, "keyturn_status", {"request_id": "nope"})),
+    (15, enveloped(15, "tools/list")),
+    (16, call_2026(16, "sql_query", {"query": "SELECT 1"}, {"progressToken": None})),  # (the 2026 schema's refusals)
+    (17, call_2026(17, "sql_query", {"query": "SELECT 1"}, {"progressToken": 1.5})),
+    (18, call_2026(18, "sql_query", {"query": "SELECT 1"}, {CAPABILITIES_KEY: None})),
+    (None, call_2026(True, "sql_query", {"query": "SELECT 1"})),  # not a JSON-RPC id: dropped
+    (None, call_2026(19.0, "sql_query", {"query": "SELECT 1"})),
+]
+
+
+async def test_odd_requests_on_a_2026_session_go_to_the_sdk_and_get_its_own_answers(
+        home: Home, tmp_path: Path) -> None:
+    async def story(raw: Raw) -> list[bytes]:
+        await raw.discover()
+        out = [await raw.call(100, "sql_query", {"query": "SELECT 1"}, **ENVELOPE)]  # (the lane is on: the log says so)
+        for n, (expected, request) in enumerate(ODD_2026_REQUESTS):
+            await raw.send(request)
+            # A request after each shows the server is past it (there is no ping in the 2026 era).
+            await raw.send(enveloped(f"sync-{n}", "server/discover"))
+            synced, answered = False, expected is None
+            while not (synced and answered):
+                answer = await raw.line()
+                if json.loads(answer)["id"] == f"sync-{n}":  # (it can overtake the answer: the SDK runs both as tasks)
+                    synced = True
+                else:
+                    assert json.loads(answer)["id"] == expected and not answered, answer
+                    out.append(same_call_ids(answer))
+                    answered = True
+        return out
+
+    on, off = await both(home, tmp_path, story)
+    assert on == off
+    assert taken_ids(tmp_path / "lane-True.log") == ["100"]
+    answers = {json.loads(line)["id"]: json.loads(line) for line in on}
+    assert "envelope key" in answers[1]["error"]["message"]
+    assert answers[2]["error"]["code"] == answers[3]["error"]["code"] == -32022  # unsupported protocol version
+    assert answers[7]["error"]["code"] == answers[8]["error"]["code"] == -32022  # no handshake in the 2026 era
+    assert answers[4]["error"]["code"] == answers[9]["error"]["code"] == answers[10]["error"]["code"] == -32602
+    assert all(answers[rid]["error"]["code"] == -32602 for rid in (11, 12, 16, 17, 18))
+    assert answers[5]["result"]["isError"] is answers[6]["result"]["isError"] is False  # served, by the SDK
+    assert "no_such_tool" in answers[13]["error"]["message"] and answers[14]["result"]["isError"] is True
+    assert {"sql_query", "keyturn_status"} <= {tool["name"] for tool in answers[15]["result"]["tools"]}
+
+
+@pytest.mark.parametrize("stamped", [False, True])
+async def test_an_enveloped_call_on_a_handshake_session_is_refused_by_the_sdk_on_both_lanes(
+        home: Home, tmp_path: Path, stamped: bool) -> None:
+    async def story(raw: Raw) -> list[bytes]:
+        if stamped:  # `initialize` opens a handshake session even with the 2026 envelope stamped on it
+            await raw.send(enveloped(0, "initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
+                                                       "clientInfo": {"name": "raw-agent", "version": "7.1"}}))
+            init, _ = await raw.response(0)
+            await raw.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        else:
+            init = await raw.initialize()
+        return [init,
+                await raw.call(1, "sql_query", {"query": "SELECT 1"}),
+                await raw.call(2, "sql_query", {"query": "SELECT 2"}, **ENVELOPE),
+                # Only the version key marks a request as the 2026 era's: without it the SDK serves the call.
+                await raw.call(3, "sql_query", {"query": "SELECT 3"}, **{CAPABILITIES_KEY: {}, INFO_KEY: {}}),
+                await raw.call(4, "sql_query", {"query": "SELECT 4"})]
+
+    on, off = await both(home, tmp_path, story)
+    assert on == off
+    assert taken_ids(tmp_path / "lane-True.log") == ["1", "4"]
+    assert json.loads(on[0])["result"]["protocolVersion"] == "2025-06-18"
+    refused = json.loads(on[2])["error"]
+    assert refused["code"] == -32600 and "handshake protocol era" in refused["message"]
+    assert json.loads(on[3])["result"]["structuredContent"]["rows"] == [[3]]  # (the SDK's: reserved keys in _meta)
+    assert "resultType" not in json.loads(on[4])["result"]  # a handshake-era result
+
+
+async def test_a_held_call_on_a_2026_session_reports_progress_with_its_request_id_and_completes_once_approved(
+        home: Home, tmp_path: Path) -> None:
+    api = ReviewerAPI(home.serve_http())
+    log = tmp_path / "lane.log"
+    reports: list[tuple[float, str | None]] = []
+    results = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        reports.append((progress, message))
+
+    async with sdk_client(home, True, log, mode="auto") as client:  # (a version pin would open with the call itself)
+        assert client.protocol_version == MODERN
+
+        async def agent() -> None:
+            results.append(await client.call_tool("sql_execute", {"statement": "DELETE FROM orders WHERE id = 2"},
+                                                  progress_callback=on_progress))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(agent)
+            req = await api.wait_pending("sql_execute")
+            with anyio.fail_after(10):
+                while not reports:
+                    await anyio.sleep(0.05)
+            assert (await api.vote(req["id"], "approve", "alice", "fine")).status_code == 200
+        status = await client.call_tool("keyturn_status", {"request_id": req["id"]})
+        assert status.structured_content["state"] == "executed"
+    assert not results[0].is_error, text(results[0])
+    assert home.rows("SELECT count(*) FROM orders") == [(2,)]
+    assert any(req["id"] in (message or "") for _, message in reports)
+    values = [value for value, _ in reports]
+    assert values == sorted(values) and len(set(values)) == len(values)  # increasing, as MCP requires
+    assert [line for line in taken(log) if "sql_execute" in line]
+
+
+async def test_a_cancelled_held_call_on_a_2026_session_is_never_answered_and_the_server_keeps_serving(
+        home: Home, tmp_path: Path) -> None:
+    log = tmp_path / "lane.log"
+    async with raw_server(home, True, log) as raw:
+        await raw.discover()
+        await raw.send(call_2026(7, "sql_execute", {"statement": "DELETE FROM orders"}, {"progressToken": "p7"}))
+        first = json.loads(await raw.line())  # the wait's first progress: the call is held
+        assert first["method"] == "notifications/progress" and first["params"]["progressToken"] == "p7"
+        await raw.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 7, "reason": "bored"}})
+        assert json.loads(await raw.call(8, "sql_query", {"query": "SELECT 1"}, **ENVELOPE))["result"]["isError"] is False
+        assert json.loads(await raw.call(9, "sql_query", {"query": "SELECT 2"}, **ENVELOPE))["result"]["isError"] is False
+        assert raw.proc.stdin is not None
+        await raw.proc.stdin.aclose()
+        rest = b""
+        with anyio.fail_after(20):
+            try:
+                while True:  # until the server leaves: never an answer for id 7
+                    rest += await raw.stdout.receive()
+            except anyio.EndOfStream:
+                pass
+        assert b'"id":7' not in rest, rest
+    assert taken_ids(log) == ["7", "8", "9"]
+    assert "fast lane: the client cancelled id=7" in log.read_text(encoding="utf-8")
+    assert home.rows("SELECT count(*) FROM orders") == [(3,)]
+    kinds = [e["kind"] for e in home.ledger_events()]
+    assert "executed" in kinds and "approval.requested" in kinds
+
+
+async def test_a_call_in_flight_on_a_2026_session_when_the_client_leaves_is_answered_alike_on_both_lanes(
+        home: Home, tmp_path: Path) -> None:
+    async def story(raw: Raw) -> list[bytes]:
+        await raw.discover()
+        await raw.send(call_2026(3, "sql_execute", {"statement": "DELETE FROM orders"}, {"progressToken": 3}))
+        held = await raw.line()  # the wait's first progress
+        assert raw.proc.stdin is not None
+        await raw.proc.stdin.aclose()
+        rest = b""
+        with anyio.fail_after(20):
+            try:
+                while True:
+                    rest += await raw.stdout.receive()
+            except anyio.EndOfStream:
+                pass
+        # (the request id is one per call; the progress, a clock's)
+        return [re.sub(rb'request [0-9a-f]+|"progress":[0-9.e-]+', b"-", held), rest.splitlines()[-1]]
+
+    on, off = await both(home, tmp_path, story)
+    assert on == off
+    assert on[0].startswith(b'{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":3,-,')
+    assert on[1] == b'{"jsonrpc":"2.0","id":3,"error":{"code":-32000,"message":"Connection closed"}}'
+    assert taken_ids(tmp_path / "lane-True.log") == ["3"]
+    assert home.rows("SELECT count(*) FROM orders") == [(3,)]
+
+
+async def test_an_unexpected_error_on_a_2026_session_is_answered_alike_on_both_lanes(home: Home, tmp_path: Path) -> None:
+    home.write_config(tools=[{"module": "tests.e2e.fastlane_pack"},
+                             {"module": "tools.sql", "options": {"database": str(home.data_db)}}])
+
+    async def story(raw: Raw) -> list[bytes]:
+        await raw.discover()
+        return [await raw.call(1, "brittle", {"text": "explode"}, **ENVELOPE),
+                await raw.call(2, "sql_query", {"query": "SELECT 1"}, **ENVELOPE)]
+
+    on, off = await both(home, tmp_path, story)
+    assert on == off
+    assert on[0] == b'{"jsonrpc":"2.0","id":1,"error":{"code":-32603,"message":"Internal server error"}}'
+    assert taken_ids(tmp_path / "lane-True.log") == ["1", "2"]
+    assert "the check broke" in (tmp_path / "lane-True.log").read_text(encoding="utf-8")
+
+
+async def test_the_sdk_client_in_its_default_mode_gets_its_calls_taken_and_the_same_results(
+        home: Home, tmp_path: Path) -> None:
+    calls = [("sql_query", {"query": "SELECT count(*) AS n FROM orders"}),
+             ("sql_query", {"query": "SELECT 'naïve ✓' AS word"}),
+             ("sql_execute", {"statement": "DROP TABLE orders"})]
+    results: dict[bool, list[Any]] = {}
+    for lane in (True, False):
+        log = tmp_path / f"lane-{lane}.log"
+        with appending(log) as errlog:
+            async with Client(stdio_client(params(home, lane), errlog=errlog)) as client:  # mode left to the SDK
+                assert client.protocol_version == MODERN
+                results[lane] = [await client.call_tool(tool, arguments) for tool, arguments in calls]
+                listed = await client.list_tools()
+        assert len(taken(log)) == (len(calls) if lane else 0), log.read_text()
+        assert {"sql_query", "sql_execute", "keyturn_status"} <= {tool.name for tool in listed.tools}
+
+    def comparable(result: Any) -> Any:
+        dumped = result.model_dump(mode="json", by_alias=True)
+        structured = dumped.get("structuredContent")
+        if isinstance(structured, dict) and "call_id" in structured.get("keyturn", {}):
+            structured["keyturn"]["call_id"] = "<call>"  # one per call
+        return dumped
+
+    assert [comparable(r) for r in results[True]] == [comparable(r) for r in results[False]]
+    count, word, denied = results[True]
+    assert not count.is_error and count.structured_content["rows"] == [[3]]
+    assert not word.is_error and "naïve ✓" in text(word)
+    assert denied.is_error and "dropping tables is never allowed" in text(denied)
+    assert home.rows("SELECT count(*) FROM orders") == [(3,)]

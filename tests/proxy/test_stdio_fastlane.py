@@ -1,6 +1,7 @@
 """`keyturn proxy` over stdio serves the upstream's tools on the same fast lane as `keyturn serve`
-(server/fastlane.py): a 2025-era client gets the same results, progress and tool-list changes with the lane on as
-with it off (`KEYTURN_STDIO_FASTLANE=0`), and stderr (`--log-level DEBUG`) shows which calls the lane took."""
+(server/fastlane.py): a client, in a 2025-era session or a 2026-era one, gets the same results, progress and tool-list
+changes with the lane on as with it off (`KEYTURN_STDIO_FASTLANE=0`), and stderr (`--log-level DEBUG`) shows which
+calls the lane took."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any, TextIO
 
 import anyio
 import mcp_types as types
+import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
@@ -21,7 +23,8 @@ def appending(log: Path) -> TextIO:
     return open(log, "a", encoding="utf-8")  # (a real file: the child process writes to it)
 
 
-async def test_upstream_calls_are_the_same_on_both_lanes_and_the_lane_takes_them(home: ProxyHome) -> None:
+@pytest.mark.parametrize("mode", ["legacy", "auto"])  # `auto`: the SDK client's default, a 2026-era session
+async def test_upstream_calls_are_the_same_on_both_lanes_and_the_lane_takes_them(home: ProxyHome, mode: str) -> None:
     home.configure([home.flaky()])
     seen: dict[bool, tuple[list[Any], list[Any]]] = {}
     for lane in (True, False):
@@ -40,13 +43,17 @@ async def test_upstream_calls_are_the_same_on_both_lanes_and_the_lane_takes_them
                 changed.set()  # noqa: B023
 
         with anyio.fail_after(60), appending(log) as errlog:
-            async with Client(stdio_client(params, errlog=errlog), mode="legacy", message_handler=on_message) as client:
+            async with Client(stdio_client(params, errlog=errlog), mode=mode, message_handler=on_message) as client:
                 results = [await client.call_tool("echo", {"text": "hi"}),
                            await client.call_tool("slow", {"steps": 3}, progress_callback=on_progress),
                            await client.call_tool("fail", {}),
                            await client.call_tool("run_query", {"query": "SELECT 1"}),
                            await client.call_tool("add_tool", {})]
-                await changed.wait()
+                if mode == "legacy":
+                    await changed.wait()
+                else:  # a 2026-era session hears of list changes only by subscribing: it looks instead
+                    while "extra" not in {t.name for t in (await client.list_tools()).tools}:
+                        await anyio.sleep(0.05)
                 results.append(await client.call_tool("extra", {}))  # a tool the upstream added while serving
         seen[lane] = ([(r.is_error, text(r), r.structured_content) for r in results], progress)
         lines = [line for line in log.read_text(encoding="utf-8").splitlines() if TAKEN in line]
