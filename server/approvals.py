@@ -28,6 +28,10 @@ from server.models import ApproverGroup, Event, RequestView, ReviewSpec, Verdict
 log = logging.getLogger(__name__)
 
 WAKE_KINDS = frozenset({"approval.granted", "denied", "expired", "cancelled", "abandoned", "executed", "failed"})
+SWEEP_BATCH = 1000
+"""Expired requests one housekeeping round expires at most (the longest expired first); the next round goes on."""
+POLL_RESCAN_EVENTS = 100_000
+"""Past this many new events since the last poll, the poll reads the waiters' states instead of the new events."""
 
 
 class Notifier(Protocol):
@@ -112,7 +116,7 @@ class ApprovalBroker:
     instance_id: str = field(default_factory=_instance_id)
     _waiters: dict[str, anyio.Event] = field(default_factory=dict)
     _watching: dict[str, int] = field(default_factory=dict)  # request id -> calls waiting on it now
-    _last_seq: int = 0
+    _last_seq: int | None = None  # the ledger's head when the store was last polled
 
     def __post_init__(self) -> None:
         self.ledger.subscribe(self._on_events)
@@ -154,7 +158,9 @@ class ApprovalBroker:
                 self._waiters[request_id] = anyio.Event()  # consumed: the next round waits for the next change
 
     async def poll_store(self) -> None:
-        """Learn of decisions recorded by other processes: a cheap head check, then the waiters' states."""
+        """Learn of decisions recorded by other processes: a cheap head check, then what was appended since the
+        last poll (the calls with a decision or an end among the new events), so a poll costs what changed, not
+        how many calls wait. The first poll with waiters, and one that fell far behind, reads their states."""
         while True:
             await anyio.sleep(self.poll_interval_s)
             if not self._waiters:
@@ -163,13 +169,17 @@ class ApprovalBroker:
                 head = await self.ledger.head_seq()
                 if head == self._last_seq:
                     continue
+                if self._last_seq is None or head - self._last_seq > POLL_RESCAN_EVENTS:
+                    states = await self.ledger.call_states(list(self._waiters))
+                    moved = {request_id for request_id, state in states.items() if state != "pending"}
+                else:
+                    moved = await self.ledger.calls_with_events(WAKE_KINDS, self._last_seq, head)
                 self._last_seq = head
-                states = await self.ledger.call_states(list(self._waiters))
             except LedgerError as e:
                 log.warning("poll of the store failed: %s", e)
                 continue
-            for request_id, state in states.items():
-                if state != "pending" and request_id in self._waiters:
+            for request_id in moved:
+                if request_id in self._waiters:
                     self._waiters[request_id].set()
 
     # -- notifications ---------------------------------------------------------------------------
@@ -288,10 +298,9 @@ class ApprovalBroker:
 
     async def sweep_expired(self) -> int:
         """Expire every open request whose time has passed, whichever process holds it."""
-        now = time.time()
         count = 0
-        for view in await self.ledger.list_calls(("pending", "approved"), limit=10_000):
-            if view.expires is not None and view.expires <= now and await self.expire(view.id):
+        for request_id in await self.ledger.expired_calls(time.time(), limit=SWEEP_BATCH):
+            if await self.expire(request_id):
                 count += 1
         return count
 
@@ -314,20 +323,22 @@ class ApprovalBroker:
 
         abandoned = []
         open_states = ("received", "allowed", "pending", "approved", "running")
-        for view in await self.ledger.list_calls(open_states, limit=100_000):
-            holder = await self._holder(view.id)
+        for row in await self.ledger.open_calls_held_elsewhere(open_states, self.instance_id):
+            if await is_alive(row["holder"]):
+                continue
+            holder = await self._holder(row["id"])  # read again: it may have changed hands since
             if await is_alive(holder):
                 continue
-            stage = view.state
+            stage = row["state"]
             ok = await self.ledger.transition(
-                view.id, open_states, "abandoned", "abandoned",
+                row["id"], open_states, "abandoned", "abandoned",
                 {"stage": stage, "holder": holder,
                  "reason": "the keyturn process holding this call stopped" +
                  ("; the tool's outcome is unknown" if stage == "running" else "")},
                 outcome_reason="process stopped while " + stage,
             )
             if ok:
-                abandoned.append(view.id)
+                abandoned.append(row["id"])
         for stale in instances:
             if stale != self.instance_id and not await is_alive(stale):
                 await self.ledger.remove_instance(stale)

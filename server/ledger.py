@@ -96,6 +96,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX calls_open_same ON calls(principal, tool, args_hash) WHERE state IN ('pending','approved');
     DROP INDEX events_kind;
     """,
+    # 3: the housekeeping sweep for expired requests reads only those (held calls alone are in this index).
+    """
+    CREATE INDEX calls_open_expires ON calls(expires) WHERE state IN ('pending','approved');
+    """,
 )
 
 
@@ -410,6 +414,32 @@ class Ledger:
         rows = await self._query("SELECT id, state FROM calls WHERE id IN (SELECT value FROM json_each(?))",
                                  (json.dumps(list(call_ids)),), long=len(call_ids) > 100)
         return {r["id"]: r["state"] for r in rows}
+
+    async def calls_with_events(self, kinds: Iterable[str], after_seq: int, upto_seq: int) -> set[str]:
+        """The calls with an event of one of `kinds` among events `after_seq` < seq <= `upto_seq`: a range of the
+        primary key, so it costs what was appended since, however many calls there are."""
+        wanted = sorted(kinds)
+        sql = (f"SELECT DISTINCT call_id FROM events WHERE seq > ? AND seq <= ? AND call_id IS NOT NULL"
+               f" AND kind IN ({','.join('?' * len(wanted))})")
+        rows = await self._query(sql, (int(after_seq), int(upto_seq), *wanted), long=upto_seq - after_seq > 5000)
+        return {r[0] for r in rows}
+
+    async def expired_calls(self, now: float, limit: int = 1000) -> list[str]:
+        """Open (pending or approved) calls whose expiry has passed, the longest expired first: an index lookup
+        of those alone, however many calls are open."""
+        rows = await self._query(
+            "SELECT id FROM calls INDEXED BY calls_open_expires"
+            " WHERE state IN ('pending','approved') AND expires IS NOT NULL AND expires <= ?"
+            " ORDER BY expires LIMIT ?", (float(now), int(limit)))
+        return [r["id"] for r in rows]
+
+    async def open_calls_held_elsewhere(self, states: Iterable[str], holder: str) -> list[sqlite3.Row]:
+        """`id`, `state` and `holder` of the calls in `states` not held by `holder` (a process's own calls are
+        alive while it runs): what a sweep for orphans reads, without the calls' arguments or votes."""
+        wanted = list(states)
+        sql = (f"SELECT id, state, holder FROM calls WHERE state IN ({','.join('?' * len(wanted))})"
+               " AND (holder IS NULL OR holder != ?) ORDER BY created")
+        return await self._query(sql, (*wanted, holder), long=True)
 
     async def list_calls(self, states: Iterable[str] = ("pending",), limit: int = 200) -> list[RequestView]:
         wanted = list(states)

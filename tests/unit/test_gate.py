@@ -11,6 +11,7 @@ import anyio
 import mcp_types as types
 import pytest
 
+from server import approvals
 from server.approvals import ApprovalBroker, ReviewerDirectory
 from server.classify import ClassifyContext
 from server.gate import Gate, Identity
@@ -222,6 +223,49 @@ async def test_two_processes_waiting_on_one_approval_run_it_once(world: tuple[Ga
     assert sorted(bool(r.is_error) for r in results) == [False, True]
     kinds = [e.kind for e in await ledger.events(request.id)]
     assert kinds.count("execution.started") == 1 and kinds.count("executed") == 1
+
+
+@pytest.mark.parametrize("rescan", [False, True])
+async def test_a_decision_made_by_another_process_wakes_the_waiting_call_at_the_next_poll(
+        world: tuple[Gate, Runs, Ledger], monkeypatch: pytest.MonkeyPatch, rescan: bool) -> None:
+    """The waiting process hears of it from the store (a poll), not only at its next progress round (a minute here);
+    a poll reads what was appended since the last one, or the waiters' states when it fell far behind."""
+    gate, runs, ledger = world
+    if rescan:
+        monkeypatch.setattr(approvals, "POLL_RESCAN_EVENTS", 0)
+    async with Ledger(ledger.path) as other_ledger:
+        other_broker = ApprovalBroker(ledger=other_ledger, directory=gate.broker.directory, poll_interval_s=0.05)
+        other = Gate(ledger=other_ledger, broker=other_broker, policy=gate.policy,
+                     classify_context=ClassifyContext(), progress_interval_s=60)
+        write = gate.tools["write_thing"]  # type: ignore[attr-defined]
+        results: list[types.CallToolResult] = []
+
+        async def call(key: str) -> None:
+            results.append(await other.call(write, {"key": key}, AGENT))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other_broker.poll_store)
+            for key in ("first", "second", "third"):
+                tg.start_soon(call, key)
+            with anyio.fail_after(10):
+                while len(pending := await ledger.list_calls(("pending",))) < 3 or other_broker._last_seq is None:
+                    await anyio.sleep(0.02)  # three held calls, and a poll since (the next one reads what is new)
+            await ledger.append("unrelated", None, {})  # the head moves on: the next poll looks
+            first = next(r for r in pending if r.arguments == {"key": "first"})
+            await gate.broker.decide(Verdict(request_id=first.id, reviewer="api:alice", verdict="approve"))
+            with anyio.fail_after(10):
+                while not results:
+                    await anyio.sleep(0.02)
+            assert runs.count == 1 and not results[0].is_error
+            second = next(r for r in pending if r.arguments == {"key": "second"})
+            await gate.broker.decide(Verdict(request_id=second.id, reviewer="api:alice", verdict="deny",
+                                             reason="not today"))
+            with anyio.fail_after(10):
+                while len(results) < 2:
+                    await anyio.sleep(0.02)
+            assert results[1].is_error and "not today" in results[1].content[0].text  # type: ignore[union-attr]
+            tg.cancel_scope.cancel()
+    assert runs.count == 1  # the third still waits (and was never woken into running)
 
 
 async def test_a_tool_error_quoting_a_declared_secret_is_masked_everywhere(world: tuple[Gate, Runs, Ledger]) -> None:
