@@ -103,6 +103,10 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
+CALL_STATES_CHUNK = 500
+"""Calls whose states one quick read looks up (`Ledger.call_states`)."""
+
+
 def event_hash(prev_hash: str, seq: int, ts: float, kind: str, call_id: str | None, payload_json: str) -> str:
     """sha256 of `prev_hash` + the canonical JSON of {seq, ts, kind, call_id, payload}: one link of the chain."""
     if (type(seq) is int and type(ts) is float and abs(ts) < float("inf") and type(kind) is str
@@ -409,11 +413,16 @@ class Ledger:
         return await self._read(read)
 
     async def call_states(self, call_ids: Sequence[str]) -> dict[str, str]:
-        if not call_ids:
-            return {}
-        rows = await self._query("SELECT id, state FROM calls WHERE id IN (SELECT value FROM json_each(?))",
-                                 (json.dumps(list(call_ids)),), long=len(call_ids) > 100)
-        return {r["id"]: r["state"] for r in rows}
+        """The states of `call_ids`, read a few hundred at a time as quick units on the loop's thread. (One long read
+        in the database thread would hold the connection, and with a busy loop it gets the GIL back only every
+        switch interval for each row: seconds for thousands of waiters, while every write waits.)"""
+        states: dict[str, str] = {}
+        ids = list(call_ids)
+        for start in range(0, len(ids), CALL_STATES_CHUNK):
+            rows = await self._query("SELECT id, state FROM calls WHERE id IN (SELECT value FROM json_each(?))",
+                                     (json.dumps(ids[start:start + CALL_STATES_CHUNK]),))
+            states.update((r["id"], r["state"]) for r in rows)
+        return states
 
     async def calls_with_events(self, kinds: Iterable[str], after_seq: int, upto_seq: int) -> set[str]:
         """The calls with an event of one of `kinds` among events `after_seq` < seq <= `upto_seq`: a range of the

@@ -111,7 +111,9 @@ class Database:
         before it runs, and while it waits for a lock; `fn` must be safe to run again after SQLITE_BUSY."""
         db = self._open()
         await anyio.lowlevel.checkpoint_if_cancelled()
-        deadline = time.monotonic() + self._busy_timeout_ms / 1000
+        # `busy_timeout_ms` bounds the wait for another connection's lock, counted from the first time SQLite says
+        # busy: not the wait for this connection (behind a long read, or many other tasks' units).
+        deadline: float | None = None
         pause = 0.001
         while True:
             if not self._lock.acquire(blocking=False):
@@ -123,7 +125,11 @@ class Database:
             try:
                 result = fn(db._conn)
             except sqlite3.OperationalError as e:
-                if not is_busy(e) or time.monotonic() >= deadline:
+                if not is_busy(e):
+                    raise
+                if deadline is None:
+                    deadline = time.monotonic() + self._busy_timeout_ms / 1000
+                elif time.monotonic() >= deadline:
                     raise
                 busy = True
             finally:

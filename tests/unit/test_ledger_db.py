@@ -4,10 +4,13 @@ lock (the loop never waits), and WAL checkpoints on their own thread."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import anyio
+import pytest
 
+from server.errors import LedgerError
 from server.ledger import Ledger
 from server.ledger_db import CHECKPOINT_EVERY
 
@@ -50,3 +53,42 @@ async def test_checkpoints_copy_the_wal_into_the_database_file(tmp_path: Path) -
             while db.stat().st_size <= before:  # another thread's work: no event to wait on
                 await anyio.sleep(0.02)
         assert (await ledger.verify()).ok
+
+
+async def test_the_busy_timeout_counts_the_wait_for_another_process_not_the_queue_for_the_connection(
+        tmp_path: Path) -> None:
+    db = tmp_path / "l.db"
+    async with Ledger(db, busy_timeout_ms=300) as ledger:
+        await ledger.append("process.started", None, {"i": 0})
+        other = sqlite3.connect(db, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process writing, for a moment
+        results: list[object] = []
+
+        async def write() -> None:
+            try:
+                results.append(await ledger.append("process.started", None, {"i": 1}))
+            except LedgerError as e:
+                results.append(e)
+
+        async with anyio.create_task_group() as tg:
+            # The connection is busy in the database thread (a long read) for longer than the busy timeout.
+            tg.start_soon(ledger._run, lambda conn: time.sleep(0.6))
+            await anyio.sleep(0.05)
+            tg.start_soon(write)
+            await anyio.sleep(0.65)  # the read is over; the write now waits on the other process's lock
+            other.execute("COMMIT")
+        other.close()
+        assert len(results) == 1 and not isinstance(results[0], LedgerError), results
+        assert (await ledger.verify()).count == 2
+
+
+async def test_a_lock_held_past_the_busy_timeout_fails_the_write(tmp_path: Path) -> None:
+    db = tmp_path / "l.db"
+    async with Ledger(db, busy_timeout_ms=300) as ledger:
+        other = sqlite3.connect(db, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        with anyio.fail_after(5), pytest.raises(LedgerError, match="database is locked"):
+            await ledger.append("process.started", None, {})
+        other.execute("ROLLBACK")
+        other.close()
+        await ledger.append("process.started", None, {})  # and the next write goes through
