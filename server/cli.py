@@ -102,9 +102,9 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
     from mcp.server.lowlevel import NotificationOptions
 
     from server.channels import build_channels
+    from server.config import switched_off
     from server.fastlane import FastLane
 
-    logging.getLogger("server").setLevel(args.log_level.upper())
     async with running(settings) as kt, attached(kt):
         server = build_mcp_server(kt)
         # Chat channels announce the calls this process holds; their clicks arrive at whichever
@@ -114,8 +114,7 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
               file=sys.stderr, flush=True)
         options = server.create_initialization_options(NotificationOptions(tools_changed=attach is not None))
         # The stdio fast lane (server/fastlane.py): KEYTURN_STDIO_FASTLANE=0 sends every call through the SDK.
-        lane_off = os.environ.get("KEYTURN_STDIO_FASTLANE", "").strip() == "0"
-        lane = None if lane_off else FastLane(kt, stdio_identity(kt), server)
+        lane = None if switched_off(os.environ, "KEYTURN_STDIO_FASTLANE") else FastLane(kt, stdio_identity(kt), server)
         async with stdio_transport(lane) as (read_stream, write_stream):
             await server.run(read_stream, write_stream, options)
     return 0
@@ -124,7 +123,6 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
 async def _proxy(args: argparse.Namespace) -> int:
     from server.proxy import parse_header, parse_proxy_config, running_proxy
 
-    logging.getLogger("server").setLevel(args.log_level.upper())
     settings = _settings(args)
     if "tools" not in settings.model_fields_set:
         settings = settings.model_copy(update={"tools": ()})  # only the upstreams' tools, unless configured
@@ -455,6 +453,8 @@ def _policy_replay(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="keyturn %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if getattr(args, "log_level", None):  # (serve and proxy) keyturn's own log level
+        logging.getLogger("server").setLevel(args.log_level.upper())
     try:
         return int(args.func(args))
     except KeyturnError as e:

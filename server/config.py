@@ -7,6 +7,7 @@ Secrets never live in the file in plain text: tokens are given as sha256 digests
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,11 @@ class Settings(_Strict):
 
     def policy_path(self) -> Path:
         return self.policy if self.policy is not None else default_policy_path()
+
+
+def switched_off(environ: Mapping[str, str], name: str) -> bool:
+    """Whether the environment turns off the on-by-default switch `name` (0, false, no or off)."""
+    return environ.get(name, "").strip().lower() in ("0", "false", "no", "off")
 
 
 def default_policy_path() -> Path:

@@ -31,6 +31,7 @@ from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
+from server.config import switched_off
 from server.errors import ConfigError, ToolError
 from server.gate import ProgressFn
 from server.proxy.config import ProxyConfig, UpstreamConfig, substitute_env
@@ -61,7 +62,7 @@ class Upstream:
         self.state: State = "starting"
         self.last_error: str | None = None
         self.restarts = 0
-        self.raw = raw_calls_enabled(environ)  # stdio calls skip the SDK client's per-call machinery
+        self.raw = not switched_off(environ, "KEYTURN_PROXY_RAW")  # stdio calls skip the SDK client's per-call work
         self.raw_calls = 0  # calls that went that way
         self.tried = anyio.Event()  # the first attempt to connect has finished, either way
         self.stopped = anyio.Event()  # the supervisor has ended: the connection (and any process) is closed
@@ -274,12 +275,6 @@ class Upstream:
             self._relist.set()
         elif isinstance(message, Exception):
             log.warning("upstream %s: transport error: %s", self.name, message)
-
-
-def raw_calls_enabled(environ: Mapping[str, str]) -> bool:
-    """Whether stdio upstreams' calls go raw (`server/proxy/raw.py`): yes unless `KEYTURN_PROXY_RAW` is 0 (or
-    false, no, off)."""
-    return environ.get("KEYTURN_PROXY_RAW", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _unwrap(e: Exception) -> Exception:
