@@ -41,6 +41,7 @@ import anyio
 import anyio.abc
 import mcp_types as types
 from mcp.server._otel import OpenTelemetryMiddleware
+from mcp.server.connection import _typed
 from mcp.server.lowlevel import Server
 from mcp.server.runner import _has_modern_envelope  # the SDK's own era rule, so both decide alike
 from mcp.shared.dispatcher import as_request_id, coerce_request_id
@@ -156,8 +157,7 @@ class FastLane:
         if not isinstance(version, str):
             return  # refused: the SDK keeps the session as it was, and so does the lane
         name, client_version = client_info
-        if version in MODERN_PROTOCOL_VERSIONS or version not in HANDSHAKE_PROTOCOL_VERSIONS or not (
-                isinstance(name, str) and isinstance(client_version, str)):
+        if version not in HANDSHAKE_PROTOCOL_VERSIONS or not (isinstance(name, str) and isinstance(client_version, str)):
             self._version, self._client = None, None
         else:
             self._version, self._client = version, client_label(name, client_version)
@@ -247,13 +247,10 @@ class FastLane:
         client info and its capabilities are well formed, else none (a mis-shaped value reads as not supplied)."""
         if self._envelope is not None and self._envelope[0] == info and self._envelope[1] == capabilities:
             return self._envelope[2]  # the same client sends the same envelope on every request
+        implementation = _typed(types.Implementation, info)  # the SDK's own reading of an envelope value
         client = None
-        try:
-            implementation = types.Implementation.model_validate(info, by_name=False)
-            types.ClientCapabilities.model_validate(capabilities, by_name=False)
+        if implementation is not None and _typed(types.ClientCapabilities, capabilities) is not None:
             client = client_label(implementation.name, implementation.version)
-        except ValidationError:
-            pass
         self._envelope = (info, capabilities, client)
         return client
 
