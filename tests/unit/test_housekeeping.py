@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from server import approvals
+from server import ledger as ledger_module
 from server.approvals import ApprovalBroker, ReviewerDirectory
 from server.ledger import Ledger
 
@@ -79,3 +80,13 @@ async def test_orphans_of_a_stopped_process_are_abandoned_and_live_ones_kept(led
     [event] = [e for e in await ledger.events("dead-running") if e.kind == "abandoned"]
     assert event.payload["stage"] == "running" and "outcome is unknown" in event.payload["reason"]
     assert {row["id"] for row in await ledger.instances()} == {broker.instance_id, "alive"}
+
+
+async def test_the_states_of_many_calls_are_all_read_a_chunk_at_a_time(
+        ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ledger_module, "CALL_STATES_CHUNK", 2)
+    for i in range(5):
+        await open_call(ledger, f"c{i}", state="pending" if i % 2 else "approved")
+    assert await ledger.call_states(["c0", "c1", "c2", "c3", "c4", "missing"]) == {
+        "c0": "approved", "c1": "pending", "c2": "approved", "c3": "pending", "c4": "approved"}
+    assert await ledger.call_states([]) == {}
