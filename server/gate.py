@@ -162,12 +162,16 @@ class Gate:
             digest, problem = "", f"invalid arguments: {e}"
         except (TypeError, ValueError):
             digest, problem = "", "invalid arguments: arguments must be plain JSON (no NaN or Infinity)"
-        # Built from values this process made or validated just now (not validated again: this runs for every call).
-        call = ToolCall.model_construct(
-            call_id=uuid.uuid4().hex, tool=tool.name, arguments=arguments, args_hash=digest,
-            principal=who.principal, on_behalf_of=who.on_behalf_of, model=who.model, client=who.client,
-            session=who.session, annotations=tool.annotations,
-        )
+        except Exception as e:
+            # A tool's check that broke its contract (it may raise only InvalidArguments): the call cannot be
+            # checked, so it is denied and recorded like any other refusal. The error may quote the arguments.
+            log.error("checking the arguments of %s failed: %s", tool.name,
+                      conceal(arguments, f"{type(e).__name__}: {e}"))
+            log.debug("argument check traceback", exc_info=True)
+            call = self._new_call(tool, arguments, "", who)
+            return await self._refuse(call, arguments, "error",
+                                      f"denied: keyturn could not check this call's arguments ({type(e).__name__})")
+        call = self._new_call(tool, arguments, digest, who)
         if problem is not None:
             return await self._refuse(call, arguments, "invalid_arguments", problem)
         # classify + decide: any failure here is a denial, never a pass.
@@ -204,6 +208,15 @@ class Gate:
         except LedgerError as e:
             log.error("ledger failure on %s: %s", call.call_id, e)
             return error_result(f"keyturn could not record this call, so it did not run: {e}", outcome="error")
+
+    @staticmethod
+    def _new_call(tool: Runnable, arguments: dict[str, Any], digest: str, who: Identity) -> ToolCall:
+        # Built from values this process made or validated just now (not validated again: this runs for every call).
+        return ToolCall.model_construct(
+            call_id=uuid.uuid4().hex, tool=tool.name, arguments=arguments, args_hash=digest,
+            principal=who.principal, on_behalf_of=who.on_behalf_of, model=who.model, client=who.client,
+            session=who.session, annotations=tool.annotations,
+        )
 
     # -- the branches --------------------------------------------------------------------------
 

@@ -106,6 +106,32 @@ async def test_arguments_that_are_not_plain_json_are_refused(world: tuple[Gate, 
     assert result.is_error and runs.count == 0
 
 
+async def test_an_argument_check_that_breaks_its_contract_denies_and_is_recorded(
+        world: tuple[Gate, Runs, Ledger]) -> None:
+    """A tool's `validate` may raise only `InvalidArguments`; anything else still ends the call, recorded."""
+    gate, runs, ledger = world
+
+    class Broken:
+        name = "read_broken"
+        annotations: ClassVar[dict[str, Any]] = {}
+        classifiers: ClassVar[dict[str, str]] = {}
+
+        def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
+            raise RuntimeError(f"could not parse {arguments['key']}")
+
+        async def run(self, arguments: dict[str, Any]) -> types.CallToolResult:
+            runs.count += 1
+            return types.CallToolResult(content=[])
+
+    result = await gate.call(Broken(), {"key": "s3cr3t-value"}, AGENT)
+    assert result.is_error and "could not check" in result.content[0].text  # type: ignore[union-attr]
+    assert runs.count == 0
+    assert await terminal_kinds(ledger) == ["denied"]
+    events = await ledger.tail(10)
+    assert [e.kind for e in events] == ["call.received", "denied"]
+    assert "s3cr3t-value" not in str([e.payload for e in events])
+
+
 async def test_a_ledger_that_cannot_write_stops_the_call(world: tuple[Gate, Runs, Ledger]) -> None:
     gate, runs, ledger = world
     await ledger._run(lambda conn: conn.execute("PRAGMA query_only = ON"))
