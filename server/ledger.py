@@ -394,9 +394,10 @@ class Ledger:
     # -- queries -----------------------------------------------------------------------------------
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T], *, long: bool = False) -> T:
-        """A read: at once when quick (indexed lookups), in the database thread when `long`."""
+        """A read: at once when quick (indexed lookups); when `long`, on the read-only connection in its thread
+        (see `Database.read`), where it holds up no write."""
         try:
-            return await (self._run(fn) if long else self._unit(fn))
+            return await (self._db.read(fn) if long else self._unit(fn))
         except sqlite3.Error as e:
             raise LedgerError(f"cannot read ledger: {e}") from e
 
@@ -499,10 +500,7 @@ class Ledger:
             }
             return _with_votes(conn, list(conn.execute(_SEARCH_CALLS, params)))
 
-        try:
-            return await self._run(run)
-        except sqlite3.Error as e:
-            raise LedgerError(f"cannot read ledger: {e}") from e
+        return await self._read(run, long=True)
 
     async def call_facets(self, limit: int = 200) -> dict[str, list[str]]:
         """The distinct tools, principals and reviewing people seen, for search suggestions."""
@@ -537,10 +535,7 @@ class Ledger:
                 return VerifyResult(False, count, count + 1, f"events after {count} are missing (head was {head[0]})")
             return VerifyResult(True, count, None, f"ok: {count} events, chain intact")
 
-        try:
-            return await self._run(check)
-        except sqlite3.Error as e:
-            raise LedgerError(f"cannot read ledger: {e}") from e
+        return await self._read(check, long=True)
 
     # -- processes ---------------------------------------------------------------------------------
 

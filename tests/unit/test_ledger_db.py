@@ -1,9 +1,11 @@
 """Where the ledger's work runs: at once on the loop, in the database thread while another process holds the
-lock (the loop never waits), and WAL checkpoints on their own thread."""
+lock (the loop never waits), long reads on a read-only connection of their own, and WAL checkpoints on their
+own thread."""
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -92,3 +94,58 @@ async def test_a_lock_held_past_the_busy_timeout_fails_the_write(tmp_path: Path)
         other.execute("ROLLBACK")
         other.close()
         await ledger.append("process.started", None, {})  # and the next write goes through
+
+
+async def test_a_long_read_holds_up_no_write(tmp_path: Path) -> None:
+    """A verify of a big ledger takes seconds: agents' calls must not wait for it. Here a long read is held open
+    until the writes are done; were writes queued behind it, they would never finish and the test would fail."""
+    async with Ledger(tmp_path / "l.db") as ledger:
+        await ledger.append("process.started", None, {"i": 0})
+        reading, release = threading.Event(), threading.Event()
+        seen: list[int] = []
+
+        def long_read(conn: sqlite3.Connection) -> None:
+            seen.append(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+            reading.set()
+            release.wait(timeout=60)
+            seen.append(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ledger._db.read, long_read)
+            await anyio.to_thread.run_sync(reading.wait, 60)
+            with anyio.fail_after(30):  # only a write stuck behind the read would take this long
+                for i in range(1, 6):
+                    await ledger.append("process.started", None, {"i": i})
+                assert len(await ledger.tail(100)) == 6  # quick reads go on too
+            release.set()
+        assert seen == [1, 1]  # one snapshot for the whole read, whatever was written meanwhile
+        result = await ledger.verify()
+        assert result.ok and result.count == 6
+
+
+async def test_the_long_read_connection_cannot_write(tmp_path: Path) -> None:
+    async with Ledger(tmp_path / "l.db") as ledger:
+        await ledger.append("process.started", None, {})
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            await ledger._db.read(lambda conn: conn.execute("DELETE FROM events"))
+        assert (await ledger.verify()).count == 1
+
+
+async def test_verify_sees_one_snapshot_while_calls_are_recorded(tmp_path: Path) -> None:
+    """The chain's head is read after its events, in the same snapshot: writes meanwhile are not 'missing events'."""
+    async with Ledger(tmp_path / "l.db") as ledger:
+        for i in range(3000):
+            await ledger.append("process.started", None, {"i": i})
+        results = []
+
+        async def writer() -> None:
+            for i in range(300):
+                await ledger.append("process.started", None, {"w": i})
+                await anyio.sleep(0)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer)
+            for _ in range(5):
+                results.append(await ledger.verify())
+        assert all(r.ok for r in results), [r.message for r in results]
+        assert (await ledger.verify()).count == 3300
