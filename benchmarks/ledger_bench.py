@@ -8,17 +8,22 @@ Everything uses the durability keyturn ships (WAL, synchronous=NORMAL) on the sa
     Ledger.append, 32 tasks      the same from 32 concurrent tasks
     verify                       Ledger.verify() over N events built with executemany of precomputed chained rows
     raw scan                     plain sqlite3 reading the same N rows (what verify costs before hashing)
+    appends during verify        sequential Ledger.append latency while a verify of the N events runs, against
+                                 the same appends on the same ledger with nothing else running
 """
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
+from benchmarks.stats import summary
 from server.canonical import canonical_json
 from server.ledger import GENESIS, MIGRATIONS, Ledger, event_hash
 
@@ -134,9 +139,43 @@ async def verify_rate(path: Path, n: int) -> dict[str, float]:
         t = time.perf_counter()
         result = await ledger.verify()
         verify_s = time.perf_counter() - t
-    assert result.ok and result.count == n, result.message
+        assert result.ok and result.count == n, result.message
+        during = await appends_during_verify(ledger)
     return {"verify_events": n, "build_s": build_s, "verify_s": verify_s, "verify_events_per_s": n / verify_s,
-            "raw_scan_events_per_s": count / scan_s}
+            "raw_scan_events_per_s": count / scan_s, **during}
+
+
+async def appends_during_verify(ledger: Ledger) -> dict[str, Any]:
+    """Writes while an auditor verifies the whole chain (a long read): sequential appends timed while a verify
+    runs, against the same appends on the same ledger with nothing else running."""
+
+    async def appends(count: int | None, until: anyio.Event | None = None) -> list[float]:
+        latencies: list[float] = []
+        while (count is not None and len(latencies) < count) or (until is not None and not until.is_set()):
+            t = time.perf_counter()
+            await ledger.append("process.started", None, {"bench": "during-verify"})
+            latencies.append(time.perf_counter() - t)
+            await anyio.lowlevel.checkpoint()  # let the verify's result in
+        return latencies
+
+    quiet = await appends(2000)
+    done = anyio.Event()
+    busy: list[float] = []
+    results = []
+
+    async def verify() -> None:
+        results.append(await ledger.verify())
+        done.set()
+
+    async def write() -> None:
+        busy.extend(await appends(None, done))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(verify)
+        tg.start_soon(write)
+    assert results[0].ok, results[0].message
+    return {"appends_quiet": summary(quiet), "appends_during_verify": summary(busy),
+            "appends_during_verify_max_ms": max(busy) * 1e3 if busy else math.nan}
 
 
 async def run(home: Path, *, appends: int, verify_events: int) -> dict[str, Any]:

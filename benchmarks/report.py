@@ -76,7 +76,19 @@ def _ledger(g: dict[str, Any]) -> list[str]:
     return ["### Ledger (WAL, synchronous=NORMAL, as shipped)", "",
             *_table(["measure", "events/s", "÷ raw insert per commit"], rows),
             f"`audit verify` of {g['verify_events']:,} events took {g['verify_s']:.1f} s "
-            f"(building the chain with executemany took {g['build_s']:.1f} s).", ""]
+            f"(building the chain with executemany took {g['build_s']:.1f} s).", "", *_during_verify(g)]
+
+
+def _during_verify(g: dict[str, Any]) -> list[str]:
+    if "appends_during_verify" not in g:
+        return []
+    quiet, busy = g["appends_quiet"], g["appends_during_verify"]
+    rows = [["nothing else running", quiet["n"], quiet["median_ms"], quiet["p99_ms"]],
+            [f"while a verify of {g['verify_events']:,} events runs", busy["n"], busy["median_ms"], busy["p99_ms"]]]
+    return ["Writes during an audit (sequential `Ledger.append`, same ledger): a verify reads on a connection of its "
+            "own, so writes do not wait for it.", "",
+            *_table(["appends", "n", "median ms", "p99 ms"], rows),
+            f"Longest append while the verify ran: {g['appends_during_verify_max_ms']:.1f} ms.", ""]
 
 
 def _policy(p: dict[str, Any]) -> list[str]:

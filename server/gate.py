@@ -287,9 +287,18 @@ class Gate:
                                 call_id=call.call_id)
         finally:
             tool_progress.reset(token)
-        kind = "failed" if result.is_error else "executed"
-        if not await self._record_outcome(call.call_id, kind, {"result_digest": result_digest(result),
-                                                                "is_error": bool(result.is_error)}, None):
+        try:
+            kind = "failed" if result.is_error else "executed"
+            payload = {"result_digest": result_digest(result), "is_error": bool(result.is_error)}
+        except Exception as e:
+            # Not a result keyturn can record (nor, so, return): the run still ends in one terminal event.
+            reason = f"the tool's result could not be recorded ({type(e).__name__})"
+            log.error("%s: %s", call.call_id, reason)
+            if not await self._record_outcome(call.call_id, "failed", {"error": reason}, reason):
+                return self._unrecorded_result(call.call_id)
+            return error_result(f"the tool ran, but {reason}, so it is withheld", outcome="failed",
+                                call_id=call.call_id)
+        if not await self._record_outcome(call.call_id, kind, payload, None):
             return self._unrecorded_result(call.call_id)
         if decision.outcome == "review" and self.broker.notifiers:  # only a reviewed call has messages to update
             try:

@@ -1,21 +1,17 @@
-"""A tool pack for the fast-lane stories: `brittle`, whose structural check breaks (an error the gate does not
-expect) when asked to, so the server's answer to a failing call can be seen on both lanes."""
+"""A tool pack for the fast-lane stories: `brittle`, which returns a result the protocol does not allow when
+asked to (a text block without its text), so the server's answer to a call that cannot be answered can be seen on
+both lanes."""
 
 from __future__ import annotations
 
-from typing import Any
+import mcp_types as types
 
-from server.errors import KeyturnError
 from server.registry import guarded_tool
 
 
 @guarded_tool(annotations={"readOnlyHint": True})
-async def brittle(text: str) -> str:
+async def brittle(text: str) -> types.CallToolResult:
     """Return `text` unchanged, unless it is "explode"."""
-    return text
-
-
-@brittle.check
-def _breaks(arguments: dict[str, Any]) -> None:
-    if arguments["text"] == "explode":
-        raise KeyturnError("the check broke")
+    if text == "explode":
+        return types.CallToolResult(content=[types.TextContent.model_construct(type="text")])  # no `text`: invalid
+    return types.CallToolResult(content=[types.TextContent(type="text", text=text)])

@@ -22,7 +22,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.shared.exceptions import MCPError
 
-from tests.conftest import ROOT, Home, ReviewerAPI
+from tests.conftest import DATA, ROOT, Home, ReviewerAPI
 
 TAKEN = "fast lane: tools/call"
 MODERN = "2026-07-28"
@@ -479,10 +479,14 @@ async def test_a_call_in_flight_when_the_client_leaves_is_answered_connection_cl
 
 
 @pytest.mark.parametrize("era", ERAS)
-async def test_an_unexpected_error_is_answered_as_an_internal_error_and_the_server_keeps_serving(
+async def test_a_result_the_protocol_does_not_allow_is_answered_as_the_sdk_answers_it_and_the_server_keeps_serving(
         home: Home, tmp_path: Path, era: str) -> None:
-    home.write_config(tools=[{"module": "tests.e2e.fastlane_pack"},
-                             {"module": "tools.sql", "options": {"database": str(home.data_db)}}])
+    policy = tmp_path / "policy.yaml"
+    policy.write_text((DATA / "spine-policy.yaml").read_text(encoding="utf-8")
+                      + "  - {id: brittle, tool: brittle, outcome: allow, risk: low, reason: it reads}\n",
+                      encoding="utf-8")
+    home.write_config(policy=str(policy), tools=[{"module": "tests.e2e.fastlane_pack"},
+                                                 {"module": "tools.sql", "options": {"database": str(home.data_db)}}])
 
     async def story(raw: Raw) -> list[bytes]:
         await raw.open(era)
@@ -490,16 +494,16 @@ async def test_an_unexpected_error_is_answered_as_an_internal_error_and_the_serv
                 await raw.call(2, "sql_query", {"query": "SELECT 1"}, **era_meta(era))]
 
     on, off = await both(home, tmp_path, story)
-    # The lane never puts the exception's text on the wire. In the handshake era the SDK's own dispatcher does
-    # (code 0, the message): there the two lanes differ, on purpose.
-    assert on == off if era == MODERN else on[1] == off[1]
-    assert on[0] == b'{"jsonrpc":"2.0","id":1,"error":{"code":-32603,"message":"Internal server error"}}'  # no internals
+    assert on == off  # whatever the SDK makes of the result, the lane makes the same
+    if era != MODERN:  # (2026-07-28's serialiser drops the invalid block instead: checked equal above)
+        assert on[0] == (b'{"jsonrpc":"2.0","id":1,"error":{"code":-32603,'
+                         b'"message":"Handler returned an invalid result"}}')  # no internals on the wire
+        err = (tmp_path / "lane-True.log").read_text(encoding="utf-8")
+        assert "fast lane: the gate returned an invalid result" in err  # logged, with the traceback
     assert json.loads(on[1])["result"]["isError"] is False
-    err = (tmp_path / "lane-True.log").read_text(encoding="utf-8")
-    assert "fast lane: the call id=1 failed" in err and "the check broke" in err  # logged, with the traceback
     assert taken_ids(tmp_path / "lane-True.log") == ["1", "2"]
     kinds = [e["kind"] for e in home.ledger_events()]
-    assert "executed" in kinds
+    assert kinds.count("executed") == 4  # the tool ran (once per lane): its result is what the protocol refused
 
 
 # -- 2026-07-28 sessions: no handshake, the envelope on every request ------------------------------------

@@ -132,6 +132,30 @@ async def test_an_argument_check_that_breaks_its_contract_denies_and_is_recorded
     assert "s3cr3t-value" not in str([e.payload for e in events])
 
 
+async def test_a_result_that_cannot_be_recorded_is_withheld_and_the_run_still_ends_in_one_terminal_event(
+        world: tuple[Gate, Runs, Ledger]) -> None:
+    gate, runs, ledger = world
+
+    class Odd:
+        name = "read_odd"
+        annotations: ClassVar[dict[str, Any]] = {}
+        classifiers: ClassVar[dict[str, str]] = {}
+
+        def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
+            return arguments
+
+        async def run(self, arguments: dict[str, Any]) -> types.CallToolResult:
+            runs.count += 1
+            return None  # type: ignore[return-value]  # (a broken tool: not a result)
+
+    result = await gate.call(Odd(), {"key": "a"}, AGENT)
+    assert result.is_error and "could not be recorded" in result.content[0].text  # type: ignore[union-attr]
+    assert runs.count == 1
+    assert await terminal_kinds(ledger) == ["failed"]
+    [view] = await ledger.list_calls(("failed",))
+    assert view.state == "failed"
+
+
 async def test_a_ledger_that_cannot_write_stops_the_call(world: tuple[Gate, Runs, Ledger]) -> None:
     gate, runs, ledger = world
     await ledger._run(lambda conn: conn.execute("PRAGMA query_only = ON"))

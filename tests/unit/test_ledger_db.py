@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from server.errors import LedgerError
@@ -141,7 +142,7 @@ async def test_verify_sees_one_snapshot_while_calls_are_recorded(tmp_path: Path)
         async def writer() -> None:
             for i in range(300):
                 await ledger.append("process.started", None, {"w": i})
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(writer)
