@@ -36,6 +36,9 @@ CHECKPOINT_EVERY = 200
 """Commits between two background WAL checkpoints."""
 WAL_RESTART_FRAMES = 16384
 """A WAL this long (64 MiB of 4 KiB pages) is checkpointed completely and truncated, even if writers must wait."""
+RESTART_WAIT_MS = 100
+"""How long that complete checkpoint waits for readers (another process's long read) before it gives up, to try
+again later: writers wait while it waits."""
 YIELD_EVERY = 8
 """Units run at once on the loop's thread between two yields to the other tasks."""
 
@@ -56,6 +59,7 @@ class Database:
         self._busy_timeout_ms = busy_timeout_ms
         self._db: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._long_reads = 0  # running on the reader
         self._lock = threading.Lock()  # held by whoever uses the connection; the loop's thread never waits for it
         self._thread_done: anyio.Event | None = None  # set when the database thread's current work ends
         self._units_at_once = 0
@@ -77,7 +81,7 @@ class Database:
         except BaseException:
             await self.close()
             raise
-        self._checkpointer = _Checkpointer(self.path, self._busy_timeout_ms)
+        self._checkpointer = _Checkpointer(self.path, self._busy_timeout_ms, lambda: self._long_reads > 0)
 
     def _configure(self, conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA journal_mode = WAL")  # under the connect timeout: another process may be writing
@@ -119,7 +123,11 @@ class Database:
         every statement of `fn` sees the same snapshot of the ledger, and writers go on meanwhile."""
         if self._reader is None:
             raise LedgerError("ledger is not open")
-        return await self._reader._execute(_in_read_transaction, fn, self._reader._conn)  # type: ignore[no-untyped-call,no-any-return]
+        self._long_reads += 1
+        try:
+            return await self._reader._execute(_in_read_transaction, fn, self._reader._conn)  # type: ignore[no-untyped-call,no-any-return]
+        finally:
+            self._long_reads -= 1
 
     def _retrying(self, fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
         deadline = time.monotonic() + self._busy_timeout_ms / 1000
@@ -197,10 +205,14 @@ class _Checkpointer:
     nor the ledger's connection. PASSIVE: it neither waits for nor blocks readers and writers. The WAL starts
     over when a write begins after a checkpoint copied all of it, so one that fell behind is tried again
     shortly (a quiet moment lets it finish); under a steady stream of writes that may never happen, so past
-    `WAL_RESTART_FRAMES` a TRUNCATE checkpoint makes writers wait (in the database thread) while it finishes.
+    `WAL_RESTART_FRAMES` a TRUNCATE checkpoint makes writers wait while it finishes. Not while a long read runs:
+    it would wait for the read (seconds, for a verify) and writers with it. So it is put off while this process
+    reads (`reading()`), and waits at most `RESTART_WAIT_MS` for other processes' readers.
     """
 
-    def __init__(self, path: Path, busy_timeout_ms: int) -> None:
+    def __init__(self, path: Path, busy_timeout_ms: int, reading: Callable[[], bool] = lambda: False) -> None:
+        self._reading = reading
+        self.passes = 0  # checkpoint passes finished (or failed)
         self._wanted = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, args=(path, busy_timeout_ms),
@@ -226,10 +238,17 @@ class _Checkpointer:
                     return
                 try:
                     _, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    if frames >= WAL_RESTART_FRAMES:
-                        _, frames, copied = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-                    behind = copied < frames
+                    if frames >= WAL_RESTART_FRAMES and not self._reading():
+                        conn.execute(f"PRAGMA busy_timeout = {RESTART_WAIT_MS}")
+                        try:
+                            blocked, frames, copied = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                        finally:
+                            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+                        behind = bool(blocked) or copied < frames
+                    else:
+                        behind = copied < frames or frames >= WAL_RESTART_FRAMES
                 except sqlite3.Error as e:
                     log.warning("WAL checkpoint of %s failed: %s", path, e)
+                self.passes += 1
         finally:
             conn.close()

@@ -13,6 +13,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from server import ledger_db
 from server.errors import LedgerError
 from server.ledger import Ledger
 from server.ledger_db import CHECKPOINT_EVERY
@@ -150,3 +151,67 @@ async def test_verify_sees_one_snapshot_while_calls_are_recorded(tmp_path: Path)
                 results.append(await ledger.verify())
         assert all(r.ok for r in results), [r.message for r in results]
         assert (await ledger.verify()).count == 3300
+
+
+async def test_a_long_read_puts_off_the_wal_restart_rather_than_make_writers_wait_for_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The complete checkpoint that restarts a long WAL waits for readers, and writers wait while it does: it is
+    not run while this process reads. Were it run, these writes would wait for the held read and time out."""
+    monkeypatch.setattr(ledger_db, "WAL_RESTART_FRAMES", 20)
+    db = tmp_path / "l.db"
+    async with Ledger(db, busy_timeout_ms=60_000) as ledger:
+        await ledger.append("process.started", None, {})
+        reading, release = threading.Event(), threading.Event()
+
+        def long_read(conn: sqlite3.Connection) -> None:
+            conn.execute("SELECT count(*) FROM events").fetchone()
+            reading.set()
+            release.wait(timeout=120)
+
+        checkpointer = ledger._db._checkpointer
+        assert checkpointer is not None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ledger._db.read, long_read)
+            await anyio.to_thread.run_sync(reading.wait, 60)
+            for i in range(CHECKPOINT_EVERY):  # a checkpoint is asked for, with the WAL past the threshold
+                await ledger.append("process.started", None, {"i": i, "pad": "x" * 500})
+            with anyio.fail_after(30):  # a restart waiting for the held read would not end its pass for 60 s
+                while checkpointer.passes < 1:  # another thread's work: no event to wait on
+                    await anyio.sleep(0.02)
+            with anyio.fail_after(30):  # and writes go on meanwhile
+                for i in range(CHECKPOINT_EVERY):
+                    await ledger.append("process.started", None, {"i": i, "pad": "x" * 500})
+            release.set()
+        for i in range(CHECKPOINT_EVERY):  # the read is over: the next checkpoints restart the WAL
+            await ledger.append("process.started", None, {"j": i})
+        wal = db.with_name(db.name + "-wal")
+        with anyio.fail_after(30):  # another thread's work: no event to wait on
+            while wal.stat().st_size > 0:
+                await anyio.sleep(0.05)
+        assert (await ledger.verify()).count == 1 + 3 * CHECKPOINT_EVERY
+
+
+async def test_another_process_s_long_read_holds_up_the_wal_restart_only_briefly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An auditor's `keyturn audit verify` in another process is a reader this process cannot see: the restart
+    waits for it only `RESTART_WAIT_MS`, then gives up until later, and writers go on."""
+    monkeypatch.setattr(ledger_db, "WAL_RESTART_FRAMES", 20)
+    db = tmp_path / "l.db"
+    async with Ledger(db, busy_timeout_ms=60_000) as ledger:
+        await ledger.append("process.started", None, {})
+        other = sqlite3.connect(db, isolation_level=None)
+        other.execute("BEGIN")
+        other.execute("SELECT count(*) FROM events").fetchone()  # a read transaction, held
+        checkpointer = ledger._db._checkpointer
+        assert checkpointer is not None
+        for i in range(CHECKPOINT_EVERY):
+            await ledger.append("process.started", None, {"i": i, "pad": "x" * 500})
+        with anyio.fail_after(30):  # a restart waiting the whole busy timeout (60 s) would not end its pass
+            while checkpointer.passes < 1:
+                await anyio.sleep(0.02)
+        with anyio.fail_after(30):
+            for i in range(CHECKPOINT_EVERY):
+                await ledger.append("process.started", None, {"i": i})
+        other.execute("ROLLBACK")
+        other.close()
+        assert (await ledger.verify()).count == 1 + 2 * CHECKPOINT_EVERY
