@@ -114,6 +114,21 @@ class Raw:
         line, _ = await self.response(rid)
         return line
 
+    async def answer_before(self, message: dict[str, Any] | bytes, expected: Any, sync: dict[str, Any]) -> bytes | None:
+        """Send `message`, then the request `sync`; return the answer to `message` (None if `expected` is None: the
+        SDK drops some lines unanswered), read until `sync` is answered too, which shows the server is past it."""
+        await self.send(message)
+        await self.send(sync)
+        synced, answered, answer = False, expected is None, None
+        while not (synced and answered):
+            line = await self.line()
+            if json.loads(line).get("id") == sync["id"]:  # (it can overtake the answer: the SDK runs both as tasks)
+                synced = True
+            else:
+                assert json.loads(line)["id"] == expected and not answered, line
+                answer, answered = line, True
+        return answer
+
     async def open(self, era: str) -> None:
         """Open a session of `era`: the handshake, or a 2026-07-28 discover."""
         await (self.initialize() if era == HANDSHAKE else self.discover())
@@ -299,19 +314,9 @@ async def test_odd_requests_go_to_the_sdk_and_get_its_own_answers(home: Home, tm
         await raw.initialize()
         out = [await raw.call(100, "sql_query", {"query": "SELECT 1"})]  # (so the lane is on, the log says so)
         for n, (expected, line) in enumerate(ODD_LINES):
-            await raw.send(line)
-            # The SDK drops some lines unanswered: a ping after each shows the server is past it.
-            ping = b'{"jsonrpc":"2.0","id":"ping-%d","result":{}}' % n
-            await raw.send({"jsonrpc": "2.0", "id": f"ping-{n}", "method": "ping"})
-            pinged, answered = False, expected is None
-            while not (pinged and answered):
-                answer = await raw.line()
-                if answer == ping:  # (it can overtake the answer: the SDK runs both as tasks)
-                    pinged = True
-                else:
-                    assert json.loads(answer)["id"] == expected and not answered, answer
-                    out.append(same_call_ids(answer))
-                    answered = True
+            answer = await raw.answer_before(line, expected, {"jsonrpc": "2.0", "id": f"ping-{n}", "method": "ping"})
+            if answer is not None:
+                out.append(same_call_ids(answer))
         return out
 
     on, off = await both(home, tmp_path, story)
@@ -679,18 +684,10 @@ async def test_odd_requests_on_a_2026_session_go_to_the_sdk_and_get_its_own_answ
         await raw.discover()
         out = [await raw.call(100, "sql_query", {"query": "SELECT 1"}, **ENVELOPE)]  # (the lane is on: the log says so)
         for n, (expected, request) in enumerate(ODD_2026_REQUESTS):
-            await raw.send(request)
-            # A request after each shows the server is past it (there is no ping in the 2026 era).
-            await raw.send(enveloped(f"sync-{n}", "server/discover"))
-            synced, answered = False, expected is None
-            while not (synced and answered):
-                answer = await raw.line()
-                if json.loads(answer)["id"] == f"sync-{n}":  # (it can overtake the answer: the SDK runs both as tasks)
-                    synced = True
-                else:
-                    assert json.loads(answer)["id"] == expected and not answered, answer
-                    out.append(same_call_ids(answer))
-                    answered = True
+            # (There is no ping in the 2026 era: a discover shows the server is past the request.)
+            answer = await raw.answer_before(request, expected, enveloped(f"sync-{n}", "server/discover"))
+            if answer is not None:
+                out.append(same_call_ids(answer))
         return out
 
     on, off = await both(home, tmp_path, story)

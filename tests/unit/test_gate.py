@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import anyio
 import mcp_types as types
@@ -33,6 +33,30 @@ rules:
 @dataclass
 class Runs:
     count: int = 0
+
+
+def unchanged(arguments: dict[str, Any]) -> dict[str, Any]:
+    return arguments
+
+
+@dataclass
+class FakeTool:
+    """A gate `Runnable` made here, for what no registered tool does: its classifiers, what `validate` does and
+    what `run` returns; `runs` counts its runs."""
+
+    name: str
+    runs: Runs
+    classifiers: dict[str, str] = field(default_factory=dict)
+    check: Callable[[dict[str, Any]], dict[str, Any]] = unchanged
+    result: Any = field(default_factory=lambda: types.CallToolResult(content=[]))
+    annotations: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        return self.check(arguments)
+
+    async def run(self, arguments: dict[str, Any]) -> types.CallToolResult:
+        self.runs.count += 1
+        return self.result  # type: ignore[no-any-return]
 
 
 @pytest.fixture
@@ -80,21 +104,9 @@ async def test_an_allowed_call_runs(world: tuple[Gate, Runs, Ledger]) -> None:
 async def test_a_classifier_failure_denies_and_never_runs(world: tuple[Gate, Runs, Ledger]) -> None:
     gate, runs, ledger = world
 
-    class Misconfigured:
-        """An upstream tool whose configured classifier kind does not exist."""
-
-        name = "read_upstream"
-        annotations: ClassVar[dict[str, Any]] = {}
-        classifiers: ClassVar[dict[str, str]] = {"key": "no-such-kind"}
-
-        def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
-            return arguments
-
-        async def run(self, arguments: dict[str, Any]) -> types.CallToolResult:
-            runs.count += 1
-            return types.CallToolResult(content=[])
-
-    result = await gate.call(Misconfigured(), {"key": "a"}, AGENT)
+    # An upstream tool whose configured classifier kind does not exist.
+    misconfigured = FakeTool("read_upstream", runs, classifiers={"key": "no-such-kind"})
+    result = await gate.call(misconfigured, {"key": "a"}, AGENT)
     assert result.is_error and "could not evaluate" in result.content[0].text  # type: ignore[union-attr]
     assert runs.count == 0
     assert await terminal_kinds(ledger) == ["denied"]
@@ -111,19 +123,10 @@ async def test_an_argument_check_that_breaks_its_contract_denies_and_is_recorded
     """A tool's `validate` may raise only `InvalidArguments`; anything else still ends the call, recorded."""
     gate, runs, ledger = world
 
-    class Broken:
-        name = "read_broken"
-        annotations: ClassVar[dict[str, Any]] = {}
-        classifiers: ClassVar[dict[str, str]] = {}
+    def breaks(arguments: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError(f"could not parse {arguments['key']}")
 
-        def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
-            raise RuntimeError(f"could not parse {arguments['key']}")
-
-        async def run(self, arguments: dict[str, Any]) -> types.CallToolResult:
-            runs.count += 1
-            return types.CallToolResult(content=[])
-
-    result = await gate.call(Broken(), {"key": "s3cr3t-value"}, AGENT)
+    result = await gate.call(FakeTool("read_broken", runs, check=breaks), {"key": "s3cr3t-value"}, AGENT)
     assert result.is_error and "could not check" in result.content[0].text  # type: ignore[union-attr]
     assert runs.count == 0
     assert await terminal_kinds(ledger) == ["denied"]
@@ -136,19 +139,8 @@ async def test_a_result_that_cannot_be_recorded_is_withheld_and_the_run_still_en
         world: tuple[Gate, Runs, Ledger]) -> None:
     gate, runs, ledger = world
 
-    class Odd:
-        name = "read_odd"
-        annotations: ClassVar[dict[str, Any]] = {}
-        classifiers: ClassVar[dict[str, str]] = {}
-
-        def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
-            return arguments
-
-        async def run(self, arguments: dict[str, Any]) -> types.CallToolResult:
-            runs.count += 1
-            return None  # type: ignore[return-value]  # (a broken tool: not a result)
-
-    result = await gate.call(Odd(), {"key": "a"}, AGENT)
+    # A broken tool: what it returns is not a result.
+    result = await gate.call(FakeTool("read_odd", runs, result=None), {"key": "a"}, AGENT)
     assert result.is_error and "could not be recorded" in result.content[0].text  # type: ignore[union-attr]
     assert runs.count == 1
     assert await terminal_kinds(ledger) == ["failed"]
