@@ -154,7 +154,7 @@ class Gate:
         self, tool: Runnable, arguments: dict[str, Any], who: Identity, progress: ProgressFn | None = None
     ) -> types.CallToolResult:
         # The tool's own validation normalises the arguments: what is hashed, classified, approved and run.
-        problem = None
+        problem, code = None, "invalid_arguments"
         try:
             arguments = tool.validate(arguments)
             digest = args_hash(arguments)
@@ -164,16 +164,20 @@ class Gate:
             digest, problem = "", "invalid arguments: arguments must be plain JSON (no NaN or Infinity)"
         except Exception as e:
             # A tool's check that broke its contract (it may raise only InvalidArguments): the call cannot be
-            # checked, so it is denied and recorded like any other refusal. The error may quote the arguments.
+            # checked, so it is denied, and recorded like any other refusal. The error may quote the arguments.
             log.error("checking the arguments of %s failed: %s", tool.name,
                       conceal(arguments, f"{type(e).__name__}: {e}"))
             log.debug("argument check traceback", exc_info=True)
-            call = self._new_call(tool, arguments, "", who)
-            return await self._refuse(call, arguments, "error",
-                                      f"denied: keyturn could not check this call's arguments ({type(e).__name__})")
-        call = self._new_call(tool, arguments, digest, who)
+            digest, code = "", "error"
+            problem = f"denied: keyturn could not check this call's arguments ({type(e).__name__})"
+        # Built from values this process made or validated just now (not validated again: this runs for every call).
+        call = ToolCall.model_construct(
+            call_id=uuid.uuid4().hex, tool=tool.name, arguments=arguments, args_hash=digest,
+            principal=who.principal, on_behalf_of=who.on_behalf_of, model=who.model, client=who.client,
+            session=who.session, annotations=tool.annotations,
+        )
         if problem is not None:
-            return await self._refuse(call, arguments, "invalid_arguments", problem)
+            return await self._refuse(call, arguments, code, problem)
         # classify + decide: any failure here is a denial, never a pass.
         try:
             context = self.classify_context
@@ -208,15 +212,6 @@ class Gate:
         except LedgerError as e:
             log.error("ledger failure on %s: %s", call.call_id, e)
             return error_result(f"keyturn could not record this call, so it did not run: {e}", outcome="error")
-
-    @staticmethod
-    def _new_call(tool: Runnable, arguments: dict[str, Any], digest: str, who: Identity) -> ToolCall:
-        # Built from values this process made or validated just now (not validated again: this runs for every call).
-        return ToolCall.model_construct(
-            call_id=uuid.uuid4().hex, tool=tool.name, arguments=arguments, args_hash=digest,
-            principal=who.principal, on_behalf_of=who.on_behalf_of, model=who.model, client=who.client,
-            session=who.session, annotations=tool.annotations,
-        )
 
     # -- the branches --------------------------------------------------------------------------
 
@@ -280,11 +275,8 @@ class Gate:
             result = await tool.run(call.arguments)
         except Exception as e:
             # A tool's error can quote its arguments (a driver's "no such column: <secret>"): masked like them.
-            reason = conceal(call.arguments, f"{type(e).__name__}: {e}", redacted)
-            if not await self._record_outcome(call.call_id, "failed", {"error": reason}, reason):
-                return self._unrecorded_result(call.call_id)
-            return error_result(f"the tool failed: {conceal(call.arguments, str(e), redacted)}", outcome="failed",
-                                call_id=call.call_id)
+            return await self._failed(call.call_id, conceal(call.arguments, f"{type(e).__name__}: {e}", redacted),
+                                      f"the tool failed: {conceal(call.arguments, str(e), redacted)}")
         finally:
             tool_progress.reset(token)
         try:
@@ -294,10 +286,7 @@ class Gate:
             # Not a result keyturn can record (nor, so, return): the run still ends in one terminal event.
             reason = f"the tool's result could not be recorded ({type(e).__name__})"
             log.error("%s: %s", call.call_id, reason)
-            if not await self._record_outcome(call.call_id, "failed", {"error": reason}, reason):
-                return self._unrecorded_result(call.call_id)
-            return error_result(f"the tool ran, but {reason}, so it is withheld", outcome="failed",
-                                call_id=call.call_id)
+            return await self._failed(call.call_id, reason, f"the tool ran, but {reason}, so it is withheld")
         if not await self._record_outcome(call.call_id, kind, payload, None):
             return self._unrecorded_result(call.call_id)
         if decision.outcome == "review" and self.broker.notifiers:  # only a reviewed call has messages to update
@@ -307,6 +296,12 @@ class Gate:
             except LedgerError as e:  # the outcome is recorded: a message update must not change what the agent gets
                 log.warning("could not announce the outcome of %s: %s", call.call_id, e)
         return result
+
+    async def _failed(self, call_id: str, reason: str, message: str) -> types.CallToolResult:
+        """End a run that did not give a result to return: recorded `failed` with `reason`; the agent gets `message`."""
+        if not await self._record_outcome(call_id, "failed", {"error": reason}, reason):
+            return self._unrecorded_result(call_id)
+        return error_result(message, outcome="failed", call_id=call_id)
 
     async def _record_outcome(self, call_id: str, kind: str, payload: dict[str, Any], reason: str | None) -> bool:
         """Record a run's terminal event. When the ledger cannot take it, keep it for `record_pending_outcomes`
