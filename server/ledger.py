@@ -414,9 +414,9 @@ class Ledger:
         return await self._read(read)
 
     async def call_states(self, call_ids: Sequence[str]) -> dict[str, str]:
-        """The states of `call_ids`, read a few hundred at a time as quick units on the loop's thread. (One long read
-        in the database thread would hold the connection, and with a busy loop it gets the GIL back only every
-        switch interval for each row: seconds for thousands of waiters, while every write waits.)"""
+        """The states of `call_ids`, read a few hundred at a time as quick units on the loop's thread. (As one long
+        read in another thread, with a busy loop, it would get the GIL back only every switch interval for each
+        row: seconds for thousands of waiters.)"""
         states: dict[str, str] = {}
         ids = list(call_ids)
         for start in range(0, len(ids), CALL_STATES_CHUNK):

@@ -153,6 +153,22 @@ async def test_verify_sees_one_snapshot_while_calls_are_recorded(tmp_path: Path)
         assert (await ledger.verify()).count == 3300
 
 
+async def past_the_restart_while_a_read_is_held(ledger: Ledger) -> None:
+    """With a read held open: fill the WAL past the restart threshold until a checkpoint is asked for. The
+    checkpointer must end its pass (a restart waiting for the read would not, for the 60 s busy timeout), and
+    writes must go on meanwhile."""
+    checkpointer = ledger._db._checkpointer
+    assert checkpointer is not None
+    for i in range(CHECKPOINT_EVERY):
+        await ledger.append("process.started", None, {"i": i, "pad": "x" * 500})
+    with anyio.fail_after(30):
+        while checkpointer.passes < 1:  # another thread's work: no event to wait on
+            await anyio.sleep(0.02)
+    with anyio.fail_after(30):
+        for i in range(CHECKPOINT_EVERY):
+            await ledger.append("process.started", None, {"i": i, "pad": "x" * 500})
+
+
 async def test_a_long_read_puts_off_the_wal_restart_rather_than_make_writers_wait_for_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The complete checkpoint that restarts a long WAL waits for readers, and writers wait while it does: it is
@@ -168,19 +184,10 @@ async def test_a_long_read_puts_off_the_wal_restart_rather_than_make_writers_wai
             reading.set()
             release.wait(timeout=120)
 
-        checkpointer = ledger._db._checkpointer
-        assert checkpointer is not None
         async with anyio.create_task_group() as tg:
             tg.start_soon(ledger._db.read, long_read)
             await anyio.to_thread.run_sync(reading.wait, 60)
-            for i in range(CHECKPOINT_EVERY):  # a checkpoint is asked for, with the WAL past the threshold
-                await ledger.append("process.started", None, {"i": i, "pad": "x" * 500})
-            with anyio.fail_after(30):  # a restart waiting for the held read would not end its pass for 60 s
-                while checkpointer.passes < 1:  # another thread's work: no event to wait on
-                    await anyio.sleep(0.02)
-            with anyio.fail_after(30):  # and writes go on meanwhile
-                for i in range(CHECKPOINT_EVERY):
-                    await ledger.append("process.started", None, {"i": i, "pad": "x" * 500})
+            await past_the_restart_while_a_read_is_held(ledger)
             release.set()
         for i in range(CHECKPOINT_EVERY):  # the read is over: the next checkpoints restart the WAL
             await ledger.append("process.started", None, {"j": i})
@@ -202,16 +209,7 @@ async def test_another_process_s_long_read_holds_up_the_wal_restart_only_briefly
         other = sqlite3.connect(db, isolation_level=None)
         other.execute("BEGIN")
         other.execute("SELECT count(*) FROM events").fetchone()  # a read transaction, held
-        checkpointer = ledger._db._checkpointer
-        assert checkpointer is not None
-        for i in range(CHECKPOINT_EVERY):
-            await ledger.append("process.started", None, {"i": i, "pad": "x" * 500})
-        with anyio.fail_after(30):  # a restart waiting the whole busy timeout (60 s) would not end its pass
-            while checkpointer.passes < 1:
-                await anyio.sleep(0.02)
-        with anyio.fail_after(30):
-            for i in range(CHECKPOINT_EVERY):
-                await ledger.append("process.started", None, {"i": i})
+        await past_the_restart_while_a_read_is_held(ledger)
         other.execute("ROLLBACK")
         other.close()
         assert (await ledger.verify()).count == 1 + 2 * CHECKPOINT_EVERY
