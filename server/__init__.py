@@ -12,6 +12,7 @@ and, in a pack module, `def register(registry: ToolRegistry, options) -> None: r
 """
 
 from server.errors import InvalidArguments, KeyturnError, ToolError
+from server.execution import PackContext, RunLimits, current_limits
 from server.models import Decision, ToolCall, Verdict
 from server.registry import GuardedTool, ToolRegistry, guarded_tool
 
@@ -20,9 +21,12 @@ __all__ = [
     "GuardedTool",
     "InvalidArguments",
     "KeyturnError",
+    "PackContext",
+    "RunLimits",
     "ToolCall",
     "ToolError",
     "ToolRegistry",
     "Verdict",
+    "current_limits",
     "guarded_tool",
 ]

@@ -6,7 +6,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +21,11 @@ from server.canonical import sha256_hex
 from server.classify import ClassifyContext
 from server.config import Settings, resolve_token_digest
 from server.errors import ConfigError, LedgerError
+from server.execution import PackContext
 from server.gate import Gate, Runnable
 from server.ledger import Ledger
 from server.policy import LivePolicy
-from server.registry import ToolRegistry, load_pack
+from server.registry import ToolRegistry, load_pack, pack_state_paths
 from server.secret_files import beside, ensure_secret_file
 
 log = logging.getLogger(__name__)
@@ -155,14 +156,30 @@ def build_directory(settings: Settings) -> ReviewerDirectory:
     )
 
 
+def pack_context(settings: Settings, environ: Mapping[str, str] | None = None) -> PackContext:
+    """keyturn's state, as the tool packs must see it: the ledger and the secrets beside it, the config, the
+    policy, and every pack's own state (the secret store); the environment variables that hold its secrets."""
+    environ = os.environ if environ is None else environ
+    paths: list[Path] = [settings.db, settings.policy_path()]
+    if settings.config_file is not None:
+        paths.append(settings.config_file)
+    for pack in settings.tools:
+        paths += pack_state_paths(pack.module, pack.options)
+    secret_env = {name for name in environ if name.startswith("KEYTURN_")}
+    secret_env |= {a.token_env for a in settings.agents if a.token_env}
+    secret_env |= {r.token_env for r in settings.reviewers if r.token_env}
+    return PackContext.for_state(paths, ledger=settings.db, secret_env=secret_env)
+
+
 @asynccontextmanager
 async def running(settings: Settings, *, http_base_urls: list[str] | None = None) -> AsyncIterator[Keyturn]:
     """Open the ledger, load policy and tools, abandon orphans, run the background tasks; close on exit."""
     settings, local_token = effective_settings(settings)
     credentials = build_credentials(settings)
     registry = ToolRegistry()
+    context = pack_context(settings)
     for pack in settings.tools:
-        load_pack(pack.module, registry, pack.options)
+        load_pack(pack.module, registry, pack.options, context)
 
     ledger = await Ledger(settings.db).open()
     try:
@@ -189,6 +206,8 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
             "instance": broker.instance_id, "policy_digest": compiled.digest,
             "policy_path": str(settings.policy_path()), "abandoned": abandoned,
         })
+        for kind, payload in context.events:  # what the packs asked to record (a sandbox turned off ...)
+            await ledger.append(kind, None, {**payload, "instance": broker.instance_id})
         kt = Keyturn(settings=settings, ledger=ledger, policy=policy, broker=broker, registry=registry, gate=gate,
                      credentials=credentials, local_token=local_token, http_base_urls=list(urls))
         async with anyio.create_task_group() as tg:

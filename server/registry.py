@@ -26,6 +26,7 @@ from mcp.server.mcpserver.tools.base import Tool as _SdkTool
 from pydantic import ValidationError
 
 from server.errors import ClassifierError, ConfigError, InvalidArguments, KeyturnError, ToolError
+from server.execution import PackContext
 
 __all__ = [
     "ANNOTATION_KEYS",
@@ -37,6 +38,7 @@ __all__ = [
     "ToolRegistry",
     "guarded_tool",
     "load_pack",
+    "pack_state_paths",
 ]
 
 CLASSIFIER_KINDS: frozenset[str] = frozenset({"sql", "shell", "argv", "path", "url", "secret", "size", "env", "host"})
@@ -327,12 +329,7 @@ class ToolRegistry:
         return len(self._tools)
 
 
-def load_pack(module: str, registry: ToolRegistry, options: Mapping[str, Any]) -> None:
-    """Import `module` and add its tools to `registry`, all or nothing.
-
-    The module either defines `register(registry, options)`, or (a simple one-file module) holds module-level
-    `GuardedTool` objects, which are all added. Any failure is a `ConfigError` naming the module.
-    """
+def _import_pack(module: str) -> Any:
     if not isinstance(module, str) or not _MODULE_NAME.match(module):
         raise ConfigError(f"tool pack {module!r} is not a module name like 'tools.sql' or 'acme_tools'")
     try:
@@ -343,12 +340,45 @@ def load_pack(module: str, registry: ToolRegistry, options: Mapping[str, Any]) -
         raise ConfigError(f"tool pack {module!r} could not be imported: {e} (is it on the Python path?)") from e
     except Exception as e:
         raise ConfigError(f"tool pack {module!r} failed while importing: {_describe(e)}") from e
+    return mod
 
+
+def pack_state_paths(module: str, options: Mapping[str, Any]) -> builtins.list[Path]:
+    """The files a pack keeps that are keyturn's own state (the secret store), from its `state_paths(options)`.
+
+    Asked of every pack before any registers, so each pack's load-time checks see the whole of keyturn's state.
+    """
+    mod = _import_pack(module)
+    declare = getattr(mod, "state_paths", None)
+    if not callable(declare):
+        return []
+    try:
+        return [Path(p) for p in declare(dict(options))]
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"tool pack {module!r}: state_paths() failed: {_describe(e)}") from e
+
+
+def load_pack(
+    module: str, registry: ToolRegistry, options: Mapping[str, Any], context: PackContext | None = None
+) -> None:
+    """Import `module` and add its tools to `registry`, all or nothing.
+
+    The module either defines `register(registry, options)` (or `register(registry, options, context)` to learn
+    keyturn's state and record start-up events, see `PackContext`), or (a simple one-file module) holds
+    module-level `GuardedTool` objects, which are all added. Any failure is a `ConfigError` naming the module.
+    """
+    mod = _import_pack(module)
+    context = context if context is not None else PackContext()
     staged = ToolRegistry()
     register = getattr(mod, "register", None)
     try:
         if callable(register):
-            register(staged, dict(options))
+            if len(inspect.signature(register).parameters) >= 3:
+                register(staged, dict(options), context)
+            else:
+                register(staged, dict(options))
         else:
             if options:
                 raise ConfigError(f"tool pack {module!r} has no register() function, so it takes no options")

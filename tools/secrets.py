@@ -259,6 +259,12 @@ def build_tools(store: SecretStore) -> list[GuardedTool]:
     return tools
 
 
+def state_paths(options: Mapping[str, Any]) -> list[Path]:
+    """The store and its lock are keyturn's state: no other tool may reach them (see `server.execution`)."""
+    store = Path(parse_options(SecretsOptions, options, PACK).store)
+    return [store, store.with_name(store.name + ".lock")]
+
+
 def register(registry: ToolRegistry, options: Mapping[str, Any]) -> None:
     opts = parse_options(SecretsOptions, options, PACK)
     master = os.environ.get(opts.master_key_env)
