@@ -15,9 +15,9 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from server.canonical import sha256_hex
+from server.canonical import canonical_json, sha256_hex
 from server.errors import PolicyError
-from server.policy.engine import CompiledPolicy
+from server.policy.engine import CompiledPolicy, CompiledRule
 from server.policy.loader import load_policy
 
 EventSink = Callable[[str, dict[str, Any]], Awaitable[None]]
@@ -85,8 +85,10 @@ class LivePolicy:
             await self._reject(str(e), digest=digest)
             return
         # The file may have changed again between our read and the loader's; the digest tells which one we hold.
+        previous = self._current
         self._current, self._stat, self._rejected_digest = policy, stat, None
-        await self._emit("policy.loaded", {"digest": policy.digest, "path": str(self.path), "rules": len(policy.rules)})
+        await self._emit("policy.loaded", {"digest": policy.digest, "path": str(self.path), "rules": len(policy.rules),
+                                           **changes(previous, policy), **self._owner()})
 
     async def watch(self) -> None:
         """Check for changes every `poll_interval_s`, forever (run it in a task group; cancel to stop)."""
@@ -96,6 +98,14 @@ class LivePolicy:
 
     def _load(self) -> CompiledPolicy:
         return load_policy(self.path, groups=self.groups, people=self.people)
+
+    def _owner(self) -> dict[str, Any]:
+        """Who owns the file now and its mode: an auditor asks who could have written it."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return {}
+        return {"file_uid": st.st_uid, "file_mode": f"{st.st_mode & 0o7777:04o}"}
 
     def _stat_file(self) -> tuple[int, int]:
         st = os.stat(self.path)
@@ -110,3 +120,30 @@ class LivePolicy:
     async def _emit(self, kind: str, payload: dict[str, Any]) -> None:
         if self.on_event is not None:
             await self.on_event(kind, payload)
+
+
+def _rule_digest(rule: CompiledRule) -> str:
+    return sha256_hex(canonical_json({
+        "tools": rule.tools, "principals": rule.principals, "models": rule.models,
+        "when": rule.condition.source if rule.condition is not None else None, "outcome": rule.outcome,
+        "risk": rule.risk, "reason": rule.reason.source, "enabled": rule.enabled,
+        "review": rule.review.model_dump(mode="json") if rule.review is not None else None,
+    }))
+
+
+def changes(before: CompiledPolicy | None, after: CompiledPolicy) -> dict[str, Any]:
+    """What a reload changed: the digest before and after, and the rules added, removed and changed (by id)."""
+    if before is None:
+        return {"previous_digest": None}
+    old = {r.id: _rule_digest(r) for r in before.rules}
+    new = {r.id: _rule_digest(r) for r in after.rules}
+    settings = ("default_outcome", "default_risk")
+    return {
+        "previous_digest": before.digest,
+        "rules_added": sorted(new.keys() - old.keys()),
+        "rules_removed": sorted(old.keys() - new.keys()),
+        "rules_changed": sorted(k for k in new.keys() & old.keys() if new[k] != old[k]),
+        "defaults_changed": [s for s in settings if getattr(before, s) != getattr(after, s)]
+        + (["default_review"] if before.default_review != after.default_review else [])
+        + (["vars"] if before.vars != after.vars else []),
+    }

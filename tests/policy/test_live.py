@@ -55,7 +55,30 @@ async def test_a_good_edit_is_loaded_and_announced(policy_file: Path) -> None:
     write(policy_file, V2)
     await live.check_reload()
     assert live.current is not first and [r.id for r in live.current.rules] == ["reads", "no-shell"]
-    assert events.items == [("policy.loaded", {"digest": live.current.digest, "path": str(policy_file), "rules": 2})]
+    [(kind, payload)] = events.items
+    assert kind == "policy.loaded"
+    assert payload["digest"] == live.current.digest and payload["path"] == str(policy_file) and payload["rules"] == 2
+    # What changed, so an auditor can tell an edit from a swap: the digest before, and each rule by id.
+    assert payload["previous_digest"] == first.digest != payload["digest"]
+    assert payload["rules_added"] == ["no-shell"] and payload["rules_removed"] == [] == payload["rules_changed"]
+    st = os.stat(policy_file)
+    assert payload["file_uid"] == st.st_uid and payload["file_mode"] == f"{st.st_mode & 0o7777:04o}"
+
+
+async def test_a_reload_names_the_rules_it_changed_and_removed(policy_file: Path) -> None:
+    events = Events()
+    live = LivePolicy(policy_file, on_event=events)
+    first = live.load()
+    write(policy_file, V2)
+    await live.check_reload()
+    # `reads` now allows a second tool (changed), `no-shell` is gone (removed), and the default outcome moved.
+    loosened = "version: 1\ndefault: allow\nrules:\n  - {id: reads, tool: [sql_query, sql_execute], outcome: allow, risk: low}\n"
+    write(policy_file, loosened)
+    await live.check_reload()
+    payload = events.items[-1][1]
+    assert payload["previous_digest"] == events.items[0][1]["digest"] != first.digest
+    assert payload["rules_changed"] == ["reads"] and payload["rules_removed"] == ["no-shell"]
+    assert payload["rules_added"] == [] and payload["defaults_changed"] == ["default_outcome"]
 
 
 async def test_a_bad_edit_keeps_the_last_good_policy_and_is_announced_once(policy_file: Path) -> None:
