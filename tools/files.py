@@ -5,6 +5,15 @@ Options (`tools: [{module: tools.files, options: {...}}]`):
                   a relative `path` argument is relative to the first root.
   max_read_bytes  bytes `files_read` returns at most (default 1 MiB); the true size is reported.
 
+keyturn's own state is out of reach by construction, not by classification: a root that contains any of it (the
+ledger and its `-wal`/`-shm` and `<ledger>.*` secrets, the config, the policy, the secret store; see
+`server.execution.PackContext`), that lies inside it, or that contains or lies inside `/proc` (keyturn's process)
+is a `ConfigError` at load. Roots are compared after resolving symlinks, so `/`, the ledger's directory, any
+parent of it and a link to one of those are all refused. The shipped default policy lives in keyturn's checkout
+(`policies/default.yaml`), so a root that contains the checkout is refused too unless `policy:` names a file
+outside it. As a last guard `files_read` refuses to return a file that is one of keyturn's state files under
+another name (a hard link).
+
 Every path argument is resolved (symlinks followed) by `validate`, before any policy runs, and a path that lands
 outside the roots is refused. The validated arguments carry the resolved paths, so the reviewer sees the real
 target. Writes never follow a symlink at the final component.
@@ -24,7 +33,9 @@ import anyio.to_thread
 from pydantic import Field
 from typing_extensions import TypedDict
 
-from server.errors import InvalidArguments
+from server.config import default_policy_path
+from server.errors import ConfigError, InvalidArguments
+from server.execution import PackContext
 from server.registry import GuardedTool, ToolRegistry, guarded_tool
 from tools._common import PackOptions, cap_text, open_new, parse_options, real_roots, resolve_inside
 
@@ -59,12 +70,24 @@ class DeleteResult(TypedDict):
     was_directory: bool
 
 
-def _read(path: Path, limit: int) -> ReadResult:
+def _read(path: Path, limit: int, context: PackContext) -> ReadResult:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     with open(fd, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+        st = os.fstat(f.fileno())
+        if (st.st_dev, st.st_ino) in _state_files(context):  # a hard link to keyturn's state inside a root
+            raise PermissionError(f"{path} is one of keyturn's own state files under another name")
+        size = st.st_size
         content, truncated = cap_text(f.read(limit + 1), limit)
     return {"path": str(path), "content": content, "size": size, "truncated": truncated}
+
+
+def _state_files(context: PackContext) -> set[tuple[int, int]]:
+    found = set()
+    for p in context.existing_state():
+        with contextlib.suppress(OSError):
+            st = os.stat(p)
+            found.add((st.st_dev, st.st_ino))
+    return found
 
 
 def _write(path: Path, content: str, overwrite: bool) -> WriteResult:
@@ -106,7 +129,8 @@ def _delete(path: Path) -> DeleteResult:
     return {"path": str(path), "was_directory": False}
 
 
-def build_tools(opts: FilesOptions) -> list[GuardedTool]:
+def build_tools(opts: FilesOptions, context: PackContext | None = None) -> list[GuardedTool]:
+    context = context if context is not None else PackContext()
     roots = real_roots(opts.roots)
 
     def inside(tool: str, args: dict[str, Any], *fields: str) -> dict[str, Any]:
@@ -121,7 +145,7 @@ def build_tools(opts: FilesOptions) -> list[GuardedTool]:
     @guarded_tool(classifiers={"path": "path"}, annotations={"readOnlyHint": True, "openWorldHint": False}, roots=roots)
     async def files_read(path: str) -> ReadResult:
         """Read a text file (UTF-8; undecodable bytes replaced), up to the configured size."""
-        return await anyio.to_thread.run_sync(_read, Path(path), opts.max_read_bytes)
+        return await anyio.to_thread.run_sync(_read, Path(path), opts.max_read_bytes, context)
 
     @guarded_tool(
         classifiers={"path": "path", "content": "size"},
@@ -168,10 +192,46 @@ def build_tools(opts: FilesOptions) -> list[GuardedTool]:
     return [files_read, files_write, files_move, files_delete]
 
 
-def register(registry: ToolRegistry, options: Mapping[str, Any]) -> None:
+def _what(path: Path, context: PackContext) -> str:
+    if path == Path("/proc"):
+        return "/proc (keyturn's process: its environment, memory and open files)"
+    if path == context.ledger_path:
+        return f"{path} (the ledger)"
+    if context.ledger_path is not None and str(path).startswith(str(context.ledger_path)):
+        return f"{path} (beside the ledger: its journal or secrets)"
+    if path == default_policy_path():
+        return f"{path} (the shipped default policy, in keyturn's checkout)"
+    return str(path)
+
+
+def refuse_state(spelled: str, root: Path, context: PackContext) -> None:
+    """Raise `ConfigError` when a tool working inside `root` could reach keyturn's own state or process."""
+    reached = context.reaches_state(root)
+    reached += [p for p in context.state_paths if root.is_relative_to(p) and p not in reached]  # inside a state dir
+    if not reached:
+        return
+    shown = "; ".join(_what(p, context) for p in reached[:6]) + ("; ..." if len(reached) > 6 else "")
+    where = repr(spelled) if Path(spelled) == root else f"{spelled!r} (resolves to {root})"
+    fixes = []
+    if context.ledger_path is not None and any(str(p).startswith(str(context.ledger_path)) for p in reached):
+        fixes.append("move the ledger to a directory outside the root (`--db` or `db:` in the config)")
+    if default_policy_path() in reached:
+        fixes.append("give `--policy`/`policy:` a policy file outside the root (the default one is in keyturn's "
+                     "checkout, under policies/, so a root that holds the checkout holds it)")
+    if Path("/proc") in reached:
+        fixes.append("choose a root that neither contains nor lies inside /proc (so never `/`)")
+    fixes.append("or choose a narrower root that holds only what agents may touch")
+    raise ConfigError(
+        f"tool pack {PACK!r}: roots: {where} contains keyturn's own state, which no tool may reach: {shown}. "
+        f"To fix: {'; '.join(fixes)}."
+    )
+
+
+def register(registry: ToolRegistry, options: Mapping[str, Any], context: PackContext) -> None:
     opts = parse_options(FilesOptions, options, PACK)
-    for root in real_roots(opts.roots):
+    for spelled, root in zip(opts.roots, real_roots(opts.roots), strict=True):
         if not root.is_dir():
             raise ValueError(f"roots: {root} is not a directory")
-    for tool in build_tools(opts):
+        refuse_state(spelled, root, context)
+    for tool in build_tools(opts, context):
         registry.add(tool)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from server.app import pack_context, running
+from server.config import Settings, ToolPack
 from server.errors import ConfigError, InvalidArguments, ToolError
+from server.execution import PackContext
+from server.gate import Identity
 from server.registry import GuardedTool, ToolRegistry, load_pack
 
 
@@ -159,3 +164,118 @@ def test_several_roots(tmp_path: Path) -> None:
 def test_roots_are_required(options: dict[str, Any], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         load_pack("tools.files", ToolRegistry(), options)
+
+
+# -- keyturn's own state is out of reach: a root that holds any of it is refused at load ------------------------
+
+REPO = Path(__file__).resolve().parents[2]  # keyturn's checkout: it holds the shipped default policy
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    """A ledger in <tmp>/var/keyturn/keyturn.db with its journal and a secret beside it; returns the ledger."""
+    db = tmp_path / "var" / "keyturn" / "keyturn.db"
+    db.parent.mkdir(parents=True)
+    for name in ("keyturn.db", "keyturn.db-wal", "keyturn.db.reviewer-token"):
+        (db.parent / name).write_text("keyturn's own")
+    return db
+
+
+def load_with_state(db: Path, roots: list[str]) -> ToolRegistry:
+    """Load the pack the way `keyturn serve` does: with the context `server.app` builds from the settings."""
+    settings = Settings(db=db, tools=(ToolPack(module="tools.files", options={"roots": roots}),))
+    reg = ToolRegistry()
+    load_pack("tools.files", reg, {"roots": roots}, pack_context(settings))
+    return reg
+
+
+def state_roots(db: Path) -> dict[str, tuple[str, list[str]]]:
+    """Roots that reach keyturn's state -> (the root as configured, what the error must say)."""
+    link = db.parent.parent.parent / "link-to-state"
+    link.symlink_to(db.parent, target_is_directory=True)
+    return {
+        "the ledger's directory": (str(db.parent), [str(db), "(the ledger)", "--db", "reviewer-token"]),
+        "a parent of the ledger's directory": (str(db.parent.parent), [str(db), "--db"]),
+        "a symlink to the ledger's directory": (str(link), [f"resolves to {db.parent}", str(db), "--db"]),
+        "the filesystem root": ("/", ["/proc (keyturn's process", str(db), "--db", "so never `/`"]),
+        "/proc": ("/proc", ["/proc (keyturn's process", "lies inside /proc"]),
+        "keyturn's process in /proc": ("/proc/self", ["/proc (keyturn's process", "lies inside /proc"]),
+        "keyturn's checkout": (str(REPO), ["shipped default policy", "policies/", "`policy:`"]),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "the ledger's directory", "a parent of the ledger's directory", "a symlink to the ledger's directory",
+    "the filesystem root", "/proc", "keyturn's process in /proc", "keyturn's checkout"])
+def test_a_root_that_holds_keyturns_state_is_refused_at_load(state: Path, case: str) -> None:
+    spelled, needles = state_roots(state)[case]
+    with pytest.raises(ConfigError) as info:
+        load_with_state(state, [spelled])
+    message = str(info.value)
+    assert "tools.files" in message and repr(spelled) in message and "keyturn's own state" in message, message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_a_root_inside_keyturns_state_directory_is_refused(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    (store / "inner").mkdir(parents=True)
+    context = PackContext.for_state([tmp_path / "ledger" / "k.db", store], ledger=tmp_path / "ledger" / "k.db")
+    with pytest.raises(ConfigError, match=r"inner.*keyturn's own state"):
+        load_pack("tools.files", ToolRegistry(), {"roots": [str(store / "inner")]}, context)
+
+
+def test_a_root_beside_the_ledger_loads(state: Path) -> None:
+    beside = state.parent.parent / "work"
+    beside.mkdir()
+    reg = load_with_state(state, [str(beside)])
+    assert reg.get("files_read") is not None
+
+
+ALLOW_ALL = "version: 1\ndefault: allow\ndefault_risk: low\nrules: []\n"
+
+
+async def test_an_agent_cannot_reach_the_ledgers_secrets_from_a_root_beside_it(tmp_path: Path) -> None:
+    """Through a real gate with a policy that allows everything: only the roots stand in the way."""
+    db = tmp_path / "keyturn.db"
+    token = tmp_path / "keyturn.db.reviewer-token"
+    token.write_text("REVIEWER-TOKEN")
+    token.chmod(0o600)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "ok.txt").write_text("inside")
+    (root / "token-link").symlink_to(tmp_path / "keyturn.db.reviewer-token")
+    (tmp_path / "policy.yaml").write_text(ALLOW_ALL)
+    settings = Settings(db=db, policy=tmp_path / "policy.yaml",
+                        tools=(ToolPack(module="tools.files", options={"roots": [str(root)]}),))
+    attempts = ["../keyturn.db.reviewer-token", str(tmp_path / "keyturn.db.reviewer-token"), "token-link",
+                "/proc/self/environ", f"/proc/{os.getpid()}/root{tmp_path}/keyturn.db.reviewer-token",
+                str(db), "../keyturn.db-wal"]
+    async with running(settings) as kt:
+        tool = kt.find_tool("files_read")
+        assert tool is not None
+        ok = await kt.gate.call(tool, {"path": "ok.txt"}, Identity(principal="agent"))
+        assert not ok.is_error and (ok.structured_content or {})["content"] == "inside"
+        for path in attempts:
+            result = await kt.gate.call(tool, {"path": path}, Identity(principal="agent"))
+            shown = " ".join(getattr(c, "text", "") for c in result.content)
+            assert result.is_error and "outside the allowed roots" in shown, (path, shown)
+            assert token.read_text() not in shown and "KEYTURN_" not in shown
+    executed = [e for e in ledger_kinds(db) if e == "executed"]
+    assert len(executed) == 1
+
+
+def ledger_kinds(db: Path) -> list[str]:
+    with sqlite3.connect(db) as conn:
+        return [k for (k,) in conn.execute("SELECT kind FROM events ORDER BY seq")]
+
+
+async def test_a_hard_link_to_keyturns_state_inside_a_root_is_not_read(state: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root2"
+    root.mkdir()
+    reg = load_with_state(state, [str(root)])
+    os.link(state.parent / "keyturn.db.reviewer-token", root / "innocent.txt")
+    tool = reg.get("files_read")
+    assert tool is not None
+    with pytest.raises(ToolError, match="keyturn's own state files under another name"):
+        await tool.run({"path": "innocent.txt"})
