@@ -7,20 +7,30 @@ Options (`tools: [{module: tools.sql, options: {...}}]`):
   max_rows    cap on rows `sql_query` returns, whatever `limit` asks (default 10000).
   timeout     seconds to wait for a connection or a locked SQLite database (default 30).
 
-The policy decides what may run; the tools run what they were given, with two structural guards: one
-statement per call, and `sql_query` runs on a read-only connection, so a write labelled as a read fails.
+The policy decides what may run; the tools run what they were given, with structural guards that do not rest on
+the classifier being right:
+- one statement per call (PostgreSQL statements go through the extended protocol, which refuses a second one);
+- `sql_query` and `sql_export` always, and `sql_execute` whenever the decision judged the call read-only
+  (`current_limits().read_only`), run read-only: SQLite opens the file with `mode=ro`, sets `PRAGMA query_only`
+  and authorizes only reads; PostgreSQL runs a `READ ONLY` transaction that is rolled back; MySQL runs
+  `START TRANSACTION READ ONLY`. A write the classifier misjudged as a read fails instead of writing;
+- SQLite refuses ATTACH/DETACH/VACUUM INTO and the pragmas that change the whole process (heap limits, the temp
+  directory), and a `database` that is keyturn's ledger or one of its state files is refused at load and at each
+  connection (by real path and by inode, so a symlink or hard link made later is refused too).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import importlib
 import json
+import os
 import re
 import sqlite3
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,6 +41,7 @@ from pydantic import Field
 from typing_extensions import TypedDict
 
 from server.errors import ConfigError, InvalidArguments
+from server.execution import PackContext, current_limits
 from server.registry import GuardedTool, ToolRegistry, guarded_tool
 from tools._common import PackOptions, jsonable, open_new, parse_options, real_roots, resolve_inside
 
@@ -64,19 +75,29 @@ class ExportResult(TypedDict):
 
 
 class Database:
-    """One configured database. Every method blocks; the tools call them on a worker thread."""
+    """One configured database. Every method blocks; the tools call them on a worker thread.
 
-    def __init__(self, dialect: Literal["sqlite", "postgres", "mysql"], target: str, timeout: float = 30.0) -> None:
+    `forbidden`: (device, inode) of keyturn's state files; a SQLite file that is one of them is never opened.
+    """
+
+    def __init__(
+        self, dialect: Literal["sqlite", "postgres", "mysql"], target: str, timeout: float = 30.0,
+        forbidden: Callable[[], set[tuple[int, int]]] | None = None,
+    ) -> None:
         self.dialect, self.target, self.timeout = dialect, target, timeout
+        self.forbidden = forbidden or set
 
     @classmethod
-    def from_option(cls, value: str, timeout: float = 30.0) -> Database:
+    def from_option(cls, value: str, timeout: float = 30.0, context: PackContext | None = None) -> Database:
         scheme = value.split("://", 1)[0].lower() if "://" in value else ""
         if scheme in ("", "sqlite"):
             path = value[len("sqlite:///") :] if scheme else value
             if not path or (scheme and not value.startswith("sqlite:///")):
                 raise ConfigError(f"tool pack {PACK!r}: database {value!r}: write sqlite:///relative.db or a file path")
-            return cls("sqlite", str(Path(path).resolve()), timeout)
+            real = Path(os.path.realpath(os.path.abspath(path)))
+            state = context if context is not None else PackContext()
+            refuse_state(value, real, state)
+            return cls("sqlite", str(real), timeout, forbidden=lambda: _inodes(state.existing_state()))
         driver = {"postgresql": "psycopg", "postgres": "psycopg", "mysql": "pymysql"}.get(scheme)
         if driver is None:
             raise ConfigError(f"tool pack {PACK!r}: database scheme {scheme!r} is not sqlite, postgresql or mysql")
@@ -93,7 +114,9 @@ class Database:
 
     @contextlib.contextmanager
     def connect(self, *, read_only: bool) -> Iterator[Any]:
-        conn = self._open(read_only)
+        """A connection for one statement: committed after it, or (read-only) always rolled back."""
+        guard = _SqliteGuard(read_only)
+        conn = self._open(read_only, guard)
         try:
             yield conn
             if read_only:
@@ -103,27 +126,29 @@ class Database:
         except BaseException as e:
             with contextlib.suppress(Exception):
                 conn.rollback()
-            if isinstance(e, sqlite3.DatabaseError) and "authoriz" in str(e):
-                raise PermissionError("tools.sql refuses ATTACH, DETACH and VACUUM INTO on SQLite") from e
+            if isinstance(e, sqlite3.DatabaseError) and guard.refused:
+                raise PermissionError(guard.refused) from e
             raise
         finally:
             conn.close()
 
-    def _open(self, read_only: bool) -> Any:
+    def _open(self, read_only: bool, guard: _SqliteGuard) -> Any:
         if self.dialect == "sqlite":
             path = Path(self.target)
+            self._refuse_state_file(path)
             if read_only:
                 if not path.exists():
                     raise FileNotFoundError(f"database {path} does not exist yet")
                 uri = "file:" + urllib.parse.quote(str(path)) + "?mode=ro"
                 conn = sqlite3.connect(uri, uri=True, timeout=self.timeout, isolation_level=None)
+                conn.execute("PRAGMA query_only = 1")
             else:
                 conn = sqlite3.connect(path, timeout=self.timeout, isolation_level=None)
-            # ATTACH would reach any file on disk, past the policy's view of this database.
-            conn.set_authorizer(_no_attach)
+            conn.set_authorizer(guard)
             return conn
         if self.dialect == "postgres":
             psycopg = importlib.import_module("psycopg")
+            # Not autocommit when read-only: psycopg then opens `BEGIN READ ONLY`, and `connect` rolls it back.
             conn = psycopg.connect(self.target, autocommit=not read_only, connect_timeout=int(self.timeout))
             conn.read_only = read_only
             return conn
@@ -142,19 +167,38 @@ class Database:
             conn.cursor().execute("START TRANSACTION READ ONLY")
         return conn
 
+    def _refuse_state_file(self, path: Path) -> None:
+        # The configured file was checked at load; this catches a symlink or hard link to keyturn's state made since.
+        real = Path(os.path.realpath(path))
+        if real != path:
+            raise PermissionError(f"tools.sql refuses {path}: it now leads to {real}, not the configured database file")
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) in self.forbidden():
+                raise PermissionError(f"tools.sql refuses {path}: it is now one of keyturn's own files")
+
+    def _run(self, cur: Any, sql: str) -> None:
+        if self.dialect == "postgres":
+            # A prepared statement is one statement: PostgreSQL refuses `SELECT 1; COMMIT; DELETE ...` outright,
+            # whatever sqlglot made of it (the simple protocol would run all three).
+            cur.execute(sql, prepare=True)
+        else:
+            cur.execute(sql)  # sqlite3 and PyMySQL (without CLIENT.MULTI_STATEMENTS) run one statement at most
+
     def query(self, sql: str, limit: int) -> QueryResult:
         with self.connect(read_only=True) as conn:
             cur = conn.cursor()
-            cur.execute(sql)
+            self._run(cur, sql)
             columns = [str(d[0]) for d in cur.description or ()]
             rows = [list(r) for r in cur.fetchmany(limit + 1)] if cur.description else []
         shown = [[jsonable(v) for v in r] for r in rows[:limit]]
         return {"columns": columns, "rows": shown, "row_count": len(shown), "truncated": len(rows) > limit}
 
-    def execute(self, sql: str) -> int:
-        with self.connect(read_only=False) as conn:
+    def execute(self, sql: str, *, read_only: bool = False) -> int:
+        """Run one statement; `read_only` (the decision judged it a read) runs it so that it cannot write."""
+        with self.connect(read_only=read_only) as conn:
             cur = conn.cursor()
-            cur.execute(sql)
+            self._run(cur, sql)
             return max(int(cur.rowcount), 0)
 
     def export(self, sql: str, path: Path, fmt: Literal["csv", "jsonl"]) -> ExportResult:
@@ -162,7 +206,7 @@ class Database:
         count = 0
         with self.connect(read_only=True) as conn:
             cur = conn.cursor()
-            cur.execute(sql)
+            self._run(cur, sql)
             columns = [str(d[0]) for d in cur.description or ()]
             out = open_new(path)  # refuses an existing file or a symlink
             try:
@@ -184,8 +228,87 @@ class Database:
         return {"path": str(path), "rows": count, "bytes": path.stat().st_size}
 
 
-def _no_attach(action: int, *_: Any) -> int:
-    return sqlite3.SQLITE_DENY if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH) else sqlite3.SQLITE_OK
+# Pragmas that only report (with or without an argument naming a table or index).
+_READ_PRAGMAS = frozenset({
+    "table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo", "foreign_key_list",
+    "database_list", "collation_list", "function_list", "module_list", "pragma_list", "compile_options",
+    "integrity_check", "quick_check", "foreign_key_check",
+})  # fmt: skip
+# Pragmas whose bare form (no `= value`) only reports.
+_READ_BARE_PRAGMAS = frozenset({
+    "application_id", "auto_vacuum", "cache_size", "data_version", "encoding", "foreign_keys", "freelist_count",
+    "journal_mode", "max_page_count", "page_count", "page_size", "schema_version", "synchronous", "user_version",
+    "query_only", "recursive_triggers", "secure_delete", "temp_store", "busy_timeout", "locking_mode",
+})  # fmt: skip
+# Pragmas that change the whole process, keyturn's own ledger connections included: never, on any connection.
+_PROCESS_PRAGMAS = frozenset({"temp_store_directory", "data_store_directory", "soft_heap_limit", "hard_heap_limit"})
+_READ_ACTIONS = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE})
+
+
+class _SqliteGuard:
+    """SQLite's authorizer for one connection; `refused` says what it refused, for the error the agent sees.
+
+    Always: no ATTACH/DETACH (they would reach any file on disk, past the policy's view of this database, and
+    VACUUM INTO attaches) and no process-wide pragma. Read-only: nothing but reads and the reporting pragmas,
+    on top of `mode=ro` and `query_only` (which still let a temp table or a connection setting through).
+    """
+
+    def __init__(self, read_only: bool) -> None:
+        self.read_only = read_only
+        self.refused = ""
+
+    def __call__(self, action: int, arg1: str | None, arg2: str | None, *_: Any) -> int:
+        if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
+            return self._deny("tools.sql refuses ATTACH, DETACH and VACUUM INTO on SQLite")
+        if action == sqlite3.SQLITE_PRAGMA:
+            name = (arg1 or "").lower()
+            if name in _PROCESS_PRAGMAS:
+                return self._deny(f"tools.sql refuses PRAGMA {name} on SQLite: it changes the whole process")
+            if not self.read_only or name in _READ_PRAGMAS or (arg2 is None and name in _READ_BARE_PRAGMAS):
+                return sqlite3.SQLITE_OK
+            return self._deny(f"this call runs read-only: SQLite refused PRAGMA {name}"
+                              + ("" if arg2 is None else f" = {arg2}"))
+        if not self.read_only or action in _READ_ACTIONS:
+            return sqlite3.SQLITE_OK
+        return self._deny(f"this call runs read-only: SQLite refused {_ACTION_NAMES.get(action, 'a write')}"
+                          + (f" on {arg1}" if arg1 else ""))
+
+    def _deny(self, why: str) -> int:
+        self.refused = self.refused or why
+        return sqlite3.SQLITE_DENY
+
+
+_ACTION_NAMES = {
+    getattr(sqlite3, f"SQLITE_{name}"): name.replace("_", " ").lower()
+    for name in (
+        "CREATE_INDEX", "CREATE_TABLE", "CREATE_TEMP_INDEX", "CREATE_TEMP_TABLE", "CREATE_TEMP_TRIGGER",
+        "CREATE_TEMP_VIEW", "CREATE_TRIGGER", "CREATE_VIEW", "DELETE", "DROP_INDEX", "DROP_TABLE", "DROP_TEMP_INDEX",
+        "DROP_TEMP_TABLE", "DROP_TEMP_TRIGGER", "DROP_TEMP_VIEW", "DROP_TRIGGER", "DROP_VIEW", "INSERT", "UPDATE",
+        "TRANSACTION", "ALTER_TABLE", "REINDEX", "ANALYZE", "CREATE_VTABLE", "DROP_VTABLE", "SAVEPOINT",
+    )
+}  # fmt: skip
+
+
+def _inodes(paths: Iterable[Path]) -> set[tuple[int, int]]:
+    found = set()
+    for p in paths:
+        with contextlib.suppress(OSError):
+            st = os.stat(p)
+            found.add((st.st_dev, st.st_ino))
+    return found
+
+
+def refuse_state(spelled: str, real: Path, context: PackContext) -> None:
+    """A `ConfigError` if the SQLite file `real` is keyturn's ledger (or its -wal/-shm/-journal) or a state file."""
+    state = {Path(os.path.realpath(p)) for p in (*context.state_paths, *context.existing_state())}
+    if context.ledger_path is not None:
+        ledger = Path(os.path.realpath(context.ledger_path))
+        state |= {ledger, *(Path(f"{ledger}{suffix}") for suffix in ("-wal", "-shm", "-journal"))}
+    if real in state or (_inodes([real]) & _inodes(state)):
+        raise ConfigError(
+            f"tool pack {PACK!r}: database {spelled!r} is {real}, one of keyturn's own files (its ledger or state);"
+            " an agent's SQL must never reach it: point the pack at another database"
+        )
 
 
 def one_statement(sql: str, dialect: str, *, tool: str, field: str) -> None:
@@ -217,7 +340,10 @@ def build_tools(db: Database, export_root: Path, max_rows: int) -> list[GuardedT
     @guarded_tool(classifiers={"statement": kind}, annotations={"destructiveHint": True, "openWorldHint": False})
     async def sql_execute(statement: str) -> ExecuteResult:
         """Run one SQL statement that changes data or schema; returns the number of rows affected."""
-        return {"rows_affected": await anyio.to_thread.run_sync(db.execute, statement)}
+        # Read here, in the gate's context: a call the decision judged read-only runs on a read-only connection.
+        read_only = current_limits().read_only
+        rows = await anyio.to_thread.run_sync(functools.partial(db.execute, statement, read_only=read_only))
+        return {"rows_affected": rows}
 
     @sql_execute.check
     def _execute_check(args: dict[str, Any]) -> None:
@@ -265,8 +391,8 @@ def build_tools(db: Database, export_root: Path, max_rows: int) -> list[GuardedT
     return [sql_query, sql_execute, sql_export]
 
 
-def register(registry: ToolRegistry, options: Mapping[str, Any]) -> None:
+def register(registry: ToolRegistry, options: Mapping[str, Any], context: PackContext) -> None:
     opts = parse_options(SqlOptions, options, PACK)
-    db = Database.from_option(opts.database, opts.timeout)
+    db = Database.from_option(opts.database, opts.timeout, context)
     for tool in build_tools(db, real_roots([opts.export_dir])[0], opts.max_rows):
         registry.add(tool)

@@ -69,7 +69,7 @@ async def test_max_rows_caps_whatever_limit_asks(sql: dict[str, GuardedTool]) ->
 
 
 async def test_a_write_labelled_as_a_query_fails(sql: dict[str, GuardedTool], tmp_path: Path) -> None:
-    with pytest.raises(ToolError, match="readonly"):
+    with pytest.raises(ToolError, match="runs read-only: SQLite refused delete on orders"):
         await sql["sql_query"].run({"query": "DELETE FROM orders"})
     assert rows(tmp_path / "shop.db", "SELECT count(*) FROM orders") == [(25,)]
 
