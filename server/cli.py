@@ -71,7 +71,7 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
         import uvicorn
 
         from server.channels import build_channels
-        from server.http import build_http_app, check_bind
+        from server.http import build_http_app, check_bind, server_config
 
         host, port = _host_port(args.http)
         base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
@@ -80,8 +80,7 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
             server = build_mcp_server(kt)
             extra_routes = await build_channels(kt, dict(os.environ))
             app = build_http_app(kt, server, host, extra_routes)
-            config = uvicorn.Config(app, host=host, port=port, log_level=args.log_level.lower(), lifespan="on",
-                                    timeout_graceful_shutdown=5)
+            config = server_config(app, host, port, args.log_level.lower())
             token_note = (f"the reviewer token is in {reviewer_token_path(kt.settings.db)}" if kt.local_token
                           else "reviewers use their configured tokens (KEYTURN_TOKEN)")
             print(

@@ -8,7 +8,7 @@ tokens configured, keyturn only listens on loopback and calls the client `local`
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mcp.server import Server
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
@@ -23,7 +23,16 @@ from server.channels.web import api_routes
 from server.errors import ConfigError
 from server.mcp_app import PRINCIPAL_SCOPE_KEY
 
+if TYPE_CHECKING:
+    import uvicorn
+
 LOCAL_PRINCIPAL = "local"
+KEEP_ALIVE_S = 5
+"""An idle keep-alive connection is closed after this long."""
+MAX_HEADER_BYTES = 16 * 1024
+"""The request line and headers together (h11's incomplete-event limit): larger is refused with a 400."""
+MAX_CONCURRENCY = 1000
+"""Open connections plus running requests; past it uvicorn answers 503 at once instead of queueing."""
 
 
 def is_loopback(host: str) -> bool:
@@ -112,3 +121,15 @@ def build_http_app(kt: Keyturn, server: Server[Any], host: str, extra_routes: li
     app: Starlette = server.streamable_http_app(
         streamable_http_path="/mcp", transport_security=settings, host=host, custom_starlette_routes=routes)
     return HostOriginGuard(AgentAuth(app, kt), settings)
+
+
+def server_config(app: ASGIApp, host: str, port: int, log_level: str) -> uvicorn.Config:
+    """uvicorn's settings for keyturn: bounded headers, idle connections and concurrency.
+
+    Bodies are bounded (in size and in time) by whichever endpoint reads them (`server.channels.bodies`).
+    """
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", http="h11",
+                          timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S,
+                          h11_max_incomplete_event_size=MAX_HEADER_BYTES, limit_concurrency=MAX_CONCURRENCY)

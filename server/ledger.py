@@ -100,6 +100,20 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX calls_open_expires ON calls(expires) WHERE state IN ('pending','approved');
     """,
+    # 4: reviewers' web sessions, server-side: the cookie holds a random id, this table only its sha256.
+    #    Outside the chain: signing in decides nothing (the votes a session casts are chained).
+    """
+    CREATE TABLE web_sessions (
+        id_sha256 TEXT PRIMARY KEY,
+        identity TEXT NOT NULL,
+        token_fp TEXT NOT NULL,
+        created REAL NOT NULL,
+        expires REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        revoked REAL
+    );
+    CREATE INDEX web_sessions_expires ON web_sessions(expires);
+    """,
 )
 
 
@@ -559,6 +573,29 @@ class Ledger:
 
     async def remove_instance(self, instance_id: str) -> None:
         await self.transaction(lambda tx: tx.conn.execute("DELETE FROM instances WHERE id = ?", (instance_id,)))
+
+    # -- reviewers' web sessions (see server.channels.inbox.sessions) ---------------------------------
+
+    async def add_web_session(self, id_sha256: str, identity: str, token_fp: str, expires: float) -> None:
+        """Record a new session (and forget the ones whose time has passed)."""
+        def body(tx: Tx) -> None:
+            tx.conn.execute("DELETE FROM web_sessions WHERE expires <= ?", (tx.now,))
+            tx.conn.execute("INSERT INTO web_sessions(id_sha256, identity, token_fp, created, expires, last_seen) "
+                            "VALUES (?,?,?,?,?,?)", (id_sha256, identity, token_fp, tx.now, expires, tx.now))
+
+        await self.transaction(body)
+
+    async def web_session(self, id_sha256: str) -> sqlite3.Row | None:
+        rows = await self._query("SELECT * FROM web_sessions WHERE id_sha256 = ?", (id_sha256,))
+        return rows[0] if rows else None
+
+    async def touch_web_session(self, id_sha256: str) -> None:
+        await self.transaction(lambda tx: tx.conn.execute(
+            "UPDATE web_sessions SET last_seen = ? WHERE id_sha256 = ?", (tx.now, id_sha256)))
+
+    async def revoke_web_session(self, id_sha256: str) -> None:
+        await self.transaction(lambda tx: tx.conn.execute(
+            "UPDATE web_sessions SET revoked = ? WHERE id_sha256 = ? AND revoked IS NULL", (tx.now, id_sha256)))
 
 
 def _with_votes(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[RequestView]:

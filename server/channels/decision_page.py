@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
+from server.channels.bodies import BodyRefused, read_body
 from server.channels.decision_link import Link, LinkExpired, LinkSigner, consume, link_consumed, release
 from server.channels.teams_cards import MAX_REASON, arguments_text, outcome_text, request_facts
 from server.channels.web import submit_verdict
@@ -72,9 +73,7 @@ def render(status: int, view: RequestView | None, *, notice: str | None = None, 
 async def read_form(request: Request) -> dict[str, str] | None:
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
         return None
-    body = await request.body()
-    if len(body) > MAX_FORM_BYTES:
-        return None
+    body = await read_body(request, MAX_FORM_BYTES)  # BodyRefused beyond the limit or too slow
     try:
         fields = parse_qs(body.decode(), keep_blank_values=True, max_num_fields=10, strict_parsing=False)
     except (UnicodeDecodeError, ValueError):
@@ -109,7 +108,10 @@ def decision_routes(kt: Keyturn, signer: LinkSigner) -> list[Route]:
         return render(200, view, nonce=signer.nonce(link))
 
     async def submit(request: Request, link: Link, view: RequestView) -> Response:
-        form = await read_form(request)
+        try:
+            form = await read_form(request)
+        except BodyRefused as e:
+            return e.response()
         if form is None:
             return render(400, view, notice="The form could not be read.", nonce=signer.nonce(link))
 

@@ -27,6 +27,7 @@ from starlette.routing import BaseRoute, Route
 
 from server.approvals import ApprovalBroker
 from server.channels import slack_blocks as ui
+from server.channels.bodies import BodyRefused, read_body, replay
 from server.channels.slack_config import SlackConfig, SlackSecrets, describe, load_slack, make_client
 from server.channels.slack_identity import SlackIdentities
 from server.config import Settings
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EVENTS_PATH = "/slack/events"
+MAX_EVENT_BYTES = 1024 * 1024  # Slack's interaction payloads are tens of KiB at most
 UPDATE_KINDS = frozenset({"vote", "approval.granted", "execution.started", *TERMINAL_STATES})
 
 
@@ -76,8 +78,12 @@ class SlackChannel:
         verifier = SignatureVerifier(self.secrets.signing_secret)
 
         async def events(request: Request) -> Response:
-            # Checked here, before Bolt parses anything: an unsigned body never reaches a parser.
-            body = await request.body()
+            # Checked here, before Bolt parses anything: an unsigned body never reaches a parser, and an unsigned
+            # body is read only up to its limit (`bodies`), before the signature is checked.
+            try:
+                body = await read_body(request, MAX_EVENT_BYTES)
+            except BodyRefused as e:
+                return e.json_response()
             timestamp = request.headers.get("x-slack-request-timestamp", "")
             if not timestamp.isdigit() or not verifier.is_valid(body, timestamp,
                                                                 request.headers.get("x-slack-signature", "")):
@@ -85,7 +91,7 @@ class SlackChannel:
             if not _well_formed(body, request.headers.get("content-type", "")):
                 return JSONResponse({"error": "malformed Slack request"}, status_code=400)
             try:
-                response = await handler.handle(request)
+                response = await handler.handle(replay(request, body))
             except Exception:
                 log.warning("slack: a signed request could not be handled (malformed payload)", exc_info=True)
                 return JSONResponse({"error": "malformed Slack request"}, status_code=400)

@@ -35,6 +35,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from server.channels import teams_cards as ui
+from server.channels.bodies import BodyRefused, read_body
 from server.channels.decision_link import LinkSigner, ensure_link_secret
 from server.channels.decision_page import decision_routes
 from server.channels.teams_auth import BotFrameworkAuth, reviewer_identity
@@ -214,9 +215,10 @@ class TeamsChannel:
 
     async def messages(self, request: Request) -> Response:
         assert self.auth is not None
-        body = await request.body()
-        if len(body) > MAX_ACTIVITY_BYTES:
-            return JSONResponse({"error": "activity too large"}, status_code=413)
+        try:
+            body = await read_body(request, MAX_ACTIVITY_BYTES)  # bounded before the JWT is looked at
+        except BodyRefused as e:
+            return e.json_response()
         try:
             activity = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError):

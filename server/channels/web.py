@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from server.channels.bodies import BodyRefused, read_body
 from server.errors import ApprovalRejected, LedgerError, UnknownRequest
 from server.models import RequestView, Verdict, VerdictKind
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from server.app import Keyturn
 
 MAX_REASON = 2000
+MAX_BODY_BYTES = 64 * 1024
 REFUSAL_STATUS = {"not_pending": 409, "expired": 409, "duplicate": 409, "reason_required": 400}
 
 
@@ -108,7 +110,11 @@ def api_routes(kt: Keyturn) -> list[Route]:
 
     async def vote(request: Request, identity: str, verdict: str) -> JSONResponse:
         try:
-            body = await request.json() if await request.body() else {}
+            raw = await read_body(request, MAX_BODY_BYTES)
+        except BodyRefused as e:
+            return e.json_response()
+        try:
+            body = json.loads(raw) if raw else {}
         except (json.JSONDecodeError, UnicodeDecodeError):
             return _error(400, "the body must be JSON", "bad_request")
         if not isinstance(body, dict):

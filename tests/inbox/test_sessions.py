@@ -1,32 +1,29 @@
-"""Sessions and CSRF in isolation: signatures, expiry, token rotation, revocation, same-origin, the secret file."""
+"""Sessions and CSRF in isolation, on a real ledger: random server-side ids, expiry, token rotation, sign-out,
+CSRF tokens bound to the session, same-origin, and nothing a file holds that opens a session."""
 
 from __future__ import annotations
 
-import os
-import stat
+import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from starlette.requests import Request
 
 from server.canonical import sha256_hex
-from server.channels.inbox.sessions import (
-    SESSION_COOKIE,
-    Sessions,
-    Signer,
-    load_or_create_secret,
-    secret_path,
-)
+from server.channels.inbox.sessions import FLASH_COOKIE, SESSION_COOKIE, Sessions, session_key
 from server.channels.inbox.site import safe_next
-from server.errors import ConfigError
+from server.ledger import Ledger
 
 
 def request(cookie: str | None = None, *, origin: str | None = None, referer: str | None = None,
-            host: str = "127.0.0.1:8765", scheme: str = "http") -> Request:
+            host: str = "127.0.0.1:8765", scheme: str = "http", flash: str | None = None) -> Request:
     headers = [(b"host", host.encode())]
-    if cookie is not None:
-        headers.append((b"cookie", f"{SESSION_COOKIE}={cookie}".encode()))
+    cookies = [f"{SESSION_COOKIE}={cookie}"] if cookie is not None else []
+    cookies += [f"{FLASH_COOKIE}={flash}"] if flash is not None else []
+    if cookies:
+        headers.append((b"cookie", "; ".join(cookies).encode()))
     if origin is not None:
         headers.append((b"origin", origin.encode()))
     if referer is not None:
@@ -35,44 +32,71 @@ def request(cookie: str | None = None, *, origin: str | None = None, referer: st
                     "query_string": b"", "server": ("127.0.0.1", 8765)})
 
 
-def make(reviewers: dict[str, str] | None = None, **kwargs: object) -> tuple[Sessions, dict[str, str]]:
+@pytest.fixture
+async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
+    async with Ledger(tmp_path / "ledger.db") as opened:
+        yield opened
+
+
+def make(ledger: Ledger, reviewers: dict[str, str] | None = None,
+         **kwargs: object) -> tuple[Sessions, dict[str, str]]:
     table = reviewers if reviewers is not None else {sha256_hex("tok-alice"): "api:alice"}
-    return Sessions(Signer(b"k" * 48), lambda: table.items(), **kwargs), table  # type: ignore[arg-type]
+    return Sessions(ledger, lambda: table.items(), **kwargs), table  # type: ignore[arg-type]
 
 
-def test_a_session_reads_back_and_a_tampered_or_foreign_cookie_does_not() -> None:
-    sessions, _ = make()
-    session, cookie = sessions.open("api:alice", "tok-alice")
-    assert sessions.read(request(cookie)) == session
-    body, mac = cookie.split(".")
-    assert sessions.read(request(body + "." + mac[:-2] + "AA")) is None
-    assert sessions.read(request(body[:-2] + "xx." + mac)) is None
-    other, _ = make()
-    other.signer = Signer(b"z" * 48)
-    assert other.read(request(cookie)) is None  # another database's secret
-    # a value signed for another purpose is no session
-    assert sessions.read(request(sessions.signer.sign("flash", {"sid": "s", "who": "api:alice"}))) is None
+async def test_a_session_reads_back_and_a_changed_or_unknown_cookie_does_not(ledger: Ledger) -> None:
+    sessions, _ = make(ledger)
+    session, cookie = await sessions.open("api:alice", "tok-alice")
+    assert len(cookie) == 43 and await sessions.read(request(cookie)) == session
+    assert await sessions.read(request(cookie[:-2] + ("AA" if not cookie.endswith("AA") else "BB"))) is None
+    assert await sessions.read(request(cookie + "x")) is None
+    assert await sessions.read(request("")) is None
+    # the database holds only the id's sha256: what it holds is no cookie
+    with sqlite3.connect(ledger.path) as conn:
+        (stored,) = conn.execute("SELECT id_sha256 FROM web_sessions").fetchone()
+    assert stored == session_key(cookie) and cookie not in stored
+    assert await sessions.read(request(stored)) is None
+    # a second Sessions on the same database (another process's view) knows the session
+    again, _ = make(ledger)
+    assert await again.read(request(cookie)) == session
 
 
-def test_expiry_rotation_removal_and_revocation_end_a_session() -> None:
-    sessions, table = make(ttl_s=-1)
-    _, cookie = sessions.open("api:alice", "tok-alice")
-    assert sessions.read(request(cookie)) is None  # expired
+async def test_expiry_rotation_removal_and_sign_out_end_a_session(ledger: Ledger) -> None:
+    sessions, table = make(ledger, ttl_s=-1)
+    _, cookie = await sessions.open("api:alice", "tok-alice")
+    assert await sessions.read(request(cookie)) is None  # expired
 
-    sessions, table = make()
-    session, cookie = sessions.open("api:alice", "tok-alice")
+    sessions, table = make(ledger)
+    session, cookie = await sessions.open("api:alice", "tok-alice")
     table[sha256_hex("tok-alice-2")] = table.pop(sha256_hex("tok-alice"))  # the token was rotated
-    assert sessions.read(request(cookie)) is None
+    assert await sessions.read(request(cookie)) is None
     table[sha256_hex("tok-alice")] = "api:alice"
-    assert sessions.read(request(cookie)) == session
-    sessions.revoke(session)
-    assert sessions.read(request(cookie)) is None
+    assert await sessions.read(request(cookie)) == session
+    await sessions.revoke(session)
+    assert await sessions.read(request(cookie)) is None
+    assert await make(ledger)[0].read(request(cookie)) is None  # everywhere
 
 
-def test_csrf_needs_the_sessions_token_and_the_same_origin() -> None:
-    sessions, _ = make(trusted_origins=["https://keyturn.example.com"])
-    session, cookie = sessions.open("api:alice", "tok-alice")
-    other, _ = sessions.open("api:alice", "tok-alice")
+async def test_last_seen_is_written_now_and_then_and_expired_rows_are_forgotten(ledger: Ledger) -> None:
+    sessions, _ = make(ledger, touch_every_s=0)
+    _, cookie = await sessions.open("api:alice", "tok-alice")
+    with sqlite3.connect(ledger.path) as conn:
+        (before,) = conn.execute("SELECT last_seen FROM web_sessions").fetchone()
+    assert await sessions.read(request(cookie)) is not None
+    with sqlite3.connect(ledger.path) as conn:
+        (after,) = conn.execute("SELECT last_seen FROM web_sessions").fetchone()
+        conn.execute("UPDATE web_sessions SET expires = 0")
+    assert after >= before
+    await sessions.open("api:alice", "tok-alice")
+    with sqlite3.connect(ledger.path) as conn:
+        assert conn.execute("SELECT count(*) FROM web_sessions").fetchone() == (1,)
+    assert (await ledger.verify()).count == 0  # sessions are not chained events
+
+
+async def test_csrf_needs_the_sessions_token_and_the_same_origin(ledger: Ledger) -> None:
+    sessions, _ = make(ledger, trusted_origins=["https://keyturn.example.com"])
+    session, cookie = await sessions.open("api:alice", "tok-alice")
+    other, _ = await sessions.open("api:alice", "tok-alice")
     token = sessions.csrf_token(session)
     own = "http://127.0.0.1:8765"
     assert sessions.check_csrf(request(cookie, origin=own), session, token)
@@ -85,10 +109,13 @@ def test_csrf_needs_the_sessions_token_and_the_same_origin() -> None:
     assert not sessions.check_csrf(request(cookie, origin="http://127.0.0.1:9999"), session, token)
     assert not sessions.check_csrf(request(cookie, origin="null"), session, token)
     assert not sessions.check_csrf(request(cookie, origin="https://127.0.0.1:8765"), session, token)
+    # the token is the same in every process (it depends on the session alone) and on nothing a file holds
+    assert make(ledger)[0].csrf_token(session) == token
+    assert token != sessions.csrf_token(other)
 
 
-def test_login_tokens_are_bound_to_their_form_cookie() -> None:
-    sessions, _ = make()
+async def test_login_tokens_are_bound_to_their_form_cookie(ledger: Ledger) -> None:
+    sessions, _ = make(ledger)
     nonce, token = sessions.login_nonce()
     own = "http://127.0.0.1:8765"
 
@@ -99,24 +126,23 @@ def test_login_tokens_are_bound_to_their_form_cookie() -> None:
         return Request(r.scope)
 
     assert sessions.check_login(login_request(nonce), token)
+    assert make(ledger)[0].check_login(login_request(nonce), token)  # any process
     assert not sessions.check_login(login_request(None), token)
     assert not sessions.check_login(login_request("another"), token)
-    assert not sessions.check_login(login_request(nonce), sessions.csrf_token(sessions.open("api:alice", "t")[0]))
+    assert not sessions.check_login(login_request(sessions.login_nonce()[0]), token)
+    session, _ = await sessions.open("api:alice", "t")
+    assert not sessions.check_login(login_request(nonce), sessions.csrf_token(session))
 
 
-def test_the_secret_file_is_made_once_with_mode_0600_and_a_loose_one_is_tightened(tmp_path: Path) -> None:
-    db = tmp_path / "ledger.db"
-    first = load_or_create_secret(db)
-    assert load_or_create_secret(db) == first and len(first) >= 32
-    path = secret_path(db)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    os.chmod(path, 0o644)
-    assert load_or_create_secret(db) == first
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
-    path.write_text("short\n")
-    with pytest.raises(ConfigError, match="too short"):
-        load_or_create_secret(db)
+async def test_a_flash_message_reads_back_only_with_its_session(ledger: Ledger) -> None:
+    sessions, _ = make(ledger)
+    session, cookie = await sessions.open("api:alice", "tok-alice")
+    other, _ = await sessions.open("api:alice", "tok-alice")
+    value = sessions.flash(session, "You approved it")
+    assert sessions.read_flash(request(cookie, flash=value), session) == "You approved it"
+    assert sessions.read_flash(request(cookie, flash=value), other) is None
+    body, mac = value.split(".")
+    assert sessions.read_flash(request(cookie, flash=body[:-2] + "xx." + mac), session) is None
 
 
 @pytest.mark.parametrize(("target", "expected"), [
@@ -128,7 +154,8 @@ def test_after_sign_in_only_our_own_pages_are_a_destination(target: str | None, 
     assert safe_next(target) == expected
 
 
-def test_a_session_cookie_is_small_and_expires_in_hours() -> None:
-    sessions, _ = make()
-    session, cookie = sessions.open("api:alice", "tok-alice")
+async def test_a_session_cookie_is_small_and_expires_in_hours(ledger: Ledger) -> None:
+    sessions, _ = make(ledger)
+    session, cookie = await sessions.open("api:alice", "tok-alice")
     assert len(cookie) < 400 and 3600 < session.expires - time.time() <= 24 * 3600
+    assert "tok-alice" not in repr(session) and cookie not in repr(session)

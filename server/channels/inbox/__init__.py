@@ -22,7 +22,7 @@ from server.channels.inbox.audit import Audit
 from server.channels.inbox.live import Live
 from server.channels.inbox.pages import Pages
 from server.channels.inbox.render import STATIC
-from server.channels.inbox.sessions import SECURITY_HEADERS, Sessions, Signer, load_or_create_secret
+from server.channels.inbox.sessions import SECURITY_HEADERS, Sessions
 from server.channels.inbox.site import Site
 
 if TYPE_CHECKING:
@@ -50,9 +50,8 @@ class _StaticHeaders:
 
 
 def build_site(kt: Keyturn) -> Site:
-    signer = Signer(load_or_create_secret(kt.settings.db))
     trusted = [kt.settings.reviewer_api_url] if kt.settings.reviewer_api_url else []
-    sessions = Sessions(signer, lambda: kt.credentials.reviewers.items(),
+    sessions = Sessions(kt.ledger, lambda: kt.credentials.reviewers.items(),
                         trusted_origins=[_origin(u) for u in trusted])
     return Site(kt=kt, sessions=sessions)
 

@@ -58,12 +58,12 @@ class Live:
                 while time.monotonic() < deadline:
                     with anyio.move_on_after(self.poll_s):
                         await wake.wait()
-                    if self.site.sessions.read(request) is None:
-                        yield "event: signed-out\ndata: \n\n"
-                        return
                     changed = wake.is_set()
                     wake = anyio.Event()
                     try:
+                        if await self.site.sessions.read(request) is None:
+                            yield "event: signed-out\ndata: \n\n"
+                            return
                         head = await ledger.head_seq()
                         if not changed and head != last:  # another process wrote: look at what
                             news = await ledger.events(after_seq=last, limit=1000)

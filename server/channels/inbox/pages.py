@@ -11,6 +11,7 @@ import logging
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
+from server.channels.bodies import BodyRefused
 from server.channels.inbox.render import Card, card, timeline
 from server.channels.inbox.sessions import (
     LOGIN_COOKIE,
@@ -22,8 +23,9 @@ from server.channels.inbox.sessions import (
     harden,
     set_cookie,
 )
-from server.channels.inbox.site import FormTooLarge, Site, read_form, safe_next
+from server.channels.inbox.site import Site, read_form, safe_next
 from server.channels.web import MAX_REASON, submit_verdict
+from server.errors import LedgerError
 from server.models import RequestView
 
 log = logging.getLogger(__name__)
@@ -48,16 +50,24 @@ class Pages:
         set_cookie(response, request, LOGIN_COOKIE, nonce, LOGIN_TTL_S, path="/login")
         return response
 
+    def _unavailable(self, request: Request, e: LedgerError) -> Response:
+        return self.site.page(request, "error.html", None, status=503, title="Ledger unavailable",
+                              message=f"The ledger is unavailable: {e}")
+
     async def login_form(self, request: Request) -> Response:
-        if self.site.sessions.read(request) is not None:
+        try:
+            signed_in = await self.site.sessions.read(request) is not None
+        except LedgerError as e:
+            return self._unavailable(request, e)
+        if signed_in:
             return self.site.redirect(request, safe_next(request.query_params.get("next")))
         return self._login_page(request, next_url=request.query_params.get("next") or "/inbox")
 
     async def login(self, request: Request) -> Response:
         try:
             form = await read_form(request)
-        except FormTooLarge:
-            return harden(Response("the form is too large", status_code=413, media_type="text/plain"))
+        except BodyRefused as e:
+            return harden(e.response())
         next_url = safe_next(str(form.get("next") or ""))
         if not self.site.sessions.check_login(request, form.get("csrf")):
             return self._login_page(request, status=403, next_url=next_url,
@@ -69,7 +79,10 @@ class Pages:
             log.warning("web sign-in refused: not a reviewer token (from %s)", request.client)
             return self._login_page(request, status=401, next_url=next_url,
                                     error="That is not a reviewer token. Agent tokens cannot sign in.")
-        _, cookie = self.site.sessions.open(identity, token_text)
+        try:
+            _, cookie = await self.site.sessions.open(identity, token_text)
+        except LedgerError as e:
+            return self._unavailable(request, e)
         response = self.site.redirect(request, next_url)
         set_cookie(response, request, SESSION_COOKIE, cookie, int(SESSION_TTL_S))
         clear_cookie(response, request, LOGIN_COOKIE, path="/login")
@@ -80,7 +93,7 @@ class Pages:
         if not self.site.sessions.check_csrf(request, session, form.get("csrf")):
             return self.site.page(request, "error.html", session, status=403, title="Refused",
                                   message="Sign-out refused: the form's security token is missing or wrong.")
-        self.site.sessions.revoke(session)
+        await self.site.sessions.revoke(session)
         response = self.site.redirect(request, "/login")
         clear_cookie(response, request, SESSION_COOKIE)
         return response
@@ -140,4 +153,5 @@ class Pages:
                                            error=f"Your vote was not counted: {outcome.message}")
         back = f"/inbox/requests/{request_id}" if form.get("back") == "request" else "/inbox"
         verb = "approved" if verdict == "approve" else "denied"
-        return self.site.redirect(request, back, flash=f"You {verb} request {request_id[:12]}: {outcome.message}.")
+        return self.site.redirect(request, back, flash=f"You {verb} request {request_id[:12]}: {outcome.message}.",
+                                  session=session)

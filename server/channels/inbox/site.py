@@ -12,6 +12,7 @@ from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
+from server.channels.bodies import BodyRefused, read_body, replay
 from server.channels.inbox.render import environment
 from server.channels.inbox.sessions import FLASH_COOKIE, Session, Sessions, clear_cookie, harden, set_cookie
 from server.errors import LedgerError
@@ -24,16 +25,10 @@ SAFE_NEXT = ("/inbox", "/audit")
 MAX_FORM_BYTES = 64 * 1024
 
 
-class FormTooLarge(Exception):
-    pass
-
-
 async def read_form(request: Request) -> FormData:
-    """A small url-encoded form; a body without a length or larger than MAX_FORM_BYTES is refused unread."""
-    length = request.headers.get("content-length", "")
-    if not length.isdigit() or int(length) > MAX_FORM_BYTES:
-        raise FormTooLarge()
-    return await request.form(max_files=0, max_fields=10)
+    """A small url-encoded form, read within the body limits (`BodyRefused` beyond MAX_FORM_BYTES or too slow)."""
+    body = await read_body(request, MAX_FORM_BYTES)
+    return await replay(request, body).form(max_files=0, max_fields=10)
 
 
 def safe_next(target: str | None) -> str:
@@ -60,22 +55,23 @@ class Site:
 
     def page(self, request: Request, name: str, session: Session | None, *, status: int = 200,
              **context: Any) -> HTMLResponse:
-        flash = self.sessions.signer.unsign("flash", request.cookies.get(FLASH_COOKIE)) if session else None
+        flash = self.sessions.read_flash(request, session) if session else None
         context.setdefault("error", None)
         context.setdefault("title", "keyturn")
         html = self.render(
             name, session=session, person=self.person(session), request=request,
             csrf=self.sessions.csrf_token(session) if session else "",
-            flash=flash.get("text") if flash else None, path=request.url.path, **context)
+            flash=flash, path=request.url.path, **context)
         response = harden(HTMLResponse(html, status_code=status))
-        if flash is not None:
+        if session is not None and FLASH_COOKIE in request.cookies:
             clear_cookie(response, request, FLASH_COOKIE)
         return response
 
-    def redirect(self, request: Request, target: str, *, flash: str | None = None) -> RedirectResponse:
+    def redirect(self, request: Request, target: str, *, flash: str | None = None,
+                 session: Session | None = None) -> RedirectResponse:
         response = RedirectResponse(target, status_code=303)
-        if flash:
-            set_cookie(response, request, FLASH_COOKIE, self.sessions.signer.sign("flash", {"text": flash[:500]}), 60)
+        if flash and session is not None:
+            set_cookie(response, request, FLASH_COOKIE, self.sessions.flash(session, flash), 60)
         harden(response)
         return response
 
@@ -83,7 +79,10 @@ class Site:
         """Wrap a handler: no session sends a page to sign-in (or a 401 for scripts); a ledger failure is a 503."""
 
         async def endpoint(request: Request) -> Response:
-            session = self.sessions.read(request)
+            try:
+                session = await self.sessions.read(request)
+            except LedgerError as e:
+                return harden(Response(f"the ledger is unavailable: {e}", status_code=503, media_type="text/plain"))
             if session is None:
                 if api:
                     return harden(Response("sign in first", status_code=401, media_type="text/plain"))
@@ -91,8 +90,8 @@ class Site:
                 return harden(RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303))
             try:
                 return await handler(request, session)
-            except FormTooLarge:
-                return harden(Response("the form is too large", status_code=413, media_type="text/plain"))
+            except BodyRefused as e:
+                return harden(e.response())
             except LedgerError as e:
                 return self.page(request, "error.html", session, status=503, title="Ledger unavailable",
                                  message=f"The ledger is unavailable: {e}")
