@@ -1,18 +1,44 @@
-"""The shell pack: run one command, without a shell unless asked, in an allowed directory, with a time limit.
+"""The shell pack: run one command in a bubblewrap sandbox, without a shell unless asked, with a time limit.
 
 Options (`tools: [{module: tools.shell, options: {...}}]`):
   cwd_roots        directories a command may run in (default: the process's cwd); the first is the default cwd.
+                   They are the only directories of the host a command sees besides the system, see below.
   default_timeout  seconds when the call gives none (default 30); `max_timeout` caps what a call may ask (600).
   max_output       bytes kept of stdout and of stderr each (default 65536); the true sizes are reported.
   inherit_env      environment variables passed through from keyturn's own environment (default: PATH, HOME,
-                   LANG, LC_ALL, TERM, TMPDIR, USER); `env` adds fixed ones. keyturn's own tokens stay out.
+                   LANG, LC_ALL, TERM, TMPDIR, USER); `env` adds fixed ones. Nothing else reaches a command. A name
+                   that holds one of keyturn's secrets, or that starts with `KEYTURN_`, is refused at load.
+  sandbox          `on` (default) or `off` (YAML `false` too): see below.
+  network          `true` lets commands use the host's network (default `false`: none at all).
+  ro_paths         extra directories mounted read-only in the sandbox (a toolchain: `/opt/go`, `~/.pyenv`).
+  bwrap            the bubblewrap binary (default `bwrap`, looked up on keyturn's PATH).
+  cpu_seconds, memory_bytes, max_processes
+                   limits for every process of a command: CPU time, address space (RLIMIT_AS), and RLIMIT_NPROC,
+                   which the kernel does not enforce when keyturn runs as root (see `tools.sandbox`). Default: none.
 
-A command is killed with its whole process group when it times out, when the call is cancelled, and when it
-exits, so nothing it started in the background outlives the call.
+The sandbox (`tools.sandbox`, bubblewrap): every command runs in its own PID, IPC, UTS, cgroup and (unless
+`network: true`) network namespace, with no capabilities, a fresh `/proc`, a minimal `/dev` and a private `/tmp`.
+It sees the system (`/usr`, `/bin`, `/sbin`, `/lib*`, `/etc`) and `ro_paths` read-only, and `cwd_roots`: writable
+only when the decision allowed a write. A call the classifiers judged read-only (`current_limits().read_only`) runs
+with the roots read-only, so a misjudged command fails with EROFS instead of writing. keyturn's own state (ledger
+with its `-wal`/`-shm` and `<ledger>.*` secrets, config, policy, secret store) is masked wherever it lies under a
+mount, checked again at every run; what lies outside the mounts (`../keyturn.db.reviewer-token` beside a root)
+does not exist in the sandbox. keyturn's processes, their `/proc/<pid>/environ` and loopback listeners (its
+reviewer API) are out of reach; with `network: true` the host's loopback is reachable, and the reviewer API then
+still needs a reviewer's token, which the sandbox cannot read. bubblewrap is Linux-only: where it cannot create a
+sandbox, the pack refuses to load (a `ConfigError` naming the fix) unless `sandbox: off`, which runs commands as
+keyturn itself, logs a warning at every start and records a `sandbox.disabled` ledger event.
+
+In the sandbox a command killed by a signal reports exit code 128 + the signal (without it: minus the signal).
+A program that does not exist, or a sandbox that could not be set up, is a tool error, not a result.
+
+A command is killed with its whole process group (with the sandbox: its whole PID namespace) when it times out,
+when the call is cancelled, and when it exits, so nothing it started in the background outlives the call.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import signal
@@ -20,19 +46,22 @@ import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import anyio.abc
 from pydantic import Field
 from typing_extensions import TypedDict
 
-from server.errors import InvalidArguments
+from server.errors import ConfigError, InvalidArguments
+from server.execution import PackContext, current_limits
 from server.registry import GuardedTool, ToolRegistry, guarded_tool
 from tools._common import PackOptions, cap_text, parse_options, real_roots, resolve_inside
+from tools.sandbox import Limits, Sandbox, sandbox_failure
 
 PACK = "tools.shell"
 _DRAIN_GRACE_S = 2.0
+log = logging.getLogger(__name__)
 
 
 class ShellOptions(PackOptions):
@@ -42,10 +71,25 @@ class ShellOptions(PackOptions):
     max_output: int = Field(65_536, ge=0)
     inherit_env: list[str] = Field(default_factory=lambda: ["PATH", "HOME", "LANG", "LC_ALL", "TERM", "TMPDIR", "USER"])
     env: dict[str, str] = Field(default_factory=dict)
+    sandbox: bool | Literal["on", "off"] = True
+    network: bool = False
+    ro_paths: list[str] = Field(default_factory=list)
+    bwrap: str = "bwrap"
+    cpu_seconds: int | None = Field(None, gt=0)
+    memory_bytes: int | None = Field(None, gt=0)
+    max_processes: int | None = Field(None, gt=0)
+
+    @property
+    def sandboxed(self) -> bool:
+        return self.sandbox is True or self.sandbox == "on"
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(cpu_seconds=self.cpu_seconds, memory_bytes=self.memory_bytes, processes=self.max_processes)
 
 
 class ShellResult(TypedDict):
-    exit_code: int | None  # negative: killed by that signal
+    exit_code: int | None  # killed by a signal: 128 + it in the sandbox, minus it without
     timed_out: bool
     stdout: str
     stderr: str
@@ -123,7 +167,8 @@ async def run_command(
     }
 
 
-def build_tools(opts: ShellOptions, environ: Mapping[str, str]) -> list[GuardedTool]:
+def build_tools(opts: ShellOptions, environ: Mapping[str, str], sandbox: Sandbox | None) -> list[GuardedTool]:
+    """The pack's tools; `sandbox=None` runs commands as keyturn itself (only with `sandbox: off`)."""
     roots = real_roots(opts.cwd_roots)
     env = {k: environ[k] for k in opts.inherit_env if k in environ} | opts.env
 
@@ -149,7 +194,17 @@ def build_tools(opts: ShellOptions, environ: Mapping[str, str]) -> list[GuardedT
         else:
             args = argv if argv is not None else shlex.split(command or "")
         assert cwd is not None  # the check fills it in
-        return await run_command(args, cwd=cwd, time_limit=timeout, max_output=opts.max_output, env=env)
+        if sandbox is None:
+            args = [*opts.limits.prefix(), *args]
+        elif current_limits().read_only:  # judged read-only: executed read-only
+            args = sandbox.argv(args, cwd=cwd, read_only=roots)
+        else:
+            args = sandbox.argv(args, cwd=cwd, writable=roots)
+        result = await run_command(args, cwd=cwd, time_limit=timeout, max_output=opts.max_output, env=env)
+        failure = sandbox_failure(result["exit_code"], result["stderr"]) if sandbox is not None else None
+        if failure is not None:
+            raise failure
+        return result
 
     @shell_run.check
     def _shell_check(args: dict[str, Any]) -> dict[str, Any]:
@@ -181,12 +236,30 @@ def build_tools(opts: ShellOptions, environ: Mapping[str, str]) -> list[GuardedT
     return [shell_run]
 
 
-def register(registry: ToolRegistry, options: Mapping[str, Any]) -> None:
+def register(registry: ToolRegistry, options: Mapping[str, Any], context: PackContext | None = None) -> None:
+    context = context if context is not None else PackContext()
     opts = parse_options(ShellOptions, options, PACK)
     if not opts.cwd_roots:
-        raise ValueError("cwd_roots must name at least one directory")
+        raise ConfigError("cwd_roots must name at least one directory")
     for root in real_roots(opts.cwd_roots):
         if not Path(root).is_dir():
-            raise ValueError(f"cwd_roots: {root} is not a directory")
-    for tool in build_tools(opts, os.environ):
+            raise ConfigError(f"cwd_roots: {root} is not a directory")
+    for path in real_roots(opts.ro_paths):
+        if not path.exists():
+            raise ConfigError(f"ro_paths: {path} does not exist")
+    for name in [*opts.inherit_env, *opts.env]:
+        if name in context.secret_env or name.upper().startswith("KEYTURN_"):
+            raise ConfigError(f"inherit_env/env: {name!r} holds keyturn's own secrets and may not reach a command")
+    sandbox: Sandbox | None = None
+    if opts.sandboxed:
+        sandbox = Sandbox(bwrap=opts.bwrap, network=opts.network, ro_paths=real_roots(opts.ro_paths),
+                          hidden=context.existing_state, limits=opts.limits)
+        sandbox.check_available()
+    else:
+        opts.limits.prefix()  # prlimit must exist when limits are set
+        log.warning("%s: the sandbox is off (`sandbox: off`): commands run as keyturn itself and can reach its "
+                    "files, processes and network", PACK)
+        context.record("sandbox.disabled", {"pack": PACK, "reason": "option sandbox: off",
+                                            "cwd_roots": [str(r) for r in real_roots(opts.cwd_roots)]})
+    for tool in build_tools(opts, os.environ, sandbox):
         registry.add(tool)

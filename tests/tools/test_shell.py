@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,8 +40,8 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
-def _poll(ready: Callable[[], bool], within: float = 5.0) -> None:
-    # A grandchild is not ours to wait on and a pidfile has no event, so these two waits poll, bounded.
+def _poll(ready: Callable[[], bool], within: float = 10.0) -> None:
+    # A process in the sandbox's PID namespace is not ours to wait on and has no event, so these waits poll, bounded.
     deadline = time.monotonic() + within
     while not ready():
         if time.monotonic() > deadline:
@@ -47,13 +49,34 @@ def _poll(ready: Callable[[], bool], within: float = 5.0) -> None:
         time.sleep(0.02)
 
 
+def unique_sleep() -> list[str]:
+    """A `sleep` argv no other process has: its pid inside the sandbox means nothing here, its cmdline finds it."""
+    return ["sleep", str(500_000 + secrets.randbelow(400_000))]
+
+
+def host_pids(argv: list[str]) -> list[int]:
+    """The pids (as keyturn sees them) of the processes running exactly `argv`."""
+    wanted, found = "".join(f"{a}\0" for a in argv).encode(), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{entry}/cmdline").read_bytes() == wanted and alive(int(entry)):
+                    found.append(int(entry))
+    return found
+
+
 async def wait_dead(pid: int) -> None:
     await anyio.to_thread.run_sync(_poll, lambda: not alive(pid))
 
 
-async def read_pid(path: Path) -> int:
-    await anyio.to_thread.run_sync(_poll, lambda: path.exists() and path.read_text().strip() != "")
-    return int(await anyio.Path(path).read_text())
+async def host_pid(argv: list[str]) -> int:
+    await anyio.to_thread.run_sync(_poll, lambda: len(host_pids(argv)) == 1)
+    return host_pids(argv)[0]
+
+
+async def release(fifo: Path) -> None:
+    """Let a command blocked on `read x < fifo` go on."""
+    await anyio.to_thread.run_sync(fifo.write_text, "go\n")
 
 
 def test_declarations(shell: GuardedTool, tmp_path: Path) -> None:
@@ -83,30 +106,48 @@ async def test_output_is_capped_with_its_true_size(shell: GuardedTool) -> None:
     assert data["stdout_bytes"] == 50000 and data["truncated"] is True
 
 
-async def test_timeout_kills_the_whole_process_group(shell: GuardedTool, tmp_path: Path) -> None:
-    pidfile = tmp_path / "work" / "bg.pid"
-    with anyio.fail_after(10):
-        data = (
-            await shell.run({"command": "sleep 60 & echo $! > bg.pid; wait", "use_shell": True, "timeout": 0.5})
-        ).structured_content
-    assert data["timed_out"] is True and data["exit_code"] is None
-    await wait_dead(int(pidfile.read_text()))
+async def test_timeout_kills_the_whole_process_group(shell: GuardedTool) -> None:
+    sleeper = unique_sleep()
+    result: dict[str, Any] = {}
+
+    async def call() -> None:
+        command = f"{' '.join(sleeper)} & wait"
+        result.update((await shell.run({"command": command, "use_shell": True, "timeout": 3})).structured_content)
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            pid = await host_pid(sleeper)
+    assert result["timed_out"] is True and result["exit_code"] is None
+    await wait_dead(pid)
 
 
 async def test_background_children_do_not_outlive_the_call(shell: GuardedTool, tmp_path: Path) -> None:
-    with anyio.fail_after(10):
-        data = (await shell.run({"command": "sleep 60 & echo $! > bg.pid", "use_shell": True})).structured_content
-    assert data["exit_code"] == 0
-    await wait_dead(int((tmp_path / "work" / "bg.pid").read_text()))
+    sleeper, fifo = unique_sleep(), tmp_path / "work" / "go.fifo"
+    os.mkfifo(fifo)
+    result: dict[str, Any] = {}
 
+    async def call() -> None:
+        command = f"{' '.join(sleeper)} & read x < go.fifo"
+        result.update((await shell.run({"command": command, "use_shell": True})).structured_content)
 
-async def test_cancelling_the_call_kills_the_command(shell: GuardedTool, tmp_path: Path) -> None:
-    pidfile = tmp_path / "work" / "fg.pid"
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(shell.run, {"command": "echo $$ > fg.pid; exec sleep 60", "use_shell": True})
-        pid = await read_pid(pidfile)
-        tg.cancel_scope.cancel()
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            pid = await host_pid(sleeper)  # the background child runs ...
+            await release(fifo)  # ... and the command it was started by ends
+    assert result["exit_code"] == 0 and result["timed_out"] is False
     await wait_dead(pid)
+
+
+async def test_cancelling_the_call_kills_the_command(shell: GuardedTool) -> None:
+    sleeper = unique_sleep()
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(shell.run, {"command": f"exec {' '.join(sleeper)}", "use_shell": True})
+            pid = await host_pid(sleeper)
+            tg.cancel_scope.cancel()
+        await wait_dead(pid)
 
 
 async def test_keyturn_secrets_in_the_environment_are_not_passed_on(
