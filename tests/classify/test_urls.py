@@ -51,3 +51,47 @@ def test_hosts_given_bare_with_a_port() -> None:
     f = classify_urls([], ["DB.Example.com:5432", "10.0.0.1"])
     assert f["hosts"] == ["db.example.com", "10.0.0.1"] and f["ports"] == [5432]
     assert f["private"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://017700000001/", "http://0x7f000001/", "http://127.1/", "http://127.0.0.1./", "http://0.0.0.0/",
+        "http://0/", "http://[::]/", "http://[0:0:0:0:0:0:0:1]/", "http://[::ffff:7f00:1]/", "http://[::127.0.0.1]/",
+        "http://[64:ff9b::7f00:1]/", "http://[2002:7f00:1::]/", "http://LOCALHOST./",
+    ],
+)
+def test_every_spelling_of_this_machine_is_loopback(url: str) -> None:
+    f = classify_urls([url], [])
+    assert f["loopback"] and f["private"] and not f["unparseable"], url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://100.64.0.1/", "http://224.0.0.1/", "http://240.0.0.1/", "http://[fc00::1]/", "http://[fe80::1]/",
+        "http://[ff02::1]/", "http://[::ffff:10.0.0.1]/", "http://172.31.255.255/", "http://192.0.2.1/",
+    ],
+)
+def test_internal_and_reserved_addresses_are_private(url: str) -> None:
+    f = classify_urls([url], [])
+    assert f["private"] and not f["loopback"], url
+
+
+@pytest.mark.parametrize(
+    "url", ["http://[fd00:ec2::254]/", "http://100.100.100.200/", "http://0xa9fea9fe/", "http://[::ffff:a9fe:a9fe]/"]
+)
+def test_metadata_endpoints_in_any_spelling(url: str) -> None:
+    f = classify_urls([url], [])
+    assert f["metadata_endpoint"] and f["private"], url
+
+
+@pytest.mark.parametrize("url", ["https://8.8.8.8/", "https://[2606:4700::1111]/", "https://[::ffff:8.8.8.8]/"])
+def test_public_addresses_are_not_private(url: str) -> None:
+    f = classify_urls([url], [])
+    assert not f["private"] and not f["loopback"] and not f["metadata_endpoint"], url
+
+
+def test_a_numeric_host_that_is_no_address_is_unparseable() -> None:
+    f = classify_urls(["http://999.1.1.1/"], [])
+    assert f["unparseable"] and "not a valid IPv4" in f["errors"][0]
