@@ -201,7 +201,7 @@ def _what(path: Path, context: PackContext) -> str:
         return f"{path} (beside the ledger: its journal or secrets)"
     if path == default_policy_path():
         return f"{path} (the shipped default policy, in keyturn's checkout)"
-    return str(path)
+    return f"{path} (keyturn's config, policy or secret store)"
 
 
 def refuse_state(spelled: str, root: Path, context: PackContext) -> None:
@@ -218,6 +218,8 @@ def refuse_state(spelled: str, root: Path, context: PackContext) -> None:
     if default_policy_path() in reached:
         fixes.append("give `--policy`/`policy:` a policy file outside the root (the default one is in keyturn's "
                      "checkout, under policies/, so a root that holds the checkout holds it)")
+    if any(_what(p, context).endswith("secret store)") for p in reached):
+        fixes.append("keep keyturn's config, policy and secret store outside the root")
     if Path("/proc") in reached:
         fixes.append("choose a root that neither contains nor lies inside /proc (so never `/`)")
     fixes.append("or choose a narrower root that holds only what agents may touch")
