@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from server.app import Keyturn, running
+from server.channels.decision_link import LinkSigner
 from server.classify.secrets import find_kinds
 from server.config import Person, Reviewer, Settings, ToolPack
 from server.errors import PolicyError
@@ -337,7 +339,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     cfg = slack_config(home, post_timeout_s=3, request_timeout_s=1, retries=1)
     del cfg["policy"]
-    cfg["teams"] = teams_config(teams, request_timeout_s=2, retries=1)
+    cfg["teams"] = teams_config(teams, request_timeout_s=2, retries=1, webhook_url=teams.base + "/webhook")
     cfg["reviewers"] = [*cfg["reviewers"], *(r for r in reviewers() if r["identity"].startswith("teams:"))]
     home.extra_env = {**slack_env(slack), "KEYTURN_TEAMS_APP_PASSWORD": APP_PASSWORD, "KEYTURN_LINK_SECRET": LINK_SECRET}
     home.configure(**cfg)
@@ -359,7 +361,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         server.server_close()
 
 
-def post(world: World, path: str, content: bytes, headers: dict[str, str]) -> httpx2.Response:
+def post(world: World, path: str, content: bytes | Iterator[bytes], headers: dict[str, str]) -> httpx2.Response:
     """One request on its own connection: a server may answer before reading a body it refuses, then close."""
     with httpx2.Client(base_url=world.base, timeout=30) as http:
         return http.post(path, content=content, headers=headers)
@@ -546,6 +548,100 @@ def test_authenticated_hostile_teams_activities_never_500_and_never_approve(worl
     forged = post(world, "/teams/messages", content, {**headers, "Authorization": "Bearer " + "e30." * 3})
     assert_sane(r)
     assert forged.status_code == 401
+    world.assert_untouched()
+
+
+# -- bodies nobody has authenticated: bounded in size and time while they stream ----------------------
+
+UNAUTHENTICATED_BODIES = ["/slack/events", "/teams/messages", "/login", "/teams/decide/{link}"]
+BIG_BODY = 64 * 1024 * 1024
+RSS_BOUND = 24 * 1024 * 1024  # a few limits' worth of buffers; the body itself is 64 MiB
+
+
+def proc_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def endpoint(world: World, path: str) -> str:
+    link = LinkSigner(LINK_SECRET.encode()).mint(world.request_id, time.time() + 3600)
+    return path.replace("{link}", link)
+
+
+async def raw_exchange(world: World, head: bytes, body: bytes) -> tuple[int, bytes]:
+    """Send `head` and the start of a body on a socket of its own, then only listen: (status, everything answered
+    until the server closed)."""
+    port = int(world.base.rpartition(":")[2])
+    answer = b""
+    with anyio.fail_after(60):
+        async with await anyio.connect_tcp("127.0.0.1", port) as sock:
+            await sock.send(head + body)
+            while True:
+                try:
+                    data = await sock.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    break
+                answer += data
+    status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+    return status, answer
+
+
+def request_head(world: World, path: str, length: int) -> bytes:
+    host = world.base.removeprefix("http://")
+    kind = "application/json" if path.startswith(("/slack", "/teams/messages")) else "application/x-www-form-urlencoded"
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {kind}\r\n"
+            f"X-Slack-Request-Timestamp: 1\r\nX-Slack-Signature: v0=00\r\nContent-Length: {length}\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize("path", ["/slack/events", "/teams/messages"])
+def test_a_64_mib_unsigned_body_is_refused_while_it_streams_and_the_server_does_not_grow(world: World,
+                                                                                        path: str) -> None:
+    pid = world.home.procs[0].pid
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM starts again from the current RSS
+    before = proc_kib(pid, "VmRSS")
+    chunk, sent = b"{" + b" " * (64 * 1024 - 1), 0
+
+    def body() -> Iterator[bytes]:  # streamed chunk by chunk (no Content-Length): never 64 MiB in this process
+        nonlocal sent
+        while sent < BIG_BODY:
+            sent += len(chunk)
+            yield chunk
+
+    r = post(world, path, body(), {"Content-Type": "application/json", "X-Slack-Request-Timestamp": "1",
+                                   "X-Slack-Signature": "v0=00", "Authorization": "Bearer e30.e30.e30"})
+    peak = proc_kib(pid, "VmHWM")
+    assert r.status_code == 413, (r.status_code, r.text[:300])
+    assert sent < BIG_BODY  # the server stopped reading and closed: the rest was never sent
+    assert (peak - before) * 1024 < RSS_BOUND, f"RSS grew by {(peak - before) // 1024} MiB"
+    world.assert_untouched()
+
+
+@pytest.mark.parametrize("path", UNAUTHENTICATED_BODIES)
+def test_a_huge_content_length_is_refused_before_any_body_arrives(world: World, path: str) -> None:
+    status, answer = anyio.run(raw_exchange, world, request_head(world, endpoint(world, path), 400 * 1024 * 1024),
+                               b"{")
+    assert status == 413, answer[:300]  # not a 408: the server did not wait for the body it would refuse
+    assert b"connection: close" in answer.lower()
+    world.assert_untouched()
+
+
+def test_a_slow_partial_body_is_cut_off_by_the_read_deadline(world: World) -> None:
+    answers: dict[str, tuple[int, bytes]] = {}
+
+    async def slow(path: str) -> None:
+        answers[path] = await raw_exchange(world, request_head(world, endpoint(world, path), 1000), b"{\"type\":")
+
+    async def all_at_once() -> None:
+        async with anyio.create_task_group() as tg:
+            for path in UNAUTHENTICATED_BODIES:
+                tg.start_soon(slow, path)
+
+    anyio.run(all_at_once)
+    for path, (status, answer) in answers.items():
+        assert status == 408, (path, answer[:300])  # and the connection was closed (raw_exchange read to the end)
+        assert b"connection: close" in answer.lower()
     world.assert_untouched()
 
 
