@@ -60,10 +60,12 @@ class Cluster:
             raise RuntimeError(f"psql failed ({done.returncode}): {done.stderr.strip()}")
         return done.stdout
 
+    def create_role(self, name: str) -> None:
+        """A login role without superuser rights (trust authentication: no password)."""
+        self.psql(f'CREATE ROLE "{name}" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE')
+
     def create_database(self, name: str, owner: str = SUPERUSER) -> str:
-        """A new empty database owned by `owner` (a role made here if it is not the superuser); its URL."""
-        if owner != SUPERUSER:
-            self.psql(f'CREATE ROLE "{owner}" LOGIN')
+        """A new empty database owned by `owner` (an existing role); the URL to connect to it as `owner`."""
         self.psql(f'CREATE DATABASE "{name}" OWNER "{owner}"')
         return self.url(name, owner)
 
@@ -88,7 +90,7 @@ def start_cluster(bindir: Path, attempts: int = 3) -> Cluster:
     try:
         _as_owner([str(bindir / "initdb"), "-D", str(cluster.data), "-U", SUPERUSER, "--auth=trust",
                    "--no-sync", "-E", "UTF8", "--locale=C"])
-        for attempt in range(attempts):
+        for _ in range(attempts):  # another process may take the free port before the server binds it
             cluster.port = _free_port()
             options = (f"-c listen_addresses=127.0.0.1 -p {cluster.port} -k {root} "
                        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
@@ -96,10 +98,8 @@ def start_cluster(bindir: Path, attempts: int = 3) -> Cluster:
                                  "-l", str(root / "server.log"), "-w", "-t", "60", "start"], check=False)
             if started.returncode == 0:
                 return cluster
-            if attempt == attempts - 1:  # another process may have taken the port in between: try another
-                log = (root / "server.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"PostgreSQL did not start: {started.stderr.strip()}\n{log}")
+        log = (root / "server.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"PostgreSQL did not start after {attempts} attempts: {started.stderr.strip()}\n{log}")
     except BaseException:
         cluster.stop()
         raise
-    raise AssertionError("unreachable")

@@ -248,8 +248,8 @@ _READ_ACTIONS = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.S
 class _SqliteGuard:
     """SQLite's authorizer for one connection; `refused` says what it refused, for the error the agent sees.
 
-    Always: no ATTACH/DETACH (they would reach any file on disk, past the policy's view of this database, and
-    VACUUM INTO attaches) and no process-wide pragma. Read-only: nothing but reads and the reporting pragmas,
+    Always: no ATTACH/DETACH of a file (it would reach any file on disk, past the policy's view of this database;
+    VACUUM INTO attaches one) and no process-wide pragma. Read-only: nothing but reads and the reporting pragmas,
     on top of `mode=ro` and `query_only` (which still let a temp table or a connection setting through).
     """
 
@@ -259,7 +259,10 @@ class _SqliteGuard:
 
     def __call__(self, action: int, arg1: str | None, arg2: str | None, *_: Any) -> int:
         if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
-            return self._deny("tools.sql refuses ATTACH, DETACH and VACUUM INTO on SQLite")
+            if action == sqlite3.SQLITE_ATTACH and arg1 == "" and not self.read_only:
+                return sqlite3.SQLITE_OK  # a private temporary database: what a plain VACUUM attaches
+            return self._deny("tools.sql refuses ATTACH, DETACH and VACUUM INTO on SQLite" if not self.read_only
+                              else "this call runs read-only: SQLite refused ATTACH/VACUUM")
         if action == sqlite3.SQLITE_PRAGMA:
             name = (arg1 or "").lower()
             if name in _PROCESS_PRAGMAS:

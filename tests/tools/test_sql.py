@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import json
 import os
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from server.classify import ClassifyContext, extract_facts
 from server.errors import ConfigError, InvalidArguments, ToolError
+from server.execution import PackContext, RunLimits, run_limits
+from server.models import Decision
+from server.policy.loader import load_policy
+from server.policy.testing import call_for
 from server.registry import GuardedTool, ToolRegistry, load_pack
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -22,6 +31,7 @@ def sql(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, GuardedToo
     db = tmp_path / "shop.db"
     with sqlite3.connect(db) as conn:
         conn.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, customer TEXT, total REAL, note BLOB)")
+        conn.execute("CREATE INDEX orders_customer ON orders (customer)")
         conn.executemany(
             "INSERT INTO orders (customer, total, note) VALUES (?, ?, ?)",
             [(f"c{i}", i * 1.5, b"\x00\xff" if i == 1 else None) for i in range(1, 26)],
@@ -30,6 +40,24 @@ def sql(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, GuardedToo
     reg = ToolRegistry()
     load_pack("tools.sql", reg, {"database": "shop.db", "max_rows": 20})
     return {t.name: t for t in reg.list()}
+
+
+@contextlib.contextmanager
+def judged_read_only() -> Iterator[None]:
+    """Run the block as the gate runs a call whose facts judged it read-only."""
+    token = run_limits.set(RunLimits(read_only=True))
+    try:
+        yield
+    finally:
+        run_limits.reset(token)
+
+
+def decide(tool: GuardedTool, arguments: dict[str, Any]) -> Decision:
+    """The shipped policy's decision on a call to this tool, with the facts its own classifiers extract."""
+    policy = load_policy(ROOT / "policies" / "default.yaml")
+    call = call_for(tool.name, arguments, annotations=tool.annotations)
+    return policy.decide(call, extract_facts(tool.name, arguments, tool.classifiers, tool.annotations,
+                                             ClassifyContext()))
 
 
 def rows(db: Path, sql: str) -> list[Any]:
@@ -80,6 +108,7 @@ async def test_execute_changes_data_and_reports_rows_affected(sql: dict[str, Gua
     assert rows(tmp_path / "shop.db", "SELECT count(*) FROM orders WHERE total = 0") == [(3,)]
     await sql["sql_execute"].run({"statement": "CREATE TABLE audit (x TEXT)"})
     assert rows(tmp_path / "shop.db", "SELECT name FROM sqlite_master WHERE name = 'audit'") == [("audit",)]
+    await sql["sql_execute"].run({"statement": "VACUUM"})  # attaches a private temporary database, no file
 
 
 @pytest.mark.parametrize("tool", ["sql_query", "sql_execute"])
@@ -93,13 +122,139 @@ async def test_one_statement_per_call(sql: dict[str, GuardedTool], tool: str, tm
     assert rows(tmp_path / "shop.db", "SELECT count(*) FROM orders") == [(25,)]
 
 
-@pytest.mark.parametrize("statement", ["ATTACH DATABASE 'other.db' AS o", "VACUUM INTO 'copy.db'"])
+@pytest.mark.parametrize("statement", ["ATTACH DATABASE 'other.db' AS o", "VACUUM INTO 'copy.db'", "DETACH temp"])
 async def test_attach_and_vacuum_into_cannot_reach_other_files(
     sql: dict[str, GuardedTool], tmp_path: Path, statement: str
 ) -> None:
     with pytest.raises(ToolError, match="refuses ATTACH"):
         await sql["sql_execute"].run({"statement": statement})
     assert not (tmp_path / "other.db").exists() and not (tmp_path / "copy.db").exists()
+
+
+# -- what was judged read-only runs read-only ------------------------------------------------------------
+
+
+def snapshot(db: Path) -> tuple[Any, ...]:
+    """Everything a statement could change that a reader of the file would see."""
+    return (
+        rows(db, "SELECT * FROM orders ORDER BY id"),
+        rows(db, "SELECT type, name, sql FROM sqlite_master ORDER BY name"),
+        rows(db, "PRAGMA user_version"),
+        rows(db, "PRAGMA journal_mode"),
+        db.stat().st_size,
+    )
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "DELETE FROM orders WHERE id = 1",
+        "UPDATE orders SET total = 0",
+        "INSERT INTO orders (customer) VALUES ('x')",
+        "CREATE TABLE audit (x)",
+        "DROP INDEX orders_customer",
+        "CREATE TEMP TABLE scratch (x)",
+        "PRAGMA user_version = 5",
+        "PRAGMA journal_mode = wal",
+        "PRAGMA query_only = 0",
+        "PRAGMA wal_checkpoint(TRUNCATE)",
+        "PRAGMA optimize",
+        "VACUUM",
+        "REINDEX",
+        "ANALYZE",
+        "BEGIN IMMEDIATE",
+    ],
+)
+async def test_a_run_judged_read_only_cannot_write(sql: dict[str, GuardedTool], tmp_path: Path, statement: str) -> None:
+    db = tmp_path / "shop.db"
+    before = snapshot(db)
+    with judged_read_only(), pytest.raises(ToolError, match="runs read-only"):
+        await sql["sql_execute"].run({"statement": statement})
+    assert snapshot(db) == before
+    assert not (tmp_path / "shop.db-wal").exists()
+
+
+@pytest.mark.parametrize(
+    "statement",
+    ["SELECT count(*) FROM orders", "PRAGMA table_info(orders)", "PRAGMA user_version", "EXPLAIN QUERY PLAN "
+     "SELECT * FROM orders WHERE customer = 'c1'", "WITH t AS (SELECT 1 AS x) SELECT x FROM t"],
+)
+async def test_a_run_judged_read_only_still_reads(sql: dict[str, GuardedTool], statement: str) -> None:
+    with judged_read_only():
+        result = await sql["sql_execute"].run({"statement": statement})
+    assert result.structured_content == {"rows_affected": 0}
+
+
+@pytest.mark.parametrize("pragma", ["soft_heap_limit = 1", "hard_heap_limit = 1", "temp_store_directory = '/tmp'"])
+async def test_pragmas_that_change_the_whole_process_are_refused(sql: dict[str, GuardedTool], pragma: str) -> None:
+    # They would reach keyturn's own ledger connections in this process; never, read-only or not.
+    for tool, field in (("sql_execute", "statement"), ("sql_query", "query")):
+        with pytest.raises(ToolError, match="changes the whole process"):
+            await sql[tool].run({field: f"PRAGMA {pragma}"})
+
+
+def test_a_where_that_selects_every_row_is_a_mass_change(sql: dict[str, GuardedTool]) -> None:
+    for statement in ("DELETE FROM users WHERE id = id", "DELETE FROM users WHERE rowid > 0",
+                      "UPDATE users SET admin = 1 WHERE name IS NOT NULL", 'DELETE FROM users WHERE "id" = 3'):
+        decision = decide(sql["sql_execute"], {"statement": statement})
+        assert decision.risk == "critical" and "sql-mass-change" in [r.id for r in decision.rules], statement
+    targeted = decide(sql["sql_execute"], {"statement": "DELETE FROM users WHERE id = 3"})
+    assert targeted.risk == "medium" and [r.id for r in targeted.rules] == ["sql-write"]
+
+
+# -- keyturn's own files are not a database ---------------------------------------------------------------
+
+
+@pytest.fixture
+def keyturn_state(tmp_path: Path) -> tuple[PackContext, Path]:
+    state = tmp_path / "state"
+    state.mkdir()
+    ledger = state / "keyturn.db"
+    with contextlib.closing(sqlite3.connect(ledger)) as conn:
+        conn.execute("PRAGMA journal_mode = wal")
+        conn.execute("CREATE TABLE events (seq INTEGER PRIMARY KEY, body TEXT)")
+        conn.execute("INSERT INTO events (body) VALUES ('genesis')")
+        conn.commit()
+    (state / "keyturn.db.checkpoint-key").write_text("secret")
+    (state / "policy.yaml").write_text("version: 1\n")
+    context = PackContext.for_state([ledger, state / "policy.yaml"], ledger=ledger)
+    return context, ledger
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["{ledger}", "sqlite:///{ledger}", "{ledger}-wal", "{ledger}-shm", "{ledger}-journal", "{ledger}.checkpoint-key",
+     "{state}/policy.yaml", "{state}/../state/./keyturn.db", "link.db", "hard.db"],
+)
+def test_the_ledger_is_not_a_database_a_tool_may_open(
+    keyturn_state: tuple[PackContext, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spelling: str
+) -> None:
+    context, ledger = keyturn_state
+    monkeypatch.chdir(tmp_path)
+    os.symlink(ledger, tmp_path / "link.db")
+    os.link(ledger, tmp_path / "hard.db")
+    database = spelling.format(ledger=ledger, state=ledger.parent)
+    with pytest.raises(ConfigError, match="one of keyturn's own files"):
+        load_pack("tools.sql", ToolRegistry(), {"database": database}, context)
+
+
+async def test_a_link_to_the_ledger_made_after_load_is_refused(
+    keyturn_state: tuple[PackContext, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context, ledger = keyturn_state
+    monkeypatch.chdir(tmp_path)
+    reg = ToolRegistry()
+    load_pack("tools.sql", reg, {"database": "data.db"}, context)
+    execute = reg.get("sql_execute")
+    assert execute is not None
+    await execute.run({"statement": "CREATE TABLE t (x)"})
+    # The agent (through another tool) swaps the configured file for a link to the ledger.
+    for link in (os.symlink, os.link):
+        (tmp_path / "data.db").unlink()
+        link(ledger, tmp_path / "data.db")
+        with pytest.raises(ToolError, match="refuses"):
+            await execute.run({"statement": "DELETE FROM events"})
+    assert rows(ledger, "SELECT body FROM events") == [("genesis",)]
 
 
 async def test_export_a_table_to_csv(sql: dict[str, GuardedTool], tmp_path: Path) -> None:
@@ -169,6 +324,11 @@ async def test_query_on_a_missing_database_says_so(tmp_path: Path, monkeypatch: 
     (tmp_path / "new").mkdir()
     await reg.get("sql_execute").run({"statement": "CREATE TABLE t (x)"})  # type: ignore[union-attr]
     assert (tmp_path / "new" / "data.db").exists()
+
+
+def test_another_database_beside_the_ledger_loads(keyturn_state: tuple[PackContext, Path]) -> None:
+    context, ledger = keyturn_state
+    load_pack("tools.sql", ToolRegistry(), {"database": str(ledger.parent / "shop.db")}, context)
 
 
 def test_defaults_load_without_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
