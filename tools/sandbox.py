@@ -119,7 +119,7 @@ class Sandbox:
                 mounts.append((Path(name), ["--ro-bind", name, name]))
                 binds.append(Path(name))
         mounts.append((Path("/tmp"), ["--tmpfs", "/tmp"]))
-        mounts += [(p, []) for p in _VIRTUAL]  # placeholders, filled below so a root of `/` cannot show the host's
+        mounts += [(p, []) for p in _VIRTUAL]  # filled in below
         for flag, paths, what in (("--ro-bind", self.ro_paths, "ro_paths"), ("--ro-bind", read_only, "read-only root"),
                                   ("--bind", writable, "writable root")):
             for path in map(_real, paths):
@@ -159,15 +159,19 @@ class Sandbox:
     @staticmethod
     def _refuse_virtual(path: Path, what: str) -> None:
         for v in _VIRTUAL:
-            if _inside(path, v):
-                raise ConfigError(f"sandbox: a {what} may not be {path}: {v} in the sandbox is its own, not the host's")
+            if _inside(path, v) or _inside(v, path):
+                raise ConfigError(f"sandbox: a {what} may not be {path}: {v} in the sandbox is its own, not the host's "
+                                  f"(and a mount of / would show all of the host: /run's sockets, /sys, /root)")
 
-    def check_available(self) -> None:
-        """Start a real sandbox (with these options) and check it: its PID namespace (and network namespace, unless
-        `network`) is not keyturn's, and its process has no capability. Raise `SandboxUnavailable` naming the fix."""
+    def check_available(self, *, writable: Iterable[str | os.PathLike[str]] = (),
+                        read_only: Iterable[str | os.PathLike[str]] = ()) -> None:
+        """Start a real sandbox (with these options and mounts) and check it: its PID namespace (and network
+        namespace, unless `network`) is not keyturn's, and its process has no capability. Raise `SandboxUnavailable`
+        naming the fix (or `ConfigError` for a path that cannot be mounted)."""
         info_r, info_w = os.pipe()
         try:
-            argv = self._argv(["cat", "/proc/self/status"], cwd="/", info_fd=info_w)
+            argv = self._argv(["cat", "/proc/self/status"], cwd="/", writable=writable, read_only=read_only,
+                              info_fd=info_w)
             done = subprocess.run(argv, capture_output=True, text=True, timeout=_CHECK_TIMEOUT_S, check=False,
                                   stdin=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin", "LANG": "C"},
                                   pass_fds=(info_w,))

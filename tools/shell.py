@@ -254,7 +254,7 @@ def register(registry: ToolRegistry, options: Mapping[str, Any], context: PackCo
     if opts.sandboxed:
         sandbox = Sandbox(bwrap=opts.bwrap, network=opts.network, ro_paths=real_roots(opts.ro_paths),
                           hidden=context.existing_state, limits=opts.limits)
-        sandbox.check_available()
+        sandbox.check_available(writable=real_roots(opts.cwd_roots))
     else:
         opts.limits.prefix()  # prlimit must exist when limits are set
         log.warning("%s: the sandbox is off (`sandbox: off`): commands run as keyturn itself and can reach its "

@@ -391,11 +391,13 @@ async def test_sandbox_off_is_in_the_ledger_after_start(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------- the module itself
 
 
-def test_paths_under_proc_or_dev_are_refused(tmp_path: Path) -> None:
+def test_the_host_proc_dev_or_whole_root_cannot_be_mounted(keyturn: Keyturn) -> None:
     with pytest.raises(ConfigError, match="/proc"):
         Sandbox(ro_paths=(Path("/proc/1"),))
     with pytest.raises(ConfigError, match="/dev"):
         Sandbox().argv(["true"], cwd="/dev/shm", writable=["/dev/shm"])
+    with pytest.raises(ConfigError, match="may not be /:"):
+        shell(keyturn.context, Path("/"))
 
 
 def test_limits_are_a_prlimit_prefix() -> None:
