@@ -118,8 +118,8 @@ class Sandbox:
             elif os.path.isdir(name):
                 mounts.append((Path(name), ["--ro-bind", name, name]))
                 binds.append(Path(name))
-        mounts.append((Path("/tmp"), ["--tmpfs", "/tmp"]))
-        mounts += [(p, []) for p in _VIRTUAL]  # filled in below
+        mounts += [(Path("/tmp"), ["--tmpfs", "/tmp"]), (Path("/proc"), ["--proc", "/proc"]),
+                   (Path("/dev"), ["--dev", "/dev"])]
         for flag, paths, what in (("--ro-bind", self.ro_paths, "ro_paths"), ("--ro-bind", read_only, "read-only root"),
                                   ("--bind", writable, "writable root")):
             for path in map(_real, paths):
@@ -131,11 +131,7 @@ class Sandbox:
                 "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
         if self.network:
             args.append("--share-net")
-        for dest, flags in mounts:
-            if dest == Path("/proc"):
-                flags = ["--proc", "/proc"]
-            elif dest == Path("/dev"):
-                flags = ["--dev", "/dev"]
+        for _, flags in mounts:
             args += flags
         args += self._masks(binds)
         args += ["--chdir", str(_real(cwd)), "--", *command]
@@ -143,12 +139,9 @@ class Sandbox:
 
     def _masks(self, binds: list[Path]) -> list[str]:
         args: list[str] = []
-        for path in dict.fromkeys(self.hidden()):
-            path = Path(path)
-            # A symlink is shown as it is: its target is masked itself when it lies under a mount, or is absent.
-            if os.path.islink(path) or not os.path.exists(path) or not path.is_absolute():
-                continue
-            if not any(_inside(path, b) for b in binds):
+        # By real path: a symlink to a state file is shown as it is, and leads to the mask or to nothing.
+        for path in dict.fromkeys(_real(p) for p in self.hidden()):
+            if not path.exists() or not any(_inside(path, b) for b in binds):
                 continue
             if path.is_dir():
                 args += ["--tmpfs", str(path), "--remount-ro", str(path)]

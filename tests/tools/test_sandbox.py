@@ -72,7 +72,7 @@ def shell(context: PackContext, root: Path, **options: Any) -> GuardedTool:
 
 async def sh(tool: GuardedTool, command: str, **arguments: Any) -> dict[str, Any]:
     result = await tool.run(tool.validate({"command": command, "use_shell": True, **arguments}))
-    data = result.structured_content
+    data: dict[str, Any] | None = result.structured_content
     assert data is not None
     return data
 
@@ -120,12 +120,15 @@ async def test_state_inside_a_root_cannot_be_changed_even_when_writes_are_allowe
 
 async def test_state_beside_a_root_does_not_exist_in_the_sandbox(keyturn: Keyturn) -> None:
     tool = shell(keyturn.context, keyturn.home / "project")
+    os.symlink(keyturn.home, keyturn.home / "project" / "up")  # a link someone left in the root
     for command in ["cat ../keyturn.db.reviewer-token", f"cat {keyturn.token}", "cat ../store/master.key",
+                    "cat up/keyturn.db.reviewer-token", "cat up/store/master.key",
                     "grep -rs kt-secret .. /tmp /root /home", f"ls -a {keyturn.home.parent.parent}"]:
         data = await sh(tool, command)
         assert SECRET not in data["stdout"] + data["stderr"], command
     # Up from the root there is only the way down to it: bwrap's empty directories, not the host's.
     assert (await sh(tool, "ls -a .."))["stdout"].split() == [".", "..", "project"]
+    assert SECRET in keyturn.token.read_text()  # while it is there, for keyturn
     assert (await sh(tool, "ls -A /tmp"))["stdout"].split() == [keyturn.home.parts[2]]
 
 
