@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sqlite3
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -16,8 +15,10 @@ from typing import Any
 
 import pytest
 
+from server.app import running
 from server.approvals import ApprovalBroker, ReviewerDirectory
 from server.classify import ClassifyContext
+from server.config import Settings, ToolPack
 from server.errors import ConfigError
 from server.execution import PackContext, RunLimits, run_limits
 from server.gate import Gate, Identity
@@ -379,16 +380,40 @@ async def test_sandbox_off_loads_warns_and_is_recorded(
         assert (await sh(tool, "touch project/new.txt"))["exit_code"] == 0
 
 
-async def test_sandbox_off_is_in_the_ledger_after_start(tmp_path: Path) -> None:
-    """server/app.py appends what the packs recorded; here, the pack's part: a real ledger receives it."""
-    context = PackContext()
-    shell(context, tmp_path, sandbox="off")
-    async with Ledger(tmp_path / "ledger.db") as ledger:
-        for kind, payload in context.events:
-            await ledger.append(kind, None, payload)
-        assert [e.kind for e in await ledger.tail(10)] == ["sandbox.disabled"]
-    with sqlite3.connect(tmp_path / "ledger.db") as conn:
-        assert conn.execute("SELECT count(*) FROM events WHERE kind = 'sandbox.disabled'").fetchone() == (1,)
+async def test_sandbox_off_is_in_the_ledger_of_a_started_keyturn(tmp_path: Path) -> None:
+    settings = Settings(db=tmp_path / "ledger.db", tools=(
+        ToolPack(module="tools.shell", options={"cwd_roots": [str(tmp_path)], "sandbox": "off"}),))
+    async with running(settings) as kt:
+        events = await kt.ledger.tail(10)
+    disabled = [e.payload for e in events if e.kind == "sandbox.disabled"]
+    assert len(disabled) == 1 and disabled[0]["pack"] == "tools.shell"
+
+
+ALLOW_SHELL = """
+version: 1
+default: deny
+rules:
+  - {id: any-command, tool: shell_run, outcome: allow, risk: low, reason: the sandbox is the wall}
+"""
+
+
+async def test_a_started_keyturn_hides_its_state_from_a_root_that_holds_it(tmp_path: Path) -> None:
+    """A real keyturn whose ledger, config and policy lie in the shell's root, under a policy that allows every
+    command (the shipped one denies these as self-targets; no promise rests on that rule)."""
+    (tmp_path / "policy.yaml").write_text(ALLOW_SHELL)
+    settings = Settings(db=tmp_path / "ledger.db", policy=tmp_path / "policy.yaml", tools=(
+        ToolPack(module="tools.shell", options={"cwd_roots": [str(tmp_path)]}),))
+    async with running(settings) as kt:
+        tool = kt.find_tool("shell_run")
+        assert tool is not None
+        for command in ["cat *", "grep -ra process.started .", "cat policy.yaml", "echo x > ledger.db"]:
+            result = await kt.gate.call(tool, {"command": command, "use_shell": True}, Identity(principal="agent"))
+            assert not result.is_error and result.structured_content is not None, command
+            assert "process.started" not in result.structured_content["stdout"], command
+            assert "any-command" not in result.structured_content["stdout"], command
+        assert "process.started" in [e.kind for e in await kt.ledger.tail(50)]
+        assert "sandbox.disabled" not in [e.kind for e in await kt.ledger.tail(50)]
+    assert b"process.started" in (tmp_path / "ledger.db").read_bytes()  # there all along, and unharmed
 
 
 # ------------------------------------------------------------------------------------------- the module itself
