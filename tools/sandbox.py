@@ -23,11 +23,17 @@ terminal). When its first process exits, the PID namespace ends and the kernel k
 
 `Limits` are applied with util-linux `prlimit` around bwrap, so they hold for every process in the sandbox:
 CPU seconds and address space per process. The number of processes (RLIMIT_NPROC) is set but the kernel does not
-enforce it for the host's root (uid 0 is exempt even without capabilities, measured: ten forks under a limit of
-five succeed), so when keyturn runs as root only the run's timeout and the host's own `pids` cgroup bound a fork
-bomb. Run keyturn as an ordinary user for that limit to hold (it then counts every process of that user).
+enforce it for the host's root (uid 0 is exempt even without capabilities; measured with bwrap 0.8 on Linux 6.18:
+as root, ten background processes under a limit of five all start; as an ordinary user the ones past five fail with
+EAGAIN). So when keyturn runs as root, only the run's timeout (which ends the whole PID namespace) and the host's own
+`pids` cgroup bound a fork bomb; run keyturn as an ordinary user for the limit to hold (it then counts every process
+of that user, keyturn's own included).
 
-`check_available()` starts a real sandbox and checks it: the PID namespace is new and no capability is left.
+The system's own files stay readable where their modes allow: a root keyturn's sandbox runs as uid 0 (without
+capabilities), so `/etc/shadow` is readable to it. Masks cover keyturn's state only.
+
+`check_available()` starts a real sandbox and checks it: its PID (and, without `network`, network) namespace is
+not keyturn's, and no capability is left.
 """
 
 from __future__ import annotations
