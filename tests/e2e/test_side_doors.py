@@ -1,5 +1,10 @@
 """An agent cannot approve its own held call through the tools keyturn guards: not by running the
-`keyturn` CLI, not by calling the reviewer API, not by reading or writing keyturn's own files."""
+`keyturn` CLI, not by calling the reviewer API, not by reading or writing keyturn's own files.
+
+Two layers answer, and the story pins both: the shipped policy's `self-target` rule denies a call whose facts
+name keyturn (the signal), and the structure refuses what no rule has to catch (a file root never holds
+keyturn's state; an HTTP destination on loopback is refused by address). The boundary's own attacks are in
+tests/reliability/test_boundary.py."""
 
 from __future__ import annotations
 
@@ -18,10 +23,11 @@ async def test_the_default_policy_closes_the_side_doors(home: Home) -> None:
         tools=[
             {"module": "tools.sql", "options": {"database": str(home.data_db)}},
             {"module": "tools.shell", "options": {"cwd_roots": [str(home.dir)]}},
-            {"module": "tools.files", "options": {"roots": [str(home.dir)]}},
+            {"module": "tools.files", "options": {"roots": [str(home.dir / "work")]}},
             {"module": "tools.http", "options": {"allow_hosts": ["127.0.0.1"]}},
         ],
     )
+    (home.dir / "work").mkdir()
     base = home.serve_http()
     api = ReviewerAPI(base)
     async with agent_client(base) as client:
@@ -40,13 +46,20 @@ async def test_the_default_policy_closes_the_side_doors(home: Home) -> None:
             "files: read the ledger": ("files_read", {"path": str(home.db)}),
             "files: delete the ledger's WAL": ("files_delete", {"path": str(home.db) + "-wal"}),
         }
+        structural = {"http: the reviewer API", "files: write the ledger", "files: read the ledger",
+                      "files: delete the ledger's WAL"}
         for label, (tool, args) in attempts.items():
             result = await client.call_tool(tool, args)
             assert result.is_error, label
-            assert "self-target" in text(result) or "keyturn itself" in text(result), (label, text(result))
+            if label in structural:  # refused before any policy: outside the roots, or a loopback address
+                assert "invalid arguments" in text(result), (label, text(result))
+            else:
+                assert "self-target" in text(result) or "keyturn itself" in text(result), (label, text(result))
     still = await api.pending()
     assert [r["id"] for r in still] == [rid] and still[0]["votes"] == []
     assert home.rows("SELECT sum(qty) FROM orders") == [(15,)]
     denied = [e for e in home.ledger_events() if e["kind"] == "denied" and e["payload"].get("by") == "policy"]
-    assert len(denied) == len(attempts)
+    assert len(denied) == len(attempts) - len(structural)
     assert all("self-target" in e["payload"]["rules"] for e in denied)
+    refused = [e for e in home.ledger_events() if e["kind"] == "failed" and e["payload"].get("code") == "invalid_arguments"]
+    assert len(refused) == len(structural)
