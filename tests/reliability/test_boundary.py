@@ -1,0 +1,268 @@
+"""The security boundary, attacked as an agent would attack it: through the MCP client, against a real
+`keyturn serve --http` set up as the README's quick tour sets it up (the embedded default's local reviewer and
+its token file beside the ledger, the shipped policy, the five tool packs, keyturn's secrets in its
+environment).
+
+The stories do not rest on the classifier. Every call the policy holds is decided by the human in the test as
+the story needs: approved, where the point is that even an approved command cannot reach keyturn's keys; denied,
+where the point is that nothing the policy let run at once wrote anything. A command shape nobody listed here is
+covered by the same structure: the sandbox, the read-only run, the address check.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import mcp_types as types
+import pytest
+import yaml
+from mcp import Client
+
+from server.config import default_policy_path
+from tests.conftest import agent_client
+from tests.reliability.conftest import TERMINAL, RelHome, text
+
+CANARIES = {
+    "KEYTURN_SECRETS_MASTER_KEY": "canary-master-key-7c1e9d0b5a",
+    "KEYTURN_WEBHOOK_SECRET": "canary-webhook-secret-31f0aa",
+    "KEYTURN_TEAMS_APP_PASSWORD": "canary-teams-password-9e2b77",
+}
+LEDGER_CANARY = "ledger-only-canary-5d3c1f"
+
+
+class Tour(RelHome):
+    policy: str
+    base: str
+    token: str
+    pid: int
+
+
+def policy_without_self_target(d: Path) -> Path:
+    """The shipped policy less its `self-target` rule, as any policy a user writes may be: no promise of the
+    boundary rests on that rule (it is the facts' signal, not the wall)."""
+    policy = yaml.safe_load(default_policy_path().read_text())
+    policy["rules"] = [r for r in policy["rules"] if r["id"] != "self-target"]
+    path = d / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module", params=["shipped policy", "shipped policy without self-target"])
+def tour(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tour]:
+    d = tmp_path_factory.mktemp("boundary")
+    home = Tour(dir=d, config=d / "keyturn.yaml", db=d / "keyturn.db", data_db=d / "data.db")
+    (d / "work" / "sub").mkdir(parents=True)
+    with sqlite3.connect(home.data_db) as conn:
+        conn.executescript("CREATE TABLE users(id INTEGER PRIMARY KEY, name TEXT);"
+                           "INSERT INTO users VALUES (1, 'ann'), (2, 'ben'), (3, 'cy');")
+    policy = default_policy_path() if request.param == "shipped policy" else policy_without_self_target(d)
+    home.write_config(
+        policy=str(policy), people={}, reviewers=[],  # the embedded default: one local reviewer
+        tools=[
+            {"module": "tools.sql", "options": {"database": str(home.data_db), "export_dir": str(d / "exports")}},
+            {"module": "tools.shell", "options": {"cwd_roots": [str(d)]}},  # the ledger lies inside this root
+            {"module": "tools.files", "options": {"roots": [str(d / "work")]}},
+            {"module": "tools.http", "options": {}},
+            {"module": "tools.secrets", "options": {"store": str(d / "keyturn-secrets.json")}},
+        ])
+    home.extra_env = dict(CANARIES)
+    home.policy = request.param
+    home.base = home.serve_http()
+    home.pid = home.procs[-1].pid
+    home.token = (d / "keyturn.db.reviewer-token").read_text().strip()
+    try:
+        yield home
+    finally:
+        home.stop_all()
+
+
+async def decide_held(tour: Tour, verdict: str, skip: set[str]) -> list[str]:
+    """Decide every pending request (but `skip`) as the local reviewer, the human in this story."""
+    headers = {"Authorization": f"Bearer {tour.token}"}
+    decided = []
+    async with httpx2.AsyncClient(base_url=tour.base, headers=headers, timeout=30) as http:
+        pending = (await http.get("/api/requests", params={"state": "pending"})).json()["requests"]
+        for req in pending:
+            if req["id"] in skip:
+                continue
+            r = await http.post(f"/api/requests/{req['id']}/{verdict}", json={"reason": "the test's human"})
+            assert r.status_code == 200, r.text
+            decided.append(req["id"])
+    return decided
+
+
+async def call(agent: Client, tour: Tour, tool: str, args: dict[str, Any], verdict: str,
+               skip: frozenset[str] = frozenset()) -> tuple[types.CallToolResult, bool]:
+    """Call as the agent; if the policy holds the call, a human gives `verdict`. Returns (result, reviewed)."""
+    result: list[types.CallToolResult] = []
+    reviewed = False
+
+    async def run() -> None:
+        result.append(await agent.call_tool(tool, args))
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            while not result:
+                reviewed |= bool(await decide_held(tour, verdict, set(skip)))
+                await anyio.sleep(0.05)
+    return result[0], reviewed
+
+
+def secrets_of(tour: Tour) -> dict[str, str]:
+    return {"reviewer token": tour.token, LEDGER_CANARY: LEDGER_CANARY, **CANARIES}
+
+
+def leaked(tour: Tour, result: types.CallToolResult, args: dict[str, Any] | None = None) -> list[str]:
+    """The secrets a result shows, but those the agent itself sent (a refusal may quote its arguments)."""
+    shown, sent = text(result) + str(result.structured_content or ""), str(args or "")
+    return [name for name, value in secrets_of(tour).items() if value in shown and value not in sent]
+
+
+def attempts(tour: Tour, request_id: str) -> list[tuple[str, dict[str, Any]]]:
+    d, pid, port = tour.dir, tour.pid, tour.base.rsplit(":", 1)[1]
+    approve = f"/api/requests/{request_id}/approve"
+    bearer = f"Authorization: Bearer {tour.token}"  # as if the token had leaked: the reach is what is tested
+    shell = [
+        "cat ../../keyturn.db.reviewer-token",
+        f"cat {d}/keyturn.db.reviewer-token",
+        "env -S 'cat ../../keyturn.db.reviewer-token'",
+        f"cat /proc/{pid}/environ",
+        f"cat /proc/{pid}/cmdline",
+        f"ls -l /proc/{pid}/fd",
+        f"cat /proc/{pid}/root{d}/keyturn.db.reviewer-token",
+        "cat /proc/1/environ",
+        f"grep -ra only-canary {d}",
+        f"grep -ra kt_ {d}",
+        f"strings {d}/keyturn.db",
+        f"strings {d}/keyturn.db-wal",
+        f"find {d} -name '*token*' -exec cat {{}} +",
+        f"tar cf - {d}",
+        f"cat {d}/keyturn.yaml {d}/keyturn-secrets.json",
+        "env",
+        f"curl -s -X POST -H '{bearer}' -H 'Content-Type: application/json' -d '{{}}' http://127.0.0.1:{port}{approve}",
+        f"wget -qO- --header='{bearer}' --post-data='{{}}' http://localhost:{port}{approve}",
+    ]
+    calls: list[tuple[str, dict[str, Any]]] = [("shell_run", {"command": c, "cwd": "work/sub"}) for c in shell]
+    calls += [
+        ("shell_run", {"command": f"cat {d}/keyturn.db.* ; env ; cat /proc/*/environ", "use_shell": True}),
+        ("shell_run", {"command": f"exec 3<>/dev/tcp/127.0.0.1/{port}; printf 'POST {approve} HTTP/1.0\\r\\n"
+                                  f"{bearer}\\r\\nContent-Length: 2\\r\\n\\r\\n{{}}' >&3; cat <&3",
+                       "use_shell": True}),
+        ("shell_run", {"argv": ["perl", "-e", f"open(F, '<', '{d}/keyturn.db.reviewer-token'); print <F>"]}),
+        ("files_read", {"path": "../keyturn.db.reviewer-token"}),
+        ("files_read", {"path": f"{d}/keyturn.db.reviewer-token"}),
+        ("files_read", {"path": f"/proc/{pid}/environ"}),
+        ("sql_query", {"query": f"ATTACH DATABASE '{d}/keyturn.db' AS k"}),
+    ]
+    for host in ("127.0.0.1", "2130706433", "0x7f.1", "[::ffff:127.0.0.1]", "localhost.", "127.1"):
+        calls.append(("http_request", {"method": "POST", "url": f"http://{host}:{port}{approve}",
+                                       "headers": {"Authorization": f"Bearer {tour.token}"}, "body": "{}"}))
+    return [(tool, args) for tool, args in calls if tool != "shell_run" or _has_program(args)]
+
+
+def _has_program(args: dict[str, Any]) -> bool:
+    first = args["argv"][0] if "argv" in args else args["command"].split()[0]
+    return args.get("use_shell", False) or first in ("exec",) or shutil.which(first) is not None
+
+
+async def test_an_agent_cannot_read_keyturns_secrets_nor_approve_its_own_call(tour: Tour) -> None:
+    async with agent_client(tour.base) as agent:
+        # A value that exists only in the ledger: it is recorded with this call's arguments.
+        first, _ = await call(agent, tour, "shell_run", {"argv": ["true", LEDGER_CANARY]}, "approve")
+        assert not leaked(tour, first)
+        # The agent's own risky call, held for a human.
+        held: list[types.CallToolResult] = []
+
+        async def hold() -> None:
+            async with agent_client(tour.base) as waiting:
+                held.append(await waiting.call_tool("sql_execute", {"statement": "DELETE FROM users WHERE id = 2"}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold)
+            with anyio.fail_after(30):
+                while not (pending := [c for c, s in tour.calls().items() if s == "pending"]):
+                    await anyio.sleep(0.05)
+            [request_id] = pending
+            # Everything the agent tries. Whatever the policy holds, the human approves: even an approved
+            # command runs where keyturn's keys, ledger, process and loopback cannot be seen.
+            found: dict[str, list[str]] = {}
+            ran = 0
+            for tool, args in attempts(tour, request_id):
+                result, _ = await call(agent, tour, tool, args, "approve", skip=frozenset({request_id}))
+                ran += tool == "shell_run" and not result.is_error
+                if names := leaked(tour, result, args):
+                    found[f"{tool} {args}"] = names
+            assert not found, found
+            if "without" in tour.policy:  # the commands did run: the boundary, not a rule, kept the keys
+                assert ran >= 10, ran
+            # Last, a signal: keyturn's process is not in the command's world, so it cannot be stopped.
+            await call(agent, tour, "shell_run", {"command": f"kill -STOP {tour.pid}"}, "approve",
+                       skip=frozenset({request_id}))
+            # Nothing approved the held call: no vote, still pending; keyturn itself was not stopped.
+            assert tour.calls()[request_id] == "pending"
+            assert not [e for e in tour.ledger_events(request_id) if e["kind"] in ("vote", "approval.granted")]
+            assert tour.procs[0].poll() is None
+            async with httpx2.AsyncClient(timeout=10) as http:
+                assert (await http.get(tour.base + "/healthz")).status_code == 200
+            await decide_held(tour, "deny", set())
+        assert held[0].is_error and "Denied by reviewer" in text(held[0])
+    assert [r[0] for r in tour.rows("SELECT id FROM users ORDER BY id")] == [1, 2, 3]
+    # The ledger tells the story: every attempt ended in exactly one terminal event, and it verifies.
+    tour.assert_one_outcome_each()
+    tour.verify()
+
+
+WRITES = [
+    "sed -i s/original/changed/ work/victim.txt",
+    "sort -o work/victim.txt work/victim.txt",
+    "find work -name victim.txt -delete",
+    "tee work/victim.txt",
+    "cp /dev/null work/victim.txt",
+    "truncate -s 0 work/victim.txt",
+    "dd if=/dev/zero of=work/victim.txt count=1",
+    "env -S 'sh -c \"echo changed > work/victim.txt\"'",
+    "awk 'BEGIN { print \"changed\" > \"work/victim.txt\" }'",
+    "perl -pi -e s/original/changed/ work/victim.txt",
+    "git -C work init",
+    "touch work/new-file",
+    "mkdir work/new-dir",
+    "ln -s victim.txt work/new-link",
+    "python3 -c \"open('work/victim.txt', 'w').write('changed')\"",
+]
+
+
+async def test_what_runs_without_a_human_writes_nothing(tour: Tour) -> None:
+    victim = tour.dir / "work" / "victim.txt"
+    victim.write_text("original\n")
+    before = sorted(p.name for p in (tour.dir / "work").iterdir())
+    at_once = []
+    async with agent_client(tour.base) as agent:
+        for command in WRITES:
+            if not _has_program({"command": command}):
+                continue
+            result, reviewed = await call(agent, tour, "shell_run", {"command": command}, "deny")
+            if not reviewed:
+                at_once.append((command, text(result)[:300]))
+            assert victim.read_text() == "original\n", (command, text(result))
+            assert sorted(p.name for p in (tour.dir / "work").iterdir()) == before, command
+        # The same for SQL, on both tools: whatever ran without a human changed nothing.
+        schema = tour.rows("SELECT name FROM sqlite_master ORDER BY name")
+        for tool, field in (("sql_query", "query"), ("sql_execute", "statement")):
+            for statement in ("PRAGMA user_version = 7", "INSERT INTO users VALUES (9, 'eve')", "VACUUM",
+                              "CREATE TABLE extra(x)", "REINDEX", "PRAGMA journal_mode = delete",
+                              "UPDATE users SET name = 'x' WHERE id = id", "DELETE FROM users WHERE rowid > 0"):
+                await call(agent, tour, tool, {field: statement}, "deny")
+                assert tour.rows("SELECT id, name FROM users ORDER BY id") == [(1, "ann"), (2, "ben"), (3, "cy")]
+                assert tour.rows("PRAGMA user_version") == [(0,)]
+                assert tour.rows("SELECT name FROM sqlite_master ORDER BY name") == schema
+    if "without" in tour.policy:  # some writes were judged read-only and ran at once: read-only, so in vain
+        assert at_once, "no write ran without a human: the story tested the classifier, not the run"
+    outcomes = tour.assert_one_outcome_each()
+    assert set(outcomes.values()) <= TERMINAL
