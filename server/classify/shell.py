@@ -107,6 +107,7 @@ def empty() -> dict[str, Any]:
         "dangerous": [],
         "network": False,
         "writes": False,
+        "sets_env": False,  # NAME=value before a program (or through env): PAGER, GIT_EXTERNAL_DIFF ... run code
         "redirects": [],
         "sensitive": False,
         "read_only": False,
@@ -141,6 +142,7 @@ def classify_shell(values: list[str | list[str]]) -> dict[str, Any]:
         and not facts["inline_code"]
         and not facts["dangerous"]
         and not facts["network"]
+        and not facts["sets_env"]
         and all(_read_only_command(argv) for argv in facts["commands"])
     )
     return facts
@@ -232,6 +234,7 @@ def _unwrap(argv: list[str], facts: dict[str, Any], depth: int) -> list[str]:
     argv = list(argv)
     for _ in range(_MAX_DEPTH):
         while argv and _ASSIGNMENT.match(argv[0]):
+            facts["sets_env"] = True
             argv.pop(0)
         if not argv:
             return []
@@ -274,12 +277,36 @@ def _unwrap(argv: list[str], facts: dict[str, Any], depth: int) -> list[str]:
         if opts is None:
             return argv
         facts["programs"].append(program)
+        if program == "env":
+            # `env -S 'a b c'` splits its string into a command line: classify it as one.
+            split = _env_split_string(argv)
+            if split is not None:
+                facts["subshell"] = True
+                _script(split, facts, depth + 1)
+                return []
         i = 1
         while i < len(argv) and (argv[i].startswith("-") or (program == "env" and _ASSIGNMENT.match(argv[i]))):
+            if program == "env" and _ASSIGNMENT.match(argv[i]):
+                facts["sets_env"] = True
             i += 2 if argv[i] in opts else 1
         argv = argv[i + _WRAPPER_POSITIONALS.get(program, 0) :]
     facts["unparseable"] = True
     return argv
+
+
+def _env_split_string(argv: list[str]) -> str | None:
+    """The command line `env -S STRING` (`-SSTRING`, `--split-string[=]STRING`) runs, with what follows it."""
+    for i, word in enumerate(argv[1:], start=1):
+        if word in ("-S", "--split-string"):
+            return " ".join(argv[i + 1 :])
+        if word.startswith("--split-string="):
+            return " ".join([word.split("=", 1)[1], *argv[i + 1 :]])
+        if word.startswith("-") and not word.startswith("--") and "S" in word[1:]:
+            rest = word[word.index("S") + 1 :]
+            return " ".join([rest, *argv[i + 1 :]] if rest else argv[i + 1 :])
+        if not word.startswith("-") and not _ASSIGNMENT.match(word):
+            return None
+    return None
 
 
 def _flag_value(argv: list[str], flags: tuple[str, ...], combined: bool = False) -> str | None:
@@ -348,16 +375,84 @@ def _rootish(target: str) -> bool:
     return target in _ROOTISH or t in _ROOTISH or re.fullmatch(r"/+\*?", target) is not None
 
 
+# Options of otherwise read-only programs that write a file or run another program. A read-only program is
+# read-only only without them; the run is read-only anyway (the sandbox), so a miss here costs a failed run.
+_WRITING_OPTIONS = {
+    "sort": ("-o", "--output", "--compress-program"),
+    "tree": ("-o",),
+    "rg": ("--pre", "--pre-glob", "--search-zip", "-z"),
+    "file": ("-C", "--compile"),
+    "date": ("-s", "--set"),
+    "less": ("-o", "-O", "--log-file", "--LOG-FILE"),
+    "git": ("--output", "--ext-diff", "--textconv"),
+}
+_GIT_GLOBAL_RUNS = ("-c", "--config-env", "--exec-path", "-p", "--paginate")  # before the subcommand
+_SED_SAFE = re.compile(
+    r"""^\s*(?:(?:\d+|\$|/[^/]*/)(?:\s*,\s*(?:\d+|\$|/[^/]*/))?\s*!?\s*)?"""
+    r"""(?:[pdqPDnNgGhHx=]|s/(?:[^/\\]|\\.)*/(?:[^/\\]|\\.)*/[gIip0-9]*)?\s*$"""
+)
+
+
 def _read_only_command(argv: list[str]) -> bool:
     program = os.path.basename(argv[0])
+    args = argv[1:]
+    if any(_has_option(a, opt) for opt in _WRITING_OPTIONS.get(program, ()) for a in args):
+        return False
     if program == "git":
-        sub = next((a for a in argv[1:] if not a.startswith("-")), "")
+        before = list(itertools.takewhile(lambda a: a.startswith("-"), args))
+        if any(a == opt or a.startswith(opt + "=") for opt in _GIT_GLOBAL_RUNS for a in before):
+            return False
+        sub = next((a for a in args if not a.startswith("-")), "")
         return sub in GIT_READ_ONLY
     if program == "find":
-        return not any(a in {"-exec", "-execdir", "-ok", "-okdir", "-delete", "-fprint", "-fls"} for a in argv)
-    if program in {"sed", "awk", "gawk"}:
-        return program == "sed" and not any(a.startswith("-i") or a == "--in-place" for a in argv[1:])
+        return not any(a in {"-exec", "-execdir", "-ok", "-okdir", "-delete"} or a.startswith(("-fprint", "-fls"))
+                       for a in argv)
+    if program == "sed":
+        return _sed_read_only(args)
+    if program in {"awk", "gawk"}:
+        return False
+    if program == "uniq":  # `uniq IN OUT` writes OUT
+        return len([a for a in args if not a.startswith("-") or a == "-"]) <= 1
+    if program == "hostname":  # `hostname NAME` sets it
+        return not [a for a in args if not a.startswith("-")]
+    if program == "date":  # `date MMDDhhmm` sets the clock; `date +%F` prints
+        return all(a.startswith(("-", "+")) for a in args)
     return program in READ_ONLY_PROGRAMS
+
+
+def _has_option(arg: str, opt: str) -> bool:
+    """`arg` gives option `opt`: `--long`, `--long=v`, `-x`, `-xVALUE`, or `-x` inside a cluster like `-rx`."""
+    if opt.startswith("--"):
+        return arg == opt or arg.startswith(opt + "=")
+    return arg.startswith("-") and not arg.startswith("--") and opt[1] in arg[1:]
+
+
+def _sed_read_only(args: list[str]) -> bool:
+    """sed reads only with in-place editing off and scripts made of printing, deleting and plain `s///`:
+    `w`, `W`, `e`, `r` and the `w`/`e` flags of `s` write files or run commands."""
+    scripts: list[str] = []
+    files = False
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("-i") or a.startswith("--in-place") or a in ("-f", "--file") or a.startswith("--file="):
+            return False
+        if a in ("-e", "--expression"):
+            scripts.append(args[i + 1] if i + 1 < len(args) else "")
+            i += 2
+            continue
+        if a.startswith("--expression="):
+            scripts.append(a.split("=", 1)[1])
+        elif a.startswith("-e") and len(a) > 2:
+            scripts.append(a[2:])
+        elif a.startswith("-") and a != "-":
+            if not a.startswith("--") and ("i" in a[1:] or "f" in a[1:]):
+                return False
+        elif not scripts and not files:
+            scripts.append(a)
+            files = True
+        i += 1
+    return all(_SED_SAFE.match(part) for script in scripts for part in re.split(r"[;\n]", script))
 
 
 def lex(text: str) -> _Lexed:

@@ -169,3 +169,24 @@ def test_lexer_splits_operators_and_keeps_quoted_text() -> None:
 def test_a_command_too_long_to_review_is_unparseable_but_still_inspected() -> None:
     f = facts("echo hi; " * 10000 + "rm -rf /")
     assert f["unparseable"] and "rm-root" in f["dangerous"] and not f["read_only"]
+
+
+@pytest.mark.parametrize("command", [
+    "env -S 'sh -c id'", "env -S\"cat x\"", "env --split-string='rm -f x'", "env -iS 'touch x'",
+    "sort -o out in", "sort -ro out in", "sort --output=out in", "sort --compress-program=sh in",
+    "uniq in out", "sed -n 'w out' in", "sed s/a/b/w out", "sed '1e id' in", "sed -f script.sed in", "sed -ni p in",
+    "find . -fprintf out %p", "find . -fprint0 out", "tree -o out", "rg --pre sh x", "file -C -m magic",
+    "date -s 2020-01-01", "date 010100002020", "hostname evil", "awk '{print > \"out\"}' in",
+    "PAGER=sh git log", "env PAGER=sh git log", "GIT_EXTERNAL_DIFF=sh git diff", "git -c core.pager=id log",
+    "git -p log", "git diff --output=out", "git diff --ext-diff", "LESSOPEN='|id %s' less f",
+])
+def test_read_only_programs_with_writing_or_running_options_are_not_reads(command: str) -> None:
+    assert not classify_shell([command])["read_only"], command
+
+
+@pytest.mark.parametrize("command", [
+    "sed -n 1,5p f", "sed s/a/b/g f", "sed -e s/a/b/ -e 3d f", "sort -rn f", "uniq -c f", "date +%F", "date -u",
+    "git log -p -n 3", "hostname -f", "cat x | sort | uniq -c", "env -i ls", "find . -name '*.py' -print",
+])
+def test_the_same_programs_still_read(command: str) -> None:
+    assert classify_shell([command])["read_only"], command
