@@ -16,10 +16,27 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from server.classify.shell import WRITERS
+from server.classify.urls import embedded_ipv4, literal_address
 
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0", "::", "ip6-localhost"})
 _CLI_VERBS = re.compile(r"\bkeyturn(?:\.exe)?\s+(?:[-\w=./]+\s+)*?(approve|deny|vote|decide|review|reviewer)\b", re.I)
 _DB_SIBLINGS = ("", "-wal", "-shm", "-journal")
+
+
+def _this_machine(host: str) -> bool:
+    """A host that names this machine in any spelling: loopback or unspecified, as a name or an address (decimal,
+    hex, octal, short forms, IPv4 inside IPv6)."""
+    if host in _LOOPBACK or host.endswith(".localhost"):
+        return True
+    try:
+        ip = literal_address(host)
+    except ValueError:
+        return False
+    if ip is None:
+        return False
+    carried = embedded_ipv4(ip)
+    ip = carried[0] if carried is not None else ip
+    return ip.is_loopback or ip.is_unspecified
 
 
 @dataclass(frozen=True)
@@ -57,9 +74,9 @@ class Targets:
         return any(f.startswith(prefix) for f in self.files)
 
     def is_endpoint(self, host: str, port: int | None) -> bool:
-        host = host.lower().strip("[]")
+        host = host.lower().strip("[]").rstrip(".")
         for h, p in self.netlocs:
-            same_host = host == h or (h in _LOOPBACK and (host in _LOOPBACK or host.startswith("127.")))
+            same_host = host == h or (_this_machine(h) and _this_machine(host))
             if same_host and (p is None or port is None or p == port):
                 return True
         return False

@@ -124,3 +124,15 @@ def test_files_kept_beside_the_ledger_are_keyturns_own_even_to_read(tmp_path: Pa
     policy = extract_facts("files_read", {"path": str(tmp_path / "policy.yaml")}, {"path": "path"},
                            {"readOnlyHint": True}, ctx)
     assert not policy["self_target"]
+
+
+@pytest.mark.parametrize("host", ["2130706433", "0x7f.1", "017700000001", "127.1", "[::ffff:127.0.0.1]",
+                                  "[::ffff:7f00:1]", "localhost.", "LOCALHOST", "0.0.0.0", "[::]", "api.localhost"])
+def test_keyturns_api_is_keyturn_in_any_spelling_of_this_machine(ctx: ClassifyContext, host: str) -> None:
+    facts = run(ctx, "http_request", {"url": f"http://{host}:8765/api/requests/x/approve"}, {"url": "url"})
+    assert facts["self_target"], host
+
+
+def test_another_host_on_the_same_port_is_not_keyturn(ctx: ClassifyContext) -> None:
+    facts = run(ctx, "http_request", {"url": "http://10.0.0.7:8765/api/requests"}, {"url": "url"})
+    assert not facts["self_target"]
