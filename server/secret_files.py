@@ -1,4 +1,4 @@
-"""Secrets keyturn keeps beside its database (reviewer token, web session key, link key): one way to make them.
+"""Secrets keyturn keeps beside its database (reviewer token, link key): one way to make them.
 
 Created once, atomically (the first process wins and every other reads its value), readable by the owner only.
 """
