@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -13,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from server.app import running
 from server.approvals import ApprovalBroker, ReviewerDirectory
 from server.classify import ClassifyContext
+from server.classify.shell import classify_shell
 from server.config import Settings, ToolPack
 from server.errors import ConfigError
 from server.execution import PackContext, RunLimits, run_limits
@@ -299,19 +303,39 @@ async def gate(tmp_path: Path) -> AsyncIterator[Gate]:
         yield Gate(ledger=ledger, broker=broker, policy=policy, classify_context=ClassifyContext())
 
 
-@pytest.mark.parametrize("command", ["sort -o out.txt in.txt", "sed -n 'w out.txt' in.txt", "uniq in.txt out.txt",
-                                     "find . -fprintf out.txt %p"])
+def poisoned_repo(project: Path) -> Path:
+    """A repository whose config runs a program on `git status` and `git diff` (core.fsmonitor, diff.external):
+    commands a classifier calls reads, which write through the checkout's own hooks."""
+    repo = project / "repo"
+    repo.mkdir()
+    hook = repo / "hook.sh"
+    hook.write_text(f"#!/bin/sh\necho written > {project / 'out.txt'}\n")
+    hook.chmod(0o755)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    for args in (["init", "-q"], ["add", "hook.sh"], ["commit", "-qm", "first"],
+                 ["config", "core.fsmonitor", str(hook)], ["config", "diff.external", str(hook)]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    with hook.open("a") as f:
+        f.write("# a change, so git diff has something to show\n")
+    return repo
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+@pytest.mark.parametrize("command", ["git status", "git diff"])
 async def test_a_write_the_classifier_missed_fails_through_the_gate(
     keyturn: Keyturn, gate: Gate, command: str
 ) -> None:
     """The shipped policy allows what the classifier judged read-only; the run is read-only, so the write fails."""
     project = keyturn.home / "project"
+    poisoned_repo(project)
     tool = shell(keyturn.context, project)
-    result = await gate.call(tool, {"command": command}, Identity(principal="agent"))
-    assert not result.is_error and result.structured_content is not None  # allowed and run: the command failed
-    assert result.structured_content["exit_code"] != 0, result.structured_content
-    assert "Read-only file system" in result.structured_content["stderr"]
-    assert os.listdir(project) == ["in.txt"]
+    assert classify_shell([command])["read_only"]  # the classifier's view: a read
+    with anyio.fail_after(60):  # allowed at once: nothing here waits for a human
+        result = await gate.call(tool, {"command": command, "cwd": "repo"}, Identity(principal="agent"))
+    assert not result.is_error and result.structured_content is not None  # allowed and run
+    assert "Read-only file system" in result.structured_content["stderr"], result.structured_content
+    assert not (project / "out.txt").exists()
+    assert sorted(os.listdir(project)) == ["in.txt", "repo"]
 
 
 # ------------------------------------------------------------------------------------------- resources
