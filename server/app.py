@@ -183,8 +183,7 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
 
     ledger = await Ledger(settings.db).open()
     try:
-        policy_files = [settings.policy_path()]
-        keyturn_paths = tuple(p.resolve() for p in (settings.db, *policy_files, settings.config_file) if p is not None)
+        keyturn_paths = context.state_paths  # the ledger, policy, config and every pack's state (the secret store)
         urls = tuple(http_base_urls or ())
         if settings.reviewer_api_url:
             urls = (*urls, settings.reviewer_api_url)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from server.config import Settings, load_settings
+from server.config import Settings, load_settings, proxy_policy_path
 from server.errors import KeyturnError
 
 if TYPE_CHECKING:
@@ -125,6 +125,8 @@ async def _proxy(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if "tools" not in settings.model_fields_set:
         settings = settings.model_copy(update={"tools": ()})  # only the upstreams' tools, unless configured
+    if settings.policy is None:  # the shipped default is written for keyturn's own packs; upstreams get theirs
+        settings = settings.model_copy(update={"policy": proxy_policy_path()})
     command = list(args.upstream_command)
     if command[:1] == ["--"]:
         command = command[1:]
@@ -364,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "is the command after --, --upstream-url, or proxy.upstreams in the config file.")
     proxy.add_argument("--http", metavar="HOST:PORT", help="serve streamable HTTP at /mcp plus the reviewer API "
                                                            "(default: serve stdio, for desktop agents)")
-    proxy.add_argument("--policy", help="policy file (default: the shipped policies/default.yaml)")
+    proxy.add_argument("--policy", help="policy file (default: the shipped policies/proxy.yaml)")
     proxy.add_argument("--upstream-url", metavar="URL", help="a streamable HTTP upstream instead of a command")
     proxy.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
                        help="an HTTP header for --upstream-url (e.g. authorization); repeatable")

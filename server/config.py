@@ -126,6 +126,11 @@ def default_policy_path() -> Path:
     return Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
 
 
+def proxy_policy_path() -> Path:
+    """The shipped policy for `keyturn proxy`: decided by the annotations upstream servers declare."""
+    return Path(__file__).resolve().parent.parent / "policies" / "proxy.yaml"
+
+
 def resolve_token_digest(token_sha256: str | None, token_env: str | None, env: dict[str, str]) -> str | None:
     """The sha256 a presented token must hash to, from the file or from the environment (read at the edge)."""
     if token_sha256:

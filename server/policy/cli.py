@@ -142,6 +142,9 @@ def render_explain(trace: Mapping[str, Any]) -> str:
         lines.append(f"review    {groups}; timeout {_duration(review['timeout_s'])}{extra}")
         for e in review["escalation"]:
             lines.append(f"          after {_duration(e['after_s'])}: notify {', '.join(e['notify']) or '-'}")
+    if trace.get("builtin_guard"):
+        lines.append(f"guard     {trace['builtin_guard']}: keyturn's built-in guard refused this call before any rule "
+                     "(no policy file can allow it)")
     lines += ["", "rules"]
     skipped = 0
     for rule in trace["rules"]:

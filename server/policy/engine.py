@@ -7,6 +7,8 @@ Semantics, in one place:
 - no match: the policy's default outcome and risk;
 - a condition that errors fails closed: a deny/review rule counts as matched ("condition error"),
   an allow rule counts as not matched; either way the error is in the decision's facts;
+- keyturn's built-in guards (`guards.py`) come first: a call that acts on keyturn itself, or whose arguments
+  could not be classified, is denied before any rule is read, and the decision names the guard;
 - annotations may raise risk, never lower it: a call no rule matches, of a tool that declares itself
   destructive, is at least high (a matched rule's risk is the policy's own, more precise, word).
 """
@@ -36,6 +38,7 @@ from server.models import (
     ToolCall,
 )
 from server.policy.conditions import FACT_SHAPE, Condition, Template
+from server.policy.guards import builtin_guard
 
 _GLOB_CHARS = frozenset("*?[")
 _CACHE_LIMIT = 4096
@@ -169,6 +172,7 @@ class CompiledPolicy:
                 "arguments": redact(call.arguments, decision.facts),
             },
             "facts": decision.facts,
+            "builtin_guard": next((r.id for r in decision.rules if r.id.startswith("keyturn:")), None),
             "rules": rules,
             "decision": decision.model_dump(mode="json", exclude={"facts"}),
         }
@@ -182,6 +186,14 @@ class CompiledPolicy:
         if now.tzinfo is None:
             now = now.replace(tzinfo=UTC)
         full = complete_facts(facts)
+        guard = builtin_guard(full)
+        if guard is not None:  # before any rule: no policy file can drop it
+            if trace is not None:
+                for rule in self.rules:
+                    trace[rule.index] = {"considered": False, "matched": False,
+                                         "why": f"not evaluated: keyturn's built-in guard {guard.id!r} refused first"}
+            return Decision(outcome="deny", risk=guard.risk, reason=guard.reason, rules=(guard,),
+                            policy_digest=self.digest, facts=full)
         model = call.model or ""
         live: list[CompiledRule] = []
         for rule in self.candidates(call.tool):

@@ -146,6 +146,8 @@ class RuleSpec(_Strict):
     def _id(cls, v: str) -> str:
         if not RULE_ID.match(v):
             raise ValueError("a rule id is letters, digits and _ . : / - (starting with a letter or digit)")
+        if v.lower().startswith("keyturn:"):
+            raise ValueError("rule ids starting with 'keyturn:' name keyturn's built-in guards; choose another")
         return v
 
     @field_validator("tool", "principal", "model")

@@ -1,9 +1,9 @@
 """An agent cannot approve its own held call through the tools keyturn guards: not by running the
 `keyturn` CLI, not by calling the reviewer API, not by reading or writing keyturn's own files.
 
-Two layers answer, and the story pins both: the shipped policy's `self-target` rule denies a call whose facts
-name keyturn (the signal), and the structure refuses what no rule has to catch (a file root never holds
-keyturn's state; an HTTP destination on loopback is refused by address). The boundary's own attacks are in
+Two layers answer, and the story pins both: keyturn's built-in `keyturn:self-target` guard denies a call whose
+facts name keyturn (the signal; no policy can drop it), and the structure refuses what no rule has to catch (a
+file root never holds keyturn's state; an HTTP destination on loopback is refused by address). The boundary's own attacks are in
 tests/reliability/test_boundary.py."""
 
 from __future__ import annotations
@@ -60,6 +60,6 @@ async def test_the_default_policy_closes_the_side_doors(home: Home) -> None:
     assert home.rows("SELECT sum(qty) FROM orders") == [(15,)]
     denied = [e for e in home.ledger_events() if e["kind"] == "denied" and e["payload"].get("by") == "policy"]
     assert len(denied) == len(attempts) - len(structural)
-    assert all("self-target" in e["payload"]["rules"] for e in denied)
+    assert all(e["payload"]["rules"] == ["keyturn:self-target"] for e in denied)
     refused = [e for e in home.ledger_events() if e["kind"] == "failed" and e["payload"].get("code") == "invalid_arguments"]
     assert len(refused) == len(structural)

@@ -92,7 +92,7 @@ def test_explain_prints_the_decision_and_the_rules_that_matched() -> None:
 
 def test_explain_as_json_has_the_trace() -> None:
     out = io.StringIO()
-    cmd_explain(POLICIES / "default.yaml", "shell_run", '{"command": "rm -rf /"}', "agent", None, as_json=True, out=out)
+    cmd_explain(POLICIES / "default.yaml", "shell_run", '{"command": "rm -rf /usr"}', "agent", None, as_json=True, out=out)
     trace = json.loads(out.getvalue())
     assert trace["decision"]["outcome"] == "deny"
     assert any(r["id"] == "shell-catastrophic" and r["matched"] for r in trace["rules"])

@@ -64,9 +64,9 @@ async def test_the_requester_cannot_decide_its_own_call_through_any_channel_or_a
                 }
                 for tool, args in attempts.items():
                     attempt = await agent.call_tool(tool, args)
-                    if tool == "shell_run":  # the policy's self-target rule
+                    if tool == "shell_run":  # keyturn's built-in self-target guard
                         assert attempt.is_error and meta(attempt)["outcome"] == "denied", (tool, text(attempt))
-                        assert "self-target" in str(meta(attempt)["rules"]), meta(attempt)
+                        assert meta(attempt)["rules"] == ["keyturn:self-target"], meta(attempt)
                     else:  # the structure: a loopback address, a path outside the roots
                         assert attempt.is_error and meta(attempt)["code"] == "invalid_arguments", (tool, text(attempt))
             assert world.home.calls()[request_id] == "pending"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,6 @@ import anyio
 import httpx2
 import mcp_types as types
 import pytest
-import yaml
 from mcp import Client
 
 from server.config import default_policy_path
@@ -43,17 +43,17 @@ class Tour(RelHome):
     pid: int
 
 
-def policy_without_self_target(d: Path) -> Path:
-    """The shipped policy less its `self-target` rule, as any policy a user writes may be: no promise of the
-    boundary rests on that rule (it is the facts' signal, not the wall)."""
-    policy = yaml.safe_load(default_policy_path().read_text())
-    policy["rules"] = [r for r in policy["rules"] if r["id"] != "self-target"]
+def allow_everything(d: Path) -> Path:
+    """About the most permissive policy a user can write: every call runs at once but `sql_execute`, which is held
+    so the agent has a call of its own to try to approve. Only keyturn's built-in guards and the boundary's
+    structure stand in the way."""
     path = d / "policy.yaml"
-    path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    path.write_text("version: 1\ndefault: allow\ndefault_risk: low\nrules:\n"
+                    "  - {id: held, tool: sql_execute, outcome: review, risk: high, reason: the agent's own held call}\n")
     return path
 
 
-@pytest.fixture(scope="module", params=["shipped policy", "shipped policy without self-target"])
+@pytest.fixture(scope="module", params=["shipped policy", "default: allow"])
 def tour(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tour]:
     d = tmp_path_factory.mktemp("boundary")
     home = Tour(dir=d, config=d / "keyturn.yaml", db=d / "keyturn.db", data_db=d / "data.db")
@@ -61,7 +61,7 @@ def tour(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     with sqlite3.connect(home.data_db) as conn:
         conn.executescript("CREATE TABLE users(id INTEGER PRIMARY KEY, name TEXT);"
                            "INSERT INTO users VALUES (1, 'ann'), (2, 'ben'), (3, 'cy');")
-    policy = default_policy_path() if request.param == "shipped policy" else policy_without_self_target(d)
+    policy = default_policy_path() if request.param == "shipped policy" else allow_everything(d)
     home.write_config(
         policy=str(policy), people={}, reviewers=[],  # the embedded default: one local reviewer
         tools=[
@@ -200,7 +200,7 @@ async def test_an_agent_cannot_read_keyturns_secrets_nor_approve_its_own_call(to
                 if names := leaked(tour, result, args):
                     found[f"{tool} {args}"] = names
             assert not found, found
-            if "without" in tour.policy:  # the commands did run: the boundary, not a rule, kept the keys
+            if tour.policy != "shipped policy":  # the commands did run: the boundary, not a rule, kept the keys
                 assert ran >= 10, ran
             # Last, a signal: keyturn's process is not in the command's world, so it cannot be stopped.
             await call(agent, tour, "shell_run", {"command": f"kill -STOP {tour.pid}"}, "approve",
@@ -220,38 +220,59 @@ async def test_an_agent_cannot_read_keyturns_secrets_nor_approve_its_own_call(to
 
 
 WRITES = [
-    "sed -i s/original/changed/ work/victim.txt",
-    "sort -o work/victim.txt work/victim.txt",
-    "find work -name victim.txt -delete",
-    "tee work/victim.txt",
-    "cp /dev/null work/victim.txt",
-    "truncate -s 0 work/victim.txt",
-    "dd if=/dev/zero of=work/victim.txt count=1",
-    "env -S 'sh -c \"echo changed > work/victim.txt\"'",
-    "awk 'BEGIN { print \"changed\" > \"work/victim.txt\" }'",
-    "perl -pi -e s/original/changed/ work/victim.txt",
-    "git -C work init",
-    "touch work/new-file",
-    "mkdir work/new-dir",
-    "ln -s victim.txt work/new-link",
-    "python3 -c \"open('work/victim.txt', 'w').write('changed')\"",
+    "sed -i s/original/changed/ victim.txt",
+    "sort -o victim.txt victim.txt",
+    "find . -name victim.txt -delete",
+    "tee victim.txt",
+    "cp /dev/null victim.txt",
+    "truncate -s 0 victim.txt",
+    "dd if=/dev/zero of=victim.txt count=1",
+    "env -S 'sh -c \"echo changed > victim.txt\"'",
+    "awk 'BEGIN { print \"changed\" > \"victim.txt\" }'",
+    "perl -pi -e s/original/changed/ victim.txt",
+    "git init",
+    "touch new-file",
+    "mkdir new-dir",
+    "ln -s victim.txt new-link",
+    "python3 -c \"open('victim.txt', 'w').write('changed')\"",
 ]
+# A repository whose config runs a program on `git status` and `git diff` (a poisoned checkout): commands any
+# classifier calls reads, which write through the repository's hooks.
+HOOK = "#!/bin/sh\necho changed > {victim}\n"
 
 
+def poisoned_repo(work: Path) -> Path:
+    repo = work / "repo"
+    repo.mkdir()
+    hook = repo / "hook.sh"
+    hook.write_text(HOOK.format(victim=work / "victim.txt"))
+    hook.chmod(0o755)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    for args in (["init", "-q"], ["add", "hook.sh"], ["commit", "-qm", "first"],
+                 ["config", "core.fsmonitor", str(hook)], ["config", "diff.external", str(hook)]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    (repo / "hook.sh").write_text(HOOK.format(victim=work / "victim.txt") + "# changed\n")
+    return repo
+
+
+@pytest.mark.parametrize("tour", ["shipped policy"], indirect=True)  # `default: allow` lets writes run by design
 async def test_what_runs_without_a_human_writes_nothing(tour: Tour) -> None:
-    victim = tour.dir / "work" / "victim.txt"
+    work = tour.dir / "work"
+    victim = work / "victim.txt"
     victim.write_text("original\n")
-    before = sorted(p.name for p in (tour.dir / "work").iterdir())
+    repo = poisoned_repo(work) if shutil.which("git") else None
+    before = sorted(p.name for p in work.iterdir())
     at_once = []
     async with agent_client(tour.base) as agent:
-        for command in WRITES:
-            if not _has_program({"command": command}):
-                continue
-            result, reviewed = await call(agent, tour, "shell_run", {"command": command}, "deny")
+        attempts = [{"command": c, "cwd": "work"} for c in WRITES if _has_program({"command": c})]
+        if repo is not None:
+            attempts += [{"command": c, "cwd": "work/repo"} for c in ("git status", "git diff")]
+        for args in attempts:
+            result, reviewed = await call(agent, tour, "shell_run", args, "deny")
             if not reviewed:
-                at_once.append((command, text(result)[:300]))
-            assert victim.read_text() == "original\n", (command, text(result))
-            assert sorted(p.name for p in (tour.dir / "work").iterdir()) == before, command
+                at_once.append(args["command"])
+            assert victim.read_text() == "original\n", (args, text(result))
+            assert sorted(p.name for p in work.iterdir()) == before, args
         # The same for SQL, on both tools: whatever ran without a human changed nothing.
         schema = tour.rows("SELECT name FROM sqlite_master ORDER BY name")
         for tool, field in (("sql_query", "query"), ("sql_execute", "statement")):
@@ -262,7 +283,7 @@ async def test_what_runs_without_a_human_writes_nothing(tour: Tour) -> None:
                 assert tour.rows("SELECT id, name FROM users ORDER BY id") == [(1, "ann"), (2, "ben"), (3, "cy")]
                 assert tour.rows("PRAGMA user_version") == [(0,)]
                 assert tour.rows("SELECT name FROM sqlite_master ORDER BY name") == schema
-    if "without" in tour.policy:  # some writes were judged read-only and ran at once: read-only, so in vain
-        assert at_once, "no write ran without a human: the story tested the classifier, not the run"
+    if repo is not None:  # the poisoned repository's reads ran at once: read-only, so their hooks wrote in vain
+        assert {"git status", "git diff"} <= set(at_once), at_once
     outcomes = tour.assert_one_outcome_each()
     assert set(outcomes.values()) <= TERMINAL
