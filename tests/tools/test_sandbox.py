@@ -423,16 +423,20 @@ rules:
 
 async def test_a_started_keyturn_hides_its_state_from_a_root_that_holds_it(tmp_path: Path) -> None:
     """A real keyturn whose ledger, config and policy lie in the shell's root, under a policy that allows every
-    command (the shipped one denies these as self-targets; no promise rests on that rule)."""
+    command. keyturn's built-in guard denies commands whose facts name its files; these, run from a
+    sub-directory and spelled with globs, get past the facts and run: the sandbox is what hides the state."""
     (tmp_path / "policy.yaml").write_text(ALLOW_SHELL)
+    (tmp_path / "sub").mkdir()
     settings = Settings(db=tmp_path / "ledger.db", policy=tmp_path / "policy.yaml", tools=(
         ToolPack(module="tools.shell", options={"cwd_roots": [str(tmp_path)]}),))
     async with running(settings) as kt:
         tool = kt.find_tool("shell_run")
         assert tool is not None
-        for command in ["cat *", "grep -ra process.started .", "cat policy.yaml", "echo x > ledger.db"]:
-            result = await kt.gate.call(tool, {"command": command, "use_shell": True}, Identity(principal="agent"))
-            assert not result.is_error and result.structured_content is not None, command
+        for command in ["cat ../*", "grep -ra process.started ..", "cat ../p*.yaml",
+                        "for f in ../l*.db; do echo x > $f; done"]:
+            result = await kt.gate.call(tool, {"command": command, "use_shell": True, "cwd": "sub"},
+                                        Identity(principal="agent"))
+            assert not result.is_error and result.structured_content is not None, (command, result.content)
             assert "process.started" not in result.structured_content["stdout"], command
             assert "any-command" not in result.structured_content["stdout"], command
         assert "process.started" in [e.kind for e in await kt.ledger.tail(50)]
