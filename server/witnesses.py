@@ -106,10 +106,15 @@ class HttpWitness:
     def _post(self, body: bytes) -> None:
         req = urllib.request.Request(self.url, data=body, method="POST",
                                      headers={"Content-Type": "application/json", "User-Agent": "keyturn"})
-        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-            resp.read(65536)
-            if not 200 <= resp.status < 300:
-                raise urllib.error.URLError(f"HTTP {resp.status}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                resp.read(65536)
+                status = resp.status
+        except urllib.error.HTTPError as e:
+            e.close()  # (it holds the connection)
+            raise OSError(f"HTTP {e.code}") from None
+        if not 200 <= status < 300:
+            raise OSError(f"HTTP {status}")
 
 
 @dataclass
