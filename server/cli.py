@@ -95,6 +95,10 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
                 f"  ({token_note})",
                 file=sys.stderr, flush=True,
             )
+            # uvicorn re-raises the signal that stopped it once it has served; by then that signal must not end the
+            # process: keyturn's own shutdown (the last checkpoint, the instance row) runs after this line.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: None)
             await uvicorn.Server(config).serve()
         return 0
 

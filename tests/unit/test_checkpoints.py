@@ -299,7 +299,7 @@ def http_witness() -> Iterator[tuple[str, list[dict[str, Any]], list[int]]]:
     fail_first: list[int] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (the standard library's name)
+        def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             if fail_first:
                 fail_first.pop()
