@@ -13,6 +13,7 @@ Writes benchmarks/results/<stamp>.json and .md (the Markdown tables) and ends wi
     gate       the guard's own cost in-process, step by step, against the tool run bare (gate_bench.py)
     held       N calls held at once awaiting review, then all approved (held.py)
     ledger     events appended per second and verify speed, against raw SQLite (ledger_bench.py)
+    checkpoints  a signed checkpoint's cost, and verify with checkpoints and the tables replayed (checkpoint_bench.py)
     policy     decision latency with a 1,000-rule policy (policy_bench.py)
 """
 
@@ -36,11 +37,11 @@ sys.path.insert(0, str(ROOT))
 
 import anyio  # noqa: E402
 
-from benchmarks import gate_bench, held, ledger_bench, policy_bench, transport  # noqa: E402
+from benchmarks import checkpoint_bench, gate_bench, held, ledger_bench, policy_bench, transport  # noqa: E402
 from benchmarks.report import markdown  # noqa: E402
 from benchmarks.stats import percentile, ratio  # noqa: E402
 
-SECTIONS = ("transport", "gate", "held", "ledger", "policy")
+SECTIONS = ("transport", "gate", "held", "ledger", "checkpoints", "policy")
 
 
 def machine() -> dict[str, Any]:
@@ -86,6 +87,9 @@ async def run_all(sections: tuple[str, ...], quick: bool, work: Path) -> dict[st
         elif name == "ledger":
             results[name] = await ledger_bench.run(
                 work / "ledger", appends=2000 if quick else 20_000, verify_events=50_000 if quick else 1_000_000)
+        elif name == "checkpoints":
+            results[name] = await checkpoint_bench.run(work / "checkpoints",
+                                                       verify_events=50_000 if quick else 1_000_000)
         elif name == "policy":
             results[name] = policy_section(quick)
         results.setdefault("section_seconds", {})[name] = round(time.perf_counter() - t, 1)
@@ -128,6 +132,11 @@ def main() -> None:
     print(f"results: {opts.out / stem}.json, .md ({results['total_seconds']} s)")
     print(f"overhead_ratio_stdio_median={overhead:.3f}")
     print(f"proxy_ratio_stdio_median={proxy:.3f}")
+    if "checkpoints" in results:
+        cp = results["checkpoints"]
+        print(f"checkpoint_make_median_ms={cp['checkpoint_make_ms']['median_ms']:.3f}")
+        print(f"verify_with_checkpoints_s={cp['verify_full_s']:.2f}")
+        print(f"verify_with_checkpoints_events={cp['verify_events']}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import mcp_types as types
 
 from server.approvals import ApprovalBroker, Notifier, ReviewerDirectory
 from server.canonical import sha256_hex
+from server.checkpoints import CheckpointError, signing_key
 from server.classify import ClassifyContext
 from server.config import Settings, resolve_token_digest
 from server.errors import ConfigError, LedgerError
@@ -27,6 +28,7 @@ from server.ledger import Ledger
 from server.policy import LivePolicy
 from server.registry import ToolRegistry, load_pack, pack_state_paths
 from server.secret_files import beside, ensure_secret_file
+from server.witnesses import Checkpointer, configured_witnesses
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,7 @@ class Keyturn:
     tool_listeners: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     task_group: anyio.abc.TaskGroup | None = None
+    checkpointer: Checkpointer | None = None  # signed checkpoints to the witnesses (None: switched off)
 
     def add_notifier(self, notifier: Notifier) -> None:
         self.broker.notifiers.append(notifier)
@@ -163,6 +166,7 @@ def pack_context(settings: Settings, environ: Mapping[str, str] | None = None) -
     paths: list[Path] = [settings.db, settings.policy_path()]
     if settings.config_file is not None:
         paths.append(settings.config_file)
+    paths += [p for p in (settings.checkpoints.key_file, settings.checkpoints.witness_file) if p is not None]
     for pack in settings.tools:
         paths += pack_state_paths(pack.module, pack.options)
     secret_env = {name for name in environ if name.startswith("KEYTURN_")}
@@ -208,17 +212,22 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
         for kind, payload in context.events:  # what the packs asked to record (a sandbox turned off ...)
             await ledger.append(kind, None, {**payload, "instance": broker.instance_id})
         kt = Keyturn(settings=settings, ledger=ledger, policy=policy, broker=broker, registry=registry, gate=gate,
-                     credentials=credentials, local_token=local_token, http_base_urls=list(urls))
+                     credentials=credentials, local_token=local_token, http_base_urls=list(urls),
+                     checkpointer=_checkpointer(settings, ledger))
         async with anyio.create_task_group() as tg:
             kt.task_group = tg
             tg.start_soon(policy.watch)
             tg.start_soon(broker.poll_store)
             tg.start_soon(_housekeeping, kt)
+            if kt.checkpointer is not None:
+                tg.start_soon(_supervised, kt.checkpointer.run, "checkpoints")
             try:
                 yield kt
             finally:
                 tg.cancel_scope.cancel()
         with anyio.CancelScope(shield=True):
+            if kt.checkpointer is not None:
+                await _last_checkpoint(kt.checkpointer)
             try:
                 await ledger.remove_instance(broker.instance_id)
             except LedgerError:
@@ -226,6 +235,25 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
     finally:
         with anyio.CancelScope(shield=True):
             await ledger.close()
+
+
+def _checkpointer(settings: Settings, ledger: Ledger) -> Checkpointer | None:
+    cfg = settings.checkpoints
+    if not cfg.enabled:
+        return None
+    witnesses = configured_witnesses(settings)
+    key = signing_key(settings, os.environ)  # (the environment only when the config names a variable)
+    return Checkpointer(ledger, key, list(witnesses), every_events=cfg.every_events, every_s=cfg.every_s,
+                        anchors=[cfg.witness_file] if cfg.witness_file is not None else [])
+
+
+async def _last_checkpoint(checkpointer: Checkpointer) -> None:
+    """A checkpoint of the head at shutdown, bounded: witnesses that do not answer are not waited for."""
+    with anyio.move_on_after(15):
+        try:
+            await checkpointer.make()
+        except (LedgerError, CheckpointError) as e:
+            log.error("no checkpoint at shutdown: %s", e)
 
 
 async def _supervised(fn: Callable[[], Awaitable[Any]], name: str) -> None:

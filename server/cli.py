@@ -3,7 +3,7 @@
 serve            run the MCP server (stdio, or --http HOST:PORT with the reviewer API)
 proxy            guard an existing MCP server: keyturn proxy [--http HOST:PORT] -- COMMAND ARGS...
 pending / show / approve / deny    reviewer commands, through the HTTP reviewer API
-audit tail / show / verify         auditor commands, reading the ledger file
+audit tail / show / verify / key / checkpoint / export   auditor commands (server/audit_cli.py)
 policy check / explain / test / replay   policy author commands
 """
 
@@ -95,6 +95,10 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
                 f"  ({token_note})",
                 file=sys.stderr, flush=True,
             )
+            # uvicorn re-raises the signal that stopped it once it has served; by then that signal must not end the
+            # process: keyturn's own shutdown (the last checkpoint, the instance row) runs after this line.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: None)
             await uvicorn.Server(config).serve()
         return 0
 
@@ -331,14 +335,6 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
     return anyio.run(_with_ledger, args, run)
 
 
-def cmd_audit_verify(args: argparse.Namespace) -> int:
-    async def run(ledger: Any) -> int:
-        result = await ledger.verify()
-        print(result.message if result.ok else f"BROKEN at event {result.first_bad_seq}: {result.message}")
-        return 0 if result.ok else 1
-
-    return anyio.run(_with_ledger, args, run)
-
 
 # -- argument parsing ------------------------------------------------------------------------------
 
@@ -398,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     ashow.add_argument("id")
     ashow.add_argument("--json", action="store_true")
     ashow.set_defaults(func=cmd_audit_show)
-    audit.add_parser("verify", parents=[common], help="check the hash chain").set_defaults(func=cmd_audit_verify)
+    from server.audit_cli import add_commands
+
+    add_commands(audit, common, _settings)
 
     _policy_commands(sub, common)
     return parser

@@ -73,6 +73,33 @@ class StdioIdentity(_Strict):
     on_behalf_of: str | None = None
 
 
+class Checkpoints(_Strict):
+    """Signed checkpoints of the ledger's chain head (`server.checkpoints`) and the witnesses they go to.
+
+    A checkpoint is made when `every_events` events were appended since the last one, or `every_s` seconds
+    passed with anything appended, and at shutdown. The signing key is `key_file` (default `<db>.checkpoint-key`,
+    made on first start, mode 0600) or the base64 Ed25519 private key in the environment variable `key_env`.
+    Witnesses, each optional: `witness_file` (append-only JSON lines), `witness_url` (an HTTP POST of the JSON).
+    """
+
+    enabled: bool = True
+    every_events: int = Field(default=1000, ge=1)
+    every_s: float = Field(default=60.0, gt=0)
+    key_file: Path | None = None
+    key_env: str | None = None
+    witness_file: Path | None = None
+    witness_url: str | None = None
+    witness_timeout_s: float = Field(default=5.0, gt=0)
+    witness_retries: int = Field(default=3, ge=1)
+
+    @field_validator("witness_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"witness_url {v!r} must be an http:// or https:// URL")
+        return v
+
+
 class Settings(_Strict):
     """Everything a keyturn process needs, resolved. Built by `load_settings` or directly in code."""
 
@@ -91,6 +118,7 @@ class Settings(_Strict):
     slack: dict[str, Any] = Field(default_factory=dict)
     teams: dict[str, Any] = Field(default_factory=dict)
     proxy: dict[str, Any] = Field(default_factory=dict)
+    checkpoints: Checkpoints = Checkpoints()
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
@@ -162,6 +190,12 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
         for key in ("db", "policy"):
             if isinstance(data.get(key), str) and not os.path.isabs(data[key]):
                 data[key] = str(base / data[key])
+        cps = data.get("checkpoints")
+        if isinstance(cps, dict):
+            data["checkpoints"] = cps = dict(cps)
+            for key in ("key_file", "witness_file"):
+                if isinstance(cps.get(key), str) and not os.path.isabs(cps[key]):
+                    cps[key] = str(base / cps[key])
         data["config_file"] = str(Path(path).resolve())
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:

@@ -114,6 +114,19 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX web_sessions_expires ON web_sessions(expires);
     """,
+    # 5: signed checkpoints of the chain head (server.checkpoints). Outside the chain, and a convenience only: the
+    #    witnesses hold the copies that count; a row here cannot be forged without the signing key.
+    """
+    CREATE TABLE checkpoints (
+        seq INTEGER NOT NULL,
+        key_id TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        chain TEXT NOT NULL,
+        time REAL NOT NULL,
+        sig TEXT NOT NULL,
+        PRIMARY KEY (seq, key_id)
+    );
+    """,
 )
 
 
@@ -528,6 +541,10 @@ class Ledger:
     async def head_seq(self) -> int:
         rows = await self._query("SELECT max(seq) FROM events")
         return int(rows[0][0] or 0)
+
+    async def snapshot(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run the long read `fn(conn)` on one consistent snapshot of the ledger (writers go on meanwhile)."""
+        return await self._read(fn, long=True)
 
     async def verify(self) -> VerifyResult:
         """Recompute the chain; name the first event whose hash, link or sequence number is wrong."""

@@ -1,0 +1,217 @@
+"""`keyturn audit verify | key | checkpoint | export`: the auditor's commands on checkpoints and bundles.
+
+verify      the chain, the head row, the calls and votes tables, and every checkpoint known: the ledger's own
+            copies, the configured witness file, and each --checkpoint FILE; --bundle FILE checks a bundle offline
+key         the public key that checkpoints are signed with (give it to whoever verifies)
+checkpoint  sign the head now, send it to the configured witnesses (and --out FILE)
+export      a self-contained bundle of events FROM..TO with the checkpoints that cover them
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from server.audit import AuditResult, audit
+from server.bundle import export, verify_bundle
+from server.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    key_id,
+    key_path,
+    parse_public_key,
+    public_key_pem,
+    public_key_text,
+    read_checkpoint_file,
+    sign,
+    signing_key,
+    store,
+    stored,
+    unique,
+)
+from server.config import Settings
+from server.errors import KeyturnError
+from server.ledger import Ledger
+from server.witnesses import Checkpointer, FileWitness, Witness, configured_witnesses
+
+SettingsFn = Callable[[argparse.Namespace], Settings]
+
+
+def _run(settings: Settings, fn: Callable[[Ledger], Awaitable[int]]) -> int:
+    async def main() -> int:
+        if not settings.db.exists():
+            raise KeyturnError(f"no ledger at {settings.db}")
+        async with Ledger(settings.db) as ledger:
+            return await fn(ledger)
+
+    return int(anyio.run(main))
+
+
+def _public_key(args: argparse.Namespace, settings: Settings) -> Ed25519PublicKey | None:
+    """--public-key, else the public half of the configured signing key when it is readable here."""
+    if getattr(args, "public_key", None):
+        return parse_public_key(args.public_key)
+    try:
+        return signing_key(settings, os.environ, create=False).public_key()
+    except (CheckpointError, KeyturnError):
+        return None
+
+
+def _report(result: AuditResult) -> int:
+    if result.ok:
+        print(result.message)
+        for note in result.notes:
+            print(f"note: {note}")
+        return 0
+    where = f" at event {result.first_bad_seq}" if result.first_bad_seq is not None else ""
+    print(f"BROKEN{where}: {result.message}")
+    return 1
+
+
+def cmd_verify(args: argparse.Namespace, settings_of: SettingsFn) -> int:
+    if args.bundle:
+        if not args.public_key:
+            raise KeyturnError("--bundle needs --public-key (the key the checkpoints were signed with)")
+        try:
+            data = json.loads(Path(args.bundle).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise KeyturnError(f"cannot read bundle {args.bundle}: {e}") from e
+        return _report(verify_bundle(data, parse_public_key(args.public_key)))
+
+    settings = settings_of(args)
+    key = _public_key(args, settings)
+    given: list[Checkpoint] = []
+    files = [Path(f) for f in args.checkpoint]
+    witness_file = settings.checkpoints.witness_file
+    if witness_file is not None and witness_file.exists() and witness_file not in files:
+        files.append(witness_file)
+    for f in files:
+        given += read_checkpoint_file(f)
+    if given and key is None:
+        raise KeyturnError("checkpoints need a public key to be checked: pass --public-key")
+    mine = key_id(key) if key is not None else None
+
+    async def run(ledger: Ledger) -> int:
+        def check(conn: sqlite3.Connection) -> AuditResult:
+            # The ledger's own copies: those by other keys (before a key change) are not this key's to check.
+            own = [c for c in stored(conn) if c.key_id == mine]
+            return audit(conn, unique([*given, *own]), key)
+
+        result = await ledger.snapshot(check)
+        if result.ok and key is None:
+            result.notes.append(f"no checkpoint key at {key_path(settings)} and no --public-key: a truncated tail, "
+                                "a re-chained or a swapped ledger cannot be detected without checkpoints")
+        elif result.ok and not given:
+            result.notes.append("only the ledger's own checkpoint copies were checked: pass the witnesses' files "
+                                "with --checkpoint")
+        return _report(result)
+
+    return _run(settings, run)
+
+
+def cmd_key(args: argparse.Namespace, settings_of: SettingsFn) -> int:
+    settings = settings_of(args)
+    public = signing_key(settings, os.environ).public_key()
+    print(f"key id: {key_id(public)}")
+    print(f"public key (base64): {public_key_text(public)}")
+    if args.pem:
+        print(public_key_pem(public), end="")
+    return 0
+
+
+def _checkpointer(ledger: Ledger, settings: Settings, out: str | None) -> Checkpointer:
+    witnesses: list[Witness] = list(configured_witnesses(settings))
+    if out and Path(out) != settings.checkpoints.witness_file:
+        witnesses.append(FileWitness(Path(out)))
+    cfg = settings.checkpoints
+    return Checkpointer(ledger, signing_key(settings, os.environ), witnesses,
+                        anchors=[cfg.witness_file] if cfg.witness_file is not None else [])
+
+
+def cmd_checkpoint(args: argparse.Namespace, settings_of: SettingsFn) -> int:
+    settings = settings_of(args)
+
+    async def run(ledger: Ledger) -> int:
+        checkpointer = _checkpointer(ledger, settings, args.out)
+        checkpoint = await checkpointer.make(force=True)
+        assert checkpoint is not None
+        print(checkpoint.to_json())
+        return 0
+
+    return _run(settings, run)
+
+
+def cmd_export(args: argparse.Namespace, settings_of: SettingsFn) -> int:
+    settings = settings_of(args)
+    if not 1 <= args.from_seq <= args.to_seq:
+        raise KeyturnError("--from and --to must be event numbers with 1 <= FROM <= TO")
+    private = signing_key(settings, os.environ, create=False)
+    key = private.public_key()
+    mine = key_id(key)
+    files = [settings.checkpoints.witness_file] if settings.checkpoints.witness_file else []
+    given = [c for f in files if f is not None and f.exists() for c in read_checkpoint_file(f)]
+
+    async def run(ledger: Ledger) -> int:
+        def check(conn: sqlite3.Connection) -> tuple[AuditResult, list[Checkpoint]]:
+            known = unique([*given, *(c for c in stored(conn) if c.key_id == mine)])
+            return audit(conn, known, key), known
+
+        result, known = await ledger.snapshot(check)
+        if not result.ok:
+            print("the ledger does not verify, so nothing was exported")
+            return _report(result)
+        if args.to_seq > result.count:
+            raise KeyturnError(f"the ledger has {result.count} events; --to {args.to_seq} is past its end")
+        covering = [c for c in known if c.seq >= args.to_seq]
+        if covering:
+            cover = min(covering, key=lambda c: c.seq)
+        else:  # nothing signed covers the range yet: sign its last event now (the chain was just verified)
+            def head_of(conn: sqlite3.Connection) -> tuple[str, str]:
+                at = conn.execute("SELECT hash FROM events WHERE seq = ?", (args.to_seq,)).fetchone()
+                first = conn.execute("SELECT hash FROM events WHERE seq = 1").fetchone()
+                return at[0], first[0]
+
+            at_hash, chain = await ledger.snapshot(head_of)
+            cover = sign(private, args.to_seq, at_hash, chain)
+            await ledger.transaction(lambda tx: store(tx.conn, cover))
+            known = unique([*known, cover])
+
+        bundle: dict[str, Any] = await ledger.snapshot(
+            lambda conn: export(conn, args.from_seq, args.to_seq, cover, known, key))
+        await anyio.Path(args.file).write_text(json.dumps(bundle, indent=1) + "\n", encoding="utf-8")
+        print(f"exported events {args.from_seq}..{cover.seq} with {len(bundle['checkpoints'])} checkpoint(s) "
+              f"(key {mine}) to {args.file}")
+        return 0
+
+    return _run(settings, run)
+
+
+def add_commands(audit_parsers: Any, common: argparse.ArgumentParser, settings_of: SettingsFn) -> None:
+    verify = audit_parsers.add_parser(
+        "verify", parents=[common], help="check the chain, the tables and the signed checkpoints",
+        description="Exit 0 when the ledger is intact and extends every checkpoint; 1 naming the first problem.")
+    verify.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
+                        help="a witness file of checkpoints (JSON lines); repeatable")
+    verify.add_argument("--public-key", metavar="KEY",
+                        help="the checkpoint public key (base64, PEM, or a file); default: the configured key's")
+    verify.add_argument("--bundle", metavar="FILE", help="check an exported bundle offline (no ledger needed)")
+    verify.set_defaults(func=lambda a: cmd_verify(a, settings_of))
+    key = audit_parsers.add_parser("key", parents=[common], help="print the checkpoint public key and its id")
+    key.add_argument("--pem", action="store_true", help="also print it as PEM")
+    key.set_defaults(func=lambda a: cmd_key(a, settings_of))
+    checkpoint = audit_parsers.add_parser("checkpoint", parents=[common], help="sign the chain's head now")
+    checkpoint.add_argument("--out", metavar="FILE", help="also append the checkpoint to FILE")
+    checkpoint.set_defaults(func=lambda a: cmd_checkpoint(a, settings_of))
+    exp = audit_parsers.add_parser("export", parents=[common], help="write a self-contained bundle of events")
+    exp.add_argument("--from", dest="from_seq", type=int, required=True, metavar="SEQ")
+    exp.add_argument("--to", dest="to_seq", type=int, required=True, metavar="SEQ")
+    exp.add_argument("file")
+    exp.set_defaults(func=lambda a: cmd_export(a, settings_of))
