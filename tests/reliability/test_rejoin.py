@@ -63,7 +63,8 @@ async def finished(proc: subprocess.Popen[Any], within: float) -> str:
     with anyio.fail_after(within):
         while proc.poll() is None:
             await anyio.sleep(0.1)
-    return proc.stdout.read() if proc.stdout else ""
+    out, _ = proc.communicate()  # (closes its pipe)
+    return str(out or "")
 
 
 @pytest.mark.slow
