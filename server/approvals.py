@@ -1,8 +1,13 @@
-"""The approvals broker: pending requests, eligibility, quorum, timeouts and wake-ups.
+"""The approvals broker: pending requests, eligibility, quorum, timeouts, wake-ups, and rejoining.
 
 A channel (HTTP API, Slack, Teams, web) never decides: it reports a `Verdict` with an identity it
 has verified, and `ApprovalBroker.decide` alone validates it, inside one ledger transaction, so a
 vote accepted by any keyturn process sharing the database is checked against the stored request.
+
+Rejoining: a held call's request outlives its first caller. The same principal calling the same tool with the
+same arguments again (`rejoin`) finds the request in whatever state it is, until the request's expiry: pending
+(wait), approved (run it now, once), running or ran (the outcome, and the result kept for it, never a second
+run). An approval that finds no caller waiting stays `approved`, not run, until one comes back.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Protocol
 
 import anyio
 
+from server.canonical import sha256_hex
 from server.errors import ApprovalRejected, LedgerError, UnknownRequest
 from server.ledger import Ledger, Tx
 from server.models import ApproverGroup, Event, RequestView, ReviewSpec, Verdict
@@ -94,6 +100,23 @@ def _slots_filled(groups: Sequence[ApproverGroup], approvers: Sequence[str], dir
     return len(owner) == len(slots)
 
 
+REJOINABLE_OPEN = ("pending", "approved", "running")
+WAITING_FOR_AGENT = "approved, waiting for the agent to come back"
+"""How an approved request that nobody has claimed yet reads to a reviewer: it runs when the agent calls again."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a retry of a held call that already ran gets: the kept result (checked against the chain), or when it
+    ran and how it ended."""
+
+    request_id: str
+    kind: str  # the terminal event: executed or failed
+    ran_at: float
+    result_json: str | None  # the kept CallToolResult's canonical JSON; None when not kept (secret, or gone)
+    reason: str | None = None
+
+
 @dataclass(frozen=True)
 class VoteResult:
     request_id: str
@@ -144,12 +167,26 @@ class ApprovalBroker:
             else:
                 self._waiters.pop(request_id, None)
 
-    async def wait_for_change(self, request_id: str, timeout: float) -> None:
-        """Return when the request leaves `pending` (in this process or another), or after `timeout` seconds."""
+    def has_waiter(self, request_id: str) -> bool:
+        """True while a call in this process waits on `request_id` (its client not known to be gone)."""
+        return request_id in self._watching
+
+    async def wait_for_change(self, request_id: str, timeout: float, also: anyio.Event | None = None) -> None:
+        """Return when the request leaves `pending` (in this process or another), when `also` is set (the caller
+        is gone), or after `timeout` seconds."""
         event = self._waiters.setdefault(request_id, anyio.Event())
         try:
             with anyio.move_on_after(max(0.0, timeout)):
-                await event.wait()
+                if also is None:
+                    await event.wait()
+                else:
+                    async with anyio.create_task_group() as tg:
+                        async def first(e: anyio.Event) -> None:
+                            await e.wait()
+                            tg.cancel_scope.cancel()
+
+                        tg.start_soon(first, event)
+                        tg.start_soon(first, also)
         finally:
             if request_id not in self._watching:
                 if self._waiters.get(request_id) is event:
@@ -271,7 +308,7 @@ class ApprovalBroker:
                 tx.append("approval.granted", verdict.request_id, {
                     "approvers": approvers, "tool": row["tool"], "args_hash": row["args_hash"],
                     "policy_digest": row["policy_digest"], "expires": expires})
-                return VoteResult(verdict.request_id, True, "approved", "approved: quorum reached")
+                return VoteResult(verdict.request_id, True, "approved", "approved: quorum reached", "approved")
             return VoteResult(verdict.request_id, True, "pending",
                               f"vote recorded ({len(approvers)} approval(s) so far; more are needed)")
 
@@ -282,7 +319,75 @@ class ApprovalBroker:
             raise ApprovalRejected(result.message, code=result.code)
         last = (await self.ledger.events(verdict.request_id))[-1]
         await self.announce_change(verdict.request_id, last)
+        if result.code == "approved":
+            waiting = self.has_waiter(verdict.request_id)
+            result = VoteResult(result.request_id, True, "approved", "approved: quorum reached" + (
+                "; running it for the waiting agent" if waiting else
+                f"; {WAITING_FOR_AGENT} (it runs once when the agent repeats the call, before the request expires)"))
         return result
+
+    # -- rejoining -------------------------------------------------------------------------------
+
+    async def rejoin(self, principal: str, tool: str, args_hash: str, policy_digest: str,
+                     holder: str) -> RequestView | None:
+        """The held request this call (the same principal, tool and arguments, under the same policy) rejoins,
+        recorded as `call.rejoined`; None when there is none, and a new request is to be opened.
+
+        An open request made under another policy is withdrawn (`cancelled`, superseded); one that already ran
+        under another policy is left as it is. A pending or approved request is taken over by `holder` (this
+        process: the one whose caller is waiting); a running one stays with the process running it."""
+        view = await self.ledger.find_rejoinable(principal, tool, args_hash, time.time())
+        if view is None:
+            return None
+        if view.policy_digest != policy_digest:
+            if view.state in ("pending", "approved"):
+                await self.ledger.transition(view.id, ("pending", "approved"), "cancelled", "cancelled",
+                                             {"by": "keyturn", "reason": "superseded: the policy changed"},
+                                             outcome_reason="superseded: the policy changed")
+            return None
+
+        def body(tx: Tx, row: sqlite3.Row | None) -> str | None:
+            if row is None:
+                return None
+            state = row["state"]
+            if state in ("pending", "approved"):
+                tx.conn.execute("UPDATE calls SET holder = ? WHERE id = ?", (holder, view.id))
+            elif state not in ("running", "executed", "failed"):
+                return None  # closed meanwhile (expired, cancelled, denied): a new request
+            tx.append("call.rejoined", view.id, {"principal": principal, "holder": holder, "state": state})
+            return str(state)
+
+        if await self.ledger.mutate_call(view.id, body) is None:
+            return None
+        return await self.ledger.get_call(view.id)
+
+    async def keep_result(self, request_id: str, result_json: str, expires: float | None) -> None:
+        """Keep a held call's result (its canonical JSON) for a retry, until the request's expiry."""
+        if expires is None or expires <= time.time():
+            return
+        await self.ledger.keep_result(request_id, result_json, sha256_hex(result_json), expires)
+
+    async def deliver(self, request_id: str, principal: str) -> Delivery | None:
+        """For a retry of a request that ran: how it ended, and its kept result when the result's digest matches
+        the one the chain recorded. Recorded as `result.delivered`. None if the request has not ended that way."""
+        ended = [e for e in await self.ledger.events(request_id) if e.kind in ("executed", "failed")]
+        if not ended:
+            return None
+        end = ended[-1]
+        chained = end.payload.get("result_digest")
+        kept = await self.ledger.kept_result(request_id)
+        result_json = None
+        if kept is not None and chained is not None:
+            text, digest = kept
+            if digest == chained == sha256_hex(text):
+                result_json = text
+            else:
+                log.error("the result kept for %s does not match the ledger's digest: not returned", request_id)
+        reason = end.payload.get("error")
+        await self.ledger.append("result.delivered", request_id, {
+            "principal": principal, "outcome": end.kind, "kept": result_json is not None,
+            "result_digest": chained, "ran_at": end.ts})
+        return Delivery(request_id, end.kind, end.ts, result_json, reason if isinstance(reason, str) else None)
 
     # -- timeouts and restarts ------------------------------------------------------------------
 
@@ -297,7 +402,9 @@ class ApprovalBroker:
         return done
 
     async def sweep_expired(self) -> int:
-        """Expire every open request whose time has passed, whichever process holds it."""
+        """Expire every open request whose time has passed, whichever process holds it; forget the results kept
+        for requests whose time has passed."""
+        await self.ledger.drop_kept_results(time.time())
         count = 0
         for request_id in await self.ledger.expired_calls(time.time(), limit=SWEEP_BATCH):
             if await self.expire(request_id):

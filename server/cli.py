@@ -28,6 +28,7 @@ import anyio
 
 from server.config import Settings, load_settings, proxy_policy_path
 from server.errors import KeyturnError
+from server.models import state_label
 
 if TYPE_CHECKING:
     from server.app import Keyturn
@@ -227,7 +228,7 @@ def _when(ts: float | None) -> str:
 
 
 def _print_request(r: dict[str, Any]) -> None:
-    print(f"{r['id']}  {r['state']:<9} {r['risk'] or '-':<8} {r['tool']}  by {r['principal']}"
+    print(f"{r['id']}  {r.get('status') or r['state']:<9} {r['risk'] or '-':<8} {r['tool']}  by {r['principal']}"
           + (f" for {r['on_behalf_of']}" if r.get("on_behalf_of") else "")
           + (f"  expires {_when(r['expires'])}" if r.get("expires") else ""))
     print(f"    why: {r['reason']}")
@@ -237,7 +238,7 @@ def _print_request(r: dict[str, Any]) -> None:
 
 
 def cmd_pending(args: argparse.Namespace) -> int:
-    data = _api(args, "GET", "/api/requests?state=pending")
+    data = _api(args, "GET", "/api/requests?state=pending,approved")
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -327,7 +328,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
             print(f"    rule {r['id']}: {r['outcome']} ({r['risk']}) {r['reason']}")
         for v in view.votes:
             print(f"  {v['verdict']} by {v['person']} ({v['reviewer']}) at {_when(v['ts'])}: {v['reason'] or '-'}")
-        print(f"  outcome: {view.state} {view.outcome_reason or ''}")
+        print(f"  outcome: {state_label(view.state)} {view.outcome_reason or ''}")
         for e in events:
             print("  " + _event_line(e) + f"  hash {e.hash[:16]}")
         return 0

@@ -28,6 +28,7 @@ from server.ledger import Ledger
 from server.models import Decision, RequestView, ToolCall
 from server.policy import LivePolicy
 from server.policy.engine import compact_facts
+from server.registry import SECRET_RESULT_META
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +153,11 @@ class Gate:
     """Runs whose terminal event the ledger refused: call id -> (kind, payload, outcome reason, error)."""
 
     async def call(
-        self, tool: Runnable, arguments: dict[str, Any], who: Identity, progress: ProgressFn | None = None
+        self, tool: Runnable, arguments: dict[str, Any], who: Identity, progress: ProgressFn | None = None,
+        gone: anyio.Event | None = None,
     ) -> types.CallToolResult:
+        """`gone`, when the transport can tell: set once the caller's connection for this call has closed. A held
+        call then stops waiting (its request stays open for the caller's retry) instead of running for nobody."""
         # The tool's own validation normalises the arguments: what is hashed, classified, approved and run.
         problem, code = None, "invalid_arguments"
         try:
@@ -209,7 +213,7 @@ class Gate:
                 with anyio.CancelScope(shield=True):
                     await self._open(call, redacted, decision, state="allowed")
                     return await self._run(tool, call, decision, progress, redacted)
-            return await self._hold(tool, call, redacted, decision, progress)
+            return await self._hold(tool, call, redacted, decision, progress, gone)
         except LedgerError as e:
             log.error("ledger failure on %s: %s", call.call_id, e)
             return error_result(f"keyturn could not record this call, so it did not run: {e}", outcome="error")
@@ -285,12 +289,19 @@ class Gate:
             tool_progress.reset(token)
         try:
             kind = "failed" if result.is_error else "executed"
-            payload = {"result_digest": result_digest(result), "is_error": bool(result.is_error)}
+            result_json = canonical_json(result.model_dump(mode="json", by_alias=True, exclude_none=True))
+            payload = {"result_digest": sha256_hex(result_json), "is_error": bool(result.is_error)}
         except Exception as e:
             # Not a result keyturn can record (nor, so, return): the run still ends in one terminal event.
             reason = f"the tool's result could not be recorded ({type(e).__name__})"
             log.error("%s: %s", call.call_id, reason)
             return await self._failed(call.call_id, reason, f"the tool ran, but {reason}, so it is withheld")
+        if decision.outcome == "review" and not (result.meta or {}).get(SECRET_RESULT_META):
+            # Kept for a retry in case this caller cannot receive it (it gave up without a word); a secret is not.
+            try:
+                await self.broker.keep_result(call.call_id, result_json, (await self._expiry(call.call_id)))
+            except LedgerError as e:
+                log.warning("could not keep the result of %s for a retry: %s", call.call_id, e)
         if not await self._record_outcome(call.call_id, kind, payload, None):
             return self._unrecorded_result(call.call_id)
         if decision.outcome == "review" and self.broker.notifiers:  # only a reviewed call has messages to update
@@ -335,23 +346,23 @@ class Gate:
             del self._unrecorded[call_id]
         return len(self._unrecorded)
 
+    async def _expiry(self, request_id: str) -> float | None:
+        view = await self.ledger.get_call(request_id)
+        return view.expires if view is not None else None
+
     async def _hold(
         self, tool: Runnable, call: ToolCall, redacted: dict[str, Any], decision: Decision,
-        progress: ProgressFn | None,
+        progress: ProgressFn | None, gone: anyio.Event | None = None,
     ) -> types.CallToolResult:
         assert decision.review is not None
-        existing = await self.ledger.find_open(call.principal, call.tool, call.args_hash)
-        if existing is not None and existing.policy_digest == decision.policy_digest:
-            # The same call again while its request is open: wait on (or run) that request.
-            request_id = existing.id
-            await self.ledger.mutate_call(request_id, lambda tx, row: (
-                tx.conn.execute("UPDATE calls SET holder = ? WHERE id = ?", (self.broker.instance_id, request_id)),
-                tx.append("call.rejoined", request_id, {"principal": call.principal, "holder": self.broker.instance_id}),
-            ))
+        # The same call again while its request lives: rejoin it in whatever state it is (approvals own this).
+        rejoined = await self.broker.rejoin(call.principal, call.tool, call.args_hash, decision.policy_digest,
+                                            self.broker.instance_id)
+        if rejoined is not None:
+            request_id = rejoined.id
+            if rejoined.state in ("running", "executed", "failed"):
+                return await self._outcome_for_retry(request_id, call, progress, gone)
         else:
-            if existing is not None:
-                await self.ledger.transition(existing.id, ("pending", "approved"), "cancelled", "cancelled",
-                                             {"by": "keyturn", "reason": "superseded: the policy changed"})
             request_id = call.call_id
             expires = time.time() + decision.review.timeout_s
             await self._open(call, redacted, decision, state="pending", expires=expires,
@@ -362,7 +373,10 @@ class Gate:
             await self.broker.announce(view)
             del view  # not kept while the call waits (see `_wait`)
 
-        view = await self._wait(request_id, progress)
+        found = await self._wait_for_caller(request_id, ("pending",), progress, gone)
+        if found is None:
+            return self._left_result(request_id)
+        view = found
         if view.state == "approved":
             with anyio.CancelScope(shield=True):
                 # One conditional write: exactly one process (and one waiting call) wins the approval.
@@ -370,31 +384,87 @@ class Gate:
                     request_id, ("approved",), "running", "execution.started",
                     {"holder": self.broker.instance_id, "args_hash": call.args_hash}, holder=self.broker.instance_id,
                 )
-                if not claimed:
-                    return error_result(f"request {request_id} was already run or closed by another process",
-                                        outcome="not_run", request_id=request_id)
-                run_call = call.model_copy(update={"call_id": request_id})
-                return await self._run(tool, run_call, decision, progress, redacted)
+                if claimed:
+                    run_call = call.model_copy(update={"call_id": request_id})
+                    return await self._run(tool, run_call, decision, progress, redacted)
+            # Another waiter (a retry, or another process) won it: this caller gets that run's outcome.
+            return await self._outcome_for_retry(request_id, call, progress, gone)
         return self._closed_result(view)
 
-    async def _wait(self, request_id: str, progress: ProgressFn | None) -> RequestView:
+    async def _wait_for_caller(
+        self, request_id: str, through: tuple[str, ...], progress: ProgressFn | None, gone: anyio.Event | None,
+    ) -> RequestView | None:
+        """`_wait` while the caller is there: None once it is known to be gone (its connection closed, or its
+        request cancelled), recorded as `client.left`; the request itself stays as it is."""
+        try:
+            found = await self._wait(request_id, progress, through, gone)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await self._record_left(request_id, "the caller cancelled its request")
+            raise
+        if found is None:
+            await self._record_left(request_id, "the caller's connection closed")
+        return found
+
+    async def _record_left(self, request_id: str, reason: str) -> None:
+        try:
+            await self.ledger.append("client.left", request_id, {"reason": reason})
+        except LedgerError as e:
+            log.warning("could not record that the caller of %s left: %s", request_id, e)
+
+    @staticmethod
+    def _left_result(request_id: str) -> types.CallToolResult:
+        # Nobody receives this (the caller is gone); it says what the ledger says.
+        return error_result(f"Request {request_id} is still open: call again with the same arguments to rejoin it.",
+                            outcome="left", request_id=request_id)
+
+    async def _outcome_for_retry(
+        self, request_id: str, call: ToolCall, progress: ProgressFn | None, gone: anyio.Event | None,
+    ) -> types.CallToolResult:
+        """A retry of a request that another caller is running or has run: its outcome, never a second run."""
+        found = await self._wait_for_caller(request_id, ("approved", "running"), progress, gone)
+        if found is None:
+            return self._left_result(request_id)
+        if found.state not in ("executed", "failed"):
+            return self._closed_result(found)
+        delivery = await self.broker.deliver(request_id, call.principal)
+        if delivery is None:
+            return self._closed_result(found)
+        if delivery.result_json is not None:
+            return types.CallToolResult.model_validate_json(delivery.result_json)
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(delivery.ran_at))
+        how = "and failed" + (f": {delivery.reason}" if delivery.reason else "") if delivery.kind == "failed" else ""
+        return error_result(
+            f"Request {request_id} was approved and ran at {when} {how}".rstrip() + ". Its result is not kept "
+            "(it may carry a secret, or its time has passed); it was not run again.",
+            outcome="already_executed" if delivery.kind == "executed" else "failed", request_id=request_id,
+            ran_at=delivery.ran_at)
+
+    async def _wait(self, request_id: str, progress: ProgressFn | None, through: tuple[str, ...] = ("pending",),
+                    gone: anyio.Event | None = None) -> RequestView | None:
+        """Wait while the request is in one of `through`; return it in the state it moved to, or None as soon as
+        `gone` is set."""
         started = time.monotonic()
         with self.broker.watching(request_id):
             while True:
+                if gone is not None and gone.is_set():
+                    return None
                 view = await self.ledger.get_call(request_id)
                 if view is None:
                     raise LedgerError(f"request {request_id} vanished from the ledger")
-                if view.state != "pending":
+                if view.state not in through:
                     return view
                 now = time.time()
-                if view.expires is not None and now >= view.expires:
+                if view.state in ("pending", "approved") and view.expires is not None and now >= view.expires:
                     await self.broker.expire(request_id)
                     continue
                 if progress is not None:
                     await progress(time.monotonic() - started, None, self._waiting_message(view))
                 remaining = (view.expires - now) if view.expires is not None else self.progress_interval_s
+                if view.state == "running":
+                    remaining = self.progress_interval_s  # a run ends when the tool returns, not at the expiry
                 del view  # read again on waking: not kept while waiting, it is a fifth of a held call's memory
-                await self.broker.wait_for_change(request_id, min(self.progress_interval_s, remaining))
+                await self.broker.wait_for_change(request_id, min(self.progress_interval_s, remaining), gone)
 
     @staticmethod
     def _waiting_message(view: RequestView) -> str:
@@ -402,6 +472,8 @@ class Gate:
         needs = "; ".join(f"{g.quorum} from {', '.join(g.members) or 'any reviewer'}" for g in spec.groups) if spec else ""
         approvals = sum(1 for v in view.votes if v["verdict"] == "approve")
         left = int(view.expires - time.time()) if view.expires else 0
+        if view.state != "pending":
+            return f"keyturn request {view.id}: {view.tool} was approved and is being run; waiting for its result"
         return (f"keyturn request {view.id}: waiting for human approval of {view.tool} "
                 f"({approvals} approval(s) so far; needs {needs}; expires in {left}s)")
 

@@ -10,18 +10,19 @@ from __future__ import annotations
 import ipaddress
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from mcp.server import Server
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.app import Keyturn
 from server.channels.web import api_routes
 from server.errors import ConfigError
-from server.mcp_app import PRINCIPAL_SCOPE_KEY
+from server.mcp_app import CLIENT_GONE_SCOPE_KEY, PRINCIPAL_SCOPE_KEY
 
 if TYPE_CHECKING:
     import uvicorn
@@ -73,7 +74,10 @@ class HostOriginGuard:
 
 
 class AgentAuth:
-    """On /mcp: maps the bearer token to a principal (or `local` when no agent tokens are configured)."""
+    """On /mcp: maps the bearer token to a principal (or `local` when no agent tokens are configured), and marks
+    when the client's connection for this request closes (`CLIENT_GONE_SCOPE_KEY`): a client that gives up
+    without a cancel (its timeout, its exit) only closes its connection, and the SDK's 2025-era streamable HTTP
+    keeps serving the request, so keyturn watches the ASGI disconnect itself."""
 
     def __init__(self, app: ASGIApp, kt: Keyturn, path: str = "/mcp") -> None:
         self.app, self.kt, self.path = app, kt, path
@@ -82,6 +86,10 @@ class AgentAuth:
         if scope["type"] != "http" or not scope["path"].startswith(self.path):
             await self.app(scope, receive, send)
             return
+        gone = anyio.Event()
+        scope[CLIENT_GONE_SCOPE_KEY] = gone
+        receive = _watch_disconnect(receive, gone)
+
         if not self.kt.credentials.agents:
             scope[PRINCIPAL_SCOPE_KEY] = (self.kt.settings.stdio.principal or LOCAL_PRINCIPAL,
                                           self.kt.settings.stdio.on_behalf_of)
@@ -98,6 +106,16 @@ class AgentAuth:
             return
         scope[PRINCIPAL_SCOPE_KEY] = found
         await self.app(scope, receive, send)
+
+
+def _watch_disconnect(receive: Receive, gone: anyio.Event) -> Receive:
+    async def watched() -> Message:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+        return message
+
+    return watched
 
 
 def check_bind(kt: Keyturn, host: str) -> None:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import mcp_types as types
 from mcp.server import Server
 from mcp.server.context import ServerRequestContext
@@ -28,11 +29,14 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from server.app import Keyturn
 from server.gate import Identity, ProgressFn, error_result
+from server.models import state_label
 
 if TYPE_CHECKING:
     from server.fastlane import FastLane
 
 PRINCIPAL_SCOPE_KEY = "keyturn.principal"
+CLIENT_GONE_SCOPE_KEY = "keyturn.client_gone"
+"""In an HTTP request's ASGI scope: an `anyio.Event` set when the client's connection for that request closes."""
 MODEL_META_KEYS = ("io.keyturn/model", "model", "modelId")
 
 STATUS_TOOL = types.Tool(
@@ -135,7 +139,9 @@ def build_mcp_server(kt: Keyturn, *, default_identity: Callable[[], Identity] | 
         # No progress token, no progress: then an upstream (proxy mode) is not asked for any either.
         wants_progress = progress_token_from_params(ctx.params) is not None
         progress = monotonic_progress(ctx.session.report_progress) if wants_progress else None
-        return await kt.gate.call(tool, arguments, who, progress)
+        scope = getattr(ctx.request, "scope", None)
+        gone = scope.get(CLIENT_GONE_SCOPE_KEY) if isinstance(scope, dict) else None
+        return await kt.gate.call(tool, arguments, who, progress, gone if isinstance(gone, anyio.Event) else None)
 
     return Server("keyturn", version="0.1.0", instructions=(
         "Tools served by keyturn are guarded: some run at once, some are denied by policy, and some are held "
@@ -191,8 +197,14 @@ async def _builtin(kt: Keyturn, name: str, arguments: dict[str, Any], who: Ident
     status = {
         "request_id": view.id, "tool": view.tool, "state": view.state, "risk": view.risk, "reason": view.reason,
         "approvals": [v["person"] for v in view.votes if v["verdict"] == "approve"],
-        "expires": view.expires, "outcome_reason": view.outcome_reason,
+        "expires": view.expires, "outcome_reason": view.outcome_reason, "status": state_label(view.state),
     }
+    if view.state == "approved":
+        status["note"] = ("approved and not run: call the same tool with the same arguments again before it expires "
+                          "to run it, once")
+    elif view.state in ("executed", "failed"):
+        status["note"] = ("it ran once; calling it again with the same arguments before it expires returns that "
+                          "outcome instead of running it again")
     return types.CallToolResult(content=[types.TextContent(type="text", text=json.dumps(status))],
                                 structured_content=status)
 

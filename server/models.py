@@ -35,7 +35,9 @@ TERMINAL_STATES: frozenset[str] = frozenset({"executed", "failed", "denied", "ex
 
 EventKind = Literal[
     "call.received",
-    "call.rejoined",  # the same call repeated while its request was open
+    "call.rejoined",  # the same call repeated while its request lived (open, or ran and not yet expired)
+    "client.left",  # the caller of a held call went away (connection closed, or cancelled); the request stays
+    "result.delivered",  # a retry got the outcome (and the kept result) of a run, instead of a second run
     "decision",
     "approval.requested",
     "notified",
@@ -59,6 +61,17 @@ EventKind = Literal[
     "abandoned",
 ]
 TERMINAL_EVENTS: frozenset[str] = TERMINAL_STATES
+
+
+STATE_LABELS: dict[str, str] = {
+    "approved": "approved, waiting for the agent to come back",
+}
+"""How a state reads to a person where it differs from its name: an approved request that no caller has claimed
+runs once when the agent repeats the call (before the request expires)."""
+
+
+def state_label(state: str) -> str:
+    return STATE_LABELS.get(state, state)
 
 
 class _Frozen(BaseModel):

@@ -25,7 +25,7 @@ _ARG_LIMIT = 1500
 _MAX_ARG_BLOCKS = 12
 _STATE_LINES = {
     "pending": ":hourglass_flowing_sand: *Waiting for approval*",
-    "approved": ":white_check_mark: *Approved*, waiting to run",
+    "approved": ":white_check_mark: *Approved*, waiting for the agent to come back (runs once when it repeats the call)",
     "running": ":gear: *Approved*, running now",
     "executed": ":white_check_mark: *Approved and executed*",
     "failed": ":warning: *Approved, but the tool failed*",

@@ -38,7 +38,7 @@ MAX_REASON = 2000
 
 OUTCOME_TITLES = {
     "pending": "Approval needed",
-    "approved": "Approved: waiting to run",
+    "approved": "Approved, waiting for the agent to come back",
     "running": "Approved: running",
     "executed": "Approved and executed",
     "failed": "Approved, but the tool failed",

@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from server.channels.bodies import BodyRefused, read_body
 from server.errors import ApprovalRejected, LedgerError, UnknownRequest
-from server.models import RequestView, Verdict, VerdictKind
+from server.models import RequestView, Verdict, VerdictKind, state_label
 
 if TYPE_CHECKING:
     from server.app import Keyturn
@@ -31,7 +31,8 @@ def _error(status: int, message: str, code: str) -> JSONResponse:
 
 
 def view_json(view: RequestView) -> dict[str, Any]:
-    return view.model_dump(mode="json")
+    """The request as JSON, with `status`: its state as a person reads it (see `server.models.state_label`)."""
+    return {**view.model_dump(mode="json"), "status": state_label(view.state)}
 
 
 @dataclass(frozen=True)

@@ -225,13 +225,16 @@ async def test_an_approval_is_bound_to_its_arguments_and_consumed_by_the_run(wor
         await gate.call(write, {"key": "something-else"}, AGENT)
     assert runs.count == 0
     assert (await ledger.get_call(request.id)).state == "approved"  # type: ignore[union-attr]
-    # The approved arguments run once; the same call again needs a new approval.
+    # The approved arguments run once; the same call again, before the request expires, gets that run's kept
+    # result and does not run again (after the expiry it would need a new approval).
     result = await gate.call(write, {"key": "approved-one"}, AGENT)
     assert not result.is_error and runs.count == 1
-    with anyio.move_on_after(0.5):
-        await gate.call(write, {"key": "approved-one"}, AGENT)
+    with anyio.fail_after(5):
+        again = await gate.call(write, {"key": "approved-one"}, AGENT)
+    assert again == result
     assert runs.count == 1
-    assert len(await ledger.list_calls(("pending",))) == 2
+    assert len(await ledger.list_calls(("pending",))) == 1  # only the other arguments' request
+    assert [e.kind for e in await ledger.events(request.id)][-2:] == ["call.rejoined", "result.delivered"]
 
 
 async def test_two_processes_waiting_on_one_approval_run_it_once(world: tuple[Gate, Runs, Ledger],

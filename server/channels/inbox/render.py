@@ -17,7 +17,7 @@ from typing import Any
 
 import jinja2
 
-from server.models import Event, RequestView
+from server.models import Event, RequestView, state_label
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -69,7 +69,7 @@ def environment() -> jinja2.Environment:
         loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined,
         trim_blocks=True, lstrip_blocks=True,
     )
-    env.filters.update(utc=utc, iso=iso, ago=ago, time_left=time_left, pretty=pretty)
+    env.filters.update(utc=utc, iso=iso, ago=ago, time_left=time_left, pretty=pretty, state_label=state_label)
     return env
 
 
