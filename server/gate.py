@@ -28,6 +28,7 @@ from server.ledger import Ledger
 from server.models import Decision, RequestView, ToolCall
 from server.policy import LivePolicy
 from server.policy.engine import compact_facts
+from server.proof import prove_approval
 from server.registry import SECRET_RESULT_META
 
 log = logging.getLogger(__name__)
@@ -379,6 +380,12 @@ class Gate:
         view = found
         if view.state == "approved":
             with anyio.CancelScope(shield=True):
+                # The tables said approved; only the chain can say so. A state flipped or a vote forged behind
+                # keyturn's back runs nothing, and is recorded as a refusal.
+                problem = await prove_approval(self.ledger, request_id, args_hash=call.args_hash,
+                                               policy_digest=decision.policy_digest, directory=self.broker.directory)
+                if problem is not None:
+                    return await self._unproven(request_id, problem)
                 # One conditional write: exactly one process (and one waiting call) wins the approval.
                 claimed = await self.ledger.transition(
                     request_id, ("approved",), "running", "execution.started",
@@ -390,6 +397,15 @@ class Gate:
             # Another waiter (a retry, or another process) won it: this caller gets that run's outcome.
             return await self._outcome_for_retry(request_id, call, progress, gone)
         return self._closed_result(view)
+
+    async def _unproven(self, request_id: str, problem: str) -> types.CallToolResult:
+        log.error("request %s is approved in the ledger's tables but not by its chain: %s", request_id, problem)
+        reason = f"the approval is not proven by the ledger's chain ({problem}); it did not run"
+        await self.ledger.transition(request_id, ("approved", "pending"), "denied", "denied",
+                                     {"by": "keyturn", "code": "approval_not_proven", "reason": reason},
+                                     outcome_reason=reason)
+        return error_result(f"Request {request_id} was refused: {reason}.", outcome="refused",
+                            code="approval_not_proven", request_id=request_id)
 
     async def _wait_for_caller(
         self, request_id: str, through: tuple[str, ...], progress: ProgressFn | None, gone: anyio.Event | None,

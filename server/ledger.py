@@ -595,6 +595,35 @@ class Ledger:
         """Run the long read `fn(conn)` on one consistent snapshot of the ledger (writers go on meanwhile)."""
         return await self._read(fn, long=True)
 
+    async def call_chain(self, call_id: str) -> tuple[list[Event], str | None]:
+        """The chained events of `call_id`, read with the whole stretch of the chain they span checked: every event
+        from the one before the call's first to its last has the next sequence number, links to the one before it
+        and recomputes to its hash. Returns (events, None), or ([], the first break)."""
+
+        def read(conn: sqlite3.Connection) -> tuple[list[Event], str | None]:
+            first, last = conn.execute("SELECT min(seq), max(seq) FROM events WHERE call_id = ?", (call_id,)).fetchone()
+            if first is None:
+                return [], f"no chained event names {call_id}"
+            start = max(int(first) - 1, 1)
+            prev: str | None = GENESIS if start == first else None
+            expected, found = start, []
+            cursor = conn.execute("SELECT * FROM events WHERE seq BETWEEN ? AND ? ORDER BY seq", (start, last))
+            while batch := cursor.fetchmany(5000):
+                for row in batch:
+                    seq = row["seq"]
+                    if seq != expected:
+                        return [], f"event {expected} is missing from the chain"
+                    if prev is not None and row["prev_hash"] != prev:
+                        return [], f"event {seq}: its link to the previous event is broken"
+                    if event_hash(row["prev_hash"], seq, row["ts"], row["kind"], row["call_id"], row["payload"]) != row["hash"]:
+                        return [], f"event {seq} ({row['kind']}): its content does not match its hash"
+                    prev, expected = row["hash"], seq + 1
+                    if row["call_id"] == call_id:
+                        found.append(row_to_event(row))
+            return found, None
+
+        return await self._read(read, long=True)
+
     async def verify(self) -> VerifyResult:
         """Recompute the chain; name the first event whose hash, link or sequence number is wrong."""
 

@@ -1,0 +1,82 @@
+"""The chain is the authority: a held call runs only when chained events prove its approval. The `calls` and
+`votes` tables changed behind keyturn's back (as someone with write access to the ledger file can) run nothing,
+and the refusal is recorded."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+
+import anyio
+import pytest
+
+from server.gate import Gate
+from server.ledger import Ledger
+from server.models import Verdict
+from tests.unit.test_gate import AGENT, Runs, terminal_kinds, wait_pending, world  # noqa: F401 (a fixture)
+
+
+def flip_to_approved(db: str, request_id: str) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE calls SET state = 'approved' WHERE id = ?", (request_id,))
+
+
+def forge_vote_and_flip(db: str, request_id: str) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO votes(call_id, person, reviewer, verdict, reason, groups, ts) "
+                     "VALUES (?, 'alice', 'api:alice', 'approve', 'forged', '[]', 0)", (request_id,))
+        conn.execute("UPDATE calls SET state = 'approved' WHERE id = ?", (request_id,))
+
+
+def edit_a_chained_vote(db: str, request_id: str) -> None:
+    """A real vote by someone the requester controls... rewritten in the chain to name an eligible reviewer."""
+    with sqlite3.connect(db) as conn:
+        seq, payload = conn.execute("SELECT seq, payload FROM events WHERE call_id = ? AND kind = 'vote.refused'",
+                                    (request_id,)).fetchone()
+        forged = {**json.loads(payload), "person": "alice", "reviewer": "api:alice", "verdict": "approve"}
+        conn.execute("UPDATE events SET kind = 'vote', payload = ? WHERE seq = ?", (json.dumps(forged), seq))
+        conn.execute("UPDATE calls SET state = 'approved' WHERE id = ?", (request_id,))
+
+
+@pytest.mark.parametrize("tamper", [flip_to_approved, forge_vote_and_flip, edit_a_chained_vote])
+async def test_an_approval_only_the_tables_show_runs_nothing(world: tuple[Gate, Runs, Ledger],  # noqa: F811
+                                                              tamper: Callable[[str, str], None]) -> None:
+    gate, runs, ledger = world
+    write = gate.tools["write_thing"]  # type: ignore[attr-defined]
+    results = []
+    async with anyio.create_task_group() as tg:
+        async def hold() -> None:
+            results.append(await gate.call(write, {"key": "k"}, AGENT))
+
+        tg.start_soon(hold)
+        (request,) = await wait_pending(ledger)
+        if tamper is edit_a_chained_vote:  # a vote the broker refused: chained, but not an approval
+            with pytest.raises(Exception):  # noqa: B017 (any refusal)
+                await gate.broker.decide(Verdict(request_id=request.id, reviewer="api:mallory", verdict="approve"))
+        tamper(str(ledger.path), request.id)
+        with anyio.fail_after(20):  # the waiting call reads its state again at its next round
+            while not results:
+                await anyio.sleep(0.02)
+    [result] = results
+    assert result.is_error and "not proven by the ledger's chain" in str(result.content), result
+    assert runs.count == 0
+    assert await terminal_kinds(ledger) == ["denied"]
+    [denied] = [e for e in await ledger.events(request.id) if e.kind == "denied"]
+    assert denied.payload["by"] == "keyturn" and denied.payload["code"] == "approval_not_proven"
+    assert "execution.started" not in [e.kind for e in await ledger.events(request.id)]
+
+
+async def test_a_real_approval_is_proven_and_runs(world: tuple[Gate, Runs, Ledger]) -> None:  # noqa: F811
+    gate, runs, ledger = world
+    write = gate.tools["write_thing"]  # type: ignore[attr-defined]
+    results = []
+    async with anyio.create_task_group() as tg:
+        async def hold() -> None:
+            results.append(await gate.call(write, {"key": "k"}, AGENT))
+
+        tg.start_soon(hold)
+        (request,) = await wait_pending(ledger)
+        await gate.broker.decide(Verdict(request_id=request.id, reviewer="api:alice", verdict="approve"))
+    assert not results[0].is_error and runs.count == 1
+    assert await terminal_kinds(ledger) == ["executed"]
