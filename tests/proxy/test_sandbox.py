@@ -230,6 +230,22 @@ async def test_a_call_while_the_upstream_starts_names_it_and_its_state(home: Pro
     assert json.loads(text(later))
 
 
+async def test_the_directory_holding_keyturns_policy_cannot_be_moved_aside(home: ProxyHome, served: Path) -> None:
+    """Were it renamed, a directory of the agent's making, with a policy of its own, could take its place."""
+    conf = served / "conf"
+    conf.mkdir()
+    (conf / "policy.yaml").write_text(ALLOW_ALL)
+    home.db, home.config = served / "keyturn.db", conf / "keyturn.yaml"
+    home.config.write_text(yaml.safe_dump({"db": str(home.db), "policy": str(conf / "policy.yaml"), "tools": [],
+                                           "proxy": {"upstreams": [{"name": "files", "command": str(FS_BIN),
+                                                                    "args": [str(served)], "mounts": [
+                                                                        {"path": str(served), "writable": True}]}]}}))
+    with anyio.fail_after(60):
+        async with Client(home.proxy_params()) as client:
+            moved = await client.call_tool("move_file", {"source": str(conf), "destination": str(served / "old")})
+    assert moved.is_error and (conf / "policy.yaml").read_text() == ALLOW_ALL and not (served / "old").exists()
+
+
 def test_no_sandbox_no_start(home: ProxyHome, served: Path) -> None:
     kt = Installed(home, served, "example")
     kt.configure({"name": "probe", "command": sys.executable, "args": [str(PROBE)]}, bwrap=str(served / "no-bwrap"))
