@@ -120,6 +120,22 @@ def runtime_paths(program: str, path_env: str | None) -> tuple[str, list[Path]]:
     return executable, list(dict.fromkeys(paths))
 
 
+def _real_argument(arg: str, base: Path) -> str:
+    """`arg` with an existing path in it (`PATH`, `--opt=PATH`) given by its real path: mounts are made at real
+    paths, so a symlink on the way (`/home/u -> /data/home/u`) does not exist in the sandbox."""
+    flag, sep, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
+    if not value or "\x00" in value:
+        return arg
+    path = Path(os.path.expanduser(value))
+    path = path if path.is_absolute() else base / path
+    try:
+        if not path.exists() or not Path(value).is_absolute() or _real(path) == Path(os.path.abspath(path)):
+            return arg
+    except OSError:
+        return arg
+    return f"{flag}{sep}{_real(path)}"
+
+
 def _argument_paths(args: Iterable[str], base: Path) -> list[Path]:
     """Existing files and directories the arguments name (`DIR`, `--opt=DIR`), relative ones from `base`."""
     found: list[Path] = []
@@ -151,6 +167,7 @@ class UpstreamSandbox:
     writable: tuple[Path, ...]
     read_only: tuple[Path, ...]  # the mounts that are not writable, and what the arguments name
     cwd: Path
+    args: tuple[str, ...]  # the command's arguments, absolute paths in them by their real path
 
     @classmethod
     def plan(cls, config: UpstreamConfig, *, bwrap: str, env: Mapping[str, str],
@@ -192,11 +209,11 @@ class UpstreamSandbox:
         sandbox = Sandbox(bwrap=bwrap, network=config.network, ro_paths=tuple(dict.fromkeys(ro_paths)),
                           hidden=hidden)
         return cls(config.name, sandbox, executable, tuple(dict.fromkeys(writable)),
-                   tuple(dict.fromkeys(read_only)), cwd)
+                   tuple(dict.fromkeys(read_only)), cwd, tuple(_real_argument(a, base) for a in config.args))
 
-    def argv(self, args: Iterable[str]) -> list[str]:
-        """bubblewrap's argv running the command with `args`, keyturn's state masked as it is now."""
-        return self.sandbox.argv([self.executable, *args], cwd=self.cwd, writable=self.writable,
+    def argv(self) -> list[str]:
+        """bubblewrap's argv running the command, keyturn's state masked as it is now."""
+        return self.sandbox.argv([self.executable, *self.args], cwd=self.cwd, writable=self.writable,
                                  read_only=self.read_only)
 
     def check_available(self) -> None:

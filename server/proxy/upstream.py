@@ -265,7 +265,7 @@ class Upstream:
         if c.command is not None:
             env = self.environment()
             if self.sandbox is not None and relay is not None:
-                argv = self.sandbox.argv(c.args)  # keyturn's state as it is now: masked
+                argv = self.sandbox.argv()  # keyturn's state as it is now: masked
                 params = StdioServerParameters(command=argv[0], args=argv[1:], env=env)
                 return StdioWire(params, relay.errlog) if self.raw else stdio_client(params, relay.errlog)
             log.warning("upstream %s runs without a sandbox (sandbox: off): it acts on the agent's arguments with "
