@@ -126,6 +126,7 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
 
 async def _proxy(args: argparse.Namespace) -> int:
     from server.proxy import parse_header, parse_proxy_config, running_proxy
+    from server.proxy.config import default_name
 
     settings = _settings(args)
     if "tools" not in settings.model_fields_set:
@@ -139,15 +140,24 @@ async def _proxy(args: argparse.Namespace) -> int:
         raise KeyturnError("give the upstream as a command after -- or as --upstream-url, not both")
     if args.header and not args.upstream_url:
         raise KeyturnError("--header applies to --upstream-url")
-    upstream: dict[str, Any] = {"name": args.name}
+    sandboxing = bool(args.mount or args.mount_rw or args.network or args.no_sandbox)
+    if sandboxing and not command:
+        raise KeyturnError("--mount, --mount-rw, --network and --no-sandbox apply to a command after --")
+    name = args.name or default_name(command[0], command[1:]) if command else (
+        args.name or default_name(url=args.upstream_url) if args.upstream_url else None)
+    upstream: dict[str, Any] = {"name": name}
     if args.prefix is not None:
         upstream["prefix"] = args.prefix
     if command:
-        # The command inherits keyturn's environment (less KEYTURN_*), as it would without keyturn in front.
-        upstream.update(command=command[0], args=command[1:], inherit_env=True)
+        # The command inherits keyturn's environment (less keyturn's secrets), as it would without keyturn in front,
+        # and runs in a sandbox that shows it the directories its arguments name (read-only) and the mounts given.
+        upstream.update(command=command[0], args=command[1:], inherit_env=True, network=args.network,
+                        mounts=[{"path": p} for p in args.mount] + [{"path": p, "writable": True} for p in args.mount_rw])
+        if args.no_sandbox:
+            upstream["sandbox"] = "off"
     elif args.upstream_url:
         upstream.update(url=args.upstream_url, headers=dict(parse_header(h) for h in args.header))
-    elif args.prefix is not None or args.name != "upstream":
+    elif args.prefix is not None or args.name is not None:
         raise KeyturnError("--name and --prefix apply to an upstream given on the command line")
     config = parse_proxy_config(settings.proxy, [upstream] if "command" in upstream or "url" in upstream else [],
                                 call_timeout=args.call_timeout)
@@ -367,10 +377,21 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--upstream-url", metavar="URL", help="a streamable HTTP upstream instead of a command")
     proxy.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
                        help="an HTTP header for --upstream-url (e.g. authorization); repeatable")
-    proxy.add_argument("--name", default="upstream", help="the command-line upstream's name (default: upstream)")
+    proxy.add_argument("--name", help="the command-line upstream's name (default: after its command, e.g. "
+                                      "mcp-server-git -> git; a url's host)")
     proxy.add_argument("--prefix", help="expose the command-line upstream's tools as PREFIX + tool name")
     proxy.add_argument("--call-timeout", type=float, metavar="SECONDS",
                        help="how long one forwarded call may take (default: proxy.call_timeout, or 300)")
+    proxy.add_argument("--mount", action="append", default=[], metavar="PATH",
+                       help="show PATH to the upstream command's sandbox, read-only; repeatable (the files and "
+                            "directories its arguments name are shown read-only already)")
+    proxy.add_argument("--mount-rw", action="append", default=[], metavar="PATH",
+                       help="show PATH to the upstream command's sandbox, writable; repeatable")
+    proxy.add_argument("--network", action="store_true",
+                       help="let the upstream command use the host's network (default: none at all)")
+    proxy.add_argument("--no-sandbox", action="store_true",
+                       help="run the upstream command without a sandbox, with keyturn's own reach (recorded in "
+                            "the ledger, warned about at every start)")
     proxy.add_argument("--log-level", default="WARNING")
     proxy.add_argument("upstream_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS",
                        help="the upstream server to start (stdio)")

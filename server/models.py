@@ -50,6 +50,7 @@ EventKind = Literal[
     "policy.rejected",
     "process.started",
     "sandbox.disabled",  # an operator turned a tool's sandbox off (recorded at every start)
+    "upstream.sandboxed",  # proxy mode: an upstream command's sandbox (network, mounts), recorded at every start
     "link.used",  # a signed single-use decision link was consumed (Teams webhook fallback)
     "link.released",  # ... and given back because the broker refused the vote
     # terminal kinds: exactly one per call

@@ -118,6 +118,7 @@ class Sandbox:
         bwrap = _resolve(self.bwrap, "bubblewrap (bwrap)")
         mounts: list[tuple[Path, list[str]]] = []
         binds: list[Path] = []
+        writable_binds: list[Path] = []
         for name in SYSTEM_PATHS:
             if os.path.islink(name):
                 mounts.append((Path(name), ["--symlink", os.readlink(name), name]))
@@ -132,6 +133,8 @@ class Sandbox:
                 self._refuse_virtual(path, what)
                 mounts.append((path, [flag, str(path), str(path)]))
                 binds.append(path)
+                if flag == "--bind":
+                    writable_binds.append(path)
         mounts.sort(key=lambda m: len(m[0].parts))  # parents before children; stable for equal depth
         args = [bwrap, *(("--info-fd", str(info_fd)) if info_fd is not None else ()),
                 "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
@@ -139,11 +142,12 @@ class Sandbox:
             args.append("--share-net")
         for _, flags in mounts:
             args += flags
-        args += self._masks(binds)
+        args += self._masks(binds, writable_binds)
         args += ["--chdir", str(_real(cwd)), "--", *command]
         return [*self.limits.prefix(), *args]
 
-    def _masks(self, binds: list[Path]) -> list[str]:
+    def _masks(self, binds: list[Path], writable: Sequence[Path] = ()) -> list[str]:
+        pins: dict[Path, None] = {}
         args: list[str] = []
         # By real path: a symlink to a state file is shown as it is, and leads to the mask or to nothing.
         for path in dict.fromkeys(_real(p) for p in self.hidden()):
@@ -153,7 +157,12 @@ class Sandbox:
                 args += ["--tmpfs", str(path), "--remount-ro", str(path)]
             else:
                 args += ["--ro-bind", "/dev/null", str(path)]
-        return args
+            # A mount point cannot be renamed, but the directories above it can: under a writable mount, renaming
+            # the directory that holds the policy would let a new one take its place. Each is bound onto itself.
+            for root in (w for w in writable if path != w and path.is_relative_to(w)):
+                pins.update((d, None) for d in path.parents if d != root and d.is_relative_to(root))
+        pinned = [arg for d in sorted(pins, key=lambda d: len(d.parts)) for arg in ("--bind", str(d), str(d))]
+        return pinned + args
 
     @staticmethod
     def _refuse_virtual(path: Path, what: str) -> None:

@@ -16,14 +16,20 @@ proxy:
       classifiers:
         read_query: {query: sql}                          # argument `query` of `read_query` is SQL
         "*": {path: path}                                 # every tool's `path` argument is a path
+    - name: reports
+      command: mcp-server-reports
+      mounts: [{path: /srv/data}, {path: /srv/out, writable: true}]   # what it sees of the host (sandbox.py)
+      network: true                                       # the host's network (default: none at all)
 ```
+
+A command upstream runs in a bubblewrap sandbox (`server/proxy/sandbox.py`) unless `sandbox: off`.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -49,6 +55,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class Mount(_Strict):
+    """A directory (or file) of the host an upstream's sandbox shows, at the same path; read-only unless writable."""
+
+    path: str
+    writable: bool = False
+
+
 class UpstreamConfig(_Strict):
     """One MCP server keyturn stands in front of: a command started over stdio, or a streamable HTTP URL."""
 
@@ -64,6 +77,16 @@ class UpstreamConfig(_Strict):
     classifiers: dict[str, dict[str, str]] = Field(default_factory=dict)  # tool glob -> {argument: kind}
     builtin_classifiers: bool = True
     call_timeout: Duration | None = None  # overrides proxy.call_timeout for this upstream
+    # The sandbox of a command upstream (server/proxy/sandbox.py); YAML `off` and `false` both turn it off.
+    sandbox: bool | Literal["on", "off"] = True
+    network: bool = False  # share the host's network (default: a network namespace with nothing in it)
+    mounts: tuple[Mount, ...] = ()
+    ro_paths: tuple[str, ...] = ()  # more of the host, read-only: a toolchain the runtime detection missed
+    mount_args: bool = True  # existing files and directories named in `args` are mounted read-only
+
+    @property
+    def sandboxed(self) -> bool:
+        return self.command is not None and (self.sandbox is True or self.sandbox == "on")
 
     @field_validator("name")
     @classmethod
@@ -100,6 +123,9 @@ class UpstreamConfig(_Strict):
             raise ValueError(f"upstream {self.name!r}: url must start with http:// or https://")
         if self.url is not None and (self.args or self.env or self.cwd or self.inherit_env):
             raise ValueError(f"upstream {self.name!r}: args, env, cwd and inherit_env apply to a command, not a url")
+        if self.url is not None and (self.mounts or self.ro_paths or self.network):
+            raise ValueError(f"upstream {self.name!r}: mounts, ro_paths and network apply to a command keyturn "
+                             "starts (in its sandbox), not to a url")
         if self.command is not None and self.headers:
             raise ValueError(f"upstream {self.name!r}: headers apply to a url, not a command")
         return self
@@ -115,11 +141,12 @@ class ProxyConfig(_Strict):
     upstreams: tuple[UpstreamConfig, ...] = ()
     call_timeout: Duration = 300.0
     connect_timeout: Duration = 30.0  # one attempt to start (or reach) an upstream and list its tools
-    startup_wait: Duration = 60.0  # how long `keyturn proxy` waits for upstreams before serving anyway
+    startup_wait: Duration = 60.0  # how long keyturn waits for each upstream to be up (across retries) at start
     reconnect_wait: Duration = 10.0  # how long a call waits for a restarting upstream before it fails
     restart_backoff: Duration = 0.5  # first delay before restarting a crashed upstream; doubles, up to the max
     restart_backoff_max: Duration = 30.0
     health_interval: Duration | None = 30.0  # re-list an idle upstream's tools this often; null: never
+    bwrap: str = "bwrap"  # the bubblewrap binary command upstreams are sandboxed with
 
     @model_validator(mode="after")
     def _unique(self) -> ProxyConfig:
@@ -160,6 +187,40 @@ def substitute_env(value: str, environ: Mapping[str, str], where: str) -> str:
         return environ[m.group(1)]
 
     return _ENV_REF.sub(one, value)
+
+
+_LAUNCHERS = re.compile(r"^(python[0-9.]*|node|nodejs|bun|deno|npx|uvx|uv|pipx|bunx|pnpm|yarn|npm|run|tool|exec|dlx)$")
+
+
+def default_name(command: str | None = None, args: Sequence[str] = (), url: str | None = None) -> str:
+    """A name for an upstream given on the command line, after what it runs: `mcp-server-filesystem` (or
+    `npx -y @modelcontextprotocol/server-filesystem`, or `node .../server-filesystem/dist/index.js`) -> `filesystem`,
+    `uvx mcp-server-git` -> `git`, a url -> its host. Valid for `UPSTREAM_NAME`; `upstream` when nothing fits."""
+    words: list[str] = []
+    if url is not None:
+        host = re.sub(r"^[a-z]+://", "", url).split("/", 1)[0].rsplit("@", 1)[-1]
+        words = [host.rsplit(":", 1)[0].strip("[]")]
+    elif command is not None:
+        words = [command, *(a for a in args if not a.startswith("-"))]
+    name = ""
+    for word in words:
+        parts = [p for p in word.replace("\\", "/").split("/") if p]
+        if "node_modules" in parts[:-2] and ".bin" not in parts:  # a package's script: the package's name
+            after = parts[parts.index("node_modules") + 1:]
+            parts = after[1:2] if after and after[0].startswith("@") else after[:1]
+        base = parts[-1] if parts else ""
+        base = re.sub(r"\.(js|mjs|cjs|py|exe)$", "", base.split("@")[0] if not base.startswith("@") else base)
+        if not base or _LAUNCHERS.match(base):
+            continue
+        name = base
+        break
+    if url is None:
+        for affix in ("mcp-server-", "server-", "mcp-", "-mcp-server", "-server", "-mcp", "_mcp"):
+            stripped = name.removeprefix(affix) if not affix.startswith(("-", "_")) else name.removesuffix(affix)
+            if stripped and stripped != name:
+                name = stripped
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-_")[:40]
+    return name if UPSTREAM_NAME.match(name) and not name.lower().startswith("keyturn") else "upstream"
 
 
 def parse_header(value: str) -> tuple[str, str]:

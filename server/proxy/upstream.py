@@ -33,9 +33,11 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from server.config import switched_off
 from server.errors import ConfigError, ToolError
+from server.execution import PackContext
 from server.gate import ProgressFn
 from server.proxy.config import ProxyConfig, UpstreamConfig, substitute_env
 from server.proxy.raw import RawToolCalls
+from server.proxy.sandbox import StderrRelay, UpstreamSandbox, sandbox_env
 from server.proxy.transport import EndWatched
 from server.proxy.wire import ConnectionLost, StdioWire
 
@@ -52,7 +54,7 @@ class Upstream:
     """A supervised connection to one upstream server. Run `supervise()` in a task; `call()` from anywhere."""
 
     def __init__(self, config: UpstreamConfig, proxy: ProxyConfig, environ: Mapping[str, str],
-                 on_tools: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_tools: Callable[[], Awaitable[None]] | None = None, context: PackContext | None = None) -> None:
         self.config = config
         self.name = config.name
         self.settings = proxy
@@ -68,6 +70,9 @@ class Upstream:
         self.stopped = anyio.Event()  # the supervisor has ended: the connection (and any process) is closed
         self.spawn_error: Exception | None = None  # the first attempt could not even start the command
         self._environ = dict(environ)
+        self._context = context if context is not None else PackContext()
+        self.sandbox: UpstreamSandbox | None = None  # set by `prepare()` for a sandboxed command
+        self._startup_deadline = math.inf  # until it has been up once, an attempt may take until then
         self._on_tools = on_tools
         self._client: Client | None = None
         self._raw: RawToolCalls | None = None  # set with `_client` when its calls go raw
@@ -144,6 +149,33 @@ class Upstream:
         # A closed wire is a connection the supervisor is about to drop (its read stream has ended): not up.
         return self._client is not None and (self._raw is None or not self._raw.closed)
 
+    async def wait_started(self) -> None:
+        """Until the upstream is up, or its command cannot be started at all."""
+        while self.state != "up" and self.spawn_error is None:
+            await self._changed.wait()
+
+    def environment(self) -> dict[str, str]:
+        """What the command receives: with `inherit_env` keyturn's environment, less every `KEYTURN_*` variable and
+        every variable that holds one of keyturn's secrets; then `env` (whose `${VAR}` may not name those)."""
+        c = self.config
+        where = f"upstream {c.name!r}"
+        passable = {k: v for k, v in self._environ.items()
+                    if not k.upper().startswith("KEYTURN_") and k not in self._context.secret_env}
+        for name in c.env:
+            if name.upper().startswith("KEYTURN_") or name in self._context.secret_env:
+                raise ConfigError(f"{where}, env {name}: holds keyturn's own secrets and may not reach an upstream")
+        env = dict(passable) if c.inherit_env else {}
+        env.update({k: substitute_env(v, passable, f"{where}, env {k}") for k, v in c.env.items()})
+        return sandbox_env(env, c.env) if c.sandboxed else env
+
+    def prepare(self) -> UpstreamSandbox | None:
+        """Work out the sandbox of a command upstream (its mounts and runtime); `ConfigError` or `FileNotFoundError`
+        for what cannot work. Unsandboxed (`sandbox: off`, or a url): None."""
+        if self.config.sandboxed and self.sandbox is None:
+            self.sandbox = UpstreamSandbox.plan(self.config, bwrap=self.settings.bwrap, env=self.environment(),
+                                                hidden=self._context.existing_state)
+        return self.sandbox
+
     def _set_state(self, state: State, error: str | None = None) -> None:
         self.state, self.last_error = state, error
         changed, self._changed = self._changed, anyio.Event()
@@ -160,6 +192,7 @@ class Upstream:
 
     async def _supervise(self) -> None:
         delay = self.settings.restart_backoff
+        self._startup_deadline = anyio.current_time() + self.settings.startup_wait
         while True:
             started = time.monotonic()
             try:
@@ -183,44 +216,64 @@ class Upstream:
 
     async def _connection(self) -> None:
         self._lost, self._lost_reason, self._relist = anyio.Event(), "", anyio.Event()
-        with anyio.CancelScope(deadline=anyio.current_time() + self.settings.connect_timeout) as connecting:
-            async with AsyncExitStack() as stack:
-                transport = await self._transport(stack)
-                client = Client(EndWatched(transport, self.lose), cache=None, client_info=CLIENT_INFO,
-                                message_handler=self._on_message)
-                await stack.enter_async_context(client)
-                tools = await self._list_tools(client)
-                connecting.deadline = math.inf
-                info = client.server_info
-                self.server_name = info.name if info is not None else None
-                self._client = client
-                self._raw = RawToolCalls.over(client, transport)
-                self._set_state("up")
-                self.tried.set()
-                log.info("upstream %s is up (%s, %d tools)", self.name, self.server_name, len(tools))
-                await self._update_tools(tools)
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._relister, client)
-                    if self.settings.health_interval:
-                        tg.start_soon(self._health, self.settings.health_interval)
-                    caps = client.server_capabilities
-                    if client.protocol_version in MODERN_PROTOCOL_VERSIONS and caps.tools and caps.tools.list_changed:
-                        tg.start_soon(self._listen, client)
-                    await self._lost.wait()
-                    self._client, self._raw = None, None
-                    tg.cancel_scope.cancel()
+        # While starting, an attempt may take until startup_wait ends: a slow server is not killed at connect_timeout.
+        timeout = max(self.settings.connect_timeout, self._startup_deadline - anyio.current_time())
+        relay: StderrRelay | None = None
+        with anyio.CancelScope(deadline=anyio.current_time() + timeout) as connecting:
+            try:
+                async with AsyncExitStack() as stack:
+                    if self.config.command is not None and self.prepare() is not None:
+                        relay = await stack.enter_async_context(StderrRelay())
+                    await self._serve(stack, connecting, relay)
+            except Exception:
+                # bubblewrap could not start the command (it is not there in the sandbox, a mount failed): say so.
+                if relay is not None and (failure := relay.failure()) is not None:
+                    raise failure from None
+                raise
         if connecting.cancelled_caught:
-            raise TimeoutError(f"no answer within {self.settings.connect_timeout:g}s")
+            raise TimeoutError(f"no answer within {timeout:g}s")
 
-    async def _transport(self, stack: AsyncExitStack) -> Transport:
+    async def _serve(self, stack: AsyncExitStack, connecting: anyio.CancelScope, relay: StderrRelay | None) -> None:
+        transport = await self._transport(stack, relay)
+        client = Client(EndWatched(transport, self.lose), cache=None, client_info=CLIENT_INFO,
+                        message_handler=self._on_message)
+        await stack.enter_async_context(client)
+        tools = await self._list_tools(client)
+        connecting.deadline = math.inf
+        info = client.server_info
+        self.server_name = info.name if info is not None else None
+        self._client = client
+        self._raw = RawToolCalls.over(client, transport)
+        self._startup_deadline = -math.inf  # it has been up: a restart gets connect_timeout
+        self._set_state("up")
+        self.tried.set()
+        log.info("upstream %s is up (%s, %d tools)", self.name, self.server_name, len(tools))
+        await self._update_tools(tools)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._relister, client)
+            if self.settings.health_interval:
+                tg.start_soon(self._health, self.settings.health_interval)
+            caps = client.server_capabilities
+            if client.protocol_version in MODERN_PROTOCOL_VERSIONS and caps.tools and caps.tools.list_changed:
+                tg.start_soon(self._listen, client)
+            await self._lost.wait()
+            self._client, self._raw = None, None
+            tg.cancel_scope.cancel()
+
+    async def _transport(self, stack: AsyncExitStack, relay: StderrRelay | None) -> Transport:
         c = self.config
-        where = f"upstream {c.name!r}"
         if c.command is not None:
-            env = {k: v for k, v in self._environ.items() if not k.startswith("KEYTURN_")} if c.inherit_env else {}
-            env.update({k: substitute_env(v, self._environ, f"{where}, env {k}") for k, v in c.env.items()})
+            env = self.environment()
+            if self.sandbox is not None and relay is not None:
+                argv = self.sandbox.argv()  # keyturn's state as it is now: masked
+                params = StdioServerParameters(command=argv[0], args=argv[1:], env=env)
+                return StdioWire(params, relay.errlog) if self.raw else stdio_client(params, relay.errlog)
+            log.warning("upstream %s runs without a sandbox (sandbox: off): it acts on the agent's arguments with "
+                        "keyturn's own reach (its files, processes and network)", self.name)
             params = StdioServerParameters(command=c.command, args=list(c.args), env=env, cwd=c.cwd)
             return StdioWire(params) if self.raw else stdio_client(params)
         assert c.url is not None
+        where = f"upstream {c.name!r}"
         headers = {k: substitute_env(v, self._environ, f"{where}, header {k}") for k, v in c.headers.items()}
         http = await stack.enter_async_context(create_mcp_http_client(headers=headers))
         return streamable_http_client(c.url, http_client=http)
@@ -289,17 +342,17 @@ def _dump(tools: dict[str, types.Tool]) -> list[dict[str, Any]]:
 
 @asynccontextmanager
 async def supervised(upstreams: list[Upstream], startup_wait: float) -> AsyncIterator[None]:
-    """Run every upstream's supervisor; wait (bounded) for each one's first attempt before yielding.
+    """Run every upstream's supervisor; wait up to `startup_wait` for each one to be up (across its retries).
 
     An upstream whose command cannot be started at all is a configuration error; any other failure is
-    retried in the background while keyturn serves.
+    retried in the background while keyturn serves (and its tools' calls say that it is starting or down).
     """
     async with anyio.create_task_group() as tg:
         for upstream in upstreams:
             tg.start_soon(upstream.supervise)
         with anyio.move_on_after(startup_wait):
             for upstream in upstreams:
-                await upstream.tried.wait()
+                await upstream.wait_started()
         try:
             for upstream in upstreams:
                 if upstream.spawn_error is not None:

@@ -5,6 +5,7 @@ to act on, and `keyturn proxy` subprocesses in front of them."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -34,15 +35,19 @@ def _require(path: Path) -> str:
     return str(path)
 
 
-def git_upstream(**extra: Any) -> dict[str, Any]:
-    return {"name": "git", "command": _require(GIT_SERVER), **extra}
+def git_upstream(*repos: Path, **extra: Any) -> dict[str, Any]:
+    """The git server, its sandbox showing `repos` (writable: commits land there)."""
+    return {"name": "git", "command": _require(GIT_SERVER),
+            "mounts": [{"path": str(r), "writable": True} for r in repos], **extra}
 
 
 def fs_upstream(root: Path, **extra: Any) -> dict[str, Any]:
+    """The filesystem server acting on `root`, writable in its sandbox."""
     node = shutil.which("node")
     if node is None:
         pytest.fail("node is not installed (scripts/test-deps needs Node >= 20)")
-    return {"name": "files", "command": node, "args": [_require(FS_SERVER), str(root)], **extra}
+    return {"name": "files", "command": node, "args": [_require(FS_SERVER), str(root)],
+            "mounts": [{"path": str(root), "writable": True}], **extra}
 
 
 def git(repo: Path, *args: str) -> str:
@@ -120,8 +125,10 @@ class ProxyHome(Home):
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
     def flaky(self, **extra: Any) -> dict[str, Any]:
+        # It writes its call log in the home directory, which holds keyturn's ledger too (masked in its sandbox).
         return {"name": "flaky", "command": sys.executable,
                 "args": [str(FLAKY), str(self.dir / "calls.log"), str(self.dir / "down")],
+                "mounts": [{"path": str(self.dir), "writable": True}],
                 "classifiers": {"run_query": {"query": "sql"}}, **extra}
 
     def terminal(self, call_id: str) -> str:
@@ -135,6 +142,24 @@ def home(tmp_path: Path) -> Iterator[ProxyHome]:
                   data_db=tmp_path / "unused.db")
     yield h
     h.stop_all()
+
+
+def host_pids(*markers: str) -> list[int]:
+    """The host's pids of live processes whose command line holds every marker (not bubblewrap's own: inside a
+    sandbox a process knows only its PID namespace's pid)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        line = b" ".join(argv).decode(errors="replace")
+        if state != "Z" and Path(argv[0].decode(errors="replace")).name != "bwrap" and all(m in line for m in markers):
+            found.append(int(entry))
+    return found
 
 
 def text(result: Any) -> str:

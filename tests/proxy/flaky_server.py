@@ -8,8 +8,9 @@ acts, so a test can tell what was delivered, and how. Tools: `echo`, `run_query`
 classifies `query` as SQL), `slow` (reports progress), `fail` (an isError result), `crash` (the process exits
 mid-call), `hang` (the whole server stops answering), `add_tool` (adds `extra` and announces
 tools/list_changed), `env` (the names of its environment variables); unlisted: `noise` (writes lines that are
-not JSON-RPC messages first), `mangled` (answers with a malformed response). Its pid is appended to
-CALLS_LOG.pids when it starts.
+not JSON-RPC messages first), `mangled` (answers with a malformed response). Its process id (`PID-RANDOM`: in a
+sandbox a pid is its PID namespace's, the same number again after a restart) is appended to CALLS_LOG.pids when it
+starts.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 import time
 from typing import Any
 
+PROCESS = f"{os.getpid()}-{os.urandom(4).hex()}"
 READ_ONLY = {"readOnlyHint": True, "destructiveHint": False}
 TOOLS: list[dict[str, Any]] = [
     {"name": "echo", "description": "Echo the text back.", "annotations": READ_ONLY,
@@ -56,7 +58,7 @@ def text(value: str, *, error: bool = False) -> dict[str, Any]:
 def call(log: str, msg_id: Any, params: dict[str, Any]) -> None:
     name, args = params.get("name"), params.get("arguments") or {}
     with open(log, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"tool": name, "arguments": args, "pid": os.getpid(), "id": msg_id,
+        f.write(json.dumps({"tool": name, "arguments": args, "pid": PROCESS, "id": msg_id,
                             "meta": params.get("_meta")}) + "\n")
     token = (params.get("_meta") or {}).get("progressToken")
     if name == "echo":
@@ -103,7 +105,7 @@ def main() -> None:
     if len(sys.argv) > 2 and os.path.exists(sys.argv[2]):
         sys.exit(4)
     with open(log + ".pids", "a", encoding="utf-8") as f:
-        f.write(f"{os.getpid()}\n")
+        f.write(f"{PROCESS}\n")
     for line in sys.stdin:
         msg = json.loads(line)
         method, msg_id = msg.get("method"), msg.get("id")

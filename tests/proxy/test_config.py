@@ -60,7 +60,7 @@ def test_environment_references_and_headers() -> None:
 def test_the_command_line_refuses_what_cannot_work(home: ProxyHome) -> None:
     home.configure([])
     out = home.keyturn("proxy", "--config", str(home.config), "--", "no-such-mcp-server-xyz", timeout=60)
-    assert out.returncode == 2 and "upstream 'upstream' cannot start" in out.stderr
+    assert out.returncode == 2 and "upstream 'no-such-mcp-server-xyz' cannot start" in out.stderr
     assert "no-such-mcp-server-xyz" in out.stderr and "Traceback" not in out.stderr
     out = home.keyturn("proxy", "--config", str(home.config), timeout=60)
     assert out.returncode == 2 and "no upstream MCP server" in out.stderr

@@ -18,7 +18,7 @@ from tests.proxy.conftest import HTTP_UPSTREAM, ProxyHome, git, git_upstream, te
 
 
 async def test_proxy_serving_http_with_its_own_reviewer_api(home: ProxyHome, repo: Path) -> None:
-    home.configure([git_upstream()])
+    home.configure([git_upstream(repo)])
     base = home.proxy_http()
     api = ReviewerAPI(base)
     results: list[types.CallToolResult] = []
@@ -75,7 +75,7 @@ async def test_an_http_upstream_with_a_token_is_guarded_and_reconnected(home: Pr
             os.kill(upstream.pid, signal.SIGKILL)
             upstream.wait()
             down = await client.call_tool("read_note", {"name": "todo.md"})
-            assert down.is_error and "upstream 'upstream'" in text(down)
+            assert down.is_error and "upstream '127-0-0-1'" in text(down)  # named after its host
             _start_notes(home, port, notes)
             with anyio.fail_after(30):
                 while (back := await client.call_tool("read_note", {"name": "todo.md"})).is_error:

@@ -22,27 +22,29 @@ from mcp import Client
 from server.errors import ToolError
 from server.proxy import Upstream, parse_proxy_config
 from server.proxy.upstream import supervised
-from tests.proxy.conftest import FLAKY, HERE, ProxyHome, text
+from tests.proxy.conftest import FLAKY, HERE, ProxyHome, host_pids, text
 
 MODERN = HERE / "modern_server.py"
 Outcome = tuple[str, Any, list[tuple[float, float | None, str | None]]]
 
 
 def flaky(log: Path) -> dict[str, Any]:
-    return {"name": "flaky", "command": sys.executable, "args": [str(FLAKY), str(log)]}
+    return {"name": "flaky", "command": sys.executable, "args": [str(FLAKY), str(log)],
+            "mounts": [{"path": str(log.parent), "writable": True}]}
 
 
 def modern(log: Path) -> dict[str, Any]:
-    return {"name": "modern", "command": sys.executable, "args": [str(MODERN), str(log)]}
+    return {"name": "modern", "command": sys.executable, "args": [str(MODERN), str(log)],
+            "mounts": [{"path": str(log.parent), "writable": True}]}
 
 
 def logged(log: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def pids(log: Path) -> list[int]:
+def pids(log: Path) -> list[str]:
     """The flaky upstream's processes, in the order they started."""
-    return [int(p) for p in Path(f"{log}.pids").read_text().split()]
+    return Path(f"{log}.pids").read_text().split()
 
 
 @asynccontextmanager
@@ -173,7 +175,8 @@ async def test_an_answer_that_comes_too_late_is_dropped(tmp_path: Path) -> None:
 async def test_an_upstream_that_dies_while_idle_is_noticed_and_restarted(tmp_path: Path) -> None:
     log = tmp_path / "calls.log"
     async with upstream(flaky(log)) as up:
-        os.kill(pids(log)[0], signal.SIGKILL)
+        [pid] = host_pids(str(FLAKY), str(log))
+        os.kill(pid, signal.SIGKILL)
         with anyio.fail_after(20):
             while up.restarts == 0 or up.state != "up":  # its stdout closed: the SDK session's read stream ended
                 await anyio.sleep(0.05)

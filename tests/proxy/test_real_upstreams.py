@@ -39,7 +39,7 @@ async def test_tools_are_re_exposed_exactly_as_the_upstreams_list_them(home: Pro
 
 
 async def test_reads_run_at_once_and_writes_wait_for_a_human(home: ProxyHome, repo: Path, files: Path) -> None:
-    home.configure([git_upstream(), fs_upstream(files)])
+    home.configure([git_upstream(repo), fs_upstream(files)])
     api = ReviewerAPI(home.serve_http())  # the reviewer API: another keyturn process on the same ledger
     results: dict[str, Any] = {}
     with anyio.fail_after(90):
@@ -76,7 +76,7 @@ async def test_reads_run_at_once_and_writes_wait_for_a_human(home: ProxyHome, re
 
 
 async def test_denied_calls_never_reach_the_upstream(home: ProxyHome, repo: Path, files: Path) -> None:
-    home.configure([git_upstream(), fs_upstream(files)])
+    home.configure([git_upstream(repo), fs_upstream(files)])
     api = ReviewerAPI(home.serve_http())
     with anyio.fail_after(90):
         async with Client(home.proxy_params()) as client:

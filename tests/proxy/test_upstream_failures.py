@@ -16,7 +16,7 @@ import mcp_types as types
 from mcp import Client
 
 from tests.conftest import ReviewerAPI
-from tests.proxy.conftest import ProxyHome, text
+from tests.proxy.conftest import ProxyHome, host_pids, text
 
 
 async def test_a_crash_mid_call_is_a_recorded_failure_and_the_upstream_restarts(home: ProxyHome) -> None:
@@ -138,7 +138,7 @@ async def test_a_2026_client_hears_of_tool_changes_on_its_listen_stream(home: Pr
 async def test_a_command_line_upstream_inherits_the_environment_but_not_keyturns_secrets(home: ProxyHome) -> None:
     home.configure([])
     flaky = home.flaky()
-    params = home.proxy_params("--", flaky["command"], *flaky["args"])
+    params = home.proxy_params("--mount-rw", str(home.dir), "--", flaky["command"], *flaky["args"])
     assert params.env is not None
     params.env.update({"KEYTURN_TOKEN": "reviewer-secret", "UPSTREAM_SETTING": "1"})
     with anyio.fail_after(60):
@@ -155,13 +155,13 @@ def test_sigterm_ends_keyturn_cleanly_and_stops_the_upstream(home: ProxyHome) ->
     try:
         assert proc.stderr is not None
         assert b"serving 8 guarded tools" in proc.stderr.readline()  # up, with the upstream's tools
-        upstream = int((home.dir / "calls.log.pids").read_text().split()[0])
+        [upstream] = host_pids(str(home.dir / "calls.log"))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
         deadline = time.monotonic() + 10
         while _alive(upstream) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(upstream)
+        assert not _alive(upstream) and not host_pids(str(home.dir / "calls.log"))
     finally:
         if proc.poll() is None:
             proc.kill()
