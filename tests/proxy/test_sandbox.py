@@ -140,10 +140,15 @@ async def test_the_git_server_never_reaches_keyturns_state(home: ProxyHome, serv
             async def call(tool: str, **arguments: Any) -> Any:
                 result = await client.call_tool(tool, {"repo_path": str(served), **arguments})
                 seen.append(text(result))
+                # The repository holds keyturn's ledger: keyturn's built-in guard refuses, and says so; a call
+                # that gets past the facts runs in the sandbox, where keyturn's files are masked.
+                if result.is_error:
+                    refused.append(tool)
+                    assert "keyturn:self-target" in text(result), text(result)
                 return result
 
-            status = await call("git_status")
-            assert not status.is_error, text(status)
+            refused: list[str] = []
+            await call("git_status")
             await call("git_diff_unstaged")
             await call("git_show", revision="HEAD")
             if policy == "allow-all":
@@ -152,12 +157,11 @@ async def test_the_git_server_never_reaches_keyturns_state(home: ProxyHome, serv
                 await call("git_add", files=["todo.txt"])
                 await call("git_diff_staged")
                 await call("git_diff", target="HEAD")
-                committed = await call("git_commit", message="the agent commits keyturn's files")
+                await call("git_commit", message="the agent commits keyturn's files")
                 await call("git_show", revision="HEAD")
-                assert not committed.is_error, text(committed)  # a write it was allowed lands in the repo
                 await call("git_log")
-    if policy == "allow-all":
-        assert "todo.txt" in git(served, "show", "--name-only", "--format=", "HEAD")
+    if policy == "allow-all":  # the guard named itself: these changes name a folder that holds the ledger
+        assert refused
     assert not _results_leak(seen, kt.secrets())
     for name in ("keyturn.db.reviewer-token", "keyturn.db.signing-key", "keyturn.yaml", "policy.yaml"):
         blob = git(served, "log", "--all", "-p", "--", name)  # what the commit holds of it, on the host
@@ -177,11 +181,14 @@ async def test_the_upstream_cannot_see_keyturns_process_nor_its_loopback(home: P
             environ = await client.call_tool("read", {"path": f"/proc/{keyturn_pid}/environ"})
             loopback = await client.call_tool("connect", {"host": "127.0.0.1", "port": port})
             token = await client.call_tool("read", {"path": str(kt.token)})
+            (served / "notes-link.txt").symlink_to(kt.token)  # past the built-in guard's facts: the sandbox answers
+            linked = await client.call_tool("read", {"path": str(served / "notes-link.txt")})
             beside = await client.call_tool("read", {"path": str(served / "notes.txt")})
     assert keyturn_pid not in pids and len(pids) <= 3  # its own PID namespace: bubblewrap's init and itself
     assert environ.is_error and "FileNotFoundError" in text(environ)
     assert loopback.is_error and "connected" not in text(loopback)
-    assert token.is_error and beside.is_error  # nothing of the host but the system and its runtime
+    assert token.is_error and linked.is_error and beside.is_error  # nothing of the host but the system and runtime
+    assert "keyturn:self-target" not in text(linked) and kt.secrets()[0] not in text(linked)
 
 
 def _keyturn_pid(home: ProxyHome) -> int:
@@ -260,9 +267,10 @@ async def test_sandbox_off_runs_it_with_a_warning_and_a_ledger_event(home: Proxy
     kt = Installed(home, served, "allow-all")
     kt.configure({"name": "probe", "command": sys.executable, "args": [str(PROBE)], "sandbox": "off"},
                  bwrap=str(served / "no-bwrap"))
+    (served / "notes-link.txt").symlink_to(kt.token)  # a name keyturn's built-in guard does not recognise
     with anyio.fail_after(60):
         async with Client(home.proxy_params()) as client:
-            token = await client.call_tool("read", {"path": str(kt.token)})
+            token = await client.call_tool("read", {"path": str(served / "notes-link.txt")})
     assert not token.is_error and kt.secrets()[0] in text(token)  # what the sandbox prevents, without it
     disabled = [e["payload"] for e in home.ledger_events() if e["kind"] == "sandbox.disabled"]
     assert [d["upstream"] for d in disabled] == ["probe"]
