@@ -218,3 +218,9 @@ def stored_after(conn: sqlite3.Connection, seq: int) -> list[Checkpoint]:
 def unique(checkpoints: Iterable[Checkpoint]) -> list[Checkpoint]:
     """The checkpoints without repeats, by seq."""
     return sorted(dict.fromkeys(checkpoints), key=lambda c: (c.seq, c.key_id, c.time))
+
+
+def checkpoint_line(checkpoint: Checkpoint, public_key: str) -> str:
+    """One line a reviewer channel keeps: enough to prove later, with the public key, what the ledger held."""
+    return (f"keyturn ledger checkpoint: {checkpoint.to_json()} "
+            f"(verify with keyturn audit verify --checkpoint FILE --public-key {public_key})")

@@ -30,6 +30,7 @@ from server.channels import slack_blocks as ui
 from server.channels.bodies import BodyRefused, read_body, replay
 from server.channels.slack_config import SlackConfig, SlackSecrets, describe, load_slack, make_client
 from server.channels.slack_identity import SlackIdentities
+from server.checkpoints import Checkpoint, checkpoint_line
 from server.config import Settings
 from server.errors import ApprovalRejected, ChannelError, LedgerError, UnknownRequest
 from server.ledger import Ledger
@@ -262,6 +263,16 @@ class SlackChannel:
         else:
             self._retry[request_id] = attempts
 
+    async def checkpoint_digest(self, checkpoint: Checkpoint, public_key: str) -> None:
+        """A quiet line in the default channel with the latest signed checkpoint (a witness: once posted, a rewrite
+        of the ledger file cannot reach it). Raises ChannelError so the checkpointer logs the failure."""
+        if not self.config.default_channel:
+            raise ChannelError("no slack.default_channel to post the checkpoint to")
+        text = checkpoint_line(checkpoint, public_key)
+        if not await self._call("chat_postMessage", channel=self.config.default_channel, text=text,
+                                unfurl_links=False, unfurl_media=False):
+            raise ChannelError("slack: the checkpoint message could not be posted")
+
     async def _call(self, method: str, **kwargs: Any) -> bool:
         try:
             with anyio.fail_after(self.config.post_timeout_s):
@@ -357,5 +368,7 @@ def attach_slack(kt: Keyturn, env: dict[str, str]) -> list[BaseRoute]:
     config, secrets = loaded
     channel = SlackChannel(ledger=kt.ledger, broker=kt.broker, settings=kt.settings, config=config, secrets=secrets)
     kt.add_notifier(channel)
+    if kt.checkpointer is not None and config.default_channel:
+        kt.checkpointer.add_notifier(channel)  # a daily checkpoint line in the reviewers' channel
     kt.start_soon(channel.run, name="keyturn-slack")
     return channel.routes()

@@ -42,6 +42,7 @@ from server.channels.teams_auth import BotFrameworkAuth, reviewer_identity
 from server.channels.teams_config import TeamsConfig, TeamsSecrets, load_teams
 from server.channels.teams_connector import BotConnector, BotToken, RetryPolicy, post_webhook
 from server.channels.web import submit_verdict
+from server.checkpoints import Checkpoint, checkpoint_line
 from server.errors import AuthError, ChannelError, ConfigError, LedgerError
 from server.ledger import Ledger
 from server.models import TERMINAL_STATES, Event, RequestView
@@ -115,6 +116,16 @@ class TeamsChannel:
                 failures.append(f"webhook: {e}")
         if failures:
             raise ChannelError("could not post to Teams: " + "; ".join(failures))
+
+    async def checkpoint_digest(self, checkpoint: Checkpoint, public_key: str) -> None:
+        """A quiet card in the reviewers' conversation (bot) or webhook with the latest signed checkpoint."""
+        card = ui.checkpoint_card(checkpoint_line(checkpoint, public_key))
+        if self.connector is not None and self.config.conversation_id:
+            await self.connector.send_card(self.config.conversation_id, card)
+        elif self.config.webhook_url:
+            await post_webhook(self.config.webhook_url, card, self.retry, self.config.request_timeout_s)
+        else:
+            raise ChannelError("no Teams conversation or webhook to post the checkpoint to")
 
     async def request_changed(self, request: RequestView, event: Event) -> None:
         """Never waits on Teams: the follower picks the change up from the ledger at once."""
@@ -285,5 +296,8 @@ def attach_teams(kt: Keyturn, env: dict[str, str]) -> list[BaseRoute]:
     channel = TeamsChannel(ledger=kt.ledger, kt=kt, config=config, secrets=secrets, signer=signer,
                            link_base=link_base)
     kt.add_notifier(channel)
+    if kt.checkpointer is not None and ((channel.connector is not None and config.conversation_id)
+                                        or config.webhook_url):
+        kt.checkpointer.add_notifier(channel)  # a daily checkpoint card for the reviewers
     kt.start_soon(channel.run, name="keyturn-teams")
     return channel.routes()

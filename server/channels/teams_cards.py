@@ -158,6 +158,14 @@ def request_card(view: RequestView, *, notice: str | None = None, notice_ok: boo
                         fallback_text=f"keyturn: {title}: {view.tool} ({view.id})")
 
 
+def checkpoint_card(line: str) -> AdaptiveCard:
+    """A quiet card carrying a signed checkpoint of the ledger (a witness outside the ledger file)."""
+    return AdaptiveCard(version="1.5", body=[
+        TextBlock(text="keyturn: ledger checkpoint", weight="Bolder", wrap=True),
+        _runs(TextRun(text=line, font_type="Monospace")),
+    ], fallback_text=line)
+
+
 def card_json(card: AdaptiveCard) -> dict[str, Any]:
     dumped: dict[str, Any] = card.model_dump(mode="json", by_alias=True, exclude_none=True)
     return dumped

@@ -269,3 +269,25 @@ async def test_the_events_endpoint_is_not_there_without_slack(home: Home) -> Non
     async with httpx2.AsyncClient() as http:
         r = await http.post(base + "/slack/events", content=b"payload=%7B%7D")
     assert r.status_code == 404
+
+
+async def test_signed_checkpoints_reach_the_reviewers_channel_as_a_witness(slack_home: Home,
+                                                                          fake_slack: FakeSlack) -> None:
+    """A quiet line with the latest signed checkpoint in the Slack channel: a copy a rewrite of the ledger file
+    cannot reach, that `keyturn audit verify --checkpoint` accepts."""
+    slack_home.write_config(**slack_config(slack_home), checkpoints={"every_s": 0.2})
+    base = slack_home.serve_http()
+    async with httpx2.AsyncClient() as http:
+        assert (await http.get(base + "/healthz")).status_code == 200
+    post = await fake_slack.wait_for("chat.postMessage", lambda c: "keyturn ledger checkpoint" in message_text(c.args))
+    assert post.args["channel"] == "#ops-approvals"
+    line = message_text(post.args)
+    checkpoint = json.loads(line[line.index("{"):line.index("}") + 1])
+    witness = slack_home.dir / "from-slack.jsonl"
+    witness.write_text(json.dumps(checkpoint) + "\n")
+    key = line.rsplit("--public-key ", 1)[1].rstrip(")")
+    out = slack_home.keyturn("audit", "verify", "--config", str(slack_home.config), "--checkpoint", str(witness),
+                             "--public-key", key)
+    assert out.returncode == 0, out.stdout + out.stderr
+    # Daily, not on every checkpoint: later checkpoints do not post again.
+    assert len([c for c in fake_slack.of("chat.postMessage") if "keyturn ledger checkpoint" in message_text(c.args)]) == 1

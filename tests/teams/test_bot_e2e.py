@@ -284,3 +284,24 @@ async def test_a_stdio_agents_held_call_gets_a_card_and_is_decided_through_the_h
     assert th.home.rows("SELECT count(*) FROM orders") == [(2,)]
     assert terminal(th, request_id) == ["executed"]
     await th.wait_update(th.fake.sent[0]["id"], "executed")
+
+
+async def test_signed_checkpoints_reach_the_reviewers_conversation_as_a_witness(teams_home: TeamsHome) -> None:
+    """A quiet card with the latest signed checkpoint in the reviewers' conversation: a copy a rewrite of the ledger
+    file cannot reach, that `keyturn audit verify --checkpoint` accepts."""
+    teams_home.serve(checkpoints={"every_s": 0.2})
+    fake = teams_home.fake
+
+    def checkpoint_cards() -> list[str]:
+        with fake.lock:
+            cards = [s["activity"]["attachments"][0]["content"] for s in fake.sent]
+        return [card_text(c) for c in cards if "keyturn: ledger checkpoint" in card_text(c)]
+
+    await eventually(lambda: bool(checkpoint_cards()))
+    line = checkpoint_cards()[0]
+    witness = teams_home.home.dir / "from-teams.jsonl"
+    witness.write_text(line[line.index("{"):line.index("}") + 1] + "\n")
+    key = line.rsplit("--public-key ", 1)[1].rstrip(")")
+    out = teams_home.home.keyturn("audit", "verify", "--config", str(teams_home.home.config),
+                                  "--checkpoint", str(witness), "--public-key", key)
+    assert out.returncode == 0, out.stdout + out.stderr
