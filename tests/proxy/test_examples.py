@@ -19,7 +19,10 @@ def test_the_desktop_agent_entries_are_keyturn_proxy_command_lines() -> None:
     assert set(servers) == {"git", "filesystem"}
     for entry in servers.values():
         args = build_parser().parse_args(entry["args"])
-        assert args.upstream_command[0] == "--" and args.upstream_command[1] in {"uvx", "npx"}
+        # An installed server's binary (uvx/npx download into the sandbox's empty HOME), its folder writable.
+        assert args.upstream_command[0] == "--"
+        assert Path(args.upstream_command[1]).name in {"mcp-server-git", "mcp-server-filesystem"}
+        assert args.mount_rw and args.mount_rw[0] in args.upstream_command
         assert Path(args.config).name == "proxy-desktop.yaml"
     settings = load_settings(EXAMPLES / "proxy-desktop.yaml")
     config = parse_proxy_config(settings.proxy, [{"name": "git", "command": "uvx", "args": ["mcp-server-git"]}])
