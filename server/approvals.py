@@ -6,8 +6,8 @@ vote accepted by any keyturn process sharing the database is checked against the
 
 Rejoining: a held call's request outlives its first caller. The same principal calling the same tool with the
 same arguments again (`rejoin`) finds the request in whatever state it is, until the request's expiry: pending
-(wait), approved (run it now, once), running or ran (the outcome, and the result kept for it, never a second
-run). An approval that finds no caller waiting stays `approved`, not run, until one comes back.
+(wait), approved (run it now, once), running or ran (the outcome, and the result this process kept for it in
+memory, never a second run). An approval that finds no caller waiting stays `approved`, not run, until one comes back.
 """
 
 from __future__ import annotations
@@ -101,6 +101,8 @@ def _slots_filled(groups: Sequence[ApproverGroup], approvers: Sequence[str], dir
 
 
 REJOINABLE_OPEN = ("pending", "approved", "running")
+KEPT_RESULTS_MAX_BYTES = 64 * 2**20
+"""Results of held calls kept in memory for a retry, at most (see `ApprovalBroker.keep_result`)."""
 WAITING_FOR_AGENT = "approved, waiting for the agent to come back"
 """How an approved request that nobody has claimed yet reads to a reviewer: it runs when the agent calls again."""
 
@@ -140,6 +142,8 @@ class ApprovalBroker:
     _waiters: dict[str, anyio.Event] = field(default_factory=dict)
     _watching: dict[str, int] = field(default_factory=dict)  # request id -> calls waiting on it now
     _last_seq: int | None = None  # the ledger's head when the store was last polled
+    _kept: dict[str, tuple[str, str, float]] = field(default_factory=dict)  # request -> (result, digest, expires)
+    _kept_bytes: int = 0
 
     def __post_init__(self) -> None:
         self.ledger.subscribe(self._on_events)
@@ -362,10 +366,25 @@ class ApprovalBroker:
         return await self.ledger.get_call(view.id)
 
     async def keep_result(self, request_id: str, result_json: str, expires: float | None) -> None:
-        """Keep a held call's result (its canonical JSON) for a retry, until the request's expiry."""
-        if expires is None or expires <= time.time():
+        """Keep a held call's result (its canonical JSON) for a retry, until the request's expiry.
+
+        Kept in this process's memory, never in the ledger file: a result may carry what the agent asked for (a
+        key it was approved to read), and the ledger holds only its digest. A retry that reaches another process,
+        or comes after a restart, is told that the call ran and when, not given the result again. Bounded: past
+        `KEPT_RESULTS_MAX_BYTES` the results closest to their expiry are forgotten first."""
+        now = time.time()
+        if expires is None or expires <= now or len(result_json) > KEPT_RESULTS_MAX_BYTES:
             return
-        await self.ledger.keep_result(request_id, result_json, sha256_hex(result_json), expires)
+        self._forget_kept(now)
+        self._kept[request_id] = (result_json, sha256_hex(result_json), expires)
+        self._kept_bytes += len(result_json)
+        while self._kept_bytes > KEPT_RESULTS_MAX_BYTES:
+            oldest = min(self._kept, key=lambda k: self._kept[k][2])
+            self._kept_bytes -= len(self._kept.pop(oldest)[0])
+
+    def _forget_kept(self, now: float) -> None:
+        for request_id in [k for k, (_, _, expires) in self._kept.items() if expires <= now]:
+            self._kept_bytes -= len(self._kept.pop(request_id)[0])
 
     async def deliver(self, request_id: str, principal: str) -> Delivery | None:
         """For a retry of a request that ran: how it ended, and its kept result when the result's digest matches
@@ -375,10 +394,11 @@ class ApprovalBroker:
             return None
         end = ended[-1]
         chained = end.payload.get("result_digest")
-        kept = await self.ledger.kept_result(request_id)
+        self._forget_kept(time.time())
+        kept = self._kept.get(request_id)
         result_json = None
         if kept is not None and chained is not None:
-            text, digest = kept
+            text, digest, _ = kept
             if digest == chained == sha256_hex(text):
                 result_json = text
             else:
@@ -404,7 +424,7 @@ class ApprovalBroker:
     async def sweep_expired(self) -> int:
         """Expire every open request whose time has passed, whichever process holds it; forget the results kept
         for requests whose time has passed."""
-        await self.ledger.drop_kept_results(time.time())
+        self._forget_kept(time.time())
         count = 0
         for request_id in await self.ledger.expired_calls(time.time(), limit=SWEEP_BATCH):
             if await self.expire(request_id):

@@ -128,18 +128,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """,
     # 6: rejoining a held call. The same call again finds its request in any state until the request's expiry
-    #    (held calls alone have an expiry, so only they are in this index). A held call's result, kept for a retry
-    #    whose first try could not receive it: outside the chain (the chained `executed` event carries its digest,
-    #    checked before the result is returned), dropped once the request's expiry has passed.
+    #    (held calls alone have an expiry, so only they are in this index). A result kept for the retry lives in
+    #    the process's memory, never in this file (it may carry what the agent was approved to read).
     """
     CREATE INDEX calls_held_same ON calls(principal, tool, args_hash, created) WHERE expires IS NOT NULL;
-    CREATE TABLE kept_results (
-        call_id TEXT PRIMARY KEY,
-        result TEXT NOT NULL,
-        digest TEXT NOT NULL,
-        expires REAL NOT NULL
-    );
-    CREATE INDEX kept_results_expires ON kept_results(expires);
     """,
 )
 
@@ -533,21 +525,6 @@ class Ledger:
         return await self._read(read)
 
     # -- kept results (see server.approvals: a held call's result, for a retry) ----------------------------
-
-    async def keep_result(self, call_id: str, result_json: str, digest: str, expires: float) -> None:
-        await self.transaction(lambda tx: tx.conn.execute(
-            "INSERT OR REPLACE INTO kept_results(call_id, result, digest, expires) VALUES (?,?,?,?)",
-            (call_id, result_json, digest, float(expires))))
-
-    async def kept_result(self, call_id: str) -> tuple[str, str] | None:
-        """(result JSON, digest) kept for `call_id`, if any."""
-        rows = await self._query("SELECT result, digest FROM kept_results WHERE call_id = ?", (call_id,))
-        return (rows[0]["result"], rows[0]["digest"]) if rows else None
-
-    async def drop_kept_results(self, now: float) -> int:
-        """Forget the kept results whose request has expired; returns how many."""
-        return await self.transaction(lambda tx: tx.conn.execute(
-            "DELETE FROM kept_results WHERE expires <= ?", (float(now),)).rowcount)
 
     async def events(self, call_id: str | None = None, *, after_seq: int = 0, limit: int = 10_000) -> list[Event]:
         if call_id is None:
