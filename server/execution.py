@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PackContext", "RunLimits", "current_limits", "limits_from_facts", "run_limits"]
+__all__ = ["PackContext", "RunLimits", "current_limits", "limits_from_facts", "run_limits", "running_under"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,16 @@ run_limits: ContextVar[RunLimits | None] = ContextVar("keyturn_run_limits", defa
 def current_limits() -> RunLimits:
     """The limits of the run in progress (outside a gated run: no limits)."""
     return run_limits.get() or _NO_LIMITS
+
+
+@contextmanager
+def running_under(limits: RunLimits) -> Iterator[None]:
+    """Run the block under `limits`, as the gate runs a tool (and as a tool's own tests can)."""
+    token = run_limits.set(limits)
+    try:
+        yield
+    finally:
+        run_limits.reset(token)
 
 
 def limits_from_facts(facts: Mapping[str, Any]) -> RunLimits:

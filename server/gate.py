@@ -23,7 +23,7 @@ from server.canonical import args_hash, canonical_json, sha256_hex
 from server.classify import REDACTED, ClassifyContext, extract_facts, redact
 from server.classify.secrets import mask
 from server.errors import InvalidArguments, LedgerError
-from server.execution import limits_from_facts, run_limits
+from server.execution import limits_from_facts, running_under
 from server.ledger import Ledger
 from server.models import Decision, RequestView, ToolCall
 from server.policy import LivePolicy
@@ -277,16 +277,15 @@ class Gate:
         redacted: dict[str, Any] | None = None,
     ) -> types.CallToolResult:
         token = tool_progress.set(progress)
-        # What the decision relied on is enforced by the run: a call judged read-only runs read-only.
-        limits = run_limits.set(limits_from_facts(decision.facts))
         try:
-            result = await tool.run(call.arguments)
+            # What the decision relied on is enforced by the run: a call judged read-only runs read-only.
+            with running_under(limits_from_facts(decision.facts)):
+                result = await tool.run(call.arguments)
         except Exception as e:
             # A tool's error can quote its arguments (a driver's "no such column: <secret>"): masked like them.
             return await self._failed(call.call_id, conceal(call.arguments, f"{type(e).__name__}: {e}", redacted),
                                       f"the tool failed: {conceal(call.arguments, str(e), redacted)}")
         finally:
-            run_limits.reset(limits)
             tool_progress.reset(token)
         try:
             kind = "failed" if result.is_error else "executed"

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from server.classify import ClassifyContext
 from server.classify.shell import classify_shell
 from server.config import Settings, ToolPack
 from server.errors import ConfigError
-from server.execution import PackContext, RunLimits, run_limits
+from server.execution import PackContext, RunLimits, running_under
 from server.gate import Gate, Identity
 from server.ledger import Ledger
 from server.policy import LivePolicy
@@ -82,14 +82,9 @@ async def sh(tool: GuardedTool, command: str, **arguments: Any) -> dict[str, Any
     return data
 
 
-@contextmanager
-def judged_read_only() -> Iterator[None]:
+def judged_read_only() -> AbstractContextManager[None]:
     """What the gate sets around a run when the classifiers judged the call read-only."""
-    token = run_limits.set(RunLimits(read_only=True))
-    try:
-        yield
-    finally:
-        run_limits.reset(token)
+    return running_under(RunLimits(read_only=True))
 
 
 # ------------------------------------------------------------------------------------------- keyturn's files

@@ -8,7 +8,7 @@ import importlib.util
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import pytest
 
 from server.classify import ClassifyContext, extract_facts
 from server.errors import ConfigError, InvalidArguments, ToolError
-from server.execution import PackContext, RunLimits, run_limits
+from server.execution import PackContext, RunLimits, running_under
 from server.models import Decision
 from server.policy.loader import load_policy
 from server.policy.testing import call_for
@@ -42,14 +42,9 @@ def sql(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, GuardedToo
     return {t.name: t for t in reg.list()}
 
 
-@contextlib.contextmanager
-def judged_read_only() -> Iterator[None]:
-    """Run the block as the gate runs a call whose facts judged it read-only."""
-    token = run_limits.set(RunLimits(read_only=True))
-    try:
-        yield
-    finally:
-        run_limits.reset(token)
+def judged_read_only() -> AbstractContextManager[None]:
+    """What the gate sets around a run when the classifiers judged the call read-only."""
+    return running_under(RunLimits(read_only=True))
 
 
 def decide(tool: GuardedTool, arguments: dict[str, Any]) -> Decision:
