@@ -65,6 +65,13 @@ def test_every_relative_link_and_anchor_resolves(page: Path) -> None:
     assert not broken, broken
 
 
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_code_block_is_closed(page: Path) -> None:
+    fences = [n for n, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1)
+              if line.lstrip().startswith("```")]
+    assert len(fences) % 2 == 0, f"an unclosed code block: fences at lines {fences}"
+
+
 def test_the_slugs_follow_githubs_rule() -> None:
     assert slug("Signed checkpoints and witnesses") == "signed-checkpoints-and-witnesses"
     assert slug("2. Give keyturn the tokens (environment only)") == "2-give-keyturn-the-tokens-environment-only"
