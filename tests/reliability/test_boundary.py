@@ -1,5 +1,5 @@
 """The security boundary, attacked as an agent would attack it: through the MCP client, against a real
-`keyturn serve --http` set up as the README's quick tour sets it up (the embedded default's local reviewer and
+`keyturn serve --http` set up like the quick tour in README.md (the embedded default's local reviewer and
 its token file beside the ledger, the shipped policy, the five tool packs, keyturn's secrets in its
 environment).
 
