@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.channels.slack_config import load_slack, make_client
+from server.channels.slack.config import load_slack, make_client
 from server.errors import ConfigError
 
 FULL = {"KEYTURN_SLACK_BOT_TOKEN": "xoxb-1", "KEYTURN_SLACK_SIGNING_SECRET": "s3cret"}

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from server.channels.teams_config import ENV_APP_PASSWORD, ENV_LINK_SECRET, load_teams
+from server.channels.teams.config import ENV_APP_PASSWORD, ENV_LINK_SECRET, load_teams
 from server.errors import ConfigError
 
 BOT = {"app_id": "a", "service_url": "https://smba.trafficmanager.net/emea/", "conversation_id": "19:x"}

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from server.channels.teams_auth import BOT_FRAMEWORK_ISSUER, BOT_FRAMEWORK_OPENID, require_https
+from server.channels.teams.auth import BOT_FRAMEWORK_ISSUER, BOT_FRAMEWORK_OPENID, require_https
 from server.errors import ConfigError
 
 ENV_APP_PASSWORD = "KEYTURN_TEAMS_APP_PASSWORD"
