@@ -36,8 +36,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from server.durations import Duration
 from server.errors import ConfigError, validation_message
-from server.policy.schema import Duration
 
 UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
 PREFIX = re.compile(r"^[A-Za-z0-9._-]{0,60}$")
