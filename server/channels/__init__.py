@@ -1,4 +1,11 @@
-"""Reviewer channels. Each delivers held requests to humans and reports their verified verdicts to the broker."""
+"""Reviewer channels. Each delivers held requests to humans and reports their verified verdicts to the broker.
+
+api.py     the reviewer HTTP API (JSON), and `submit_verdict`, which every channel reports a verdict through
+bodies.py  reading request bodies before anyone is authenticated: bounded in size and in time
+inbox/     the reviewer inbox and audit pages (server-rendered, with their templates and static files)
+slack/     the Slack channel
+teams/     the Microsoft Teams channel, and the signed decision links of its no-bot fallback
+"""
 
 from __future__ import annotations
 
