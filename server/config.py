@@ -1,7 +1,10 @@
 """keyturn's configuration: one frozen pydantic model, parsed from YAML in one place.
 
-Secrets never live in the file in plain text: tokens are given as sha256 digests
-(`token_sha256`) or read from a named environment variable at the edge (`token_env`).
+Every section is typed, the channels' and the proxy's too (`SlackConfig`, `TeamsConfig`, `ProxyConfig`, each
+beside the code it configures), so a mistake anywhere in the file is refused when it is loaded, naming the key,
+before anything starts. Secrets never live in the file in plain text: tokens are given as sha256 digests
+(`token_sha256`) or read from a named environment variable at the edge (`token_env`); the channels' tokens
+come from the environment only (`load_slack`, `load_teams`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from server.canonical import sha256_hex
-from server.errors import ConfigError
+from server.channels.slack.config import SlackConfig
+from server.channels.teams.config import TeamsConfig
+from server.errors import ConfigError, validation_message
+from server.proxy.config import ProxyConfig
 
 
 class _Strict(BaseModel):
@@ -115,10 +121,15 @@ class Settings(_Strict):
     poll_interval_s: float = 0.25
     reviewer_api_url: str | None = None  # where the CLI reaches the reviewer API
     allowed_hosts: tuple[str, ...] = ()  # extra Host header values accepted on the HTTP app
-    slack: dict[str, Any] = Field(default_factory=dict)
-    teams: dict[str, Any] = Field(default_factory=dict)
-    proxy: dict[str, Any] = Field(default_factory=dict)
+    slack: SlackConfig | None = None  # None: no `slack:` section (tokens in the environment may still turn Slack on)
+    teams: TeamsConfig | None = None  # None: no Teams channel
+    proxy: ProxyConfig = ProxyConfig()  # `keyturn proxy`'s upstreams and timeouts
     checkpoints: Checkpoints = Checkpoints()
+
+    @field_validator("slack", "teams", mode="before")
+    @classmethod
+    def _empty_section(cls, v: Any) -> Any:
+        return None if v == {} else v  # `slack: {}` is no section, as an absent one
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
@@ -201,8 +212,4 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
     try:
         return Settings.model_validate(data)
     except ValidationError as e:
-        lines = [f"config file {path or '(defaults)'} is invalid:"]
-        for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"  {loc}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from e
+        raise ConfigError(validation_message(e, f"config file {path or '(defaults)'} is invalid:")) from e

@@ -1,6 +1,14 @@
-"""keyturn's exceptions. Callers act on the subclass; the message is for humans."""
+"""keyturn's exceptions, and the one way a pydantic `ValidationError` becomes a message. Callers act on the
+subclass; the message is for humans."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+    from pydantic_core import ErrorDetails
 
 
 class KeyturnError(Exception):
@@ -78,3 +86,30 @@ class InvalidArguments(KeyturnError):
     def __init__(self, message: str, *, tool: str | None = None, field: str | None = None) -> None:
         self.tool, self.field = tool, field
         super().__init__(message)
+
+
+# -- pydantic validation errors, as people read them -----------------------------------------------------
+
+def dotted(loc: Sequence[str | int]) -> str:
+    """A pydantic location as the config file spells it: `proxy.upstreams.0.name`."""
+    return ".".join(str(part) for part in loc)
+
+
+def problem_text(err: ErrorDetails) -> str:
+    """One error's message, never showing the input value (it may be a secret)."""
+    if err["type"] == "missing":
+        return "is required"
+    if err["type"] == "extra_forbidden":
+        return "unknown field"
+    return err["msg"].removeprefix("Value error, ")
+
+
+def problems(e: ValidationError, *, within: Sequence[str | int] = ()) -> list[tuple[tuple[str | int, ...], str]]:
+    """Each error of `e` as (location, message); `within` is prepended to every location."""
+    return [((*within, *err["loc"]), problem_text(err)) for err in e.errors(include_input=False, include_url=False)]
+
+
+def validation_message(e: ValidationError, heading: str, *, within: Sequence[str | int] = (),
+                       whole: str = "(top level)") -> str:
+    """`heading`, then one `  location: message` line per error (`whole` when the location is empty)."""
+    return "\n".join([heading, *(f"  {dotted(loc) or whole}: {text}" for loc, text in problems(e, within=within))])

@@ -20,7 +20,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.app import Keyturn
-from server.channels.web import api_routes
+from server.channels.api import api_routes
 from server.errors import ConfigError
 from server.mcp_app import CLIENT_GONE_SCOPE_KEY, PRINCIPAL_SCOPE_KEY
 

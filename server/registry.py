@@ -25,7 +25,7 @@ import mcp_types
 from mcp.server.mcpserver.tools.base import Tool as _SdkTool
 from pydantic import ValidationError
 
-from server.errors import ClassifierError, ConfigError, InvalidArguments, KeyturnError, ToolError
+from server.errors import ClassifierError, ConfigError, InvalidArguments, KeyturnError, ToolError, dotted, problems
 from server.execution import PackContext
 
 __all__ = [
@@ -222,14 +222,9 @@ class GuardedTool:
 
 def _invalid(tool: str, e: ValidationError) -> InvalidArguments:
     """Name each bad field; never echo the input value (it may be a secret)."""
-    parts: list[str] = []
-    first: str | None = None
-    for err in e.errors(include_input=False, include_url=False)[:5]:
-        loc = ".".join(str(p) for p in err["loc"]) or "(arguments)"
-        if first is None and err["loc"]:
-            first = str(err["loc"][0])
-        msg = "is required" if err["type"] == "missing" else err["msg"]
-        parts.append(f"argument {loc!r}: {msg}")
+    found = problems(e)[:5]
+    first = next((str(loc[0]) for loc, _ in found if loc), None)
+    parts = [f"argument {dotted(loc) or '(arguments)'!r}: {text}" for loc, text in found]
     return InvalidArguments(f"{tool}: " + "; ".join(parts), tool=tool, field=first)
 
 

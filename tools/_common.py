@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from server.errors import ConfigError, InvalidArguments
+from server.errors import ConfigError, InvalidArguments, validation_message
 
 __all__ = ["PackOptions", "cap_text", "jsonable", "open_new", "parse_options", "real_roots", "resolve_inside"]
 
@@ -33,11 +33,7 @@ def parse_options(model: type[T], options: Mapping[str, Any], pack: str) -> T:
     try:
         return model.model_validate(dict(options))
     except ValidationError as e:
-        lines = [f"tool pack {pack!r}: invalid options:"]
-        for err in e.errors(include_input=False, include_url=False):
-            loc = ".".join(str(p) for p in err["loc"]) or "(options)"
-            lines.append(f"  {loc}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(validation_message(e, f"tool pack {pack!r}: invalid options:", whole="(options)")) from None
 
 
 def real_roots(paths: Iterable[str | os.PathLike[str]]) -> tuple[Path, ...]:

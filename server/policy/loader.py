@@ -21,7 +21,7 @@ from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from server.canonical import sha256_hex
-from server.errors import PolicyError
+from server.errors import PolicyError, problem_text
 from server.models import ApproverGroup, Escalation, ReviewSpec
 from server.policy import schema
 from server.policy.conditions import ConditionError, Template, compile_condition
@@ -426,8 +426,7 @@ def _dotted(loc: Loc) -> str:
 
 
 def _message(err: Any) -> str:
-    kind, msg = err.get("type", ""), err.get("msg", "invalid")
-    loc = err.get("loc", ())
+    kind, loc = err.get("type", ""), err.get("loc", ())
     if kind == "extra_forbidden" and loc:
         name = str(loc[-1])
         close = difflib.get_close_matches(name, _ALL_FIELDS, n=1)
@@ -438,4 +437,4 @@ def _message(err: Any) -> str:
         return "expected text, got a boolean (YAML reads yes/no/on/off as true/false: quote it)"
     if kind == "literal_error" and loc and loc[-1] == "version":
         return "unsupported policy version (this keyturn reads version: 1)"
-    return str(msg).removeprefix("Value error, ")
+    return problem_text(err)  # the policy's own hints above, then what every pydantic error says

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.canonical import args_hash
 from server.classify import ClassifyContext, extract_facts
-from server.errors import ClassifierError, PolicyError
+from server.errors import ClassifierError, PolicyError, dotted, problems
 from server.models import Decision, Outcome, RiskLevel, ToolCall
 from server.policy.engine import CompiledPolicy
 from server.policy.loader import load_policy, read_yaml
@@ -202,11 +202,9 @@ def load_suite(path: Path) -> tuple[Suite, dict[tuple[str | int, ...], int]]:
     try:
         return Suite.model_validate(raw), lines
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = tuple(err["loc"])
+        loc, text = problems(e)[0]
         line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
-        where = ".".join(str(p) for p in loc)
-        raise PolicyError(f"{where}: {err['msg']}", file=str(path), line=line) from None
+        raise PolicyError(f"{dotted(loc)}: {text}", file=str(path), line=line) from None
 
 
 def run_suite(path: Path, *, now: datetime | None = None) -> SuiteResult:

@@ -13,10 +13,28 @@ tools.py     an upstream tool as a gate `Runnable`: schema validation, classifie
 source.py    all upstreams' tools under their exposed names; `running_proxy` attaches them to a Keyturn
 """
 
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from server.proxy.config import BUILTIN_CLASSIFIERS, ProxyConfig, UpstreamConfig, parse_header, parse_proxy_config
-from server.proxy.source import Proxy, running_proxy
-from server.proxy.tools import UpstreamTool, classifiers_for
-from server.proxy.upstream import Upstream
+
+if TYPE_CHECKING:
+    from server.proxy.source import Proxy, running_proxy
+    from server.proxy.tools import UpstreamTool, classifiers_for
+    from server.proxy.upstream import Upstream
+
+# `server.config` reads the `proxy:` section (config.py) while it is being imported itself; the connections
+# (source.py, upstream.py ...) import the configuration back, so they are loaded on first use, not here.
+_ON_USE = {"Proxy": "source", "running_proxy": "source", "UpstreamTool": "tools", "classifiers_for": "tools",
+           "Upstream": "upstream"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ON_USE:
+        return getattr(import_module(f"server.proxy.{_ON_USE[name]}"), name)
+    raise AttributeError(f"module 'server.proxy' has no attribute {name!r}")
 
 __all__ = [
     "BUILTIN_CLASSIFIERS",

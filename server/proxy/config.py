@@ -1,5 +1,8 @@
 """The `proxy:` section of the config file (and `keyturn proxy -- COMMAND` on the command line), parsed in one place.
 
+`ProxyConfig` is a section of `server.config.Settings`, validated when the file is loaded; `parse_proxy_config`
+adds what the command line gives.
+
 ```yaml
 proxy:
   call_timeout: 2m          # how long one forwarded call may take before it fails (the upstream may have acted)
@@ -33,8 +36,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from server.errors import ConfigError
-from server.policy.schema import Duration
+from server.durations import Duration
+from server.errors import ConfigError, validation_message
 
 UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
 PREFIX = re.compile(r"^[A-Za-z0-9._-]{0,60}$")
@@ -156,10 +159,11 @@ class ProxyConfig(_Strict):
         return self
 
 
-def parse_proxy_config(section: Mapping[str, Any], extra: Sequence[Mapping[str, Any]] = (),
+def parse_proxy_config(section: ProxyConfig | Mapping[str, Any], extra: Sequence[Mapping[str, Any]] = (),
                        **overrides: Any) -> ProxyConfig:
-    """`Settings.proxy` as a `ProxyConfig`, plus upstreams (`extra`) and options given on the command line."""
-    data = dict(section)
+    """`Settings.proxy` (already validated, or a mapping), plus upstreams (`extra`) and options given on the
+    command line, as one `ProxyConfig` with at least one upstream."""
+    data = section.model_dump(exclude_unset=True) if isinstance(section, ProxyConfig) else dict(section)
     data.update({k: v for k, v in overrides.items() if v is not None})
     if extra:
         upstreams = data.get("upstreams") or []
@@ -167,11 +171,7 @@ def parse_proxy_config(section: Mapping[str, Any], extra: Sequence[Mapping[str, 
     try:
         config = ProxyConfig.model_validate(data)
     except ValidationError as e:
-        lines = ["proxy configuration is invalid:"]
-        for err in e.errors(include_url=False, include_input=False):
-            loc = ".".join(str(p) for p in ("proxy", *err["loc"]))
-            lines.append(f"  {loc}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(validation_message(e, "proxy configuration is invalid:", within=("proxy",))) from None
     if not config.upstreams:
         raise ConfigError("no upstream MCP server: give one after `--` (keyturn proxy -- COMMAND ARGS...), "
                           "--upstream-url URL, or proxy.upstreams in the config file")

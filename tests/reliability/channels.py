@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx2
 
-from server.channels.decision_link import LinkSigner
+from server.channels.teams.decision_link import LinkSigner
 from tests.conftest import TOKENS
 from tests.reliability.conftest import RelHome, eventually
 from tests.slack.conftest import SLACK_USERS, slack_config, slack_env

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from server.app import Keyturn, running
-from server.channels.decision_link import LinkSigner
+from server.channels.teams.decision_link import LinkSigner
 from server.classify.secrets import find_kinds
 from server.config import Person, Reviewer, Settings, ToolPack
 from server.errors import PolicyError
@@ -660,4 +660,4 @@ def test_after_all_that_fuzzing_the_server_still_serves_and_the_ledger_verifies(
     # nothing else crashed.
     for trace in world.home.log_text().split("Traceback (most recent call last):")[1:]:
         frames = trace.split("\nkeyturn ")[0].split("\nINFO:")[0]
-        assert "slack_bolt" in frames or "server/channels/slack.py" in frames, frames[-3000:]
+        assert "slack_bolt" in frames or "server/channels/slack/channel.py" in frames, frames[-3000:]

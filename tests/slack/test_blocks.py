@@ -6,7 +6,7 @@ import json
 import time
 from typing import Any
 
-from server.channels import slack_blocks as ui
+from server.channels.slack import blocks as ui
 from server.models import ApproverGroup, Event, RequestView, ReviewSpec
 
 

@@ -15,8 +15,8 @@ import pytest
 from starlette.applications import Starlette
 
 from server.approvals import ApprovalBroker, ReviewerDirectory
-from server.channels.slack import SlackChannel
-from server.channels.slack_config import SlackConfig, SlackSecrets
+from server.channels.slack.channel import SlackChannel
+from server.channels.slack.config import SlackConfig, SlackSecrets
 from server.config import Person, Reviewer, Settings
 from server.errors import ApprovalRejected, ChannelError
 from server.ledger import Ledger

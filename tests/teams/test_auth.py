@@ -8,7 +8,7 @@ from typing import Any
 import jwt
 import pytest
 
-from server.channels.teams_auth import BotFrameworkAuth, require_https
+from server.channels.teams.auth import BotFrameworkAuth, require_https
 from server.errors import AuthError, ConfigError
 from tests.teams.conftest import APP_ID, FakeTeams, new_key
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from server.channels.teams_cards import APPROVE_VERB, DENY_VERB, card_json, request_card
+from server.channels.teams.cards import APPROVE_VERB, DENY_VERB, card_json, request_card
 from server.models import ApproverGroup, RequestView, ReviewSpec
 from tests.teams.conftest import card_text
 

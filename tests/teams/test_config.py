@@ -6,19 +6,25 @@ from typing import Any
 
 import pytest
 
-from server.channels.teams_config import ENV_APP_PASSWORD, ENV_LINK_SECRET, load_teams
+from server.channels.teams.config import ENV_APP_PASSWORD, ENV_LINK_SECRET, TeamsConfig, load_teams
+from server.config import load_settings
 from server.errors import ConfigError
 
 BOT = {"app_id": "a", "service_url": "https://smba.trafficmanager.net/emea/", "conversation_id": "19:x"}
 ENV = {ENV_APP_PASSWORD: "pw"}
 
 
+def section(raw: dict[str, Any]) -> TeamsConfig | None:
+    """The `teams:` section as the config loader reads it (where a half-configured bot or webhook is refused)."""
+    return load_settings(None, teams=raw).teams
+
+
 def test_no_teams_section_means_no_teams_channel() -> None:
-    assert load_teams({}, ENV) is None
+    assert load_teams(section({}), ENV) is None
 
 
 def test_a_bot_gets_the_public_cloud_defaults_and_the_password_from_the_environment() -> None:
-    loaded = load_teams({**BOT, "tenant_id": "t-1"}, ENV)
+    loaded = load_teams(section({**BOT, "tenant_id": "t-1"}), ENV)
     assert loaded is not None
     config, secrets = loaded
     assert secrets.app_password == "pw" and secrets.link_secret is None
@@ -43,9 +49,9 @@ def test_a_bot_gets_the_public_cloud_defaults_and_the_password_from_the_environm
 def test_half_configured_teams_is_refused_with_a_clear_message(raw: dict[str, Any], env: dict[str, str],
                                                                  message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        load_teams(raw, env)
+        load_teams(section(raw), env)
 
 
 def test_a_webhook_alone_needs_no_bot_password() -> None:
-    loaded = load_teams({"webhook_url": "https://prod.workflows.example/hook", "public_url": "https://k.example"}, {})
+    loaded = load_teams(section({"webhook_url": "https://prod.workflows.example/hook", "public_url": "https://k.example"}), {})
     assert loaded is not None and not loaded[0].bot_enabled

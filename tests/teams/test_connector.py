@@ -6,7 +6,7 @@ import httpx
 import pytest
 from microsoft_teams.cards import AdaptiveCard, TextBlock
 
-from server.channels.teams_connector import BotConnector, BotToken, RetryPolicy, post_webhook
+from server.channels.teams.connector import BotConnector, BotToken, RetryPolicy, post_webhook
 from server.errors import ChannelError
 from tests.teams.conftest import APP_ID, APP_PASSWORD, CONVERSATION, FakeTeams
 

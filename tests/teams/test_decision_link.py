@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.channels.decision_link import (
+from server.channels.teams.decision_link import (
     LinkExpired,
     LinkSigner,
     consume,

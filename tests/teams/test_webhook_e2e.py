@@ -14,7 +14,7 @@ import anyio
 import httpx2
 import pytest
 
-from server.channels.decision_link import LinkSigner, link_secret_path
+from server.channels.teams.decision_link import LinkSigner, link_secret_path
 from tests.conftest import TOKENS, agent_client
 from tests.teams.conftest import LINK_SECRET, TeamsHome, eventually
 

@@ -11,6 +11,7 @@ import logging
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
+from server.channels.api import MAX_REASON, submit_verdict
 from server.channels.bodies import BodyRefused
 from server.channels.inbox.render import Card, card, timeline
 from server.channels.inbox.sessions import (
@@ -24,7 +25,6 @@ from server.channels.inbox.sessions import (
     set_cookie,
 )
 from server.channels.inbox.site import Site, read_form, safe_next
-from server.channels.web import MAX_REASON, submit_verdict
 from server.errors import LedgerError
 from server.models import RequestView
 

@@ -19,8 +19,8 @@ import jinja2
 
 from server.models import Event, RequestView, state_label
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
-STATIC = Path(__file__).resolve().parent.parent / "static"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+STATIC = Path(__file__).resolve().parent / "static"
 
 SQL_NAMES = frozenset({"sql", "query", "statement", "statements"})
 SHELL_NAMES = frozenset({"command", "cmd", "script", "shell", "argv"})

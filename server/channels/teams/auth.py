@@ -19,30 +19,18 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import anyio
 import httpx
 import jwt
 
+from server.channels.teams.config import BOT_FRAMEWORK_ISSUER, BOT_FRAMEWORK_OPENID, require_https
 from server.errors import AuthError, ConfigError
 
 if TYPE_CHECKING:
     from microsoft_teams.api.activities.invoke.adaptive_card import AdaptiveCardInvokeActivity
 
-BOT_FRAMEWORK_OPENID = "https://login.botframework.com/v1/.well-known/openidconfiguration"
-BOT_FRAMEWORK_ISSUER = "https://api.botframework.com"
 ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
-
-
-def require_https(url: str, what: str) -> str:
-    """Refuse plain-http endpoints for credentials and keys, except on loopback (the offline test fakes)."""
-    parts = urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
-        return url
-    if parts.scheme == "http" and parts.hostname in {"127.0.0.1", "localhost", "::1"}:
-        return url
-    raise ConfigError(f"teams.{what} must be an https:// URL (plain http only on loopback), got {url!r}")
 
 
 def same_service_url(a: str, b: str) -> bool:

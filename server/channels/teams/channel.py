@@ -1,7 +1,7 @@
 """The Microsoft Teams reviewer channel: an Adaptive Card per held call, Approve / Deny as `Action.Execute`.
 
 Teams only delivers and reports. A click arrives as an `adaptiveCard/action` invoke at
-`POST /teams/messages`; its Bot Framework JWT is validated (`teams_auth`, never skipped) and the
+`POST /teams/messages`; its Bot Framework JWT is validated (`auth`, never skipped) and the
 reviewer is `teams:<tenant>/<aad-object-id>` from the activity, which the config maps to a person;
 `ApprovalBroker.decide` alone judges the verdict. The invoke response is the card redrawn with the
 outcome. Each sent card's activity id is recorded in the ledger (a `notified` event), and a follower
@@ -34,14 +34,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from server.channels import teams_cards as ui
+from server.channels.api import submit_verdict
 from server.channels.bodies import BodyRefused, read_body
-from server.channels.decision_link import LinkSigner, ensure_link_secret
-from server.channels.decision_page import decision_routes
-from server.channels.teams_auth import BotFrameworkAuth, reviewer_identity
-from server.channels.teams_config import TeamsConfig, TeamsSecrets, load_teams
-from server.channels.teams_connector import BotConnector, BotToken, RetryPolicy, post_webhook
-from server.channels.web import submit_verdict
+from server.channels.teams import cards as ui
+from server.channels.teams.auth import BotFrameworkAuth, reviewer_identity
+from server.channels.teams.config import TeamsConfig, TeamsSecrets, load_teams
+from server.channels.teams.connector import BotConnector, BotToken, RetryPolicy, post_webhook
+from server.channels.teams.decision_link import LinkSigner, ensure_link_secret
+from server.channels.teams.decision_page import decision_routes
 from server.checkpoints import Checkpoint, checkpoint_line
 from server.errors import AuthError, ChannelError, ConfigError, LedgerError
 from server.ledger import Ledger

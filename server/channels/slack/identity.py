@@ -17,7 +17,7 @@ import anyio
 from slack_sdk.web.async_client import AsyncWebClient
 
 from server.approvals import ApprovalBroker
-from server.channels.slack_config import describe
+from server.channels.slack.config import describe
 from server.config import Settings
 
 log = logging.getLogger(__name__)

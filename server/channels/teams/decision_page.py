@@ -17,10 +17,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
+from server.channels.api import submit_verdict
 from server.channels.bodies import BodyRefused, read_body
-from server.channels.decision_link import Link, LinkExpired, LinkSigner, consume, link_consumed, release
-from server.channels.teams_cards import MAX_REASON, arguments_text, outcome_text, request_facts
-from server.channels.web import submit_verdict
+from server.channels.teams.cards import MAX_REASON, arguments_text, outcome_text, request_facts
+from server.channels.teams.decision_link import Link, LinkExpired, LinkSigner, consume, link_consumed, release
 from server.errors import AuthError, LedgerError
 from server.models import RequestView
 

@@ -1,7 +1,7 @@
 """The Slack reviewer channel: a Block Kit message per held call, Approve/Deny buttons, a reason modal.
 
 Slack only delivers and reports. A click becomes a `Verdict` for the Slack identity of the clicking
-user (`slack_identity`); `ApprovalBroker.decide` alone judges it, and a refusal is explained to that
+user (`identity`); `ApprovalBroker.decide` alone judges it, and a refusal is explained to that
 user only. Each posted message's channel and ts are recorded in the ledger (`notified` events), and a
 follower re-renders the messages of every request that changes, whichever keyturn process changed
 it, so a slow Slack never holds up a decision or an agent. Clicks arrive over HTTP at `/slack/events`
@@ -26,10 +26,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from server.approvals import ApprovalBroker
-from server.channels import slack_blocks as ui
 from server.channels.bodies import BodyRefused, read_body, replay
-from server.channels.slack_config import SlackConfig, SlackSecrets, describe, load_slack, make_client
-from server.channels.slack_identity import SlackIdentities
+from server.channels.slack import blocks as ui
+from server.channels.slack.config import SlackConfig, SlackSecrets, describe, load_slack, make_client
+from server.channels.slack.identity import SlackIdentities
 from server.checkpoints import Checkpoint, checkpoint_line
 from server.config import Settings
 from server.errors import ApprovalRejected, ChannelError, LedgerError, UnknownRequest

@@ -1,22 +1,20 @@
 """The Slack channel's configuration: the `slack:` part of the config file, the tokens from the environment,
-and the Web API client (with retries) built from them."""
+and the Web API client (with retries) built from them.
+
+`SlackConfig` is a section of `server.config.Settings`, validated when the file is loaded; Slack's SDK is imported
+only when a client is made, so reading the configuration does not load it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from slack_sdk.errors import SlackApiError
-from slack_sdk.http_retry.builtin_async_handlers import (
-    AsyncConnectionErrorRetryHandler,
-    AsyncRateLimitErrorRetryHandler,
-    AsyncServerErrorRetryHandler,
-)
-from slack_sdk.http_retry.builtin_interval_calculators import BackoffRetryIntervalCalculator
-from slack_sdk.web.async_client import AsyncWebClient
+from pydantic import BaseModel, ConfigDict, Field
 
 from server.errors import ConfigError
+
+if TYPE_CHECKING:
+    from slack_sdk.web.async_client import AsyncWebClient
 
 ENV_BOT_TOKEN = "KEYTURN_SLACK_BOT_TOKEN"
 ENV_SIGNING_SECRET = "KEYTURN_SLACK_SIGNING_SECRET"
@@ -50,21 +48,18 @@ class SlackSecrets:
     api_url: str
 
 
-def load_slack(raw: dict[str, Any], env: dict[str, str]) -> tuple[SlackConfig, SlackSecrets] | None:
-    """The Slack channel's configuration, or None when Slack is not enabled. Raises ConfigError when half set up."""
-    try:
-        config = SlackConfig.model_validate(raw)
-    except ValidationError as e:
-        details = "; ".join(f"slack.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"config file: {details}") from e
+def load_slack(section: SlackConfig | None, env: dict[str, str]) -> tuple[SlackConfig, SlackSecrets] | None:
+    """The Slack channel's configuration (the file's `slack:` section, None when absent, and the tokens from `env`),
+    or None when Slack is not enabled. Raises ConfigError when half set up."""
+    config = section if section is not None else SlackConfig.model_validate({})
     bot, secret, app = (env.get(k) or None for k in (ENV_BOT_TOKEN, ENV_SIGNING_SECRET, ENV_APP_TOKEN))
-    if not raw and not bot and not secret and not (app and config.socket_mode):
+    if section is None and not bot and not secret and not (app and config.socket_mode):
         return None
     need = {ENV_BOT_TOKEN: bot, **({ENV_APP_TOKEN: app} if config.socket_mode else {ENV_SIGNING_SECRET: secret})}
     missing = [name for name, value in need.items() if not value]
     if missing:
         raise ConfigError(
-            f"Slack is {'configured (slack: in the config file)' if raw else 'partly set up'} but "
+            f"Slack is {'configured (slack: in the config file)' if section is not None else 'partly set up'} but "
             f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set in the environment; "
             "set them, or remove the slack: section")
     api_url = env.get(ENV_API_URL) or "https://slack.com/api/"
@@ -76,6 +71,14 @@ def load_slack(raw: dict[str, Any], env: dict[str, str]) -> tuple[SlackConfig, S
 
 def make_client(config: SlackConfig, secrets: SlackSecrets) -> AsyncWebClient:
     """A Web API client that retries rate limits (honouring Retry-After), 5xx and connection failures."""
+    from slack_sdk.http_retry.builtin_async_handlers import (
+        AsyncConnectionErrorRetryHandler,
+        AsyncRateLimitErrorRetryHandler,
+        AsyncServerErrorRetryHandler,
+    )
+    from slack_sdk.http_retry.builtin_interval_calculators import BackoffRetryIntervalCalculator
+    from slack_sdk.web.async_client import AsyncWebClient
+
     backoff = BackoffRetryIntervalCalculator(backoff_factor=config.retry_backoff_s)
     return AsyncWebClient(
         token=secrets.bot_token, base_url=secrets.api_url, timeout=config.request_timeout_s,
@@ -87,6 +90,8 @@ def make_client(config: SlackConfig, secrets: SlackSecrets) -> AsyncWebClient:
 
 
 def describe(e: BaseException) -> str:
+    from slack_sdk.errors import SlackApiError
+
     if isinstance(e, SlackApiError):
         return f"Slack API error: {e.response.get('error', e.response.status_code)}"
     if isinstance(e, TimeoutError):
