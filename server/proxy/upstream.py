@@ -47,6 +47,7 @@ _FATAL_AT_START = (FileNotFoundError, PermissionError, NotADirectoryError, Confi
 # connection, 300 s to read (a server may hold a response stream open), redirects not followed (the SDK's
 # transport follows those within the endpoint's origin itself).
 HTTP_TIMEOUT = httpx2.Timeout(30.0, read=300.0)
+_LOSS_GRACE = 0.5  # how long a -32000 from a stdio upstream waits to see whether its connection ended
 
 
 class Upstream:
@@ -110,8 +111,14 @@ class Upstream:
                             "it may or may not have acted") from None
         except MCPError as e:
             # The SDK's client raises its "connection closed" with the code a server's own error may carry too
-            # (-32000, JSON-RPC's generic server error): a connection that is still up answered it.
-            gone = e.code == types.CONNECTION_CLOSED and (self._lost.is_set() or self._client is not client)
+            # (-32000, JSON-RPC's generic server error). A stdio upstream that went away ends its read stream (and
+            # `lose` is called) as its answers stop: one still up a moment later answered the error itself.
+            # Over HTTP the two cannot be told apart: any -32000 is taken for a lost connection.
+            if e.code == types.CONNECTION_CLOSED and self.config.command is not None and client is self._client:
+                with anyio.move_on_after(_LOSS_GRACE):
+                    await self._lost.wait()
+            gone = e.code == types.CONNECTION_CLOSED and (
+                self.config.command is None or self._lost.is_set() or self._client is not client)
             if not gone:
                 self._relist.set()  # a stale HTTP session answers errors too: a probe reconnects if so
                 text = f"{e.message} (upstream {self.name!r}, error {e.code})"

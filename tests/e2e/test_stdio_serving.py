@@ -74,12 +74,12 @@ class Raw:
         assert self.proc.stdin is not None
         await self.proc.stdin.send(line + b"\n")
 
-    async def line(self, timeout: float = 20) -> bytes:
+    async def line(self, timeout: float = 60) -> bytes:
         """The next line, without its newline."""
         with anyio.fail_after(timeout):
             return await self.stdout.receive_until(b"\n", 2**24)
 
-    async def response(self, rid: Any, timeout: float = 20) -> tuple[bytes, list[dict[str, Any]]]:
+    async def response(self, rid: Any, timeout: float = 60) -> tuple[bytes, list[dict[str, Any]]]:
         """The response line for `rid`, and the notifications that came before it."""
         notes: list[dict[str, Any]] = []
         while True:
