@@ -109,6 +109,11 @@ async def test_a_cancel_spelled_with_an_escaped_slash_withdraws_the_held_call_an
 
         assert (await api.vote(request["id"], "approve", "alice", "fine")).status_code == 200
         await eventually(lambda: rhome.calls()[request["id"]] == "approved")
+        # The process that held the call learns of an approval within a poll (0.1 s): time enough to run it, were it
+        # still waiting.
+        with anyio.move_on_after(3):
+            while "execution.started" not in kinds(rhome, request["id"]) and not ran(rhome, "hold-escaped"):
+                await anyio.sleep(0.05)
         # The process that held the call serves on, and never answers the call its client cancelled.
         await wire.send({"jsonrpc": "2.0", "id": 8, "method": "ping"})
         assert "result" in await wire.answer(8)
