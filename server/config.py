@@ -172,11 +172,6 @@ class Settings(_Strict):
         return self.policy if self.policy is not None else default_policy_path()
 
 
-def switched_off(environ: Mapping[str, str], name: str) -> bool:
-    """Whether the environment turns off the on-by-default switch `name` (0, false, no or off)."""
-    return environ.get(name, "").strip().lower() in ("0", "false", "no", "off")
-
-
 def default_policy_path() -> Path:
     return Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
 
