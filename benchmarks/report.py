@@ -29,10 +29,7 @@ def _transport(t: dict[str, Any]) -> list[str]:
                              ratio(s["median_ms"], plain["median_ms"]), ratio(s["p99_ms"], plain["p99_ms"])])
     out += _table(["transport", "calls", "server", "median ms", "p99 ms", "calls/s", "server CPU ms/call",
                    "median ÷ plain", "p99 ÷ plain"], rows)
-    out.append("`proxy` is `keyturn proxy -- python benchmarks/plain_server.py`: its CPU includes the upstream's. "
-               "The `-sdk` sides are the same servers with the stdio fast lane and the proxy's raw call leg off "
-               "(`KEYTURN_STDIO_FASTLANE=0 KEYTURN_PROXY_RAW=0`): every call through the MCP SDK's server "
-               "dispatch and, in the proxy, its client.")
+    out.append("`proxy` is `keyturn proxy -- python benchmarks/plain_server.py`: its CPU includes the upstream's.")
     out += [f"Note: {n}" for n in t.get("notes", [])]
     return [*out, ""]
 

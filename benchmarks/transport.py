@@ -5,8 +5,6 @@ Sides (each a separate server process, all started by this module):
     plain    benchmarks/plain_server.py (the SDK's low-level Server, unguarded)
     keyturn  `keyturn serve` with benchmarks.bench_tools (policy allow, ledger on)
     proxy    `keyturn proxy -- python benchmarks/plain_server.py` (stdio only; policy allow, ledger on)
-    keyturn-sdk, proxy-sdk   the same with every call through the MCP SDK's server dispatch and client
-             (`KEYTURN_STDIO_FASTLANE=0`, `KEYTURN_PROXY_RAW=0`; stdio only)
 
 Sequential calls rotate the order of the sides every round, so machine noise lands on all of them;
 concurrent runs alternate whole blocks of calls between the sides. Warm-up calls are not counted.
@@ -92,16 +90,8 @@ def write_home(dir: Path, name: str, *, tools: bool = True) -> Path:
     return path
 
 
-SDK_PATH = {"KEYTURN_STDIO_FASTLANE": "0", "KEYTURN_PROXY_RAW": "0"}
-"""The `-sdk` sides: every call through the MCP SDK's own server dispatch (and, in the proxy, its client): keyturn as
-it was before the stdio fast lane and the proxy's raw call leg, measured in the same run for comparison."""
-
-
 def stdio_params(name: str, marker: str, home: Path) -> StdioServerParameters:
     py = sys.executable
-    if name.endswith("-sdk"):
-        params = stdio_params(name.removesuffix("-sdk"), marker, home)
-        return params.model_copy(update={"env": {**(params.env or {}), **SDK_PATH}})
     if name == "plain":
         return StdioServerParameters(command=py, args=[str(PLAIN)], env=server_env(marker), cwd=str(home))
     if name == "keyturn":
@@ -256,7 +246,7 @@ async def run(home: Path, *, quick: bool, with_proxy: bool = True) -> dict[str, 
     per_worker, blocks = (3, 2) if quick else (20, 6)
     await anyio.Path(home).mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"stdio": {}, "http": {}, "notes": []}
-    names = ["plain", "keyturn", "keyturn-sdk", *(["proxy", "proxy-sdk"] if with_proxy else [])]
+    names = ["plain", "keyturn", *(["proxy"] if with_proxy else [])]
     try:
         async with stdio_sides(names, home) as sides:
             progress(f"stdio: {', '.join(names)} started")

@@ -62,7 +62,8 @@ Attach = Callable[["Keyturn"], AbstractAsyncContextManager[object]]
 async def _serve(args: argparse.Namespace, settings: Settings | None = None, attach: Attach | None = None) -> int:
     """Serve MCP (stdio or HTTP); `attach` adds to the running Keyturn (proxy mode: the upstreams' tools)."""
     from server.app import reviewer_token_path, running
-    from server.mcp_app import build_mcp_server, stdio_identity, stdio_transport
+    from server.mcp_app import build_mcp_server
+    from server.stdio import stdio_transport
 
     def attached(kt: Keyturn) -> AbstractAsyncContextManager[object]:
         return attach(kt) if attach is not None else nullcontext()
@@ -78,7 +79,7 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
         base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
         async with running(settings, http_base_urls=[base]) as kt, attached(kt):
             check_bind(kt, host)
-            server = build_mcp_server(kt)
+            server = build_mcp_server(kt, traces=kt.settings.telemetry.traces_exported(os.environ))
             extra_routes = await build_channels(kt, dict(os.environ))
             app = build_http_app(kt, server, host, extra_routes)
             config = server_config(app, host, port, args.log_level.lower())
@@ -106,20 +107,16 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
     from mcp.server.lowlevel import NotificationOptions
 
     from server.channels import build_channels
-    from server.config import switched_off
-    from server.fastlane import FastLane
 
     async with running(settings) as kt, attached(kt):
-        server = build_mcp_server(kt)
+        server = build_mcp_server(kt, traces=kt.settings.telemetry.traces_exported(os.environ))
         # Chat channels announce the calls this process holds; their clicks arrive at whichever
         # process serves HTTP (or Socket Mode), and reach this one through the shared database.
         await build_channels(kt, dict(os.environ))
         print(f"keyturn (stdio) serving {len(kt.tools())} guarded tools; ledger {kt.settings.db}",
               file=sys.stderr, flush=True)
         options = server.create_initialization_options(NotificationOptions(tools_changed=attach is not None))
-        # The stdio fast lane (server/fastlane.py): KEYTURN_STDIO_FASTLANE=0 sends every call through the SDK.
-        lane = None if switched_off(os.environ, "KEYTURN_STDIO_FASTLANE") else FastLane(kt, stdio_identity(kt), server)
-        async with stdio_transport(lane) as (read_stream, write_stream):
+        async with stdio_transport() as (read_stream, write_stream):
             await server.run(read_stream, write_stream, options)
     return 0
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -106,6 +106,32 @@ class Checkpoints(_Strict):
         return v
 
 
+class Telemetry(_Strict):
+    """OpenTelemetry. The MCP SDK's server opens a span for every message it serves; keyturn keeps that only when
+    traces are exported. `traces`: `auto` (the default) keeps the spans when the standard OpenTelemetry environment
+    says traces go somewhere (`OTEL_TRACES_EXPORTER` other than `none`, `OTEL_EXPORTER_OTLP_ENDPOINT` or
+    `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; `OTEL_TRACES_EXPORTER=none` turns them off), `on` always keeps them,
+    `off` never does."""
+
+    traces: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("traces", mode="before")
+    @classmethod
+    def _yaml_switch(cls, v: Any) -> Any:
+        # YAML reads a bare on / off as true / false.
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+    def traces_exported(self, environ: Mapping[str, str]) -> bool:
+        """Whether the SDK's per-message spans are kept, given the process environment."""
+        if self.traces != "auto":
+            return self.traces == "on"
+        exporter = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+        if exporter == "none":
+            return False
+        return bool(exporter or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+                    or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip())
+
+
 class Settings(_Strict):
     """Everything a keyturn process needs, resolved. Built by `load_settings` or directly in code."""
 
@@ -125,6 +151,7 @@ class Settings(_Strict):
     teams: TeamsConfig | None = None  # None: no Teams channel
     proxy: ProxyConfig = ProxyConfig()  # `keyturn proxy`'s upstreams and timeouts
     checkpoints: Checkpoints = Checkpoints()
+    telemetry: Telemetry = Telemetry()
 
     @field_validator("slack", "teams", mode="before")
     @classmethod
@@ -154,11 +181,6 @@ class Settings(_Strict):
 
     def policy_path(self) -> Path:
         return self.policy if self.policy is not None else default_policy_path()
-
-
-def switched_off(environ: Mapping[str, str], name: str) -> bool:
-    """Whether the environment turns off the on-by-default switch `name` (0, false, no or off)."""
-    return environ.get(name, "").strip().lower() in ("0", "false", "no", "off")
 
 
 def default_policy_path() -> Path:

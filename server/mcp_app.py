@@ -2,26 +2,20 @@
 
 Besides the guarded tools it serves two agent-side tools that never need approval: `keyturn_status`
 (read-only state of one of the caller's own requests) and `keyturn_cancel` (withdraw one).
-`stdio_transport` serves it over stdin/stdout.
+`server.stdio.stdio_transport` serves it over stdin/stdout.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import stat
-import sys
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager, nullcontext
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import anyio
 import mcp_types as types
 from mcp.server import Server
 from mcp.server.context import ServerRequestContext
 from mcp.server.session import ServerSession
-from mcp.server.stdio import stdio_server
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ToolsListChanged
 from mcp.shared.exceptions import MCPError
 from mcp.shared.jsonrpc_dispatcher import progress_token_from_params
@@ -30,9 +24,6 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from server.app import Keyturn
 from server.gate import Identity, ProgressFn, error_result
 from server.models import state_label
-
-if TYPE_CHECKING:
-    from server.fastlane import FastLane
 
 PRINCIPAL_SCOPE_KEY = "keyturn.principal"
 CLIENT_GONE_SCOPE_KEY = "keyturn.client_gone"
@@ -113,7 +104,10 @@ def monotonic_progress(report: ProgressFn) -> ProgressFn:
     return progress
 
 
-def build_mcp_server(kt: Keyturn, *, default_identity: Callable[[], Identity] | None = None) -> Server[Any]:
+def build_mcp_server(kt: Keyturn, *, default_identity: Callable[[], Identity] | None = None,
+                     traces: bool = True) -> Server[Any]:
+    """keyturn's MCP server. `traces=False` drops the SDK's per-message OpenTelemetry span
+    (`Telemetry.traces_exported` decides, at the edge)."""
     stdio = stdio_identity(kt)
 
     def default() -> Identity:
@@ -143,12 +137,21 @@ def build_mcp_server(kt: Keyturn, *, default_identity: Callable[[], Identity] | 
         gone = scope.get(CLIENT_GONE_SCOPE_KEY) if isinstance(scope, dict) else None
         return await kt.gate.call(tool, arguments, who, progress, gone if isinstance(gone, anyio.Event) else None)
 
-    return Server("keyturn", version="0.1.0", instructions=(
+    server: Server[Any] = Server("keyturn", version="0.1.0", instructions=(
         "Tools served by keyturn are guarded: some run at once, some are denied by policy, and some are held "
         "until a human approves them. A held call reports progress with its request id while it waits; if you "
         "give up waiting, calling the same tool with the same arguments later resumes the same request. "
         "Use keyturn_status to check a request."), on_list_tools=list_tools, on_call_tool=call_tool,
         on_subscriptions_listen=changes.listen)
+    if not traces:
+        without_tracing(server)
+    return server
+
+
+def without_tracing(server: Server[Any]) -> None:
+    """Take the SDK's OpenTelemetry middleware out of `server.middleware`, its public list (the SDK documents
+    dropping it from there to opt out); any other middleware stays."""
+    server.middleware[:] = [m for m in server.middleware if type(m).__name__ != "OpenTelemetryMiddleware"]
 
 
 class ToolListChanges:
@@ -207,109 +210,3 @@ async def _builtin(kt: Keyturn, name: str, arguments: dict[str, Any], who: Ident
                           "outcome instead of running it again")
     return types.CallToolResult(content=[types.TextContent(type="text", text=json.dumps(status))],
                                 structured_content=status)
-
-
-# -- stdio ---------------------------------------------------------------------------------------
-
-STDIO_MAX_LINE = 2**28
-"""The longest JSON-RPC message read from stdin (256 MiB)."""
-
-
-@asynccontextmanager
-async def stdio_transport(lane: FastLane | None = None) -> AsyncIterator[tuple[Any, Any]]:
-    """MCP over this process's stdin and stdout: `(read_stream, write_stream)` for `Server.run`.
-
-    The SDK's `stdio_server` hands every line read, every write and every flush to a worker thread: three
-    thread hand-offs per call, which cost more than the gate itself on a small machine. When stdin and stdout
-    are pipes or sockets (how MCP clients start servers) and the loop is asyncio, the same SDK transport is fed
-    by the loop's own pipe transports instead; otherwise it is the SDK's as it is. While serving, fd 0 reads
-    /dev/null and fd 1 writes to stderr, as with the SDK, so a tool's stray output cannot corrupt the protocol.
-
-    With a `lane` (`server.fastlane`), on the loop's pipes only, each line read is offered to it first: it
-    answers the well-formed `tools/call` requests it takes, through the same writer; the SDK gets the rest.
-    """
-    if not _loop_pipes_usable():
-        async with stdio_server() as streams:
-            yield streams
-        return
-    loop = asyncio.get_running_loop()
-    sys.stdout.flush()
-    wire_in, wire_out = os.dup(0), os.dup(1)  # the wire, for the loop's transports (which close them)
-    saved_in, saved_out = os.dup(0), os.dup(1)  # to restore fd 0 and fd 1 afterwards
-    null = os.open(os.devnull, os.O_RDONLY)
-    try:
-        os.dup2(null, 0)
-        os.dup2(2, 1)
-        reader = asyncio.StreamReader(limit=STDIO_MAX_LINE)
-        read_transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(wire_in, "rb", buffering=0))
-        write_transport, write_protocol = await loop.connect_write_pipe(
-            asyncio.streams.FlowControlMixin, os.fdopen(wire_out, "wb", buffering=0))
-        writer = asyncio.StreamWriter(write_transport, write_protocol, None, loop)
-        sink = _Sink(writer, lane)
-        try:
-            async with lane.serving(sink) if lane is not None else nullcontext():
-                async with stdio_server(_Lines(reader, lane), sink) as streams:  # type: ignore[arg-type]
-                    yield streams
-        finally:
-            read_transport.close()
-            write_transport.close()
-    finally:
-        try:
-            sys.stdout.flush()  # what tools printed goes where fd 1 pointed while they ran
-        except (OSError, ValueError):
-            pass
-        os.dup2(saved_in, 0)
-        os.dup2(saved_out, 1)
-        for fd in (null, saved_in, saved_out):
-            os.close(fd)
-
-
-def _loop_pipes_usable() -> bool:
-    try:
-        asyncio.get_running_loop()  # (not under trio)
-        if sys.platform == "win32":
-            return False
-        if sys.stdin is None or sys.stdout is None or sys.stdin.fileno() != 0 or sys.stdout.fileno() != 1:
-            return False
-        return all(stat.S_ISFIFO(m) or stat.S_ISSOCK(m) or stat.S_ISCHR(m) for m in (os.fstat(0).st_mode, os.fstat(1).st_mode))
-    except (OSError, ValueError, AttributeError, RuntimeError):
-        return False
-
-
-class _Lines:
-    """stdin's lines as the SDK's `stdio_server` iterates them (text, newline included), less those the lane takes."""
-
-    def __init__(self, reader: asyncio.StreamReader, lane: FastLane | None = None) -> None:
-        self._reader = reader
-        self._lane = lane
-
-    def __aiter__(self) -> _Lines:
-        return self
-
-    async def __anext__(self) -> str:
-        while True:
-            line = await self._reader.readline()
-            if not line:
-                raise StopAsyncIteration
-            if self._lane is None or not self._lane.take(line):
-                return line.decode("utf-8", errors="replace")
-
-
-class _Sink:
-    """stdout as the SDK's `stdio_server` writes to it, and as the fast lane does: one whole line per write."""
-
-    def __init__(self, writer: asyncio.StreamWriter, lane: FastLane | None = None) -> None:
-        self._writer = writer
-        self._lane = lane
-
-    async def write(self, text: str) -> None:
-        if self._lane is not None:
-            self._lane.sent(text)
-        self._writer.write(text.encode("utf-8"))
-
-    def send(self, line: bytes) -> None:
-        self._writer.write(line)
-
-    async def flush(self) -> None:
-        await self._writer.drain()

@@ -5,10 +5,9 @@ becomes a guarded tool with the same name, description, input schema and annotat
     keyturn proxy --upstream-url https://mcp.example.com/mcp --header 'Authorization: Bearer ...'
 
 config.py    the `proxy:` section: upstreams, prefixes, classifiers, timeouts
-upstream.py  one upstream connection: supervised, restarted with backoff, calls with a timeout
+upstream.py  one upstream connection (the SDK's public client): supervised, restarted with backoff, calls with a
+             timeout
 transport.py a transport that reports the upstream going away
-wire.py      keyturn's own stdio transport: the SDK client's transport, plus raw requests on the same pipes
-raw.py       tools/call written by keyturn over a wire, sent and read as the SDK client would
 tools.py     an upstream tool as a gate `Runnable`: schema validation, classifiers, forwarding
 source.py    all upstreams' tools under their exposed names; `running_proxy` attaches them to a Keyturn
 """

@@ -5,11 +5,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
-from mcp.client._transport import ReadStream, Transport, TransportStreams
+from mcp.client import Transport
 from mcp.shared.message import SessionMessage
+
+
+class ReadStream(Protocol):
+    """A client transport's read stream, as far as `EndWatched` uses it."""
+
+    async def receive(self) -> SessionMessage | Exception: ...
+
+    async def aclose(self) -> None: ...
+
+
+TransportStreams = tuple[Any, Any]
+"""What a client transport yields: its read stream and its write stream."""
 
 
 class EndWatched:
@@ -28,7 +40,7 @@ class EndWatched:
 
 
 class _EndNotifying:
-    def __init__(self, inner: ReadStream[SessionMessage | Exception], on_end: Callable[[str], None]) -> None:
+    def __init__(self, inner: ReadStream, on_end: Callable[[str], None]) -> None:
         self._inner, self._on_end = inner, on_end
 
     @property

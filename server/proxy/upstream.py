@@ -5,10 +5,8 @@ A call never waits forever: it fails after `call_timeout`, and the upstream is t
 and restarted if it does not answer. While an upstream is down, calls wait up to `reconnect_wait` for it and
 then fail with a `ToolError` that says so: nothing is ever delivered outside the gate.
 
-A stdio upstream's calls skip the SDK client's per-call machinery: keyturn owns the upstream's pipes
-(`server/proxy/wire.py`), the SDK `Client` runs over them for everything else (handshake, tools/list, listen,
-notifications), and `call()` writes the `tools/call` line itself and reads back its answer (`raw.py`). `KEYTURN_PROXY_RAW=0`
-in keyturn's environment turns that off: every call then goes through `Client.call_tool`, as HTTP upstreams' do.
+Every upstream is reached through the MCP SDK's public client (`mcp.Client`), over its stdio or streamable HTTP
+transport.
 """
 
 from __future__ import annotations
@@ -21,25 +19,22 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Literal
 
 import anyio
+import httpx2
 import mcp_types as types
 from mcp import Client, StdioServerParameters
-from mcp.client._transport import Transport
+from mcp.client import Transport
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from server.config import switched_off
 from server.errors import ConfigError, ToolError
 from server.execution import PackContext
 from server.gate import ProgressFn
 from server.proxy.config import ProxyConfig, UpstreamConfig, substitute_env
-from server.proxy.raw import RawToolCalls
 from server.proxy.sandbox import StderrRelay, UpstreamSandbox, sandbox_env
 from server.proxy.transport import EndWatched
-from server.proxy.wire import ConnectionLost, StdioWire
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +43,11 @@ CLIENT_INFO = types.Implementation(name="keyturn-proxy", version="0.1.0")
 _LISTED_PAGES_MAX = 100
 # Failures of a first attempt that retrying cannot fix: keyturn refuses to start instead.
 _FATAL_AT_START = (FileNotFoundError, PermissionError, NotADirectoryError, ConfigError)
+# An HTTP upstream's client as the SDK's transports make their own: 30 s to connect, write or wait for a pooled
+# connection, 300 s to read (a server may hold a response stream open), redirects not followed (the SDK's
+# transport follows those within the endpoint's origin itself).
+HTTP_TIMEOUT = httpx2.Timeout(30.0, read=300.0)
+_LOSS_GRACE = 0.5  # how long a -32000 from a stdio upstream waits to see whether its connection ended
 
 
 class Upstream:
@@ -64,8 +64,6 @@ class Upstream:
         self.state: State = "starting"
         self.last_error: str | None = None
         self.restarts = 0
-        self.raw = not switched_off(environ, "KEYTURN_PROXY_RAW")  # stdio calls skip the SDK client's per-call work
-        self.raw_calls = 0  # calls that went that way
         self.tried = anyio.Event()  # the first attempt to connect has finished, either way
         self.stopped = anyio.Event()  # the supervisor has ended: the connection (and any process) is closed
         self.spawn_error: Exception | None = None  # the first attempt could not even start the command
@@ -75,7 +73,6 @@ class Upstream:
         self._startup_deadline = math.inf  # until it has been up once, an attempt may take until then
         self._on_tools = on_tools
         self._client: Client | None = None
-        self._raw: RawToolCalls | None = None  # set with `_client` when its calls go raw
         self._changed = anyio.Event()  # set (and replaced) on every state change
         self._lost = anyio.Event()
         self._lost_reason = ""
@@ -91,7 +88,7 @@ class Upstream:
     ) -> types.CallToolResult:
         """Forward one call with exactly `arguments`. A delivery failure raises `ToolError`; the upstream's own
         errors (an `isError` result, or a JSON-RPC error) come back as an error result with its message."""
-        client, raw = await self._wait_up()
+        client = await self._wait_up()
         if client is None:
             raise ToolError(f"upstream {self.name!r} is not available ({self.last_error or 'still starting'}); "
                             f"{tool} was not delivered")
@@ -107,9 +104,6 @@ class Upstream:
 
         try:
             with anyio.fail_after(self.call_timeout):
-                if raw is not None:
-                    self.raw_calls += 1
-                    return await raw.call(tool, arguments, relay)
                 return await client.call_tool(tool, arguments, progress_callback=relay)
         except TimeoutError:
             self._relist.set()  # hung, or just slow? A probe that gets no answer restarts it.
@@ -117,8 +111,14 @@ class Upstream:
                             "it may or may not have acted") from None
         except MCPError as e:
             # The SDK's client raises its "connection closed" with the code a server's own error may carry too
-            # (-32000, JSON-RPC's generic server error): on the raw leg keyturn knows which it is.
-            gone = isinstance(e, ConnectionLost) or (e.code == types.CONNECTION_CLOSED and (raw is None or raw.closed))
+            # (-32000, JSON-RPC's generic server error). A stdio upstream that went away ends its read stream (and
+            # `lose` is called) as its answers stop: one still up a moment later answered the error itself.
+            # Over HTTP the two cannot be told apart: any -32000 is taken for a lost connection.
+            if e.code == types.CONNECTION_CLOSED and self.config.command is not None and client is self._client:
+                with anyio.move_on_after(_LOSS_GRACE):
+                    await self._lost.wait()
+            gone = e.code == types.CONNECTION_CLOSED and (
+                self.config.command is None or self._lost.is_set() or self._client is not client)
             if not gone:
                 self._relist.set()  # a stale HTTP session answers errors too: a probe reconnects if so
                 text = f"{e.message} (upstream {self.name!r}, error {e.code})"
@@ -138,16 +138,16 @@ class Upstream:
             self._lost_reason = reason
             self._lost.set()
 
-    async def _wait_up(self) -> tuple[Client | None, RawToolCalls | None]:
+    async def _wait_up(self) -> Client | None:
         if not self._up():
             with anyio.move_on_after(self.settings.reconnect_wait):
                 while not self._up():
                     await self._changed.wait()
-        return (self._client, self._raw) if self._up() else (None, None)
+        return self._client if self._up() else None
 
     def _up(self) -> bool:
-        # A closed wire is a connection the supervisor is about to drop (its read stream has ended): not up.
-        return self._client is not None and (self._raw is None or not self._raw.closed)
+        # A lost connection is one the supervisor is about to drop (its read stream has ended): not up.
+        return self._client is not None and not self._lost.is_set()
 
     async def wait_started(self) -> None:
         """Until the upstream is up, or its command cannot be started at all."""
@@ -203,7 +203,7 @@ class Upstream:
                 reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                 if isinstance(e, _FATAL_AT_START) and not self.tried.is_set():
                     self.spawn_error = e
-            self._client, self._raw = None, None
+            self._client = None
             self._set_state("down", reason)
             self.tried.set()
             if time.monotonic() - started > self.settings.restart_backoff_max:
@@ -243,7 +243,6 @@ class Upstream:
         info = client.server_info
         self.server_name = info.name if info is not None else None
         self._client = client
-        self._raw = RawToolCalls.over(client, transport)
         self._startup_deadline = -math.inf  # it has been up: a restart gets connect_timeout
         self._set_state("up")
         self.tried.set()
@@ -257,7 +256,7 @@ class Upstream:
             if client.protocol_version in MODERN_PROTOCOL_VERSIONS and caps.tools and caps.tools.list_changed:
                 tg.start_soon(self._listen, client)
             await self._lost.wait()
-            self._client, self._raw = None, None
+            self._client = None
             tg.cancel_scope.cancel()
 
     async def _transport(self, stack: AsyncExitStack, relay: StderrRelay | None) -> Transport:
@@ -267,15 +266,15 @@ class Upstream:
             if self.sandbox is not None and relay is not None:
                 argv = self.sandbox.argv()  # keyturn's state as it is now: masked
                 params = StdioServerParameters(command=argv[0], args=argv[1:], env=env)
-                return StdioWire(params, relay.errlog) if self.raw else stdio_client(params, relay.errlog)
+                return stdio_client(params, relay.errlog)
             log.warning("upstream %s runs without a sandbox (sandbox: off): it acts on the agent's arguments with "
                         "keyturn's own reach (its files, processes and network)", self.name)
             params = StdioServerParameters(command=c.command, args=list(c.args), env=env, cwd=c.cwd)
-            return StdioWire(params) if self.raw else stdio_client(params)
+            return stdio_client(params)
         assert c.url is not None
         where = f"upstream {c.name!r}"
         headers = {k: substitute_env(v, self._environ, f"{where}, header {k}") for k, v in c.headers.items()}
-        http = await stack.enter_async_context(create_mcp_http_client(headers=headers))
+        http = await stack.enter_async_context(httpx2.AsyncClient(headers=headers, timeout=HTTP_TIMEOUT))
         return streamable_http_client(c.url, http_client=http)
 
     async def _list_tools(self, client: Client) -> dict[str, types.Tool]:

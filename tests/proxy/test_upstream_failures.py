@@ -34,7 +34,6 @@ async def test_a_crash_mid_call_is_a_recorded_failure_and_the_upstream_restarts(
     assert "went away" in home.ledger_events(call_id)[-1]["payload"]["error"]
     pids = [c["pid"] for c in home.calls()]
     assert pids[0] == pids[1] != pids[2]  # the same call log, a new upstream process
-    assert [c["id"] for c in home.calls()] == ["keyturn-1", "keyturn-2", "keyturn-1"]  # keyturn's own requests
 
 
 async def test_a_call_approved_while_the_upstream_is_down_is_failed_not_executed(home: ProxyHome) -> None:
@@ -77,7 +76,6 @@ async def test_a_hung_upstream_times_out_and_is_restarted(home: ProxyHome) -> No
     assert text(after) == "alive"
     assert home.terminal(hung.structured_content["keyturn"]["call_id"]) == "failed"
     assert len({c["pid"] for c in home.calls()}) == 2
-    assert all(str(c["id"]).startswith("keyturn-") for c in home.calls())
 
 
 async def test_upstream_progress_reaches_the_agent(home: ProxyHome) -> None:

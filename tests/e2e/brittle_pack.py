@@ -1,6 +1,5 @@
-"""A tool pack for the fast-lane stories: `brittle`, which returns a result the protocol does not allow when
-asked to (a text block without its text), so the server's answer to a call that cannot be answered can be seen on
-both lanes."""
+"""A tool pack for the stdio stories: `brittle`, which returns a result the protocol does not allow when asked to
+(a text block without its text), so the server's answer to a call that cannot be answered can be seen."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
-"""The stdio fast lane: `keyturn serve` answers well-formed `tools/call` requests itself, after the SDK's handshake
-or on a 2026-07-28 session (no handshake: each request carries its envelope in `_meta`), exactly as the SDK would,
-and leaves everything else to the SDK. Each story runs real `keyturn serve` processes, with the lane on and off
-(`KEYTURN_STDIO_FASTLANE=0`), and reads on stderr (`--log-level DEBUG`) which calls the lane took, so a story cannot
-pass with the lane silently off."""
+"""`keyturn serve` over stdio, through the MCP SDK's dispatcher: calls after the SDK's handshake or on a 2026-07-28
+session (no handshake: each request carries its envelope in `_meta`), unusual and odd requests, held calls with
+progress, cancellation, concurrency and a client that leaves. Each story runs a real `keyturn serve` process and
+reads its answers line by line, or through the SDK's own client."""
 
 from __future__ import annotations
 
@@ -24,7 +23,6 @@ from mcp.shared.exceptions import MCPError
 
 from tests.conftest import DATA, ROOT, Home, ReviewerAPI
 
-TAKEN = "fast lane: tools/call"
 MODERN = "2026-07-28"
 VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
 INFO_KEY = "io.modelcontextprotocol/clientInfo"
@@ -40,10 +38,10 @@ def text(result: Any) -> str:
     return "\n".join(c.text for c in result.content if getattr(c, "type", "") == "text")
 
 
-def params(home: Home, lane: bool) -> StdioServerParameters:
+def params(home: Home) -> StdioServerParameters:
     return StdioServerParameters(
         command=sys.executable, args=["-m", "server.cli", "serve", "--config", str(home.config), "--log-level", "DEBUG"],
-        env={"PYTHONPATH": str(ROOT), "KEYTURN_STDIO_FASTLANE": "1" if lane else "0"}, cwd=str(home.dir))
+        env={"PYTHONPATH": str(ROOT)}, cwd=str(home.dir))
 
 
 def appending(log: Path) -> TextIO:
@@ -52,20 +50,11 @@ def appending(log: Path) -> TextIO:
 
 
 @asynccontextmanager
-async def sdk_client(home: Home, lane: bool, log: Path, mode: Any = "legacy") -> AsyncIterator[Client]:
+async def sdk_client(home: Home, log: Path, mode: Any = "legacy") -> AsyncIterator[Client]:
     """The SDK's client over stdio; `legacy` is the initialize handshake that agent apps use today."""
     with appending(log) as errlog:
-        async with Client(stdio_client(params(home, lane), errlog=errlog), mode=mode) as client:
+        async with Client(stdio_client(params(home), errlog=errlog), mode=mode) as client:
             yield client
-
-
-def taken(log: Path) -> list[str]:
-    return [line for line in log.read_text(encoding="utf-8").splitlines() if TAKEN in line]
-
-
-def taken_ids(log: Path) -> list[str]:
-    """The ids of the calls the lane took, as logged (`repr`), in the order it took them."""
-    return [line.rsplit(" id=", 1)[1] for line in taken(log)]
 
 
 def same_call_ids(line: bytes) -> bytes:
@@ -73,7 +62,7 @@ def same_call_ids(line: bytes) -> bytes:
 
 
 class Raw:
-    """A JSON-RPC client that writes and reads raw lines, to compare the two lanes byte for byte."""
+    """A JSON-RPC client that writes and reads raw lines, to see the server's answers byte for byte."""
 
     def __init__(self, proc: Process) -> None:
         self.proc = proc
@@ -85,12 +74,12 @@ class Raw:
         assert self.proc.stdin is not None
         await self.proc.stdin.send(line + b"\n")
 
-    async def line(self, timeout: float = 20) -> bytes:
+    async def line(self, timeout: float = 60) -> bytes:
         """The next line, without its newline."""
         with anyio.fail_after(timeout):
             return await self.stdout.receive_until(b"\n", 2**24)
 
-    async def response(self, rid: Any, timeout: float = 20) -> tuple[bytes, list[dict[str, Any]]]:
+    async def response(self, rid: Any, timeout: float = 60) -> tuple[bytes, list[dict[str, Any]]]:
         """The response line for `rid`, and the notifications that came before it."""
         notes: list[dict[str, Any]] = []
         while True:
@@ -165,8 +154,8 @@ def era_meta(era: str, **meta: Any) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def raw_server(home: Home, lane: bool, log: Path) -> AsyncIterator[Raw]:
-    p = params(home, lane)
+async def raw_server(home: Home, log: Path) -> AsyncIterator[Raw]:
+    p = params(home)
     with appending(log) as errlog:
         async with await anyio.open_process([p.command, *p.args], stderr=errlog, cwd=home.dir,
                                             env={**home.env(), **(p.env or {})}) as proc:
@@ -179,15 +168,10 @@ async def raw_server(home: Home, lane: bool, log: Path) -> AsyncIterator[Raw]:
                     await proc.wait()
 
 
-async def both(home: Home, tmp_path: Path, story: Any) -> tuple[Any, Any]:
-    """Run `story(raw)` against a fresh server with the lane on and one with it off."""
-    out = []
-    for lane in (True, False):
-        log = tmp_path / f"lane-{lane}.log"
-        async with raw_server(home, lane, log) as raw:
-            out.append(await story(raw))
-        assert bool(taken(log)) is lane, log.read_text()
-    return out[0], out[1]
+async def served(home: Home, tmp_path: Path, story: Any) -> Any:
+    """Run `story(raw)` against a fresh server; its stderr goes to `serve.log`."""
+    async with raw_server(home, tmp_path / "serve.log") as raw:
+        return await story(raw)
 
 
 # -- the same answers --------------------------------------------------------------------------------
@@ -202,37 +186,22 @@ async def test_an_allowed_call_is_answered_byte_for_byte_as_the_sdk_answers_it(
                 await raw.call("two", "sql_query", {"query": "SELECT 'naïve ✓' AS word, 1.5 AS x"}, model="m-1"),
                 await raw.call(-3, "sql_query", {"query": "SELECT 1 AS n"}, progressToken="tok")]
 
-    on, off = await both(home, tmp_path, story)
-    assert on == off
+    on = await served(home, tmp_path, story)
     result = json.loads(on[1])["result"]
     assert "apple" in result["content"][0]["text"] and result["isError"] is False
     assert result["structuredContent"]["rows"] == [["apple", 3], ["pear", 5], ["plum", 7]]
     assert json.loads(on[2])["id"] == "two" and "naïve ✓".encode() in on[2]  # UTF-8 on the wire, as the SDK writes it
 
 
-async def test_allowed_denied_and_invalid_calls_give_the_same_results_on_both_lanes(home: Home, tmp_path: Path) -> None:
+async def test_allowed_denied_and_invalid_calls_give_their_results(home: Home, tmp_path: Path) -> None:
     calls: list[tuple[str, dict[str, Any]]] = [
         ("sql_query", {"query": "SELECT count(*) AS n FROM orders"}),  # allowed
         ("sql_execute", {"statement": "DROP TABLE orders"}),  # denied by policy
         ("sql_query", {"query": 42}),  # invalid arguments
         ("sql_query", {"query": "SELECT * FROM no_such_table"})]  # allowed, and the tool fails
-    results: dict[bool, list[Any]] = {}
-    for lane in (True, False):
-        log = tmp_path / f"lane-{lane}.log"
-        async with sdk_client(home, lane, log) as client:
-            results[lane] = [await client.call_tool(tool, arguments) for tool, arguments in calls]
-        assert len(taken(log)) == (len(calls) if lane else 0)
-
-    def comparable(result: Any) -> tuple[Any, ...]:
-        structured = json.loads(json.dumps(result.structured_content))
-        if isinstance(structured, dict) and "call_id" in structured.get("keyturn", {}):
-            structured["keyturn"]["call_id"] = "<call>"  # one per call
-        return result.is_error, [c.model_dump() for c in result.content if c.type != "text"], structured
-
-    for on, off in zip(results[True], results[False], strict=True):
-        assert comparable(on) == comparable(off)
-        assert (on.is_error, len(on.content)) == (off.is_error, len(off.content))
-    allowed, denied, invalid, failed = results[True]
+    async with sdk_client(home, tmp_path / "serve.log") as client:
+        results = [await client.call_tool(tool, arguments) for tool, arguments in calls]
+    allowed, denied, invalid, failed = results
     assert not allowed.is_error and "3" in text(allowed)
     assert denied.is_error and "dropping tables is never allowed" in text(denied)
     assert invalid.is_error and "invalid arguments" in text(invalid)
@@ -240,15 +209,14 @@ async def test_allowed_denied_and_invalid_calls_give_the_same_results_on_both_la
     assert home.rows("SELECT count(*) FROM orders") == [(3,)]
 
 
-async def test_the_ledger_records_the_same_identity_on_both_lanes(home: Home, tmp_path: Path) -> None:
-    for lane in (True, False):
-        async with raw_server(home, lane, tmp_path / f"lane-{lane}.log") as raw:
-            await raw.initialize()
-            await raw.call(5, "sql_query", {"query": "SELECT 1"}, model="claude-test")
+async def test_the_ledger_records_the_callers_identity(home: Home, tmp_path: Path) -> None:
+    async with raw_server(home, tmp_path / "serve.log") as raw:
+        await raw.initialize()
+        await raw.call(5, "sql_query", {"query": "SELECT 1"}, model="claude-test")
     received = [e["payload"] for e in home.ledger_events() if e["kind"] == "call.received"]
-    assert len(received) == 2
+    assert len(received) == 1
     who = [{k: p.get(k) for k in ("principal", "on_behalf_of", "model", "client", "session")} for p in received]
-    assert who[0] == who[1] and who[0]["client"] == "raw-agent/7.1" and who[0]["model"] == "claude-test", who
+    assert who[0]["client"] == "raw-agent/7.1" and who[0]["model"] == "claude-test", who
 
 
 # -- what stays with the SDK ----------------------------------------------------------------------------
@@ -275,7 +243,7 @@ ODD_LINES: list[tuple[int | None, bytes]] = [  # (the id the SDK answers, or Non
 ]
 
 
-UNUSUAL_CALLS: list[tuple[int | str, bytes]] = [  # well-formed calls the lane takes: the same answers all the same
+UNUSUAL_CALLS: list[tuple[int | str, bytes]] = [  # well-formed calls, each answered
     (10**30, b'{"jsonrpc":"2.0","id":1000000000000000000000000000000,"method":"tools/call",'
              b'"params":{"name":"sql_query","arguments":{"query":"SELECT 1"}}}'),
     ("", b'{"jsonrpc":"2.0","id":"","method":"tools/call","params":{"name":"sql_query","arguments":{"query":"SELECT 2"},'
@@ -291,7 +259,7 @@ UNUSUAL_CALLS: list[tuple[int | str, bytes]] = [  # well-formed calls the lane t
 ]
 
 
-async def test_unusual_but_valid_calls_are_taken_and_answered_as_the_sdk_answers_them(
+async def test_unusual_but_valid_calls_are_answered(
         home: Home, tmp_path: Path) -> None:
     async def story(raw: Raw) -> list[bytes]:
         await raw.initialize()
@@ -303,25 +271,21 @@ async def test_unusual_but_valid_calls_are_taken_and_answered_as_the_sdk_answers
             out.append(same_call_ids(answer))
         return out
 
-    on, off = await both(home, tmp_path, story)
-    assert on == off
-    assert len(taken(tmp_path / "lane-True.log")) == len(UNUSUAL_CALLS)
+    on = await served(home, tmp_path, story)
     assert json.loads(on[3])["result"]["isError"] is True  # sql_query without its query: the gate's refusal
 
 
 async def test_odd_requests_go_to_the_sdk_and_get_its_own_answers(home: Home, tmp_path: Path) -> None:
     async def story(raw: Raw) -> list[bytes]:
         await raw.initialize()
-        out = [await raw.call(100, "sql_query", {"query": "SELECT 1"})]  # (so the lane is on, the log says so)
+        out = [await raw.call(100, "sql_query", {"query": "SELECT 1"})]
         for n, (expected, line) in enumerate(ODD_LINES):
             answer = await raw.answer_before(line, expected, {"jsonrpc": "2.0", "id": f"ping-{n}", "method": "ping"})
             if answer is not None:
                 out.append(same_call_ids(answer))
         return out
 
-    on, off = await both(home, tmp_path, story)
-    assert on == off
-    assert len(taken(tmp_path / "lane-True.log")) == 1
+    on = await served(home, tmp_path, story)
     unknown = json.loads(on[1])
     assert unknown["error"]["code"] == -32602 and "no_such_tool" in unknown["error"]["message"]
 
@@ -332,21 +296,19 @@ async def test_calls_before_the_handshake_go_to_the_sdk(home: Home, tmp_path: Pa
         await raw.send({"jsonrpc": "2.0", "id": 2, "method": "initialize", "params": {  # a handshake under way
             "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw-agent", "version": "7.1"}}})
         init, _ = await raw.response(2)
-        # The SDK serves a call once `initialize` is answered, before notifications/initialized; so does the lane.
+        # The SDK serves a call once `initialize` is answered, before notifications/initialized.
         before = await raw.call(3, "sql_query", {"query": "SELECT 3"})
         await raw.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
         return [early, init, before, await raw.call(4, "sql_query", {"query": "SELECT 4"})]
 
-    on, off = await both(home, tmp_path, story)
-    assert on == off
+    on = await served(home, tmp_path, story)
     assert "error" in json.loads(on[0])  # the SDK's: not initialized
     assert json.loads(on[2])["result"]["isError"] is False
-    assert taken_ids(tmp_path / "lane-True.log") == ["3", "4"]
 
 
 async def test_keyturn_status_and_unknown_tools_stay_on_the_sdk_path(home: Home, tmp_path: Path) -> None:
-    log = tmp_path / "lane.log"
-    async with sdk_client(home, True, log) as client:
+    log = tmp_path / "serve.log"
+    async with sdk_client(home, log) as client:
         with pytest.raises(MCPError) as unknown:
             await client.call_tool("no_such_tool", {})
         assert "unknown tool 'no_such_tool'" in str(unknown.value)
@@ -354,7 +316,6 @@ async def test_keyturn_status_and_unknown_tools_stay_on_the_sdk_path(home: Home,
         assert status.is_error and "no request nope of yours" in text(status)
         ok = await client.call_tool("sql_query", {"query": "SELECT 1"})
         assert not ok.is_error
-    assert len(taken(log)) == 1 and "sql_query" in taken(log)[0]
 
 
 # -- held calls, progress, cancellation, concurrency ------------------------------------------------------
@@ -363,7 +324,7 @@ async def test_keyturn_status_and_unknown_tools_stay_on_the_sdk_path(home: Home,
 async def test_a_held_call_reports_progress_with_its_request_id_and_completes_once_approved(
         home: Home, tmp_path: Path, era: str) -> None:
     api = ReviewerAPI(home.serve_http())
-    log = tmp_path / "lane.log"
+    log = tmp_path / "serve.log"
     reports: list[tuple[float, str | None]] = []
     results = []
 
@@ -371,7 +332,7 @@ async def test_a_held_call_reports_progress_with_its_request_id_and_completes_on
         reports.append((progress, message))
 
     # (2026: the client discovers first; pinned to a version, its first call would open the session itself)
-    async with sdk_client(home, True, log, mode="legacy" if era == HANDSHAKE else "auto") as client:
+    async with sdk_client(home, log, mode="legacy" if era == HANDSHAKE else "auto") as client:
         if era == MODERN:
             assert client.protocol_version == MODERN
 
@@ -393,14 +354,13 @@ async def test_a_held_call_reports_progress_with_its_request_id_and_completes_on
     assert any(req["id"] in (message or "") for _, message in reports)
     values = [value for value, _ in reports]
     assert values == sorted(values) and len(set(values)) == len(values)  # increasing, as MCP requires
-    assert [line for line in taken(log) if "sql_execute" in line]
 
 
 @pytest.mark.parametrize("era", ERAS)
 async def test_a_cancelled_held_call_is_never_answered_and_the_server_keeps_serving(
         home: Home, tmp_path: Path, era: str) -> None:
-    log = tmp_path / "lane.log"
-    async with raw_server(home, True, log) as raw:
+    log = tmp_path / "serve.log"
+    async with raw_server(home, log) as raw:
         await raw.open(era)
         await raw.send(tool_call(7, "sql_execute", {"statement": "DELETE FROM orders"},
                                  **era_meta(era, progressToken="p7")))
@@ -411,8 +371,6 @@ async def test_a_cancelled_held_call_is_never_answered_and_the_server_keeps_serv
         assert json.loads(await raw.call(9, "sql_query", {"query": "SELECT 2"}, **era_meta(era)))["result"]["isError"] is False
         rest = await raw.leave()  # until the server leaves: never an answer for id 7
         assert b'"id":7' not in rest, rest
-    assert taken_ids(log) == ["7", "8", "9"]
-    assert "fast lane: the client cancelled id=7" in log.read_text(encoding="utf-8")
     assert home.rows("SELECT count(*) FROM orders") == [(3,)]
     kinds = [e["kind"] for e in home.ledger_events()]
     assert "executed" in kinds and "approval.requested" in kinds
@@ -420,9 +378,9 @@ async def test_a_cancelled_held_call_is_never_answered_and_the_server_keeps_serv
 
 async def test_a_client_that_gives_up_on_a_held_call_leaves_a_working_server(home: Home, tmp_path: Path) -> None:
     api = ReviewerAPI(home.serve_http())
-    log = tmp_path / "lane.log"
+    log = tmp_path / "serve.log"
     statement = {"statement": "INSERT INTO orders(item, qty) VALUES ('fig', 1)"}
-    async with sdk_client(home, True, log) as client:
+    async with sdk_client(home, log) as client:
         with anyio.move_on_after(1.5):  # the SDK's client sends notifications/cancelled as it gives up
             await client.call_tool("sql_execute", statement)
         req = await api.wait_pending("sql_execute")
@@ -432,12 +390,11 @@ async def test_a_client_that_gives_up_on_a_held_call_leaves_a_working_server(hom
         again = await client.call_tool("sql_execute", statement)  # comes back: the approved request runs once
         assert not again.is_error, text(again)
     assert home.rows("SELECT count(*) FROM orders WHERE item = 'fig'") == [(1,)]
-    assert len(taken(log)) == 3
 
 
 async def test_twenty_concurrent_calls_are_all_answered_with_their_own_ids(home: Home, tmp_path: Path) -> None:
-    log = tmp_path / "lane.log"
-    async with raw_server(home, True, log) as raw:
+    log = tmp_path / "serve.log"
+    async with raw_server(home, log) as raw:
         await raw.initialize()
         ids: list[int | str] = [*range(1, 11), *(f"s-{i}" for i in range(11, 21))]
         for i, rid in enumerate(ids):
@@ -450,10 +407,9 @@ async def test_twenty_concurrent_calls_are_all_answered_with_their_own_ids(home:
     assert set(answers) == set(ids)
     for i, rid in enumerate(ids):
         assert answers[rid]["structuredContent"]["rows"] == [[i]]
-    assert len(taken(log)) == 20
 
     results = []
-    async with sdk_client(home, True, log) as client:  # and through the SDK's own client
+    async with sdk_client(home, log) as client:  # and through the SDK's own client
         async def one(i: int) -> None:
             results.append((i, await client.call_tool("sql_query", {"query": f"SELECT {i} * 1000 AS n"})))
 
@@ -461,11 +417,10 @@ async def test_twenty_concurrent_calls_are_all_answered_with_their_own_ids(home:
             for i in range(20):
                 tg.start_soon(one, i)
     assert all(not r.is_error and str(i * 1000) in text(r) for i, r in results) and len(results) == 20
-    assert len(taken(log)) == 40
 
 
 @pytest.mark.parametrize("era", ERAS)
-async def test_a_call_in_flight_when_the_client_leaves_is_answered_connection_closed_on_both_lanes(
+async def test_a_call_in_flight_when_the_client_leaves_is_answered_connection_closed(
         home: Home, tmp_path: Path, era: str) -> None:
     async def story(raw: Raw) -> list[bytes]:
         await raw.open(era)
@@ -475,11 +430,9 @@ async def test_a_call_in_flight_when_the_client_leaves_is_answered_connection_cl
         # (the request id is one per call; the progress, a clock's)
         return [re.sub(rb'request [0-9a-f]+|"progress":[0-9.e-]+', b"-", held), rest.splitlines()[-1]]
 
-    on, off = await both(home, tmp_path, story)
-    assert on == off
+    on = await served(home, tmp_path, story)
     assert on[0].startswith(b'{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":3,-,')
     assert on[1] == b'{"jsonrpc":"2.0","id":3,"error":{"code":-32000,"message":"Connection closed"}}'
-    assert taken_ids(tmp_path / "lane-True.log") == ["3"]
     assert home.rows("SELECT count(*) FROM orders") == [(3,)]
 
 
@@ -490,7 +443,7 @@ async def test_a_result_the_protocol_does_not_allow_is_answered_as_the_sdk_answe
     policy.write_text((DATA / "spine-policy.yaml").read_text(encoding="utf-8")
                       + "  - {id: brittle, tool: brittle, outcome: allow, risk: low, reason: it reads}\n",
                       encoding="utf-8")
-    home.write_config(policy=str(policy), tools=[{"module": "tests.e2e.fastlane_pack"},
+    home.write_config(policy=str(policy), tools=[{"module": "tests.e2e.brittle_pack"},
                                                  {"module": "tools.sql", "options": {"database": str(home.data_db)}}])
 
     async def story(raw: Raw) -> list[bytes]:
@@ -498,17 +451,13 @@ async def test_a_result_the_protocol_does_not_allow_is_answered_as_the_sdk_answe
         return [await raw.call(1, "brittle", {"text": "explode"}, **era_meta(era)),
                 await raw.call(2, "sql_query", {"query": "SELECT 1"}, **era_meta(era))]
 
-    on, off = await both(home, tmp_path, story)
-    assert on == off  # whatever the SDK makes of the result, the lane makes the same
+    on = await served(home, tmp_path, story)
     if era != MODERN:  # (2026-07-28's serialiser drops the invalid block instead: checked equal above)
         assert on[0] == (b'{"jsonrpc":"2.0","id":1,"error":{"code":-32603,'
                          b'"message":"Handler returned an invalid result"}}')  # no internals on the wire
-        err = (tmp_path / "lane-True.log").read_text(encoding="utf-8")
-        assert "fast lane: the gate returned an invalid result" in err  # logged, with the traceback
     assert json.loads(on[1])["result"]["isError"] is False
-    assert taken_ids(tmp_path / "lane-True.log") == ["1", "2"]
     kinds = [e["kind"] for e in home.ledger_events()]
-    assert kinds.count("executed") == 4  # the tool ran (once per lane): its result is what the protocol refused
+    assert kinds.count("executed") == 2  # the tool ran: its result is what the protocol refused
 
 
 # -- 2026-07-28 sessions: no handshake, the envelope on every request ------------------------------------
@@ -545,9 +494,7 @@ async def test_an_allowed_call_on_a_2026_session_is_answered_byte_for_byte_as_th
                 await raw.call("", "sql_query", {"query": "SELECT 3 AS n"},
                                **{**ENVELOPE, INFO_KEY: {"name": "ünï", "version": "1", "title": "T"}})]
 
-    on, off = await both(home, tmp_path, story)
-    assert on == off
-    assert taken_ids(tmp_path / "lane-True.log") == ["1", "'two'", "-3", str(10**20), "''"]
+    on = await served(home, tmp_path, story)
     for line in on[1:]:
         result = json.loads(line)["result"]
         assert result["resultType"] == "complete" and result["isError"] is False, line
@@ -560,7 +507,7 @@ async def test_an_allowed_call_on_a_2026_session_is_answered_byte_for_byte_as_th
         assert json.loads(on[0])["error"]["code"] == -32022
 
 
-async def test_allowed_denied_and_invalid_calls_on_a_2026_session_give_the_same_results_on_both_lanes(
+async def test_allowed_denied_and_invalid_calls_on_a_2026_session_give_their_results(
         home: Home, tmp_path: Path) -> None:
     calls: list[tuple[str, dict[str, Any]]] = [
         ("sql_query", {"query": "SELECT count(*) AS n FROM orders"}),  # allowed
@@ -574,9 +521,7 @@ async def test_allowed_denied_and_invalid_calls_on_a_2026_session_give_the_same_
         return [same_call_ids(await raw.call(rid, tool, arguments, **ENVELOPE))
                 for rid, (tool, arguments) in enumerate(calls, 1)]
 
-    on, off = await both(home, tmp_path, story)
-    assert on == off
-    assert taken_ids(tmp_path / "lane-True.log") == [str(rid) for rid in range(1, len(calls) + 1)]
+    on = await served(home, tmp_path, story)
     allowed, denied, invalid, failed, missing = (json.loads(line)["result"] for line in on)
     assert allowed["isError"] is False and allowed["structuredContent"]["rows"] == [[3]]
     assert denied["isError"] is True and "dropping tables is never allowed" in denied["content"][0]["text"]
@@ -588,11 +533,11 @@ async def test_allowed_denied_and_invalid_calls_on_a_2026_session_give_the_same_
     assert home.rows("SELECT count(*) FROM orders") == [(3,)]
 
 
-async def test_the_ledger_records_the_same_identity_on_2026_sessions_on_both_lanes(home: Home, tmp_path: Path) -> None:
+async def test_the_ledger_records_the_callers_identity_on_2026_sessions(home: Home, tmp_path: Path) -> None:
     async def story(raw: Raw) -> list[bytes]:
         await raw.discover()
         return [await raw.call(5, "sql_query", {"query": "SELECT 1"}, **ENVELOPE, model="claude-test"),
-                # Client info null, or left out (it is optional): the SDK records no client, nor does the lane.
+                # Client info null, or left out (it is optional): no client is recorded.
                 await raw.call(6, "sql_query", {"query": "SELECT 2"}, **{**ENVELOPE, INFO_KEY: None}),
                 await raw.call(7, "sql_query", {"query": "SELECT 3"}, **{VERSION_KEY: MODERN, CAPABILITIES_KEY: {}}),
                 # A client that names itself otherwise mid-session.
@@ -602,21 +547,18 @@ async def test_the_ledger_records_the_same_identity_on_2026_sessions_on_both_lan
                 await raw.call(9, "sql_query", {"query": "SELECT 5"}, **{**ENVELOPE, INFO_KEY: {"name": "raw-agent"}}),
                 await raw.call(10, "sql_query", {"query": "SELECT 6"}, **ENVELOPE)]
 
-    on, off = await both(home, tmp_path, story)
-    assert [same_call_ids(line) for line in on] == [same_call_ids(line) for line in off]
-    assert taken_ids(tmp_path / "lane-True.log") == ["5", "6", "7", "8", "10"]
+    on = await served(home, tmp_path, story)
     assert json.loads(on[4])["error"]["code"] == -32602
     received = [e["payload"] for e in home.ledger_events() if e["kind"] == "call.received"]
-    assert len(received) == 10
+    assert len(received) == 5
     who = [{k: p.get(k) for k in ("principal", "on_behalf_of", "model", "client", "session")} for p in received]
-    assert who[:5] == who[5:], who
-    assert [(w["client"], w["model"]) for w in who[:5]] == [
+    assert [(w["client"], w["model"]) for w in who] == [
         ("raw-agent/9.2", "claude-test"), (None, None), (None, None), ("other-agent/1.0", "m-8"),
         ("raw-agent/9.2", None)], who
     assert who[0]["principal"] and who[0]["session"] is None
 
 
-UNUSUAL_2026_CALLS: list[dict[str, Any]] = [  # well-formed 2026 calls the lane takes: the same answers all the same
+UNUSUAL_2026_CALLS: list[dict[str, Any]] = [  # well-formed 2026 calls, each answered
     {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "sql_query", "_meta": ENVELOPE}},  # invalid
     call_2026(2, "sql_query", {"query": "SELECT 2"}, {CAPABILITIES_KEY: {"experimental": {}, "roots": {}, "x": 1}}),
     call_2026(3, "sql_query", {"query": "SELECT 3"}, {CAPABILITIES_KEY: {"roots": {"listChanged": 1}}}),
@@ -628,7 +570,7 @@ UNUSUAL_2026_CALLS: list[dict[str, Any]] = [  # well-formed 2026 calls the lane 
 ]
 
 
-async def test_unusual_but_valid_calls_on_a_2026_session_are_taken_and_answered_as_the_sdk_answers_them(
+async def test_unusual_but_valid_calls_on_a_2026_session_are_answered(
         home: Home, tmp_path: Path) -> None:
     async def story(raw: Raw) -> list[bytes]:
         await raw.discover()
@@ -640,14 +582,12 @@ async def test_unusual_but_valid_calls_on_a_2026_session_are_taken_and_answered_
             out.append(same_call_ids(answer))
         return out
 
-    on, off = await both(home, tmp_path, story)
-    assert on == off
-    assert taken_ids(tmp_path / "lane-True.log") == [repr(request["id"]) for request in UNUSUAL_2026_CALLS]
+    on = await served(home, tmp_path, story)
     assert json.loads(on[0])["result"]["isError"] is True  # sql_query without its arguments: the gate's refusal
     assert all(json.loads(line)["result"]["isError"] is False for line in on[1:])
     received = [e["payload"] for e in home.ledger_events() if e["kind"] == "call.received"]
     who = [(p.get("client"), p.get("model")) for p in received]
-    assert who[:7] == who[7:] and who[3:7] == [("a/1", None), ("a/1", None), ("raw-agent/9.2", "km"), (None, None)], who
+    assert len(who) == 7 and who[3:7] == [("a/1", None), ("a/1", None), ("raw-agent/9.2", "km"), (None, None)], who
 
 
 ODD_2026_REQUESTS: list[tuple[int | None, dict[str, Any]]] = [  # (the id the SDK answers, or None), the request
@@ -682,7 +622,7 @@ async def test_odd_requests_on_a_2026_session_go_to_the_sdk_and_get_its_own_answ
         home: Home, tmp_path: Path) -> None:
     async def story(raw: Raw) -> list[bytes]:
         await raw.discover()
-        out = [await raw.call(100, "sql_query", {"query": "SELECT 1"}, **ENVELOPE)]  # (the lane is on: the log says so)
+        out = [await raw.call(100, "sql_query", {"query": "SELECT 1"}, **ENVELOPE)]
         for n, (expected, request) in enumerate(ODD_2026_REQUESTS):
             # (There is no ping in the 2026 era: a discover shows the server is past the request.)
             answer = await raw.answer_before(request, expected, enveloped(f"sync-{n}", "server/discover"))
@@ -690,9 +630,7 @@ async def test_odd_requests_on_a_2026_session_go_to_the_sdk_and_get_its_own_answ
                 out.append(same_call_ids(answer))
         return out
 
-    on, off = await both(home, tmp_path, story)
-    assert on == off
-    assert taken_ids(tmp_path / "lane-True.log") == ["100"]
+    on = await served(home, tmp_path, story)
     answers = {json.loads(line)["id"]: json.loads(line) for line in on}
     assert "envelope key" in answers[1]["error"]["message"]
     assert answers[2]["error"]["code"] == answers[3]["error"]["code"] == -32022  # unsupported protocol version
@@ -705,7 +643,7 @@ async def test_odd_requests_on_a_2026_session_go_to_the_sdk_and_get_its_own_answ
 
 
 @pytest.mark.parametrize("stamped", [False, True])
-async def test_an_enveloped_call_on_a_handshake_session_is_refused_by_the_sdk_on_both_lanes(
+async def test_an_enveloped_call_on_a_handshake_session_is_refused_by_the_sdk(
         home: Home, tmp_path: Path, stamped: bool) -> None:
     async def story(raw: Raw) -> list[bytes]:
         if stamped:  # `initialize` opens a handshake session even with the 2026 envelope stamped on it
@@ -722,9 +660,7 @@ async def test_an_enveloped_call_on_a_handshake_session_is_refused_by_the_sdk_on
                 await raw.call(3, "sql_query", {"query": "SELECT 3"}, **{CAPABILITIES_KEY: {}, INFO_KEY: {}}),
                 await raw.call(4, "sql_query", {"query": "SELECT 4"})]
 
-    on, off = await both(home, tmp_path, story)
-    assert on == off
-    assert taken_ids(tmp_path / "lane-True.log") == ["1", "4"]
+    on = await served(home, tmp_path, story)
     assert json.loads(on[0])["result"]["protocolVersion"] == "2025-06-18"
     refused = json.loads(on[2])["error"]
     assert refused["code"] == -32600 and "handshake protocol era" in refused["message"]
@@ -732,31 +668,17 @@ async def test_an_enveloped_call_on_a_handshake_session_is_refused_by_the_sdk_on
     assert "resultType" not in json.loads(on[4])["result"]  # a handshake-era result
 
 
-async def test_the_sdk_client_in_its_default_mode_gets_its_calls_taken_and_the_same_results(
-        home: Home, tmp_path: Path) -> None:
+async def test_the_sdk_client_in_its_default_mode_gets_its_results(home: Home, tmp_path: Path) -> None:
     calls = [("sql_query", {"query": "SELECT count(*) AS n FROM orders"}),
              ("sql_query", {"query": "SELECT 'naïve ✓' AS word"}),
              ("sql_execute", {"statement": "DROP TABLE orders"})]
-    results: dict[bool, list[Any]] = {}
-    for lane in (True, False):
-        log = tmp_path / f"lane-{lane}.log"
-        with appending(log) as errlog:
-            async with Client(stdio_client(params(home, lane), errlog=errlog)) as client:  # mode left to the SDK
-                assert client.protocol_version == MODERN
-                results[lane] = [await client.call_tool(tool, arguments) for tool, arguments in calls]
-                listed = await client.list_tools()
-        assert len(taken(log)) == (len(calls) if lane else 0), log.read_text()
-        assert {"sql_query", "sql_execute", "keyturn_status"} <= {tool.name for tool in listed.tools}
-
-    def comparable(result: Any) -> Any:
-        dumped = result.model_dump(mode="json", by_alias=True)
-        structured = dumped.get("structuredContent")
-        if isinstance(structured, dict) and "call_id" in structured.get("keyturn", {}):
-            structured["keyturn"]["call_id"] = "<call>"  # one per call
-        return dumped
-
-    assert [comparable(r) for r in results[True]] == [comparable(r) for r in results[False]]
-    count, word, denied = results[True]
+    with appending(tmp_path / "serve.log") as errlog:
+        async with Client(stdio_client(params(home), errlog=errlog)) as client:  # mode left to the SDK
+            assert client.protocol_version == MODERN
+            results = [await client.call_tool(tool, arguments) for tool, arguments in calls]
+            listed = await client.list_tools()
+    assert {"sql_query", "sql_execute", "keyturn_status"} <= {tool.name for tool in listed.tools}
+    count, word, denied = results
     assert not count.is_error and count.structured_content["rows"] == [[3]]
     assert not word.is_error and "naïve ✓" in text(word)
     assert denied.is_error and "dropping tables is never allowed" in text(denied)
