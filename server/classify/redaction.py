@@ -2,7 +2,8 @@
 data leaves keyturn.
 
 `Redaction.of(arguments, facts)` masks the arguments (a secret-named or declared field whole, a secret-looking
-span in place) and learns the secret values it masked. It then offers what each place needs:
+span in place, and those secrets again wherever another argument quotes them) and keeps the secret values it
+masked. It then offers what each place needs:
 
 - `arguments`: the redacted copy, for the ledger and the reviewers (Slack, Teams and the inbox render from it);
 - `scrub(value)`: any text or JSON-like structure (a decision's facts and reasons, a result) with every secret
@@ -17,7 +18,6 @@ failed): it never raises, so masking is never why a refusal fails.
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,10 +30,10 @@ from server.classify.secrets import REDACTED, classify_secrets, mask, pointer
 class Redaction:
     """What one call's secrets are, and how to keep them from leaving keyturn."""
 
-    original: Any
-    """The arguments as the agent gave them (never shown: kept to learn which values were masked)."""
     arguments: dict[str, Any]
     """The redacted arguments. When nothing was masked, the arguments themselves (not a copy: do not change it)."""
+    values: tuple[str, ...] = ()
+    """The secret strings masked in the arguments, longest first (so no secret is left half masked)."""
 
     @classmethod
     def of(cls, arguments: Mapping[str, Any], facts: Mapping[str, Any] | None = None, *,
@@ -46,11 +46,14 @@ class Redaction:
         found = facts.get("secrets") if isinstance(facts, Mapping) else None
         found = found if isinstance(found, Mapping) else None
         if not rescan and found is not None and found.get("present") is False and not found.get("whole"):
-            return cls(arguments, arguments if isinstance(arguments, dict) else dict(arguments))
+            return cls(arguments if isinstance(arguments, dict) else dict(arguments))
         whole = set(found.get("whole", ())) if found is not None else set()
         declared = [w.split("/")[1] for w in whole if w.count("/") == 1]
         whole |= set(classify_secrets(arguments, declared)["whole"])
-        return cls(arguments, _redact(copy.deepcopy(dict(arguments)), (), whole))
+        redacted = _redact(copy.deepcopy(dict(arguments)), (), whole)
+        values = _replaced(arguments, redacted)
+        # A secret found in one argument may be quoted in another (`mysql -p<password>`): masked there too.
+        return cls(_scrub(redacted, values) if values else redacted, values)
 
     @classmethod
     def guess(cls, arguments: Any) -> Redaction:
@@ -59,17 +62,7 @@ class Redaction:
         try:
             return cls.of(arguments)
         except Exception:
-            return cls({}, {})
-
-    @functools.cached_property
-    def values(self) -> tuple[str, ...]:
-        """The secret strings masked in the arguments, longest first."""
-        if self.arguments is self.original:
-            return ()
-        try:
-            return _replaced(self.original, self.arguments)
-        except Exception:  # (a structure too deep to walk again) the pattern scan of `conceal` still runs
-            return ()
+            return cls({})
 
     def scrub(self, value: Any) -> Any:
         """`value` (text, or a JSON-like structure: keys are kept) with every secret of the arguments masked."""
