@@ -26,7 +26,7 @@ from typing import Any
 from server.classify.secrets import REDACTED, classify_secrets, mask, pointer
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class Redaction:
     """What one call's secrets are, and how to keep them from leaving keyturn."""
 
