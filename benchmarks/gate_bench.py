@@ -20,7 +20,7 @@ import anyio.lowlevel
 
 from server.app import running
 from server.canonical import args_hash
-from server.classify import extract_facts, redact
+from server.classify import Redaction, extract_facts
 from server.config import load_settings
 from server.gate import Identity, result_digest
 from server.models import ToolCall
@@ -64,11 +64,11 @@ async def run(home: Path, calls: int) -> dict[str, Any]:
                                             args_hash=digest, principal=who.principal, annotations=tool.annotations)
             t1 = time.perf_counter()
             facts = extract_facts(tool.name, arguments, tool.classifiers, tool.annotations, gate.classify_context)
-            redacted = redact(arguments, facts, rescan=False)
+            redaction = Redaction.of(arguments, facts, rescan=False)
             t2 = time.perf_counter()
-            decision = gate.policy.current.decide(call, facts)
+            decision = gate.policy.current.decide(call, facts, redaction=redaction)
             t3 = time.perf_counter()
-            await gate._open(call, redacted, decision, state="allowed")
+            await gate._open(call, redaction.arguments, decision, state="allowed")
             t4 = time.perf_counter()
             result = await tool.run(arguments)
             t5 = time.perf_counter()

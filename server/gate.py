@@ -6,7 +6,6 @@ call without running it (fail closed); every call ends in exactly one terminal l
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 import uuid
@@ -20,8 +19,7 @@ import mcp_types as types
 
 from server.approvals import ApprovalBroker
 from server.canonical import args_hash, canonical_json, sha256_hex
-from server.classify import REDACTED, ClassifyContext, extract_facts, redact
-from server.classify.secrets import mask
+from server.classify import ClassifyContext, Redaction, extract_facts
 from server.errors import InvalidArguments, LedgerError
 from server.execution import limits_from_facts, running_under
 from server.ledger import Ledger
@@ -76,63 +74,6 @@ def result_digest(result: types.CallToolResult) -> str:
     return sha256_hex(canonical_json(result.model_dump(mode="json", by_alias=True, exclude_none=True)))
 
 
-def masked_values(original: Any, redacted: Any) -> list[str]:
-    """The strings of `original` that redaction replaced, longest first."""
-    found: set[str] = set()
-
-    def walk(a: Any, b: Any) -> None:
-        if isinstance(a, str) and a != b:
-            if not isinstance(b, str) or b == REDACTED:
-                found.add(a)
-                return
-            # b is a with some spans replaced by REDACTED: recover those spans.
-            pieces, pos = b.split(REDACTED), 0
-            for before, after in itertools.pairwise(pieces):
-                start = a.find(before, pos) + len(before) if before else pos
-                end = a.find(after, start) if after else len(a)
-                if start < 0 or end < start:
-                    found.add(a)
-                    return
-                found.add(a[start:end])
-                pos = end
-        elif isinstance(a, dict) and isinstance(b, dict):
-            for k in a:
-                walk(a[k], b.get(k))
-        elif isinstance(a, list) and isinstance(b, list):
-            for x, y in zip(a, b, strict=False):
-                walk(x, y)
-
-    walk(original, redacted)
-    return sorted((v for v in found if v), key=len, reverse=True)
-
-
-def scrub(value: Any, hidden: list[str]) -> Any:
-    if isinstance(value, str):
-        for secret in hidden:
-            value = value.replace(secret, REDACTED)
-        return value
-    if isinstance(value, dict):
-        return {k: scrub(v, hidden) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [scrub(v, hidden) for v in value]
-    return value
-
-
-def conceal(arguments: Any, text: str, redacted: dict[str, Any] | None = None) -> str:
-    """`text` (an error message, which may quote the arguments) with the arguments' secrets masked: every value
-    redaction masks in `arguments`, and every secret-looking span. For what keyturn records and says.
-
-    Pass the call's `redacted` arguments when the facts produced them, so declared secrets (an HTTP tool's
-    headers) are masked too; without them only secret-looking values are."""
-    try:
-        if redacted is None and isinstance(arguments, dict):
-            redacted = redact(arguments, {})
-        hidden = masked_values(arguments, redacted) if redacted is not None else []
-    except Exception:  # masking must never be why a refusal fails; the pattern scan below still runs
-        hidden = []
-    return mask(scrub(text, hidden))
-
-
 def _rules(decision: Decision) -> list[dict[str, Any]]:
     return [{"id": r.id, "outcome": r.outcome, "risk": r.risk, "reason": r.reason} for r in decision.rules]
 
@@ -161,6 +102,7 @@ class Gate:
         call then stops waiting (its request stays open for the caller's retry) instead of running for nobody."""
         # The tool's own validation normalises the arguments: what is hashed, classified, approved and run.
         problem, code = None, "invalid_arguments"
+        redaction: Redaction | None = None  # made once: from the facts, or guessed for arguments without any
         try:
             arguments = tool.validate(arguments)
             digest = args_hash(arguments)
@@ -171,8 +113,8 @@ class Gate:
         except Exception as e:
             # A tool's check that broke its contract (it may raise only InvalidArguments): the call cannot be
             # checked, so it is denied, and recorded like any other refusal. The error may quote the arguments.
-            log.error("checking the arguments of %s failed: %s", tool.name,
-                      conceal(arguments, f"{type(e).__name__}: {e}"))
+            redaction = Redaction.guess(arguments)
+            log.error("checking the arguments of %s failed: %s", tool.name, redaction.conceal(f"{type(e).__name__}: {e}"))
             log.debug("argument check traceback", exc_info=True)
             digest, code = "", "error"
             problem = f"denied: keyturn could not check this call's arguments ({type(e).__name__})"
@@ -183,7 +125,7 @@ class Gate:
             session=who.session, annotations=tool.annotations,
         )
         if problem is not None:
-            return await self._refuse(call, arguments, code, problem)
+            return await self._refuse(call, redaction or Redaction.guess(arguments), code, problem)
         # classify + decide: any failure here is a denial, never a pass.
         try:
             context = self.classify_context
@@ -194,27 +136,24 @@ class Gate:
             facts_hint = getattr(tool, "facts_hint", None)
             if facts_hint is not None and (hints := facts_hint(arguments)):
                 facts = {**facts, "hints": hints}
-            redacted = redact(arguments, facts, rescan=False)  # (the facts were found in these arguments just now)
-            decision = self.policy.current.decide(call, facts)
-            # Facts and reasons can quote arguments: mask there whatever was masked in the arguments.
-            hidden = masked_values(arguments, redacted) if redacted is not arguments else []
-            if hidden:
-                decision = Decision.model_validate(scrub(decision.model_dump(), hidden))
+            redaction = Redaction.of(arguments, facts, rescan=False)  # (the facts were found in these arguments now)
+            decision = self.policy.current.decide(call, facts, redaction=redaction)  # its reasons and facts masked
         except Exception as e:
             # The error may quote the arguments: log and record it masked (the traceback only at debug level).
-            log.error("classification or policy failed for %s: %s", tool.name, conceal(arguments, f"{type(e).__name__}: {e}"))
+            redaction = redaction or Redaction.guess(arguments)
+            log.error("classification or policy failed for %s: %s", tool.name, redaction.conceal(f"{type(e).__name__}: {e}"))
             log.debug("classification or policy traceback", exc_info=True)
-            return await self._refuse(call, arguments, "error", f"denied: keyturn could not evaluate this call ({e})")
+            return await self._refuse(call, redaction, "error", f"denied: keyturn could not evaluate this call ({e})")
 
         try:
             if decision.outcome == "deny":
-                return await self._deny(call, redacted, decision)
+                return await self._deny(call, redaction.arguments, decision)
             if decision.outcome == "allow":
                 # Once recorded, the call runs to a terminal event even if the client goes away.
                 with anyio.CancelScope(shield=True):
-                    await self._open(call, redacted, decision, state="allowed")
-                    return await self._run(tool, call, decision, progress, redacted)
-            return await self._hold(tool, call, redacted, decision, progress, gone)
+                    await self._open(call, redaction.arguments, decision, state="allowed")
+                    return await self._run(tool, call, decision, progress, redaction)
+            return await self._hold(tool, call, redaction, decision, progress, gone)
         except LedgerError as e:
             log.error("ledger failure on %s: %s", call.call_id, e)
             return error_result(f"keyturn could not record this call, so it did not run: {e}", outcome="error")
@@ -249,9 +188,9 @@ class Gate:
                     ("decision", self._decision_payload(decision, rules)), *(extra or [])],
         )
 
-    async def _refuse(self, call: ToolCall, arguments: dict[str, Any], code: str, message: str) -> types.CallToolResult:
+    async def _refuse(self, call: ToolCall, redaction: Redaction, code: str, message: str) -> types.CallToolResult:
         # Arguments that could not be classified are not stored, only their hash; the message may quote them.
-        message = conceal(arguments, message)
+        message = redaction.conceal(message)
         try:
             await self.ledger.open_call(
                 call_id=call.call_id, tool=call.tool, principal=call.principal, on_behalf_of=call.on_behalf_of,
@@ -274,7 +213,7 @@ class Gate:
 
     async def _run(
         self, tool: Runnable, call: ToolCall, decision: Decision, progress: ProgressFn | None = None,
-        redacted: dict[str, Any] | None = None,
+        redaction: Redaction | None = None,
     ) -> types.CallToolResult:
         token = tool_progress.set(progress)
         try:
@@ -283,8 +222,8 @@ class Gate:
                 result = await tool.run(call.arguments)
         except Exception as e:
             # A tool's error can quote its arguments (a driver's "no such column: <secret>"): masked like them.
-            return await self._failed(call.call_id, conceal(call.arguments, f"{type(e).__name__}: {e}", redacted),
-                                      f"the tool failed: {conceal(call.arguments, str(e), redacted)}")
+            conceal = (redaction or Redaction.guess(call.arguments)).conceal
+            return await self._failed(call.call_id, conceal(f"{type(e).__name__}: {e}"), f"the tool failed: {conceal(str(e))}")
         finally:
             tool_progress.reset(token)
         try:
@@ -351,7 +290,7 @@ class Gate:
         return view.expires if view is not None else None
 
     async def _hold(
-        self, tool: Runnable, call: ToolCall, redacted: dict[str, Any], decision: Decision,
+        self, tool: Runnable, call: ToolCall, redaction: Redaction, decision: Decision,
         progress: ProgressFn | None, gone: anyio.Event | None = None,
     ) -> types.CallToolResult:
         assert decision.review is not None
@@ -365,7 +304,7 @@ class Gate:
         else:
             request_id = call.call_id
             expires = time.time() + decision.review.timeout_s
-            await self._open(call, redacted, decision, state="pending", expires=expires,
+            await self._open(call, redaction.arguments, decision, state="pending", expires=expires,
                              extra=[("approval.requested", {"review": decision.review.model_dump(),
                                                             "expires": expires})])
             view = await self.ledger.get_call(request_id)
@@ -392,7 +331,7 @@ class Gate:
                 )
                 if claimed:
                     run_call = call.model_copy(update={"call_id": request_id})
-                    return await self._run(tool, run_call, decision, progress, redacted)
+                    return await self._run(tool, run_call, decision, progress, redaction)
             # Another waiter (a retry, or another process) won it: this caller gets that run's outcome.
             return await self._outcome_for_retry(request_id, call, progress, gone)
         return self._closed_result(view)

@@ -5,7 +5,7 @@ checks run on every call whatever the tool declares: secret-looking values, the 
 environment, and whether the call would act on keyturn itself. Every fact family is always
 present with empty defaults, so a policy condition like `facts.sql.kinds` never fails on a
 non-SQL tool. Hostile input never raises: what cannot be understood is a fact (`unparseable`,
-`classifier_errors`).
+`classifier_errors`). What the classifiers find about secrets makes the call's one `Redaction`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from typing import Any
 import sqlglot
 
 from server.classify import env, paths, secrets, selfref, shell, sql, urls
+from server.classify.redaction import Redaction
 from server.errors import ClassifierError
 
-__all__ = ["KINDS", "REDACTED", "ClassifyContext", "empty_facts", "extract_facts", "normalise_annotations", "redact"]
+__all__ = ["KINDS", "REDACTED", "ClassifyContext", "Redaction", "empty_facts", "extract_facts", "normalise_annotations"]
 
 KINDS = frozenset({"sql", "shell", "argv", "path", "url", "secret", "size", "env", "host"})
 REDACTED = secrets.REDACTED
@@ -136,12 +137,6 @@ def extract_facts(
     facts["size"] = _sizes(strings, by_kind["size"])
     _self_reference(facts, by_kind, strings, ctx)
     return facts
-
-
-def redact(arguments: dict[str, Any], facts: Mapping[str, Any], *, rescan: bool = True) -> dict[str, Any]:
-    """A deep copy of `arguments` with secret-looking values masked as «redacted» (for chat and the ledger).
-    See `secrets.redact` for `rescan`."""
-    return secrets.redact(arguments, facts, rescan=rescan)
 
 
 def _group(classifiers: Mapping[str, str], arguments: Mapping[str, Any]) -> dict[str, list[tuple[str, str, Any]]]:

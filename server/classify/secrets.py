@@ -1,4 +1,4 @@
-"""Secret-looking values -> facts, and the redaction that keeps them out of chat and the ledger.
+"""Secret-looking values -> facts, and the pattern scan that masks them (`redaction.Redaction` applies both).
 
 Two signals: a value that *looks* like a credential (AWS keys, JWTs, private keys, provider
 tokens, passwords inside URLs) wherever it appears, and a value stored under a key that *names*
@@ -9,7 +9,6 @@ Facts never contain the secret itself, only where it was (JSON pointers) and wha
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -186,34 +185,3 @@ def _header_pair_secret(arguments: Mapping[str, Any], parts: tuple[str | int, ..
     return (
         isinstance(node, list) and len(node) == 2 and isinstance(node[0], str) and bool(_SECRET_KEY_NAME.match(node[0]))
     )
-
-
-def redact(arguments: Mapping[str, Any], facts: Mapping[str, Any], *, rescan: bool = True) -> dict[str, Any]:
-    """A deep copy with secrets masked: whole values for named/declared fields, matches elsewhere.
-
-    Every string is re-scanned, so a caller that lost the facts still gets a masked copy. `rescan=False` is for
-    the caller that has just computed `facts` from these very `arguments` (the gate): when they found no secret
-    at all, nothing can be masked and `arguments` itself is returned (not a copy: do not change it).
-    """
-    secrets = facts.get("secrets") if isinstance(facts, Mapping) else None
-    if not rescan and isinstance(secrets, Mapping) and secrets.get("present") is False and not secrets.get("whole"):
-        return dict(arguments) if not isinstance(arguments, dict) else arguments
-    whole = set(secrets.get("whole", ())) if isinstance(secrets, Mapping) else set()
-    declared: list[str] = []
-    if isinstance(secrets, Mapping):
-        declared = [w.split("/")[1] for w in secrets.get("whole", ()) if w.count("/") == 1]
-    again = classify_secrets(arguments, declared)
-    whole |= set(again["whole"])
-    return _redact(copy.deepcopy(dict(arguments)), (), whole)  # type: ignore[no-any-return]
-
-
-def _redact(value: Any, parts: tuple[str | int, ...], whole: set[str]) -> Any:
-    if parts and pointer(parts) in whole:
-        return REDACTED
-    if isinstance(value, str):
-        return mask(value)
-    if isinstance(value, dict):
-        return {k: _redact(v, (*parts, str(k)), whole) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact(v, (*parts, i), whole) for i, v in enumerate(value)]
-    return value

@@ -24,7 +24,7 @@ from typing import Any
 
 import cel
 
-from server.classify import normalise_annotations, redact
+from server.classify import Redaction, normalise_annotations
 from server.models import (
     OUTCOME_ORDER,
     RISK_ORDER,
@@ -141,13 +141,19 @@ class CompiledPolicy:
             self._cache[tool] = hit
         return hit
 
-    def decide(self, call: ToolCall, facts: Mapping[str, Any], *, now: datetime | None = None) -> Decision:
-        return self._evaluate(call, facts, now, None)
+    def decide(self, call: ToolCall, facts: Mapping[str, Any], *, now: datetime | None = None,
+               redaction: Redaction | None = None) -> Decision:
+        """`redaction`: the call's own (the gate's). Reasons that quote the arguments see them redacted (without
+        one, a redaction is made here when a reason needs it); with one, the secrets it found are masked wherever the
+        decision's reasons and facts quote them (they go to chat and the ledger)."""
+        decision = self._evaluate(call, facts, now, None, redaction)
+        return decision if redaction is None or not redaction.values else masked(decision, redaction)
 
     def explain(self, call: ToolCall, facts: Mapping[str, Any], *, now: datetime | None = None) -> dict[str, Any]:
         """The decision plus a trace: every rule in the policy, whether it matched, and why."""
         trace: dict[int, dict[str, Any]] = {}
-        decision = self._evaluate(call, facts, now, trace)
+        redaction = Redaction.of(call.arguments, complete_facts(facts))
+        decision = self._evaluate(call, facts, now, trace, redaction)
         candidates = {r.index for r in self.candidates(call.tool)}
         rules = []
         for rule in self.rules:
@@ -169,7 +175,7 @@ class CompiledPolicy:
                 "tool": call.tool,
                 "principal": call.principal,
                 "model": call.model,
-                "arguments": redact(call.arguments, decision.facts),
+                "arguments": redaction.arguments,
             },
             "facts": decision.facts,
             "builtin_guard": next((r.id for r in decision.rules if r.id.startswith("keyturn:")), None),
@@ -180,7 +186,8 @@ class CompiledPolicy:
     # -- evaluation -------------------------------------------------------------------------
 
     def _evaluate(
-        self, call: ToolCall, facts: Mapping[str, Any], now: datetime | None, trace: dict[int, dict[str, Any]] | None
+        self, call: ToolCall, facts: Mapping[str, Any], now: datetime | None, trace: dict[int, dict[str, Any]] | None,
+        redaction: Redaction | None = None,
     ) -> Decision:
         now = now or datetime.now(UTC)
         if now.tzinfo is None:
@@ -202,6 +209,8 @@ class CompiledPolicy:
                 live.append(rule)
             elif trace is not None:
                 trace[rule.index] = {"considered": True, "matched": False, "why": why}
+        if redaction is None and any(p.startswith("args") for r in live for p in r.reason.paths):
+            redaction = Redaction.of(call.arguments, full)  # once per call, for every reason that quotes arguments
         activation = self._activation(call, full, now, live)
         context = None
         if activation is not None:
@@ -228,7 +237,7 @@ class CompiledPolicy:
                 matches.append(_Match(rule, f"condition error: {error}", error))
                 _note(trace, rule, True, f"condition error: {error} (fails closed: counts as matched)")
             elif result:
-                matches.append(_Match(rule, self._reason(rule, call, full, now)))
+                matches.append(_Match(rule, self._reason(rule, call, full, now, redaction)))
                 _note(trace, rule, True, "condition true" if rule.condition else "no condition: matches every call")
             else:
                 _note(trace, rule, False, "condition false")
@@ -257,12 +266,14 @@ class CompiledPolicy:
             out[name] = value
         return out
 
-    def _reason(self, rule: CompiledRule, call: ToolCall, facts: dict[str, Any], now: datetime) -> str:
+    def _reason(
+        self, rule: CompiledRule, call: ToolCall, facts: dict[str, Any], now: datetime, redaction: Redaction | None,
+    ) -> str:
         if not rule.reason.paths:
             return rule.reason.source
         activation = _full_activation(call, facts, now, self.vars)
-        if any(p.startswith("args") for p in rule.reason.paths):
-            activation["args"] = redact(call.arguments, facts)  # reasons go to chat and the ledger
+        if any(p.startswith("args") for p in rule.reason.paths):  # reasons go to chat and the ledger
+            activation["args"] = (redaction or Redaction.of(call.arguments, facts)).arguments
         return rule.reason.render(activation)
 
     def _combine(self, matches: list[_Match], facts: dict[str, Any]) -> Decision:
@@ -291,6 +302,16 @@ class CompiledPolicy:
             policy_digest=self.digest,
             facts=facts,
         )
+
+
+def masked(decision: Decision, redaction: Redaction) -> Decision:
+    """`decision` with the call's secrets masked in the text that can quote arguments: reasons and facts. What the
+    policy itself says (outcome, risk, rule ids, review, digest) is kept as it is, whatever a short secret matches."""
+    return decision.model_copy(update={
+        "reason": redaction.scrub(decision.reason),
+        "rules": tuple(r.model_copy(update={"reason": redaction.scrub(r.reason)}) for r in decision.rules),
+        "facts": redaction.scrub(decision.facts),
+    })
 
 
 def complete_facts(facts: Mapping[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.classify import KINDS, REDACTED, ClassifyContext, empty_facts, extract_facts, redact
+from server.classify import KINDS, REDACTED, ClassifyContext, Redaction, empty_facts, extract_facts
 from server.errors import ClassifierError
 
 CTX = ClassifyContext(roots=(Path("/srv/agent"),), keyturn_urls=("http://127.0.0.1:8765",))
@@ -70,7 +70,7 @@ def test_sizes_and_declared_env() -> None:
 def test_redact_masks_declared_secrets() -> None:
     args = {"name": "db", "value": "correct horse battery staple"}
     f = extract_facts("secrets_rotate", args, {"value": "secret"}, {}, CTX)
-    assert redact(args, f) == {"name": "db", "value": REDACTED}
+    assert Redaction.of(args, f).arguments == {"name": "db", "value": REDACTED}
 
 
 json_values = st.recursive(
@@ -91,4 +91,4 @@ hostile_text = st.sampled_from(
 def test_extract_facts_never_raises_on_hostile_input(value: object, kind: str) -> None:
     f = extract_facts("t", {"x": value, "y": [value]}, {"x": kind}, {}, CTX)
     json.dumps(f)
-    redact({"x": value}, f)
+    Redaction.of({"x": value}, f)

@@ -1,7 +1,7 @@
 """The per-call shortcuts of the gate's hot path give exactly what the long way gives.
 
 - the one-scan literal prefilter never drops a pattern the per-pattern literal test would run;
-- `redact(..., rescan=False)` masks what a full re-scan masks;
+- `Redaction.of(..., rescan=False)` masks what a full re-scan masks;
 - the ledger's compact facts restore to the very facts the policy decided on.
 """
 
@@ -12,7 +12,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.classify import ClassifyContext, extract_facts, redact
+from server.classify import ClassifyContext, Redaction, extract_facts
 from server.classify import secrets as S
 from server.policy.engine import compact_facts, complete_facts
 
@@ -59,15 +59,15 @@ JSONISH = st.recursive(
 @given(st.dictionaries(st.sampled_from(["text", "token", "query", "headers", "body"]), JSONISH, max_size=4))
 def test_redacting_with_the_gates_facts_equals_a_full_rescan(arguments: dict[str, object]) -> None:
     facts = extract_facts("t", arguments, {}, {}, ClassifyContext())
-    assert redact(arguments, facts, rescan=False) == redact(arguments, facts)
+    assert Redaction.of(arguments, facts, rescan=False).arguments == Redaction.of(arguments, facts).arguments
 
 
 def test_nothing_to_mask_returns_the_arguments_themselves() -> None:
     arguments = {"text": "hello"}
     facts = extract_facts("t", arguments, {}, {}, ClassifyContext())
-    assert redact(arguments, facts, rescan=False) is arguments
+    assert Redaction.of(arguments, facts, rescan=False).arguments is arguments
     with_secret = {"text": "PGPASSWORD=hunter22 psql"}
-    masked = redact(with_secret, extract_facts("t", with_secret, {}, {}, ClassifyContext()), rescan=False)
+    masked = Redaction.of(with_secret, extract_facts("t", with_secret, {}, {}, ClassifyContext()), rescan=False).arguments
     assert "hunter22" not in str(masked) and with_secret["text"] == "PGPASSWORD=hunter22 psql"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.classify import REDACTED, redact
+from server.classify import REDACTED, Redaction
 from server.classify.secrets import classify_secrets
 
 AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
@@ -55,17 +55,17 @@ def test_ordinary_text_is_not_a_secret() -> None:
 
 def test_redaction_masks_the_secret_and_keeps_the_context() -> None:
     args = {"command": f"AWS_ACCESS_KEY_ID={AWS_KEY} aws s3 ls", "headers": {"Authorization": f"Bearer {JWT}"}}
-    masked = redact(args, {"secrets": classify_secrets(args, [])})
+    masked = Redaction.of(args, {"secrets": classify_secrets(args, [])}).arguments
     assert masked["command"] == f"AWS_ACCESS_KEY_ID={REDACTED} aws s3 ls"
     assert masked["headers"]["Authorization"] == REDACTED
     assert AWS_KEY in args["command"]  # the original is untouched
 
 
 def test_redaction_works_even_without_facts() -> None:
-    masked = redact({"k": PRIVATE_KEY, "password": "hunter2"}, {})
+    masked = Redaction.of({"k": PRIVATE_KEY, "password": "hunter2"}, {}).arguments
     assert masked == {"k": REDACTED, "password": REDACTED}
 
 
 def test_redaction_keeps_the_name_of_an_assignment() -> None:
-    masked = redact({"dsn": "postgres://app:s3cr3t-pw@db/app"}, {})
+    masked = Redaction.of({"dsn": "postgres://app:s3cr3t-pw@db/app"}, {}).arguments
     assert masked["dsn"] == f"postgres://app:{REDACTED}@db/app"

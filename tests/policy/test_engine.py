@@ -224,6 +224,24 @@ def test_reasons_never_leak_secrets_from_arguments() -> None:
     assert d.reason == "runs PGPASSWORD=«redacted» psql as agent"
 
 
+def test_with_the_calls_redaction_reasons_and_facts_are_masked_and_what_the_policy_said_is_kept() -> None:
+    from server.classify import ClassifyContext, Redaction, extract_facts
+
+    policy = parse_policy(
+        "version: 1\nrules:\n  - {id: reads, tool: 'read_*', outcome: allow, risk: low, reason: 'reads {facts.paths.all}'}\n"
+    )
+    args = {"path": "/srv/ow/notes", "password": "ow"}  # a short secret: "ow" is in "allow" and "low" as well
+    facts = extract_facts("read_file", args, {"path": "path"}, {}, ClassifyContext())
+    redaction = Redaction.of(args, facts, rescan=False)
+    d = policy.decide(call_for("read_file", args), facts, redaction=redaction)
+    assert (d.outcome, d.risk, d.policy_digest) == ("allow", "low", policy.digest)
+    assert [(r.id, r.outcome, r.risk) for r in d.rules] == [("reads", "allow", "low")]
+    assert "/srv/ow/" not in d.reason and "/srv/«redacted»/notes" in d.reason
+    assert d.facts["paths"]["all"] == ["/srv/«redacted»/notes"]
+    # Without it (policy tests, replay), the decision is the policy's alone: facts as the classifiers found them.
+    assert policy.decide(call_for("read_file", args), facts).facts["paths"]["all"] == ["/srv/ow/notes"]
+
+
 def test_explain_traces_every_rule_with_why(policy) -> None:  # type: ignore[no-untyped-def]
     call = call_for("sql_execute", {"statement": "DELETE FROM orders"})
     from server.classify import ClassifyContext, extract_facts

@@ -327,3 +327,37 @@ async def test_a_tool_error_quoting_a_declared_secret_is_masked_everywhere(world
     events = await ledger.tail(1000)
     assert not any(token in str(e.payload) for e in events)
     assert any(e.kind == "failed" for e in events)
+
+
+async def test_a_secret_quoted_by_another_argument_is_masked_there_too(world: tuple[Gate, Runs, Ledger]) -> None:
+    gate, runs, ledger = world
+
+    @guarded_tool(name="read_db")
+    async def read_db(password: str, command: str) -> str:
+        runs.count += 1
+        return "done"
+
+    result = await gate.call(read_db, {"password": "s3cr3t-pw", "command": "mysql -ps3cr3t-pw -e 'select 1'"}, AGENT)
+    assert not result.is_error and runs.count == 1  # what runs is the real arguments
+    events = await ledger.tail(1000)
+    assert not any("s3cr3t-pw" in str(e.payload) for e in events)
+    view = await ledger.get_call(next(e.call_id for e in events if e.kind == "call.received") or "")
+    assert view is not None and view.arguments == {"password": "«redacted»", "command": "mysql -p«redacted» -e 'select 1'"}
+
+
+async def test_a_short_secret_changes_nothing_the_policy_said(world: tuple[Gate, Runs, Ledger]) -> None:
+    """A secret is masked in the decision's reasons and facts; the outcome, risk, rules and digest are the policy's."""
+    gate, runs, ledger = world
+
+    @guarded_tool(name="read_login")
+    async def read_login(user: str, password: str) -> str:
+        runs.count += 1
+        return "ok"
+
+    result = await gate.call(read_login, {"user": "bob", "password": "ow"}, AGENT)  # "ow" is in "allow" and "low"
+    assert not result.is_error and runs.count == 1
+    assert await terminal_kinds(ledger) == ["executed"]
+    decision = next(e for e in await ledger.tail(1000) if e.kind == "decision")
+    assert (decision.payload["outcome"], decision.payload["risk"]) == ("allow", "low")
+    assert decision.payload["policy_digest"] == gate.policy.current.digest
+    assert decision.payload["rules"] == [{"id": "reads", "outcome": "allow", "risk": "low", "reason": "reads run"}]
