@@ -12,7 +12,6 @@ memory, never a second run). An approval that finds no caller waiting stays `app
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -30,6 +29,7 @@ from server.canonical import sha256_hex
 from server.errors import ApprovalRejected, LedgerError, UnknownRequest
 from server.ledger import Ledger, Tx
 from server.models import ApproverGroup, Event, RequestView, ReviewSpec, Verdict
+from server.outcomes import OPEN_STATES
 
 log = logging.getLogger(__name__)
 
@@ -292,17 +292,14 @@ class ApprovalBroker:
             if verdict.verdict == "approve" and spec.require_reason and not reason:
                 return refuse("this policy requires a reason with every approval", "reason_required")
 
-            tx.conn.execute(
-                "INSERT INTO votes(call_id, person, reviewer, verdict, reason, groups, ts) VALUES (?,?,?,?,?,?,?)",
-                (verdict.request_id, person, verdict.reviewer, verdict.verdict, reason, json.dumps(groups), tx.now),
-            )
+            tx.add_vote(verdict.request_id, person, verdict.reviewer, verdict.verdict, reason, groups)
             vote_payload = {"reviewer": verdict.reviewer, "person": person, "verdict": verdict.verdict,
                             "reason": reason, "channel": verdict.channel, "groups": groups}
             tx.append("vote", verdict.request_id, vote_payload)
             if verdict.verdict == "deny":
-                tx.set_state(verdict.request_id, "denied", outcome_reason=f"denied by {person}: {reason}")
-                tx.append("denied", verdict.request_id, {"by": "reviewer", "person": person,
-                                                           "reviewer": verdict.reviewer, "reason": reason})
+                tx.finish(verdict.request_id, "denied_by_reviewer", {"by": "reviewer", "person": person,
+                                                                      "reviewer": verdict.reviewer, "reason": reason},
+                          f"denied by {person}: {reason}")
                 return VoteResult(verdict.request_id, True, "denied", f"denied by {person}")
             approvers = [v["person"] for v in votes if v["verdict"] == "approve"] + [person]
             if quorum_met(spec, approvers, self.directory):
@@ -345,9 +342,9 @@ class ApprovalBroker:
             return None
         if view.policy_digest != policy_digest:
             if view.state in ("pending", "approved"):
-                await self.ledger.transition(view.id, ("pending", "approved"), "cancelled", "cancelled",
-                                             {"by": "keyturn", "reason": "superseded: the policy changed"},
-                                             outcome_reason="superseded: the policy changed")
+                await self.ledger.finish(view.id, "cancelled",
+                                         {"by": "keyturn", "reason": "superseded: the policy changed"},
+                                         reason="superseded: the policy changed")
             return None
 
         def body(tx: Tx, row: sqlite3.Row | None) -> str | None:
@@ -355,7 +352,7 @@ class ApprovalBroker:
                 return None
             state = row["state"]
             if state in ("pending", "approved"):
-                tx.conn.execute("UPDATE calls SET holder = ? WHERE id = ?", (holder, view.id))
+                tx.set_holder(view.id, holder)
             elif state not in ("running", "executed", "failed"):
                 return None  # closed meanwhile (expired, cancelled, denied): a new request
             tx.append("call.rejoined", view.id, {"principal": principal, "holder": holder, "state": state})
@@ -413,9 +410,7 @@ class ApprovalBroker:
 
     async def expire(self, request_id: str, reason: str = "no reviewer decided before the timeout") -> bool:
         """Pending (or approved but never run) past its expiry: record `expired`, never a human's denial."""
-        done = await self.ledger.transition(
-            request_id, ("pending", "approved"), "expired", "expired", {"reason": reason}, outcome_reason=reason
-        )
+        done = await self.ledger.finish(request_id, "expired", {"reason": reason}, reason=reason)
         if done:
             last = (await self.ledger.events(request_id))[-1]
             await self.announce_change(request_id, last)
@@ -449,7 +444,7 @@ class ApprovalBroker:
             return bool(time.time() - row["heartbeat"] < 30.0)
 
         abandoned = []
-        open_states = ("received", "allowed", "pending", "approved", "running")
+        open_states = OPEN_STATES
         for row in await self.ledger.open_calls_held_elsewhere(open_states, self.instance_id):
             if await is_alive(row["holder"]):
                 continue
@@ -457,12 +452,12 @@ class ApprovalBroker:
             if await is_alive(holder):
                 continue
             stage = row["state"]
-            ok = await self.ledger.transition(
-                row["id"], open_states, "abandoned", "abandoned",
+            ok = await self.ledger.finish(
+                row["id"], "abandoned",
                 {"stage": stage, "holder": holder,
                  "reason": "the keyturn process holding this call stopped" +
                  ("; the tool's outcome is unknown" if stage == "running" else "")},
-                outcome_reason="process stopped while " + stage,
+                reason="process stopped while " + stage,
             )
             if ok:
                 abandoned.append(row["id"])
@@ -472,8 +467,7 @@ class ApprovalBroker:
         return abandoned
 
     async def _holder(self, request_id: str) -> str | None:
-        rows = await self.ledger._query("SELECT holder FROM calls WHERE id = ?", (request_id,))
-        return rows[0]["holder"] if rows else None
+        return await self.ledger.holder(request_id)
 
     async def cancel(self, request_id: str, principal: str, reason: str) -> bool:
         """The requesting agent withdraws its own open request."""
@@ -481,9 +475,7 @@ class ApprovalBroker:
         def body(tx: Tx, row: sqlite3.Row | None) -> bool:
             if row is None or row["principal"] != principal or row["state"] not in ("pending", "approved"):
                 return False
-            tx.set_state(request_id, "cancelled", outcome_reason=reason)
-            tx.append("cancelled", request_id, {"by": principal, "reason": reason})
-            return True
+            return tx.finish(request_id, "cancelled", {"by": principal, "reason": reason}, reason)
 
         done = await self.ledger.mutate_call(request_id, body)
         if done:

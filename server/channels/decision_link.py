@@ -137,9 +137,7 @@ async def consume(ledger: Ledger, link: Link, nonce_id: str, reviewer: str) -> s
     def body(tx: Tx, row: sqlite3.Row | None) -> str | None:
         if row is None:
             return "unknown"
-        rows = tx.conn.execute("SELECT kind, payload FROM events WHERE call_id = ? AND kind IN (?, ?) ORDER BY seq",
-                               (link.request_id, LINK_USED, LINK_RELEASED))
-        consumed, nonces = _link_history(((kind, json.loads(payload)) for kind, payload in rows), link)
+        consumed, nonces = _link_history(tx.call_events(link.request_id, (LINK_USED, LINK_RELEASED)), link)
         if consumed:
             return "used"
         if nonce_id in nonces:
