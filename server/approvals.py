@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -27,7 +26,7 @@ import anyio
 
 from server.canonical import sha256_hex
 from server.errors import ApprovalRejected, LedgerError, UnknownRequest
-from server.ledger import Ledger, Tx
+from server.ledger import Ledger, Row, Tx
 from server.models import ApproverGroup, Event, RequestView, ReviewSpec, Verdict
 from server.outcomes import OPEN_STATES
 
@@ -257,7 +256,7 @@ class ApprovalBroker:
         person = self.directory.person(verdict.reviewer)
         reason = (verdict.reason or "").strip() or None
 
-        def body(tx: Tx, row: sqlite3.Row | None) -> VoteResult:
+        def body(tx: Tx, row: Row | None) -> VoteResult:
             if row is None:
                 return VoteResult(verdict.request_id, False, "", f"no request {verdict.request_id}", "unknown")
 
@@ -347,7 +346,7 @@ class ApprovalBroker:
                                          reason="superseded: the policy changed")
             return None
 
-        def body(tx: Tx, row: sqlite3.Row | None) -> str | None:
+        def body(tx: Tx, row: Row | None) -> str | None:
             if row is None:
                 return None
             state = row["state"]
@@ -426,7 +425,7 @@ class ApprovalBroker:
                 count += 1
         return count
 
-    async def abandon_orphans(self, alive: Callable[[sqlite3.Row], Awaitable[bool]] | None = None) -> list[str]:
+    async def abandon_orphans(self, alive: Callable[[Row], Awaitable[bool]] | None = None) -> list[str]:
         """Mark `abandoned` every open call whose holding process is gone (run at start-up)."""
         instances = {row["id"]: row for row in await self.ledger.instances()}
         host = socket.gethostname()
@@ -472,7 +471,7 @@ class ApprovalBroker:
     async def cancel(self, request_id: str, principal: str, reason: str) -> bool:
         """The requesting agent withdraws its own open request."""
 
-        def body(tx: Tx, row: sqlite3.Row | None) -> bool:
+        def body(tx: Tx, row: Row | None) -> bool:
             if row is None or row["principal"] != principal or row["state"] not in ("pending", "approved"):
                 return False
             return tx.finish(request_id, "cancelled", {"by": principal, "reason": reason}, reason)

@@ -23,7 +23,6 @@ import hashlib
 import hmac
 import json
 import secrets
-import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from server.errors import AuthError
-from server.ledger import Ledger, Tx
+from server.ledger import Ledger, Row, Tx
 from server.secret_files import beside, ensure_secret_file
 
 LINK_USED = "link.used"
@@ -134,7 +133,7 @@ async def link_consumed(ledger: Ledger, link: Link) -> bool:
 async def consume(ledger: Ledger, link: Link, nonce_id: str, reviewer: str) -> str | None:
     """Record the link's use atomically. None when consumed now, else why not: unknown, used, nonce_used."""
 
-    def body(tx: Tx, row: sqlite3.Row | None) -> str | None:
+    def body(tx: Tx, row: Row | None) -> str | None:
         if row is None:
             return "unknown"
         consumed, nonces = _link_history(tx.call_events(link.request_id, (LINK_USED, LINK_RELEASED)), link)

@@ -18,13 +18,13 @@ Only this package speaks SQL to the ledger (a test holds every other module to i
 """
 
 from server.ledger.chain import GENESIS, VerifyResult, event_hash
-from server.ledger.queries import CallFilter, row_to_event, row_to_view
+from server.ledger.queries import CallFilter, Row, row_to_event, row_to_view
 from server.ledger.schema import MIGRATIONS
 from server.ledger.sqlite import Ledger, SqliteStore
 from server.ledger.store import Store, Transaction
 from server.ledger.tx import Tx
 
 __all__ = [
-    "GENESIS", "MIGRATIONS", "CallFilter", "Ledger", "SqliteStore", "Store", "Transaction", "Tx", "VerifyResult",
+    "GENESIS", "MIGRATIONS", "CallFilter", "Ledger", "Row", "SqliteStore", "Store", "Transaction", "Tx", "VerifyResult",
     "event_hash", "row_to_event", "row_to_view",
 ]

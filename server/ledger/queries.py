@@ -7,9 +7,13 @@ import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from server.checkpoints import Checkpoint
 from server.models import Event, RequestView, ReviewSpec
+
+Row = dict[str, Any]
+"""A row by column name, as the store hands it out (the same for every backend)."""
 
 CALL_STATES_CHUNK = 500
 """Calls whose states one quick read looks up (`Ledger.call_states`)."""
@@ -81,11 +85,11 @@ def expired_calls(conn: sqlite3.Connection, now: float, limit: int) -> list[str]
     return [r["id"] for r in rows]
 
 
-def open_calls_held_elsewhere(conn: sqlite3.Connection, states: Iterable[str], holder: str) -> list[sqlite3.Row]:
+def open_calls_held_elsewhere(conn: sqlite3.Connection, states: Iterable[str], holder: str) -> list[Row]:
     wanted = list(states)
     sql = (f"SELECT id, state, holder FROM calls WHERE state IN ({','.join('?' * len(wanted))})"
            " AND (holder IS NULL OR holder != ?) ORDER BY created")
-    return list(conn.execute(sql, (*wanted, holder)))
+    return [as_row(r) for r in conn.execute(sql, (*wanted, holder))]
 
 
 def list_calls(conn: sqlite3.Connection, states: Iterable[str], limit: int) -> list[RequestView]:
@@ -165,13 +169,13 @@ def event_hashes(conn: sqlite3.Connection, seq: int) -> tuple[str, str] | None:
     return at[0], first[0]
 
 
-def instances(conn: sqlite3.Connection) -> list[sqlite3.Row]:
-    return list(conn.execute("SELECT * FROM instances"))
+def instances(conn: sqlite3.Connection) -> list[Row]:
+    return [as_row(r) for r in conn.execute("SELECT * FROM instances")]
 
 
-def web_session(conn: sqlite3.Connection, id_sha256: str) -> sqlite3.Row | None:
-    row: sqlite3.Row | None = conn.execute("SELECT * FROM web_sessions WHERE id_sha256 = ?", (id_sha256,)).fetchone()
-    return row
+def web_session(conn: sqlite3.Connection, id_sha256: str) -> Row | None:
+    row = conn.execute("SELECT * FROM web_sessions WHERE id_sha256 = ?", (id_sha256,)).fetchone()
+    return as_row(row) if row is not None else None
 
 
 # -- checkpoints (the ledger's own copies: the `checkpoints` table, outside the chain) -------------------
@@ -181,6 +185,10 @@ def stored_checkpoints(conn: sqlite3.Connection, after_seq: int = 0, key_id: str
     rows = conn.execute("SELECT seq, hash, chain, time, key_id, sig FROM checkpoints WHERE seq > ?"
                         " AND (? IS NULL OR key_id = ?) ORDER BY seq", (after_seq, key_id, key_id))
     return [Checkpoint(seq=r[0], hash=r[1], chain=r[2], time=r[3], key_id=r[4], sig=r[5]) for r in rows]
+
+
+def as_row(row: sqlite3.Row) -> Row:
+    return dict(zip(row.keys(), row, strict=True))
 
 
 def with_votes(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[RequestView]:

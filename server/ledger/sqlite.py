@@ -28,7 +28,7 @@ from server.ledger import audit as audit_module
 from server.ledger import bundle, chain, queries
 from server.ledger.audit import AuditResult
 from server.ledger.db import Database
-from server.ledger.queries import CALL_STATES_CHUNK, CallFilter, row_to_event
+from server.ledger.queries import CALL_STATES_CHUNK, CallFilter, Row, row_to_event
 from server.ledger.schema import migrate
 from server.ledger.tx import Tx
 from server.models import Event, RequestView, ReviewSpec
@@ -159,7 +159,7 @@ class SqliteStore:
 
         return await self.transaction(body)
 
-    async def mutate_call(self, call_id: str, body: Callable[[Tx, sqlite3.Row | None], T]) -> T:
+    async def mutate_call(self, call_id: str, body: Callable[[Tx, Row | None], T]) -> T:
         """Read a call's row and change it atomically: `body(tx, row)` decides, appends and updates."""
         return await self.transaction(lambda tx: body(tx, tx.call_row(call_id)))
 
@@ -238,7 +238,7 @@ class SqliteStore:
         of those alone, however many calls are open."""
         return await self._read(lambda conn: queries.expired_calls(conn, now, limit))
 
-    async def open_calls_held_elsewhere(self, states: Iterable[str], holder: str) -> list[sqlite3.Row]:
+    async def open_calls_held_elsewhere(self, states: Iterable[str], holder: str) -> list[Row]:
         """`id`, `state` and `holder` of the calls in `states` not held by `holder` (a process's own calls are
         alive while it runs): what a sweep for orphans reads, without the calls' arguments or votes."""
         wanted = list(states)
@@ -341,7 +341,7 @@ class SqliteStore:
     async def heartbeat(self, instance_id: str) -> None:
         await self.transaction(lambda tx: tx.heartbeat(instance_id))
 
-    async def instances(self) -> list[sqlite3.Row]:
+    async def instances(self) -> list[Row]:
         return await self._read(queries.instances)
 
     async def remove_instance(self, instance_id: str) -> None:
@@ -353,7 +353,7 @@ class SqliteStore:
         """Record a new session (and forget the ones whose time has passed)."""
         await self.transaction(lambda tx: tx.add_web_session(id_sha256, identity, token_fp, expires))
 
-    async def web_session(self, id_sha256: str) -> sqlite3.Row | None:
+    async def web_session(self, id_sha256: str) -> Row | None:
         return await self._read(lambda conn: queries.web_session(conn, id_sha256))
 
     async def touch_web_session(self, id_sha256: str) -> None:

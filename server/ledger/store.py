@@ -7,7 +7,7 @@ row and acts through the `Transaction`, all in one transaction of the store.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from server.models import Event, RequestView, ReviewSpec
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 Listener = Callable[[Sequence[Event]], None]
-Row = Mapping[str, Any]
+Row = dict[str, Any]
 
 
 class Transaction(Protocol):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.canonical import canonical_json
 from server.ledger.chain import GENESIS, event_hash
+from server.ledger.queries import Row, as_row
 from server.models import TERMINAL_STATES, Event
 from server.outcomes import OUTCOMES
 
@@ -57,13 +58,13 @@ class Tx:
                 self._head,
             )
 
-    def call_row(self, call_id: str) -> sqlite3.Row | None:
+    def call_row(self, call_id: str) -> Row | None:
         """The call's row (its columns by name), or None."""
-        row: sqlite3.Row | None = self.conn.execute("SELECT * FROM calls WHERE id = ?", (call_id,)).fetchone()
-        return row
+        row = self.conn.execute("SELECT * FROM calls WHERE id = ?", (call_id,)).fetchone()
+        return as_row(row) if row is not None else None
 
-    def votes(self, call_id: str) -> list[sqlite3.Row]:
-        return list(self.conn.execute("SELECT * FROM votes WHERE call_id = ? ORDER BY ts", (call_id,)))
+    def votes(self, call_id: str) -> list[Row]:
+        return [as_row(r) for r in self.conn.execute("SELECT * FROM votes WHERE call_id = ? ORDER BY ts", (call_id,))]
 
     def set_state(self, call_id: str, state: str, **columns: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in columns)
