@@ -26,7 +26,7 @@ import anyio
 
 from server.canonical import sha256_hex
 from server.errors import ApprovalRejected, LedgerError, UnknownRequest
-from server.ledger import Ledger, Row, Tx
+from server.ledger import Ledger, Row, Subscription, Tx
 from server.models import ApproverGroup, Event, RequestView, ReviewSpec, Verdict
 from server.outcomes import OPEN_STATES
 
@@ -140,18 +140,19 @@ class ApprovalBroker:
     instance_id: str = field(default_factory=_instance_id)
     _waiters: dict[str, anyio.Event] = field(default_factory=dict)
     _watching: dict[str, int] = field(default_factory=dict)  # request id -> calls waiting on it now
-    _last_seq: int | None = None  # the ledger's head when the store was last polled
     _kept: dict[str, tuple[str, str, float]] = field(default_factory=dict)  # request -> (result, digest, expires)
     _kept_bytes: int = 0
 
+    feed: Subscription = field(init=False)
+
     def __post_init__(self) -> None:
-        self.ledger.subscribe(self._on_events)
+        self.feed = self.ledger.follow(WAKE_KINDS, on_local=self._on_events)
 
     # -- wake-ups --------------------------------------------------------------------------------
 
     def _on_events(self, events: Sequence[Event]) -> None:
         for e in events:
-            if e.call_id in self._waiters and e.kind in WAKE_KINDS:
+            if e.call_id in self._waiters:
                 self._waiters[e.call_id].set()
 
     @contextmanager
@@ -206,21 +207,17 @@ class ApprovalBroker:
             if not self._waiters:
                 continue
             try:
-                head = await self.ledger.head_seq()
-                if head == self._last_seq:
-                    continue
-                if self._last_seq is None or head - self._last_seq > POLL_RESCAN_EVENTS:
-                    states = await self.ledger.call_states(list(self._waiters))
-                    moved = {request_id for request_id, state in states.items() if state != "pending"}
-                else:
-                    moved = await self.ledger.calls_with_events(WAKE_KINDS, self._last_seq, head)
-                self._last_seq = head
+                moved = await self.feed.calls_changed(self._moved_waiters, POLL_RESCAN_EVENTS)
             except LedgerError as e:
                 log.warning("poll of the store failed: %s", e)
                 continue
             for request_id in moved:
                 if request_id in self._waiters:
                     self._waiters[request_id].set()
+
+    async def _moved_waiters(self) -> set[str]:
+        states = await self.ledger.call_states(list(self._waiters))
+        return {request_id for request_id, state in states.items() if state != "pending"}
 
     # -- notifications ---------------------------------------------------------------------------
 

@@ -176,7 +176,7 @@ class Checkpointer:
     _trusted: tuple[int, str] | None = None  # the last (seq, hash) this process signed or found signed
 
     def __post_init__(self) -> None:
-        self.ledger.subscribe(self._on_events)
+        self.ledger.follow(on_local=self._on_events)
 
     @property
     def public_key(self) -> str:

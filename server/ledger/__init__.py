@@ -12,12 +12,14 @@ The room, one concern a module:
   schema.py   the tables, by numbered migrations
   tx.py       a write transaction in progress (`Tx`)
   queries.py  the reads
+  feed.py     following the chain: one subscription for every follower (the broker, the channels, the inbox)
   chain.py    hashing and linking events, and checking the chain
   audit.py, replay.py, bundle.py   `audit verify`, the tables replayed from the chain, offline bundles
 Only this package speaks SQL to the ledger (a test holds every other module to it).
 """
 
 from server.ledger.chain import GENESIS, VerifyResult, event_hash
+from server.ledger.feed import Subscription
 from server.ledger.queries import CallFilter, Row, row_to_event, row_to_view
 from server.ledger.schema import MIGRATIONS
 from server.ledger.sqlite import Ledger, SqliteStore
@@ -25,6 +27,6 @@ from server.ledger.store import Store, Transaction
 from server.ledger.tx import Tx
 
 __all__ = [
-    "GENESIS", "MIGRATIONS", "CallFilter", "Ledger", "Row", "SqliteStore", "Store", "Transaction", "Tx", "VerifyResult",
-    "event_hash", "row_to_event", "row_to_view",
+    "GENESIS", "MIGRATIONS", "CallFilter", "Ledger", "Row", "SqliteStore", "Store", "Subscription", "Transaction",
+    "Tx", "VerifyResult", "event_hash", "row_to_event", "row_to_view",
 ]

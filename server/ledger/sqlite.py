@@ -28,6 +28,7 @@ from server.ledger import audit as audit_module
 from server.ledger import bundle, chain, queries
 from server.ledger.audit import AuditResult
 from server.ledger.db import Database
+from server.ledger.feed import Subscription
 from server.ledger.queries import CALL_STATES_CHUNK, CallFilter, Row, row_to_event
 from server.ledger.schema import migrate
 from server.ledger.tx import Tx
@@ -73,6 +74,11 @@ class SqliteStore:
         """Call `listener(events)` after each commit in this process. Returns an unsubscribe function."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def follow(self, kinds: Iterable[str] | None = None, on_local: Listener | None = None) -> Subscription:
+        """Follow the chain for events of `kinds` (see `server.ledger.feed`): woken by this process's commits,
+        reading what any process appended."""
+        return Subscription(self, kinds, on_local)
 
     # -- the one write path ------------------------------------------------------------------------
 
