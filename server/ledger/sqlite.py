@@ -180,10 +180,8 @@ class SqliteStore:
         holder: str | None = None,
         outcome_reason: str | None = None,
     ) -> bool:
-        """Move a call from one of `from_states` to `to_state` with one event; False if someone else moved it first.
-
-        A call already in a terminal state never moves again: that is what makes a terminal event unique.
-        """
+        """Move an open call from one of `from_states` to `to_state` with one event; False if someone else moved it
+        first. Never to a terminal state (that is `finish`), and never from one."""
         columns: dict[str, Any] = {}
         if holder is not None:
             columns["holder"] = holder

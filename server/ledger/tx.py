@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from server.canonical import canonical_json
+from server.errors import LedgerError
 from server.ledger.chain import GENESIS, event_hash
 from server.ledger.queries import Row, as_row
-from server.models import TERMINAL_STATES, Event
+from server.models import TERMINAL_EVENTS, TERMINAL_STATES, Event
 from server.outcomes import OUTCOMES
 
 if TYPE_CHECKING:
@@ -30,8 +31,11 @@ class Tx:
     now: float
     appended: list[Event] = field(default_factory=list)
     _head: tuple[int, str] | None = None
+    _finishing: bool = False  # inside `finish`: the one place a terminal event is written
 
     def append(self, kind: str, call_id: str | None, payload: dict[str, Any]) -> Event:
+        if kind in TERMINAL_EVENTS and not self._finishing:
+            raise LedgerError(f"a call's end ({kind}) is written by finish, with its state change")
         if self._head is None:
             row = self.conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
             self._head = (row[0], row[1]) if row else (0, GENESIS)
@@ -67,6 +71,8 @@ class Tx:
         return [as_row(r) for r in self.conn.execute("SELECT * FROM votes WHERE call_id = ? ORDER BY ts", (call_id,))]
 
     def set_state(self, call_id: str, state: str, **columns: Any) -> None:
+        if state in TERMINAL_STATES:
+            raise LedgerError(f"a call ends ({state}) only through finish")
         sets = ", ".join(f"{k} = ?" for k in columns)
         self.conn.execute(
             f"UPDATE calls SET state = ?, updated = ?{', ' + sets if sets else ''} WHERE id = ?",
@@ -76,6 +82,8 @@ class Tx:
     def move(self, call_id: str, from_states: Iterable[str], to_state: str, **columns: Any) -> bool:
         """Move a call from one of `from_states` to `to_state`; False if it is in none of them (someone else moved
         it first). A call in a terminal state never moves again: that is what makes a terminal event unique."""
+        if to_state in TERMINAL_STATES and not self._finishing:
+            raise LedgerError(f"a call ends ({to_state}) only through finish")
         allowed = [s for s in from_states if s not in TERMINAL_STATES]
         if not allowed:
             return False
@@ -89,9 +97,13 @@ class Tx:
         with nothing written, when the call has already ended or is not in a state it can end from this way."""
         end = OUTCOMES[outcome]
         columns = {"outcome_reason": reason} if reason is not None else {}
-        if not self.move(call_id, end.ends, end.state, **columns):
-            return False
-        self.append(end.kind, call_id, payload)
+        self._finishing = True
+        try:
+            if not self.move(call_id, end.ends, end.state, **columns):
+                return False
+            self.append(end.kind, call_id, payload)
+        finally:
+            self._finishing = False
         return True
 
     def insert_call(self, call_id: str, columns: Mapping[str, Any]) -> None:
