@@ -1,14 +1,11 @@
-"""The ledger: an append-only, hash-chained SQLite event store, and the materialised state of each call.
+"""The SQLite store: the ledger in one SQLite file, shared by every keyturn process on the machine.
 
 Every write is one `BEGIN IMMEDIATE` transaction: it reads the chain's head, appends the next events and
 updates the `calls` row together, so several keyturn processes sharing one file keep one linear chain,
-and a conditional update (a claim, a vote) is won by exactly one of them. Events are announced to
+and a conditional update (a claim, a vote, a call's end) is won by exactly one of them. Events are announced to
 in-process listeners only after their commit, and a write returns only once committed. Where each unit
 of work runs (mostly at once on the event loop's thread, never waiting for a lock there) is
-`server.ledger_db`'s business.
-
-This is the storage interface the rest of keyturn uses (`open_call`, `mutate_call`, `transition`,
-queries); a PostgreSQL backend would implement the same methods.
+`server.ledger.db`'s business; the reads are `server.ledger.queries`, the writes `server.ledger.tx`.
 """
 
 from __future__ import annotations
@@ -17,7 +14,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -28,15 +25,16 @@ from server.ledger import audit as audit_module
 from server.ledger import bundle, chain, queries
 from server.ledger.audit import AuditResult
 from server.ledger.db import Database
-from server.ledger.feed import Subscription
+from server.ledger.feed import Listener, Subscription
 from server.ledger.queries import CALL_STATES_CHUNK, CallFilter, Row, row_to_event
 from server.ledger.schema import migrate
 from server.ledger.tx import Tx
 from server.models import Event, RequestView, ReviewSpec
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from server.ledger.store import Store
 
-Listener = Callable[[Sequence[Event]], None]
+T = TypeVar("T")
 
 
 class SqliteStore:
@@ -71,7 +69,8 @@ class SqliteStore:
         await self.close()
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """Call `listener(events)` after each commit in this process. Returns an unsubscribe function."""
+        """Call `listener(events)` after each commit in this process (what `follow` is made of). Returns an
+        unsubscribe function."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
@@ -370,3 +369,7 @@ class SqliteStore:
 
 Ledger = SqliteStore
 """The ledger keyturn opens (`Ledger(path)`): the SQLite store."""
+
+
+if TYPE_CHECKING:
+    _implements: Store = SqliteStore(Path())  # mypy holds the SQLite store to the interface

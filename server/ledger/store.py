@@ -18,11 +18,10 @@ if TYPE_CHECKING:
     from server.checkpoints import Checkpoint
     from server.ledger.audit import AuditResult
     from server.ledger.chain import VerifyResult
-    from server.ledger.feed import Subscription
+    from server.ledger.feed import Listener, Subscription
     from server.ledger.queries import CallFilter
 
 T = TypeVar("T")
-Listener = Callable[[Sequence[Event]], None]
 Row = dict[str, Any]
 
 
