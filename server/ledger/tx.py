@@ -6,6 +6,7 @@ callers name what they do (`append`, `finish`, `add_vote`, `set_holder` ...), ne
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
@@ -109,8 +110,7 @@ class Tx:
     def insert_call(self, call_id: str, columns: Mapping[str, Any]) -> None:
         """A new row in `calls` (created and updated now)."""
         values = {**columns, "id": call_id, "created": self.now, "updated": self.now}
-        names = ", ".join(values)
-        self.conn.execute(f"INSERT INTO calls({names}) VALUES ({','.join('?' * len(values))})", tuple(values.values()))
+        self.conn.execute(_insert_call(tuple(values)), tuple(values.values()))
 
     def add_vote(self, call_id: str, person: str, reviewer: str, verdict: str, reason: str | None,
                  groups: Sequence[str]) -> None:
@@ -162,3 +162,8 @@ class Tx:
     def revoke_web_session(self, id_sha256: str) -> None:
         self.conn.execute("UPDATE web_sessions SET revoked = ? WHERE id_sha256 = ? AND revoked IS NULL",
                           (self.now, id_sha256))
+
+
+@functools.lru_cache(maxsize=8)
+def _insert_call(names: tuple[str, ...]) -> str:
+    return f"INSERT INTO calls({', '.join(names)}) VALUES ({','.join('?' * len(names))})"
