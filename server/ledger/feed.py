@@ -75,6 +75,8 @@ class Subscription:
         """The events of the kinds appended since the last look, by any process, looking at `limit` events at most
         (when there were more, the subscription wakes itself to read on)."""
         after = await self.start()
+        if await self.source.head_seq() == after:  # a quick look first: nothing new is the common case
+            return []
         events = await self.source.events(after_seq=after, limit=limit)
         if events:
             self.last_seq = events[-1].seq
