@@ -50,7 +50,7 @@ async def run(home: Path, n: int) -> dict[str, Any]:
             results.append(await kt.gate.call(tool, {"text": f"held-{i}"}, who))
 
         async def pending() -> list[Any]:
-            return await ledger._query("SELECT id, arguments FROM calls WHERE state = 'pending'")
+            return await ledger.list_calls(("pending",), limit=10**9)
 
         gc.collect()
         rss0 = rss_bytes()
@@ -70,9 +70,9 @@ async def run(home: Path, n: int) -> dict[str, Any]:
             decided: dict[str, float] = {}
             t_approve = time.perf_counter()
             for row in rows:
-                text = row["arguments"].split('"text":"', 1)[1].split('"', 1)[0]
+                text = str(row.arguments["text"])
                 decided[text] = time.perf_counter()
-                await broker.decide(Verdict(request_id=row["id"], reviewer=LOCAL_REVIEWER, verdict="approve",
+                await broker.decide(Verdict(request_id=row.id, reviewer=LOCAL_REVIEWER, verdict="approve",
                                             reason="benchmark", channel="api"))
                 await anyio.lowlevel.checkpoint()  # each decision arrives on its own (an API request, a click)
             decide_s = time.perf_counter() - t_approve
@@ -80,7 +80,7 @@ async def run(home: Path, n: int) -> dict[str, Any]:
 
         runs = sum(len(v) for v in bench_tools.STARTS.values())
         once = all(len(bench_tools.STARTS.get(t, ())) == 1 for t in decided)
-        executed = (await ledger._query("SELECT count(*) FROM events WHERE kind = 'executed'"))[0][0]
+        executed = sum(e.kind == "executed" for e in await ledger.events(limit=10**9))
         verified = await ledger.verify()
     ok = [r for r in results if not r.is_error]
     latency = [bench_tools.STARTS[t][0] - decided[t] for t in decided if t in bench_tools.STARTS]

@@ -12,11 +12,9 @@ memory, never a second run). An approval that finds no caller waiting stays `app
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
-import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -28,8 +26,9 @@ import anyio
 
 from server.canonical import sha256_hex
 from server.errors import ApprovalRejected, LedgerError, UnknownRequest
-from server.ledger import Ledger, Tx
+from server.ledger import Ledger, Row, Subscription, Tx
 from server.models import ApproverGroup, Event, RequestView, ReviewSpec, Verdict
+from server.outcomes import OPEN_STATES
 
 log = logging.getLogger(__name__)
 
@@ -141,18 +140,19 @@ class ApprovalBroker:
     instance_id: str = field(default_factory=_instance_id)
     _waiters: dict[str, anyio.Event] = field(default_factory=dict)
     _watching: dict[str, int] = field(default_factory=dict)  # request id -> calls waiting on it now
-    _last_seq: int | None = None  # the ledger's head when the store was last polled
     _kept: dict[str, tuple[str, str, float]] = field(default_factory=dict)  # request -> (result, digest, expires)
     _kept_bytes: int = 0
 
+    feed: Subscription = field(init=False)
+
     def __post_init__(self) -> None:
-        self.ledger.subscribe(self._on_events)
+        self.feed = self.ledger.follow(WAKE_KINDS, on_local=self._on_events)
 
     # -- wake-ups --------------------------------------------------------------------------------
 
     def _on_events(self, events: Sequence[Event]) -> None:
         for e in events:
-            if e.call_id in self._waiters and e.kind in WAKE_KINDS:
+            if e.call_id in self._waiters:
                 self._waiters[e.call_id].set()
 
     @contextmanager
@@ -207,21 +207,17 @@ class ApprovalBroker:
             if not self._waiters:
                 continue
             try:
-                head = await self.ledger.head_seq()
-                if head == self._last_seq:
-                    continue
-                if self._last_seq is None or head - self._last_seq > POLL_RESCAN_EVENTS:
-                    states = await self.ledger.call_states(list(self._waiters))
-                    moved = {request_id for request_id, state in states.items() if state != "pending"}
-                else:
-                    moved = await self.ledger.calls_with_events(WAKE_KINDS, self._last_seq, head)
-                self._last_seq = head
+                moved = await self.feed.calls_changed(self._moved_waiters, POLL_RESCAN_EVENTS)
             except LedgerError as e:
                 log.warning("poll of the store failed: %s", e)
                 continue
             for request_id in moved:
                 if request_id in self._waiters:
                     self._waiters[request_id].set()
+
+    async def _moved_waiters(self) -> set[str]:
+        states = await self.ledger.call_states(list(self._waiters))
+        return {request_id for request_id, state in states.items() if state != "pending"}
 
     # -- notifications ---------------------------------------------------------------------------
 
@@ -257,7 +253,7 @@ class ApprovalBroker:
         person = self.directory.person(verdict.reviewer)
         reason = (verdict.reason or "").strip() or None
 
-        def body(tx: Tx, row: sqlite3.Row | None) -> VoteResult:
+        def body(tx: Tx, row: Row | None) -> VoteResult:
             if row is None:
                 return VoteResult(verdict.request_id, False, "", f"no request {verdict.request_id}", "unknown")
 
@@ -292,17 +288,14 @@ class ApprovalBroker:
             if verdict.verdict == "approve" and spec.require_reason and not reason:
                 return refuse("this policy requires a reason with every approval", "reason_required")
 
-            tx.conn.execute(
-                "INSERT INTO votes(call_id, person, reviewer, verdict, reason, groups, ts) VALUES (?,?,?,?,?,?,?)",
-                (verdict.request_id, person, verdict.reviewer, verdict.verdict, reason, json.dumps(groups), tx.now),
-            )
+            tx.add_vote(verdict.request_id, person, verdict.reviewer, verdict.verdict, reason, groups)
             vote_payload = {"reviewer": verdict.reviewer, "person": person, "verdict": verdict.verdict,
                             "reason": reason, "channel": verdict.channel, "groups": groups}
             tx.append("vote", verdict.request_id, vote_payload)
             if verdict.verdict == "deny":
-                tx.set_state(verdict.request_id, "denied", outcome_reason=f"denied by {person}: {reason}")
-                tx.append("denied", verdict.request_id, {"by": "reviewer", "person": person,
-                                                           "reviewer": verdict.reviewer, "reason": reason})
+                tx.finish(verdict.request_id, "denied_by_reviewer", {"by": "reviewer", "person": person,
+                                                                      "reviewer": verdict.reviewer, "reason": reason},
+                          f"denied by {person}: {reason}")
                 return VoteResult(verdict.request_id, True, "denied", f"denied by {person}")
             approvers = [v["person"] for v in votes if v["verdict"] == "approve"] + [person]
             if quorum_met(spec, approvers, self.directory):
@@ -345,17 +338,17 @@ class ApprovalBroker:
             return None
         if view.policy_digest != policy_digest:
             if view.state in ("pending", "approved"):
-                await self.ledger.transition(view.id, ("pending", "approved"), "cancelled", "cancelled",
-                                             {"by": "keyturn", "reason": "superseded: the policy changed"},
-                                             outcome_reason="superseded: the policy changed")
+                await self.ledger.finish(view.id, "cancelled",
+                                         {"by": "keyturn", "reason": "superseded: the policy changed"},
+                                         reason="superseded: the policy changed")
             return None
 
-        def body(tx: Tx, row: sqlite3.Row | None) -> str | None:
+        def body(tx: Tx, row: Row | None) -> str | None:
             if row is None:
                 return None
             state = row["state"]
             if state in ("pending", "approved"):
-                tx.conn.execute("UPDATE calls SET holder = ? WHERE id = ?", (holder, view.id))
+                tx.set_holder(view.id, holder)
             elif state not in ("running", "executed", "failed"):
                 return None  # closed meanwhile (expired, cancelled, denied): a new request
             tx.append("call.rejoined", view.id, {"principal": principal, "holder": holder, "state": state})
@@ -413,9 +406,7 @@ class ApprovalBroker:
 
     async def expire(self, request_id: str, reason: str = "no reviewer decided before the timeout") -> bool:
         """Pending (or approved but never run) past its expiry: record `expired`, never a human's denial."""
-        done = await self.ledger.transition(
-            request_id, ("pending", "approved"), "expired", "expired", {"reason": reason}, outcome_reason=reason
-        )
+        done = await self.ledger.finish(request_id, "expired", {"reason": reason}, reason=reason)
         if done:
             last = (await self.ledger.events(request_id))[-1]
             await self.announce_change(request_id, last)
@@ -431,7 +422,7 @@ class ApprovalBroker:
                 count += 1
         return count
 
-    async def abandon_orphans(self, alive: Callable[[sqlite3.Row], Awaitable[bool]] | None = None) -> list[str]:
+    async def abandon_orphans(self, alive: Callable[[Row], Awaitable[bool]] | None = None) -> list[str]:
         """Mark `abandoned` every open call whose holding process is gone (run at start-up)."""
         instances = {row["id"]: row for row in await self.ledger.instances()}
         host = socket.gethostname()
@@ -449,7 +440,7 @@ class ApprovalBroker:
             return bool(time.time() - row["heartbeat"] < 30.0)
 
         abandoned = []
-        open_states = ("received", "allowed", "pending", "approved", "running")
+        open_states = OPEN_STATES
         for row in await self.ledger.open_calls_held_elsewhere(open_states, self.instance_id):
             if await is_alive(row["holder"]):
                 continue
@@ -457,12 +448,12 @@ class ApprovalBroker:
             if await is_alive(holder):
                 continue
             stage = row["state"]
-            ok = await self.ledger.transition(
-                row["id"], open_states, "abandoned", "abandoned",
+            ok = await self.ledger.finish(
+                row["id"], "abandoned",
                 {"stage": stage, "holder": holder,
                  "reason": "the keyturn process holding this call stopped" +
                  ("; the tool's outcome is unknown" if stage == "running" else "")},
-                outcome_reason="process stopped while " + stage,
+                reason="process stopped while " + stage,
             )
             if ok:
                 abandoned.append(row["id"])
@@ -472,18 +463,15 @@ class ApprovalBroker:
         return abandoned
 
     async def _holder(self, request_id: str) -> str | None:
-        rows = await self.ledger._query("SELECT holder FROM calls WHERE id = ?", (request_id,))
-        return rows[0]["holder"] if rows else None
+        return await self.ledger.holder(request_id)
 
     async def cancel(self, request_id: str, principal: str, reason: str) -> bool:
         """The requesting agent withdraws its own open request."""
 
-        def body(tx: Tx, row: sqlite3.Row | None) -> bool:
+        def body(tx: Tx, row: Row | None) -> bool:
             if row is None or row["principal"] != principal or row["state"] not in ("pending", "approved"):
                 return False
-            tx.set_state(request_id, "cancelled", outcome_reason=reason)
-            tx.append("cancelled", request_id, {"by": principal, "reason": reason})
-            return True
+            return tx.finish(request_id, "cancelled", {"by": principal, "reason": reason}, reason)
 
         done = await self.ledger.mutate_call(request_id, body)
         if done:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,6 @@ from typing import Any
 import anyio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from server.audit import AuditResult, audit
-from server.bundle import export, verify_bundle
 from server.checkpoints import (
     Checkpoint,
     CheckpointError,
@@ -33,13 +30,13 @@ from server.checkpoints import (
     read_checkpoint_file,
     sign,
     signing_key,
-    store,
-    stored,
     unique,
 )
 from server.config import Settings
 from server.errors import KeyturnError
 from server.ledger import Ledger
+from server.ledger.audit import AuditResult
+from server.ledger.bundle import verify_bundle
 from server.witnesses import Checkpointer, FileWitness, Witness, configured_witnesses
 
 SettingsFn = Callable[[argparse.Namespace], Settings]
@@ -100,12 +97,8 @@ def cmd_verify(args: argparse.Namespace, settings_of: SettingsFn) -> int:
     mine = key_id(key) if key is not None else None
 
     async def run(ledger: Ledger) -> int:
-        def check(conn: sqlite3.Connection) -> AuditResult:
-            # The ledger's own copies: those by other keys (before a key change) are not this key's to check.
-            own = [c for c in stored(conn) if c.key_id == mine]
-            return audit(conn, unique([*given, *own]), key)
-
-        result = await ledger.snapshot(check)
+        # The ledger's own copies: those by other keys (before a key change) are not this key's to check.
+        result, _ = await ledger.audit(given, key, own_key_id=mine)
         if result.ok and key is None:
             result.notes.append(f"no checkpoint key at {key_path(settings)} and no --public-key: a truncated tail, "
                                 "a re-chained or a swapped ledger cannot be detected without checkpoints")
@@ -160,11 +153,7 @@ def cmd_export(args: argparse.Namespace, settings_of: SettingsFn) -> int:
     given = [c for f in files if f is not None and f.exists() for c in read_checkpoint_file(f)]
 
     async def run(ledger: Ledger) -> int:
-        def check(conn: sqlite3.Connection) -> tuple[AuditResult, list[Checkpoint]]:
-            known = unique([*given, *(c for c in stored(conn) if c.key_id == mine)])
-            return audit(conn, known, key), known
-
-        result, known = await ledger.snapshot(check)
+        result, known = await ledger.audit(given, key, own_key_id=mine)
         if not result.ok:
             print("the ledger does not verify, so nothing was exported")
             return _report(result)
@@ -174,18 +163,14 @@ def cmd_export(args: argparse.Namespace, settings_of: SettingsFn) -> int:
         if covering:
             cover = min(covering, key=lambda c: c.seq)
         else:  # nothing signed covers the range yet: sign its last event now (the chain was just verified)
-            def head_of(conn: sqlite3.Connection) -> tuple[str, str]:
-                at = conn.execute("SELECT hash FROM events WHERE seq = ?", (args.to_seq,)).fetchone()
-                first = conn.execute("SELECT hash FROM events WHERE seq = 1").fetchone()
-                return at[0], first[0]
-
-            at_hash, chain = await ledger.snapshot(head_of)
+            hashes = await ledger.event_hashes(args.to_seq)
+            assert hashes is not None  # the chain was just verified up to past `to_seq`
+            at_hash, chain = hashes
             cover = sign(private, args.to_seq, at_hash, chain)
-            await ledger.transaction(lambda tx: store(tx.conn, cover))
+            await ledger.store_checkpoint(cover)
             known = unique([*known, cover])
 
-        bundle: dict[str, Any] = await ledger.snapshot(
-            lambda conn: export(conn, args.from_seq, args.to_seq, cover, known, key))
+        bundle: dict[str, Any] = await ledger.export_bundle(args.from_seq, args.to_seq, cover, known, key)
         await anyio.Path(args.file).write_text(json.dumps(bundle, indent=1) + "\n", encoding="utf-8")
         print(f"exported events {args.from_seq}..{cover.seq} with {len(bundle['checkpoints'])} checkpoint(s) "
               f"(key {mine}) to {args.file}")

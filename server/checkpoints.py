@@ -2,7 +2,7 @@
 
 A checkpoint is `{seq, hash, chain, time, key_id}` signed with keyturn's Ed25519 key: "event `seq` of the chain
 whose first event hashes to `chain` had hash `hash` at `time`". Copies go to witnesses outside the ledger file
-(`server.witnesses`); `server.audit` proves a ledger extends every checkpoint, with only the public key.
+(`server.witnesses`); `server.ledger.audit` proves a ledger extends every checkpoint, with only the public key.
 
 The private key is `<db>.checkpoint-key` (PKCS#8 PEM, mode 0600, made on first start; like every `<db>.*` file
 it is keyturn's state, out of the tools' reach), or a file or environment variable named in the config.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import sqlite3
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -187,32 +186,6 @@ def read_checkpoint_file(path: Path) -> list[Checkpoint]:
         except (json.JSONDecodeError, CheckpointError) as e:
             raise CheckpointError(f"{path}:{number}: not a checkpoint: {e}") from e
     return out
-
-
-# -- the ledger's own copy (a convenience: the `checkpoints` table, outside the chain) -----------------
-
-def stored(conn: sqlite3.Connection) -> list[Checkpoint]:
-    rows = conn.execute("SELECT seq, hash, chain, time, key_id, sig FROM checkpoints ORDER BY seq")
-    return [Checkpoint(seq=r[0], hash=r[1], chain=r[2], time=r[3], key_id=r[4], sig=r[5]) for r in rows]
-
-
-def store(conn: sqlite3.Connection, checkpoint: Checkpoint) -> bool:
-    """Keep `checkpoint` in the ledger's table; False if one for that seq and key was already there."""
-    cur = conn.execute("INSERT OR IGNORE INTO checkpoints(seq, key_id, hash, chain, time, sig) VALUES (?,?,?,?,?,?)",
-                       (checkpoint.seq, checkpoint.key_id, checkpoint.hash, checkpoint.chain, checkpoint.time,
-                        checkpoint.sig))
-    return cur.rowcount == 1
-
-
-def latest_stored(conn: sqlite3.Connection) -> Checkpoint | None:
-    found = stored_after(conn, 0)
-    return found[-1] if found else None
-
-
-def stored_after(conn: sqlite3.Connection, seq: int) -> list[Checkpoint]:
-    rows = conn.execute("SELECT seq, hash, chain, time, key_id, sig FROM checkpoints WHERE seq > ? ORDER BY seq",
-                        (seq,))
-    return [Checkpoint(seq=r[0], hash=r[1], chain=r[2], time=r[3], key_id=r[4], sig=r[5]) for r in rows]
 
 
 def unique(checkpoints: Iterable[Checkpoint]) -> list[Checkpoint]:

@@ -24,6 +24,7 @@ from server.errors import InvalidArguments, LedgerError
 from server.execution import limits_from_facts, running_under
 from server.ledger import Ledger
 from server.models import Decision, RequestView, ToolCall
+from server.outcomes import OUTCOMES
 from server.policy import LivePolicy
 from server.policy.engine import compact_facts
 from server.proof import prove_approval
@@ -177,6 +178,7 @@ class Gate:
     async def _open(
         self, call: ToolCall, redacted: dict[str, Any], decision: Decision, *, state: str,
         extra: list[tuple[str, dict[str, Any]]] | None = None, expires: float | None = None,
+        finish: tuple[str, dict[str, Any]] | None = None,
     ) -> None:
         rules = _rules(decision)
         await self.ledger.open_call(
@@ -186,29 +188,31 @@ class Gate:
             rules=rules, review=decision.review, policy_digest=decision.policy_digest, expires=expires,
             events=[("call.received", self._received_payload(call, redacted)),
                     ("decision", self._decision_payload(decision, rules)), *(extra or [])],
+            finish=finish,
         )
 
     async def _refuse(self, call: ToolCall, redaction: Redaction, code: str, message: str) -> types.CallToolResult:
         # Arguments that could not be classified are not stored, only their hash; the message may quote them.
         message = redaction.conceal(message)
+        end = OUTCOMES["refused" if code == "error" else "invalid"]
         try:
             await self.ledger.open_call(
                 call_id=call.call_id, tool=call.tool, principal=call.principal, on_behalf_of=call.on_behalf_of,
                 model=call.model, args_hash=call.args_hash, redacted_arguments={"«unclassified»": True},
-                state="denied" if code == "error" else "failed", holder=self.broker.instance_id,
-                outcome_reason=message,
-                events=[("call.received", self._received_payload(call, {"«unclassified»": True})),
-                        ("denied" if code == "error" else "failed", {"by": "keyturn", "code": code, "reason": message})],
+                state="received", holder=self.broker.instance_id, outcome_reason=message,
+                events=[("call.received", self._received_payload(call, {"«unclassified»": True}))],
+                finish=(end.name, {"by": "keyturn", "code": code, "reason": message}),
             )
         except LedgerError as e:
             log.error("ledger failure while refusing %s: %s", call.call_id, e)
-        return error_result(message, outcome="refused", code=code, call_id=call.call_id)
+        return error_result(message, outcome=end.label, code=code, call_id=call.call_id)
 
     async def _deny(self, call: ToolCall, redacted: dict[str, Any], decision: Decision) -> types.CallToolResult:
         why = describe_rules(decision)
-        await self._open(call, redacted, decision, state="denied",
-                         extra=[("denied", {"by": "policy", "rules": [r.id for r in decision.rules], "reason": why})])
-        return error_result(f"Denied by policy: {why}", outcome="denied", by="policy", call_id=call.call_id,
+        end = OUTCOMES["denied_by_policy"]
+        await self._open(call, redacted, decision, state="received",
+                         finish=(end.name, {"by": "policy", "rules": [r.id for r in decision.rules], "reason": why}))
+        return error_result(f"Denied by policy: {why}", outcome=end.label, by="policy", call_id=call.call_id,
                             rules=[r.id for r in decision.rules], risk=decision.risk)
 
     async def _run(
@@ -255,13 +259,13 @@ class Gate:
         """End a run that did not give a result to return: recorded `failed` with `reason`; the agent gets `message`."""
         if not await self._record_outcome(call_id, "failed", {"error": reason}, reason):
             return self._unrecorded_result(call_id)
-        return error_result(message, outcome="failed", call_id=call_id)
+        return error_result(message, outcome=OUTCOMES["failed"].label, call_id=call_id)
 
     async def _record_outcome(self, call_id: str, kind: str, payload: dict[str, Any], reason: str | None) -> bool:
         """Record a run's terminal event. When the ledger cannot take it, keep it for `record_pending_outcomes`
         (the tool did run: its outcome must still reach the ledger once the ledger recovers) and return False."""
         try:
-            await self.ledger.transition(call_id, ("allowed", "running"), kind, kind, payload, outcome_reason=reason)
+            await self.ledger.finish(call_id, kind, payload, reason=reason)
         except LedgerError as e:
             log.error("the tool ran but its outcome could not be recorded for %s (kept to retry): %s", call_id, e)
             self._unrecorded[call_id] = (kind, payload, reason, str(e))
@@ -279,7 +283,7 @@ class Gate:
         """Record the outcomes of runs the ledger could not take at the time; returns how many are still waiting."""
         for call_id, (kind, payload, reason, _) in list(self._unrecorded.items()):
             try:
-                await self.ledger.transition(call_id, ("allowed", "running"), kind, kind, payload, outcome_reason=reason)
+                await self.ledger.finish(call_id, kind, payload, reason=reason)
             except LedgerError:
                 break  # still failing: try again at the next round
             del self._unrecorded[call_id]
@@ -339,10 +343,9 @@ class Gate:
     async def _unproven(self, request_id: str, problem: str) -> types.CallToolResult:
         log.error("request %s is approved in the ledger's tables but not by its chain: %s", request_id, problem)
         reason = f"the approval is not proven by the ledger's chain ({problem}); it did not run"
-        await self.ledger.transition(request_id, ("approved", "pending"), "denied", "denied",
-                                     {"by": "keyturn", "code": "approval_not_proven", "reason": reason},
-                                     outcome_reason=reason)
-        return error_result(f"Request {request_id} was refused: {reason}.", outcome="refused",
+        await self.ledger.finish(request_id, "unproven",
+                                 {"by": "keyturn", "code": "approval_not_proven", "reason": reason}, reason=reason)
+        return error_result(f"Request {request_id} was refused: {reason}.", outcome=OUTCOMES["unproven"].label,
                             code="approval_not_proven", request_id=request_id)
 
     async def _wait_for_caller(

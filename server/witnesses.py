@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -29,8 +28,7 @@ import anyio
 import anyio.to_thread
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from server.audit import extends
-from server.checkpoints import Checkpoint, CheckpointError, key_id, public_key_text, sign, store
+from server.checkpoints import Checkpoint, CheckpointError, key_id, public_key_text, sign
 from server.config import Settings
 from server.errors import LedgerError
 from server.ledger import Ledger
@@ -178,7 +176,7 @@ class Checkpointer:
     _trusted: tuple[int, str] | None = None  # the last (seq, hash) this process signed or found signed
 
     def __post_init__(self) -> None:
-        self.ledger.subscribe(self._on_events)
+        self.ledger.follow(on_local=self._on_events)
 
     @property
     def public_key(self) -> str:
@@ -209,30 +207,20 @@ class Checkpointer:
         mine = key_id(self.key.public_key())
         candidates = [c for c in (last_in_file(p) for p in self.anchors) if c is not None]
 
-        def read(conn: sqlite3.Connection) -> tuple[int, str, str] | str | None:
-            row = conn.execute("SELECT seq, hash, chain, time, key_id, sig FROM checkpoints WHERE key_id = ?"
-                               " ORDER BY seq DESC LIMIT 1", (mine,)).fetchone()
-            found = list(candidates)
-            if row is not None:
-                found.append(Checkpoint(seq=row[0], hash=row[1], chain=row[2], time=row[3], key_id=row[4],
-                                         sig=row[5]))
-            trusted = [(c.seq, c.hash) for c in found if c.signed_by(self.key.public_key())]
+        def anchor_of(kept: list[Checkpoint]) -> tuple[int, str]:
+            trusted = [(c.seq, c.hash) for c in [*candidates, *kept] if c.signed_by(self.key.public_key())]
             if self._trusted is not None:
                 trusted.append(self._trusted)
-            anchor = max(trusted, default=(0, ""))
-            head = conn.execute("SELECT seq FROM events ORDER BY seq DESC LIMIT 1").fetchone()
-            if not force and head is not None and anchor[0] == head[0]:
-                return None
-            return extends(conn, anchor[0], anchor[1])
+            return max(trusted, default=(0, ""))
 
-        found = await self.ledger.snapshot(read)
+        found = await self.ledger.extension(mine, anchor_of, force=force)
         if found is None:
             return None
         if isinstance(found, str):
             raise CheckpointError(f"the ledger does not extend its last checkpoint, so it is not signed: {found}")
         seq, head_hash, chain = found
         checkpoint = sign(self.key, seq, head_hash, chain)
-        await self.ledger.transaction(lambda tx: store(tx.conn, checkpoint))
+        await self.ledger.store_checkpoint(checkpoint)
         self._trusted = (seq, head_hash)
         await self.deliver(checkpoint)
         return checkpoint

@@ -71,7 +71,7 @@ async def _populate(settings: Settings, ids: dict[str, str]) -> None:
         await vote(Verdict(request_id=ids["ran"], reviewer="api:alice", verdict="approve", reason="ok"))
         await vote(Verdict(request_id=ids["ran"], reviewer="api:carol", verdict="approve"))
         await kt.ledger.transition(ids["ran"], ("approved",), "running", "execution.started", {"args_hash": "a" * 64})
-        await kt.ledger.transition(ids["ran"], ("running",), "executed", "executed", {"result_digest": "r"})
+        await kt.ledger.finish(ids["ran"], "executed", {"result_digest": "r"})
         assert kt.checkpointer is not None
         assert await kt.checkpointer.make() is not None  # a checkpoint in the middle of the story
         await _held(kt, ids["denied"], "b" * 64)

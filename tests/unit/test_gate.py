@@ -293,7 +293,7 @@ async def test_a_decision_made_by_another_process_wakes_the_waiting_call_at_the_
             for key in ("first", "second", "third"):
                 tg.start_soon(call, key)
             with anyio.fail_after(10):
-                while len(pending := await ledger.list_calls(("pending",))) < 3 or other_broker._last_seq is None:
+                while len(pending := await ledger.list_calls(("pending",))) < 3 or other_broker.feed.last_seq is None:
                     await anyio.sleep(0.02)  # three held calls, and a poll since (the next one reads what is new)
             await ledger.append("unrelated", None, {})  # the head moves on: the next poll looks
             first = next(r for r in pending if r.arguments == {"key": "first"})

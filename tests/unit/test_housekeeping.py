@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from server import approvals
-from server import ledger as ledger_module
 from server.approvals import ApprovalBroker, ReviewerDirectory
 from server.ledger import Ledger
+from server.ledger import sqlite as ledger_module
 
 DIRECTORY = ReviewerDirectory(identities={}, groups_of={})
 

@@ -13,6 +13,8 @@ import pytest
 
 from server.errors import LedgerError
 from server.ledger import Ledger
+from server.models import TERMINAL_EVENTS, TERMINAL_STATES
+from server.outcomes import OUTCOMES
 
 
 async def open_ledger(path: Path) -> Ledger:
@@ -61,10 +63,53 @@ async def test_transition_is_won_once_and_terminal_states_never_move(tmp_path: P
             for _ in range(10):
                 tg.start_soon(claim)
         assert results.count(True) == 1
-        assert await ledger.transition("c1", ("running",), "executed", "executed", {})
-        assert not await ledger.transition("c1", ("executed", "running"), "failed", "failed", {})
+        assert await ledger.finish("c1", "executed", {})
+        assert not await ledger.finish("c1", "failed", {})
         kinds = [e.kind for e in await ledger.events("c1")]
         assert kinds == ["call.received", "execution.started", "executed"]
+
+
+@pytest.mark.parametrize("outcome", sorted(OUTCOMES))
+async def test_finish_ends_a_call_once_as_its_outcome_says(tmp_path: Path, outcome: str) -> None:
+    """Every way a call ends is one row of the outcomes table, written by `finish` alone: the call's final state and
+    its one terminal event, in one transaction; a second end of any kind, concurrent or later, writes nothing."""
+    end = OUTCOMES[outcome]
+    async with Ledger(tmp_path / "l.db") as ledger:
+        await ledger.open_call(call_id="c1", tool="t", principal="p", on_behalf_of=None, model=None, args_hash="h",
+                               redacted_arguments={}, state=end.ends[0], holder="me", events=[("call.received", {})])
+        results: list[bool] = []
+
+        async def finish(name: str) -> None:
+            results.append(await ledger.finish("c1", name, {"i": name}, reason=f"because {name}"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(finish, outcome)
+            for other in sorted(OUTCOMES):
+                tg.start_soon(finish, other)
+        assert results.count(True) == 1
+        view = await ledger.get_call("c1")
+        assert view is not None and view.state == end.state
+        terminal = [e for e in await ledger.events("c1") if e.kind in TERMINAL_EVENTS]
+        assert len(terminal) == 1 and terminal[0].kind == end.kind
+        assert view.outcome_reason == f"because {terminal[0].payload['i']}"
+        assert all(OUTCOMES[o].state in TERMINAL_STATES for o in OUTCOMES)
+
+
+async def test_nothing_but_finish_writes_a_call_s_end(tmp_path: Path) -> None:
+    async with Ledger(tmp_path / "l.db") as ledger:
+        await ledger.open_call(call_id="c1", tool="t", principal="p", on_behalf_of=None, model=None, args_hash="h",
+                               redacted_arguments={}, state="running", holder="me", events=[("call.received", {})])
+        with pytest.raises(LedgerError, match="finish"):
+            await ledger.transition("c1", ("running",), "executed", "executed", {})
+        with pytest.raises(LedgerError, match="finish"):
+            await ledger.append("failed", "c1", {})
+        with pytest.raises(LedgerError, match="finish"):
+            await ledger.mutate_call("c1", lambda tx, row: tx.set_state("c1", "denied"))
+        view = await ledger.get_call("c1")
+        assert view is not None and view.state == "running"
+        assert [e.kind for e in await ledger.events("c1")] == ["call.received"]
+        assert not await ledger.finish("c1", "denied_by_reviewer", {})  # a running call is not ended by a reviewer
+        assert await ledger.finish("c1", "failed", {})
 
 
 def test_two_processes_appending_keep_one_chain(tmp_path: Path) -> None:
@@ -128,7 +173,7 @@ async def test_a_version_1_ledger_is_migrated_and_open_requests_are_found_by_the
                                redacted_arguments={}, state="pending", holder=None, events=[("call.received", {})])
         found = await ledger.find_open("p", "t", "h")
         assert found is not None and found.id == "c1"
-        assert await ledger.transition("c1", ("pending",), "expired", "expired", {})
+        assert await ledger.finish("c1", "expired", {})
         assert await ledger.find_open("p", "t", "h") is None
     with sqlite3.connect(db) as conn:
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}

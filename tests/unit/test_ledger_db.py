@@ -13,10 +13,10 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from server import ledger_db
 from server.errors import LedgerError
 from server.ledger import Ledger
-from server.ledger_db import CHECKPOINT_EVERY
+from server.ledger import db as ledger_db
+from server.ledger.db import CHECKPOINT_EVERY
 
 
 async def test_a_write_waits_off_the_loop_while_another_process_holds_the_lock(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Sequence
 
-import anyio
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -41,44 +40,32 @@ class Live:
 
     async def events(self, request: Request, session: Session) -> Response:
         ledger = self.kt.ledger
-        wake = anyio.Event()
-
-        def on_commit(events: Sequence[Event]) -> None:
-            if relevant(events):
-                wake.set()
 
         async def stream() -> AsyncIterator[str]:
-            nonlocal wake
-            unsubscribe = ledger.subscribe(on_commit)
+            feed = ledger.follow(RELEVANT)
             try:
-                last = await ledger.head_seq()
+                last = await feed.start()
                 yield f"retry: {RETRY_MS}\nevent: hello\ndata: {last}\n\n"
                 deadline = time.monotonic() + self.stream_s
                 quiet_since = time.monotonic()
                 while time.monotonic() < deadline:
-                    with anyio.move_on_after(self.poll_s):
-                        await wake.wait()
-                    changed = wake.is_set()
-                    wake = anyio.Event()
+                    changed = await feed.wait(self.poll_s)
                     try:
                         if await self.site.sessions.read(request) is None:
                             yield "event: signed-out\ndata: \n\n"
                             return
-                        head = await ledger.head_seq()
-                        if not changed and head != last:  # another process wrote: look at what
-                            news = await ledger.events(after_seq=last, limit=1000)
-                            changed = len(news) == 1000 or relevant(news)
+                        news = await feed.read()  # this process's and others' appends alike
+                        changed = changed or relevant(news)
                     except LedgerError:
                         continue
-                    last = head
                     if changed:
                         quiet_since = time.monotonic()
-                        yield f"data: {head}\n\n"
+                        yield f"data: {feed.last_seq}\n\n"
                     elif time.monotonic() - quiet_since >= KEEPALIVE_S:
                         quiet_since = time.monotonic()
                         yield ": keep-alive\n\n"
             finally:
-                unsubscribe()
+                feed.close()
 
         response = StreamingResponse(stream(), media_type="text/event-stream",
                                      headers={"X-Accel-Buffering": "no"})

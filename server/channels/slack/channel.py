@@ -66,8 +66,7 @@ class SlackChannel:
         self._sent: dict[tuple[str, str], str] = {}  # (channel, ts) -> digest of what it shows
         self._posted: set[tuple[str, str]] = set()  # messages this process posted: it alone replies in their threads
         self._retry: dict[str, int] = {}
-        self._wake = anyio.Event()
-        self._last_seq: int | None = None
+        self._feed = ledger.follow(UPDATE_KINDS | {"notified"})
 
     # -- wiring ----------------------------------------------------------------------------------
 
@@ -106,8 +105,7 @@ class SlackChannel:
 
     async def run(self) -> None:
         """Follow the ledger to keep messages current; hold the Socket Mode connection when configured."""
-        if self._last_seq is None:
-            self._last_seq = await self.ledger.head_seq()
+        await self._feed.start()
         async with anyio.create_task_group() as tg:
             if self.config.socket_mode:
                 tg.start_soon(self._socket_mode)
@@ -184,15 +182,13 @@ class SlackChannel:
 
     async def request_changed(self, request: RequestView, event: Event) -> None:
         """Never waits on Slack: the follower picks the change up from the ledger at once."""
-        self._wake.set()
+        self._feed.wake()
 
     # -- keeping messages current ---------------------------------------------------------------
 
     async def _follow(self) -> None:
         while True:
-            with anyio.move_on_after(self.config.update_interval_s):
-                await self._wake.wait()
-            self._wake = anyio.Event()
+            await self._feed.wait(self.config.update_interval_s)
             try:
                 await self.catch_up()
             except LedgerError as e:
@@ -202,12 +198,9 @@ class SlackChannel:
 
     async def catch_up(self) -> None:
         """Re-render the messages of every request changed since the last look (and retry failed updates)."""
-        if self._last_seq is None:
-            self._last_seq = await self.ledger.head_seq()
-        events = await self.ledger.events(after_seq=self._last_seq, limit=1000)
+        events = await self._feed.read()
         touched: dict[str, list[Event]] = {request_id: [] for request_id in self._retry}
         for e in events:
-            self._last_seq = e.seq
             if e.call_id is None:
                 continue
             if e.kind == "notified" and e.payload.get("channel") == "slack" and e.payload.get("ts"):
@@ -220,8 +213,6 @@ class SlackChannel:
                 touched.setdefault(e.call_id, []).append(e)
         for request_id, changes in touched.items():
             await self._refresh(request_id, changes)
-        if len(events) == 1000:
-            self._wake.set()
 
     async def _find_messages(self, request_id: str) -> list[tuple[str, str]]:
         if request_id not in self._messages:

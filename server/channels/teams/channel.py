@@ -20,8 +20,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-import anyio
-
 try:
     from microsoft_teams.api.activities.invoke.adaptive_card import AdaptiveCardInvokeActivity
     from microsoft_teams.cards import AdaptiveCard
@@ -83,8 +81,7 @@ class TeamsChannel:
         self._sent: dict[str, str] = {}  # request id -> digest of the card last sent
         self._local: dict[int, Event] = {}  # changes made in this process (webhook follow-ups)
         self._retry: dict[str, int] = {}  # request id -> failed card updates so far (tried again next round)
-        self._wake = anyio.Event()
-        self._last_seq: int | None = None
+        self._feed = ledger.follow(UPDATE_KINDS)
 
     # -- outbound (Notifier) ---------------------------------------------------------------------
 
@@ -130,41 +127,33 @@ class TeamsChannel:
     async def request_changed(self, request: RequestView, event: Event) -> None:
         """Never waits on Teams: the follower picks the change up from the ledger at once."""
         self._local[event.seq] = event
-        self._wake.set()
+        self._feed.wake()
 
     # -- keeping cards current -------------------------------------------------------------------
 
     async def run(self) -> None:
         """Follow the ledger to keep cards current (run in the runtime's task group, restarted if it fails)."""
-        if self._last_seq is None:
-            self._last_seq = await self.ledger.head_seq()
+        await self._feed.start()
         while True:
-            with anyio.move_on_after(self.config.update_interval_s):
-                await self._wake.wait()
-            self._wake = anyio.Event()
+            await self._feed.wait(self.config.update_interval_s)
             try:
                 await self.catch_up()
             except LedgerError as e:
                 log.warning("teams: cannot read the ledger: %s", e)
 
     async def catch_up(self) -> None:
-        if self._last_seq is None:
-            self._last_seq = await self.ledger.head_seq()
-        events = await self.ledger.events(after_seq=self._last_seq, limit=1000)
+        events = await self._feed.read()
         touched: dict[str, list[Event]] = {}
         for e in events:
-            self._last_seq = e.seq
-            if e.call_id is not None and e.kind in UPDATE_KINDS:
+            if e.call_id is not None:
                 touched.setdefault(e.call_id, []).append(e)
         for e in list(self._local.values()):  # reported after this follower had already passed them
-            if e.call_id is not None and e.seq <= self._last_seq:
+            if e.call_id is not None and e.seq <= (self._feed.last_seq or 0):
                 touched.setdefault(e.call_id, [])
         for request_id in list(self._retry):
             touched.setdefault(request_id, [])
         for request_id, changes in touched.items():
             await self._refresh(request_id, changes)
-        if len(events) == 1000:
-            self._wake.set()
 
     async def _find_card(self, request_id: str) -> tuple[str, str] | None:
         if request_id not in self._cards:
@@ -175,7 +164,7 @@ class TeamsChannel:
 
     async def _refresh(self, request_id: str, changes: list[Event]) -> None:
         local = [self._local.pop(seq) for seq, e in list(self._local.items())
-                 if e.call_id == request_id and seq <= (self._last_seq or 0)]
+                 if e.call_id == request_id and seq <= (self._feed.last_seq or 0)]
         view = await self.ledger.get_call(request_id)
         if view is None:
             return

@@ -23,7 +23,6 @@ import hashlib
 import hmac
 import json
 import secrets
-import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from server.errors import AuthError
-from server.ledger import Ledger, Tx
+from server.ledger import Ledger, Row, Tx
 from server.secret_files import beside, ensure_secret_file
 
 LINK_USED = "link.used"
@@ -134,12 +133,10 @@ async def link_consumed(ledger: Ledger, link: Link) -> bool:
 async def consume(ledger: Ledger, link: Link, nonce_id: str, reviewer: str) -> str | None:
     """Record the link's use atomically. None when consumed now, else why not: unknown, used, nonce_used."""
 
-    def body(tx: Tx, row: sqlite3.Row | None) -> str | None:
+    def body(tx: Tx, row: Row | None) -> str | None:
         if row is None:
             return "unknown"
-        rows = tx.conn.execute("SELECT kind, payload FROM events WHERE call_id = ? AND kind IN (?, ?) ORDER BY seq",
-                               (link.request_id, LINK_USED, LINK_RELEASED))
-        consumed, nonces = _link_history(((kind, json.loads(payload)) for kind, payload in rows), link)
+        consumed, nonces = _link_history(tx.call_events(link.request_id, (LINK_USED, LINK_RELEASED)), link)
         if consumed:
             return "used"
         if nonce_id in nonces:

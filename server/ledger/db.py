@@ -1,4 +1,4 @@
-"""The ledger's SQLite connection, and where each unit of work on it runs.
+"""The ledger's SQLite connections, and where each unit of work on them runs.
 
 A quick unit of work (a write transaction, an indexed read) runs at once on the event loop's thread.
 In WAL mode with synchronous=NORMAL a commit is a write() to the WAL, tens of microseconds, while a hop
@@ -10,19 +10,23 @@ reads (verify, searches, lists) run on a read-only connection and thread of thei
 transaction: a consistent snapshot, and in WAL mode neither the loop's writes nor its quick reads wait for
 them (a verify of a million events takes seconds). WAL checkpoints, which fsync, run on a connection and
 thread of their own (the connections' autocheckpoint is off).
+
+The connections are the standard library's `sqlite3`, and the threads are keyturn's own: each connection has one
+single-worker executor, so a connection is used by at most one thread at a time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-import aiosqlite
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
@@ -49,6 +53,39 @@ def is_busy(e: BaseException) -> bool:
     return isinstance(e, sqlite3.OperationalError) and (code & 0xFF) == sqlite3.SQLITE_BUSY
 
 
+class _Connection:
+    """One `sqlite3` connection and the one thread that runs work on it when the loop must not."""
+
+    def __init__(self, name: str) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.conn: sqlite3.Connection | None = None
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in this connection's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def open(self, path: Path, timeout_s: float, configure: Callable[[sqlite3.Connection], None]) -> None:
+        def connect() -> sqlite3.Connection:
+            conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=timeout_s)
+            try:
+                conn.row_factory = sqlite3.Row
+                configure(conn)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        self.conn = await self.call(connect)
+
+    async def close(self) -> None:
+        conn, self.conn = self.conn, None
+        try:
+            if conn is not None:
+                await self.call(conn.close)
+        finally:
+            self._executor.shutdown(wait=False)
+
+
 class Database:
     """The ledger's SQLite connection, used at once from the loop's thread or by the database thread, never both;
     plus a read-only connection for long reads (`read`), in a thread of its own."""
@@ -57,8 +94,8 @@ class Database:
         self.path = path
         self._synchronous = synchronous
         self._busy_timeout_ms = busy_timeout_ms
-        self._db: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
+        self._db: _Connection | None = None
+        self._reader: _Connection | None = None
         self._long_reads = 0  # running on the reader
         self._lock = threading.Lock()  # held by whoever uses the connection; the loop's thread never waits for it
         self._thread_done: anyio.Event | None = None  # set when the database thread's current work ends
@@ -67,17 +104,14 @@ class Database:
         self._checkpointer: _Checkpointer | None = None
 
     async def open(self, migrate: Callable[[sqlite3.Connection], None]) -> None:
-        self._db = await aiosqlite.connect(str(self.path), isolation_level=None, check_same_thread=False,
-                                           timeout=self._busy_timeout_ms / 1000)
-        self._db.row_factory = sqlite3.Row
-        await self._db._execute(self._configure, self._db._conn)  # type: ignore[no-untyped-call]
-        await self.run(migrate)
+        timeout_s = self._busy_timeout_ms / 1000
+        self._db = _Connection("keyturn-ledger")
         try:
+            await self._db.open(self.path, timeout_s, self._configure)
+            await self.run(migrate)
             # Opened after the migrations, so it never sees a schema half made.
-            self._reader = await aiosqlite.connect(str(self.path), isolation_level=None, check_same_thread=False,
-                                                   timeout=self._busy_timeout_ms / 1000)
-            self._reader.row_factory = sqlite3.Row
-            await self._reader._execute(self._configure_reader, self._reader._conn)  # type: ignore[no-untyped-call]
+            self._reader = _Connection("keyturn-ledger-read")
+            await self._reader.open(self.path, timeout_s, self._configure_reader)
         except BaseException:
             await self.close()
             raise
@@ -106,26 +140,28 @@ class Database:
             await db.close()
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn(conn)` in the database thread (aiosqlite's worker), retrying it while SQLite's lock is busy.
+        """Run `fn(conn)` in the database thread, retrying it while SQLite's lock is busy.
 
         So `fn` must be safe to run again after SQLITE_BUSY: a read, or a transaction begun with
         `BEGIN IMMEDIATE` (which rolls back on any error).
         """
         db = self._open()
+        conn = self._conn()
         done = self._thread_done = anyio.Event()
         try:
-            return await db._execute(self._retrying, fn, db._conn)  # type: ignore[no-untyped-call,no-any-return]
+            return await db.call(self._retrying, fn, conn)
         finally:
             done.set()
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a long read `fn(conn)` on the read-only connection, in its thread, inside one read transaction:
         every statement of `fn` sees the same snapshot of the ledger, and writers go on meanwhile."""
-        if self._reader is None:
+        reader = self._reader
+        if reader is None or reader.conn is None:
             raise LedgerError("ledger is not open")
         self._long_reads += 1
         try:
-            return await self._reader._execute(_in_read_transaction, fn, self._reader._conn)  # type: ignore[no-untyped-call,no-any-return]
+            return await reader.call(_in_read_transaction, fn, reader.conn)
         finally:
             self._long_reads -= 1
 
@@ -145,7 +181,7 @@ class Database:
     async def unit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a quick unit of work at once on this thread (see the module docstring). A cancellation point
         before it runs, and while it waits for a lock; `fn` must be safe to run again after SQLITE_BUSY."""
-        db = self._open()
+        conn = self._conn()
         await anyio.lowlevel.checkpoint_if_cancelled()
         # `busy_timeout_ms` bounds the wait for another connection's lock, counted from the first time SQLite says
         # busy: not the wait for this connection (behind a long read, or many other tasks' units).
@@ -159,7 +195,7 @@ class Database:
                 continue
             busy = False
             try:
-                result = fn(db._conn)
+                result = fn(conn)
             except sqlite3.OperationalError as e:
                 if not is_busy(e):
                     raise
@@ -184,10 +220,21 @@ class Database:
         if self._commits % CHECKPOINT_EVERY == 0 and self._checkpointer is not None:
             self._checkpointer.request()
 
-    def _open(self) -> aiosqlite.Connection:
+    @property
+    def checkpoints_done(self) -> int:
+        """Background WAL checkpoint passes finished (or failed) so far."""
+        return self._checkpointer.passes if self._checkpointer is not None else 0
+
+    def _open(self) -> _Connection:
         if self._db is None:
             raise LedgerError("ledger is not open")
         return self._db
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = self._open().conn
+        if conn is None:
+            raise LedgerError("ledger is not open")
+        return conn
 
 
 def _in_read_transaction(fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:

@@ -1,7 +1,7 @@
 """`audit verify` trusting nothing mutable: the chain, the head row, signed checkpoints and the derived tables.
 
 One pass over the events in one read snapshot recomputes every hash and link, replays the calls and votes
-(`server.ledger_replay`) and notes the hashes at the checkpoints' sequence numbers. The ledger passes only if it
+(`server.ledger.replay`) and notes the hashes at the checkpoints' sequence numbers. The ledger passes only if it
 extends every checkpoint given (each signed by the key, for this chain, with the signed hash at its seq) and its
 tables agree with the chain. The first problem is named: an edited or deleted event, a truncated tail (with or
 without the head row), a re-chained or swapped ledger, a forged or changed row.
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from server.checkpoints import Checkpoint, key_id
-from server.ledger import GENESIS, event_hash
-from server.ledger_replay import Replay
+from server.ledger.chain import GENESIS, event_hash
+from server.ledger.replay import Replay
 
 
 @dataclass(frozen=True)

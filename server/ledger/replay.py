@@ -1,7 +1,7 @@
 """What the chained events say each call's row and votes are: the `calls` and `votes` tables replayed.
 
 Those tables are indexes kept beside the chain for speed; `audit verify` replays the events (see
-`server.ledger.Ledger.open_call`/`transition` and `server.approvals`: which event sets which state) and names the
+`server.outcomes`, `server.ledger.tx` and `server.approvals`: which event sets which state) and names the
 first row that disagrees: a forged or changed vote, a state flipped behind keyturn's back, a row deleted.
 """
 
