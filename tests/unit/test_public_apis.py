@@ -12,13 +12,6 @@ ROOT = Path(__file__).resolve().parents[2]
 LIBRARIES = ("mcp", "mcp_types", "aiosqlite")
 CHECKED = ("server", "tools", "benchmarks", "examples")
 
-KNOWN: set[tuple[str, str]] = {
-    # server/ledger_db.py reaches into aiosqlite's connection (its worker's `_execute` and the `_conn` it runs on);
-    # that use is being replaced. Remove these two entries with it: the stale-entry test below then insists.
-    ("server/ledger_db.py", "_conn"),
-    ("server/ledger_db.py", "_execute"),
-}
-
 
 def _private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
@@ -145,16 +138,9 @@ def test_no_module_uses_a_private_name_of_mcp_mcp_types_or_aiosqlite() -> None:
     found = []
     for path in checked_files():
         rel = path.relative_to(ROOT).as_posix()
-        for line, name, what in findings(path.read_text(encoding="utf-8")):
-            if (rel, name) not in KNOWN:
-                found.append(f"{rel}:{line}: {what}")
+        for line, _, what in findings(path.read_text(encoding="utf-8")):
+            found.append(f"{rel}:{line}: {what}")
     assert found == [], "private APIs of dependencies in use:\n" + "\n".join(found)
-
-
-def test_every_known_exception_is_still_there() -> None:
-    seen = {(path.relative_to(ROOT).as_posix(), name)
-            for path in checked_files() for _, name, _ in findings(path.read_text(encoding="utf-8"))}
-    assert KNOWN <= seen, f"no longer used, remove from KNOWN: {sorted(KNOWN - seen)}"
 
 
 def test_the_check_finds_each_kind_of_private_use() -> None:
