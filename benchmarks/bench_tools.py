@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from server.registry import guarded_tool
+from server.guarded import guarded_tool
 
 STARTS: dict[str, list[float]] = {}
 """held_echo's runs in this process: text -> the `time.perf_counter()` of each start (in-process benchmarks)."""

@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 
 from benchmarks.ledger_bench import PAYLOAD, build_chain  # noqa: E402
 from benchmarks.stats import summary  # noqa: E402
-from server.checkpoints import key_id, sign  # noqa: E402
 from server.ledger import Ledger  # noqa: E402
-from server.witnesses import Checkpointer, FileWitness  # noqa: E402
+from server.ledger.checkpoints import key_id, sign  # noqa: E402
+from server.ledger.witnesses import Checkpointer, FileWitness  # noqa: E402
 
 EVERY = 1000
 

@@ -1,7 +1,7 @@
 """The guard's own cost, in one process and without any transport: one allowed call through `Gate.call`, and
 each of its steps timed alone, next to the tool run bare (no guard).
 
-The runtime is keyturn's own (`server.app.running`: ledger on a temp file with the shipped durability, the
+The runtime is keyturn's own (`server.runtime.running`: ledger on a temp file with the shipped durability, the
 benchmark policy, the background tasks a server runs). The steps are what `Gate.call` does for an allowed call:
 validate and hash the arguments, classify them into facts, redact, decide, record the call before it runs
 (one transaction), run the tool, and record its outcome before returning (a second transaction).
@@ -18,12 +18,12 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from server.app import running
 from server.canonical import args_hash
 from server.classify import Redaction, extract_facts
 from server.config import load_settings
 from server.gate import Identity, result_digest
 from server.models import ToolCall
+from server.runtime import running
 
 POLICY = Path(__file__).resolve().parent / "bench-policy.yaml"
 ARGS = {"text": "hello from the benchmark"}

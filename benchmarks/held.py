@@ -1,6 +1,6 @@
 """Held calls at scale, in one process: N calls held at once awaiting review, then all approved.
 
-The runtime is keyturn's own (`server.app.running`: ledger on a temp file, policy, broker, gate and the
+The runtime is keyturn's own (`server.runtime.running`: ledger on a temp file, policy, broker, gate and the
 background tasks a server runs). N `gate.call` tasks of `held_echo` (each with different arguments) wait
 for review; the reviewer approves them one after another through `broker.decide`, letting the loop run
 between two decisions as separate API requests would. Measured: memory per
@@ -21,10 +21,10 @@ import anyio.lowlevel
 
 from benchmarks import bench_tools
 from benchmarks.stats import summary
-from server.app import LOCAL_REVIEWER, running
 from server.config import load_settings
 from server.gate import Identity
 from server.models import Verdict
+from server.runtime import LOCAL_REVIEWER, running
 
 POLICY = Path(__file__).resolve().parent / "bench-policy.yaml"
 

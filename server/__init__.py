@@ -13,8 +13,8 @@ and, in a pack module, `def register(registry: ToolRegistry, options) -> None: r
 
 from server.errors import InvalidArguments, KeyturnError, ToolError
 from server.execution import PackContext, RunLimits, current_limits
+from server.guarded import GuardedTool, ToolRegistry, guarded_tool
 from server.models import Decision, ToolCall, Verdict
-from server.registry import GuardedTool, ToolRegistry, guarded_tool
 
 __all__ = [
     "Decision",

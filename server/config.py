@@ -80,7 +80,7 @@ class StdioIdentity(_Strict):
 
 
 class Checkpoints(_Strict):
-    """Signed checkpoints of the ledger's chain head (`server.checkpoints`) and the witnesses they go to.
+    """Signed checkpoints of the ledger's chain head (`server.ledger.checkpoints`) and the witnesses they go to.
 
     A checkpoint is made when `every_events` events were appended since the last one, or `every_s` seconds
     passed with anything appended, and at shutdown. The signing key is `key_file` (default `<db>.checkpoint-key`,

@@ -18,17 +18,17 @@ import anyio
 import mcp_types as types
 
 from server.approvals import ApprovalBroker
+from server.approvals.proof import prove_approval
 from server.canonical import args_hash, canonical_json, sha256_hex
 from server.classify import ClassifyContext, Redaction, extract_facts
 from server.errors import InvalidArguments, LedgerError
 from server.execution import limits_from_facts, running_under
+from server.guarded import SECRET_RESULT_META
 from server.ledger import Ledger
 from server.models import Decision, RequestView, ToolCall
 from server.outcomes import OUTCOMES
 from server.policy import LivePolicy
 from server.policy.engine import compact_facts
-from server.proof import prove_approval
-from server.registry import SECRET_RESULT_META
 
 log = logging.getLogger(__name__)
 

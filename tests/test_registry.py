@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.errors import ClassifierError, ConfigError, InvalidArguments, ToolError
-from server.registry import SECRET_RESULT_META, GuardedTool, ToolRegistry, guarded_tool, load_pack
+from server.guarded import SECRET_RESULT_META, GuardedTool, ToolRegistry, guarded_tool, load_pack
 
 
 @guarded_tool(classifiers={"query": "sql"}, annotations={"readOnlyHint": True})
@@ -271,7 +271,7 @@ def make_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cal
 def test_load_pack_with_register(make_module: Callable[[str], str]) -> None:
     mod = make_module(
         """
-        from server.registry import guarded_tool
+        from server.guarded import guarded_tool
 
         def register(registry, options):
             @guarded_tool(name=options["prefix"] + "_hello")
@@ -288,7 +288,7 @@ def test_load_pack_with_register(make_module: Callable[[str], str]) -> None:
 def test_load_pack_collects_module_level_tools(make_module: Callable[[str], str]) -> None:
     mod = make_module(
         """
-        from server.registry import guarded_tool
+        from server.guarded import guarded_tool
 
         @guarded_tool(classifiers={"url": "url"})
         def fetch(url: str) -> str:
@@ -329,7 +329,7 @@ def test_load_pack_bad_module_names(module: str) -> None:
 def test_load_pack_is_all_or_nothing(make_module: Callable[[str], str]) -> None:
     mod = make_module(
         """
-        from server.registry import guarded_tool
+        from server.guarded import guarded_tool
 
         def register(registry, options):
             @guarded_tool
@@ -346,7 +346,7 @@ def test_load_pack_is_all_or_nothing(make_module: Callable[[str], str]) -> None:
 
 
 def test_load_pack_refuses_a_name_already_served(make_module: Callable[[str], str]) -> None:
-    source = "from server.registry import guarded_tool\n\n@guarded_tool\ndef ping() -> str:\n    return 'pong'\n"
+    source = "from server.guarded import guarded_tool\n\n@guarded_tool\ndef ping() -> str:\n    return 'pong'\n"
     reg = ToolRegistry()
     load_pack(make_module(source), reg, {})
     with pytest.raises(ConfigError, match="'ping' is already registered"):

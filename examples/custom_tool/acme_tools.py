@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from server.registry import guarded_tool
+from server.guarded import guarded_tool
 
 
 @guarded_tool(

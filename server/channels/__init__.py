@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from starlette.routing import BaseRoute
 
 if TYPE_CHECKING:  # the channels are importable without building a runtime (unit tests, docs)
-    from server.app import Keyturn
+    from server.runtime import Keyturn
 
 
 async def build_channels(kt: Keyturn, env: dict[str, str]) -> list[BaseRoute]:

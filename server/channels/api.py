@@ -19,7 +19,7 @@ from server.errors import ApprovalRejected, LedgerError, UnknownRequest
 from server.models import RequestView, Verdict, VerdictKind, state_label
 
 if TYPE_CHECKING:
-    from server.app import Keyturn
+    from server.runtime import Keyturn
 
 MAX_REASON = 2000
 MAX_BODY_BYTES = 64 * 1024

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from server.checkpoints import Checkpoint, key_id
 from server.ledger.chain import GENESIS, event_hash
+from server.ledger.checkpoints import Checkpoint, key_id
 from server.ledger.replay import Replay
 
 

@@ -14,9 +14,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from server.checkpoints import Checkpoint, CheckpointError, key_id, public_key_text
 from server.ledger.audit import AuditResult
 from server.ledger.chain import GENESIS, event_hash
+from server.ledger.checkpoints import Checkpoint, CheckpointError, key_id, public_key_text
 
 FORMAT = "keyturn.audit-bundle/1"
 EVENT_FIELDS = ("seq", "ts", "kind", "call_id", "payload", "prev_hash", "hash")

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from server.checkpoints import Checkpoint
+from server.ledger.checkpoints import Checkpoint
 from server.models import Event, RequestView, ReviewSpec
 
 Row = dict[str, Any]

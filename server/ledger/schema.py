@@ -89,7 +89,7 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX web_sessions_expires ON web_sessions(expires);
     """,
-    # 5: signed checkpoints of the chain head (server.checkpoints). Outside the chain, and a convenience only: the
+    # 5: signed checkpoints of the chain head (server.ledger.checkpoints). Outside the chain, and a convenience only: the
     #    witnesses hold the copies that count; a row here cannot be forged without the signing key.
     """
     CREATE TABLE checkpoints (

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from server.canonical import canonical_json
-from server.checkpoints import Checkpoint, unique
 from server.errors import LedgerError
 from server.ledger import audit as audit_module
 from server.ledger import bundle, chain, queries
 from server.ledger.audit import AuditResult
+from server.ledger.checkpoints import Checkpoint, unique
 from server.ledger.db import Database
 from server.ledger.feed import Listener, Subscription
 from server.ledger.queries import CALL_STATES_CHUNK, CallFilter, Row, row_to_event

@@ -15,9 +15,9 @@ from server.models import Event, RequestView, ReviewSpec
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from server.checkpoints import Checkpoint
     from server.ledger.audit import AuditResult
     from server.ledger.chain import VerifyResult
+    from server.ledger.checkpoints import Checkpoint
     from server.ledger.feed import Listener, Subscription
     from server.ledger.queries import CallFilter
 

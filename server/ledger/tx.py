@@ -21,7 +21,7 @@ from server.models import TERMINAL_EVENTS, TERMINAL_STATES, Event
 from server.outcomes import OUTCOMES
 
 if TYPE_CHECKING:
-    from server.checkpoints import Checkpoint
+    from server.ledger.checkpoints import Checkpoint
 
 
 @dataclass

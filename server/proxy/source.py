@@ -26,7 +26,7 @@ from server.proxy.tools import UpstreamTool, classifiers_for
 from server.proxy.upstream import Upstream, supervised
 
 if TYPE_CHECKING:
-    from server.app import Keyturn
+    from server.runtime import Keyturn
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def _shape(tools: dict[str, UpstreamTool]) -> list[Any]:
 @asynccontextmanager
 async def running_proxy(kt: Keyturn, config: ProxyConfig, environ: Mapping[str, str]) -> AsyncIterator[Proxy]:
     """Serve `config`'s upstreams' tools from `kt` (as a tool source) for as long as the context is open."""
-    from server.app import pack_context
+    from server.runtime import pack_context
 
     context = pack_context(kt.settings, environ)
     proxy = Proxy(config, environ, reserved=lambda: {t.name for t in kt.registry.list()},

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import mcp_types as types
 
-from server.registry import guarded_tool
+from server.guarded import guarded_tool
 
 
 @guarded_tool(annotations={"readOnlyHint": True})

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from server.cli.policy import cmd_check, cmd_explain, cmd_test
 from server.config import Person, Settings
-from server.policy.cli import cmd_check, cmd_explain, cmd_test
 from tests.policy.conftest import POLICIES
 
 SUITES = sorted(POLICIES.glob("**/*.tests.yaml"))

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from server.classify import extract_facts
+from server.cli.policy import render_explain
 from server.errors import PolicyError
 from server.policy import parse_policy
-from server.policy.cli import render_explain
 from server.policy.testing import call_for
 from tests.policy.conftest import CTX, decide_with
 

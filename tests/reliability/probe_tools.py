@@ -25,7 +25,7 @@ from typing import Any
 
 import anyio
 
-from server.registry import ToolRegistry, guarded_tool
+from server.guarded import ToolRegistry, guarded_tool
 from tools._common import PackOptions, parse_options
 
 PACK = "tests.reliability.probe_tools"

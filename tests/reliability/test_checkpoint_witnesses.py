@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
-from server.checkpoints import Checkpoint, parse_public_key, read_checkpoint_file
+from server.ledger.checkpoints import Checkpoint, parse_public_key, read_checkpoint_file
 from tests.conftest import ReviewerAPI, agent_client
 from tests.reliability.conftest import RelHome, eventually
 

@@ -23,7 +23,6 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from server.app import Keyturn, running
 from server.channels.teams.decision_link import LinkSigner
 from server.classify.secrets import find_kinds
 from server.config import Person, Reviewer, Settings, ToolPack
@@ -31,6 +30,7 @@ from server.errors import PolicyError
 from server.gate import Identity
 from server.models import ToolCall
 from server.policy import load_policy, parse_policy
+from server.runtime import Keyturn, running
 from tests.conftest import TOKENS, agent_client
 from tests.reliability.conftest import POLICY, PROBE, TERMINAL, RelHome, eventually
 from tests.reliability.probe_tools import read_runs

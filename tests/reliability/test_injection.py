@@ -163,7 +163,7 @@ async def test_path_traversal_in_files_tools_and_export_paths_is_refused_and_tou
         for fmt in ("../../keyturn.yaml", "csv/../../x", "jsonl%00", "..%2F..%2Fledger.db"):
             r = await web.get(f"/audit/export.{fmt}")
             assert r.status_code in (400, 404), (fmt, r.status_code)
-        for path in ("/inbox/static/../../../server/app.py", "/inbox/static/%2e%2e/%2e%2e/keyturn.yaml",
+        for path in ("/inbox/static/../../../server/runtime.py", "/inbox/static/%2e%2e/%2e%2e/keyturn.yaml",
                      "/inbox/static/..%2F..%2F..%2Fpyproject.toml"):
             r = await web.get(path)
             assert r.status_code == 404, (path, r.status_code)

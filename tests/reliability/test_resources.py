@@ -13,10 +13,10 @@ from pathlib import Path
 
 import anyio
 
-from server.app import Keyturn, running
 from server.config import Person, Reviewer, Settings, ToolPack
 from server.gate import Identity
 from server.models import Verdict
+from server.runtime import Keyturn, running
 from tests.reliability.conftest import POLICY, PROBE, text
 
 AGENT = Identity(principal="agent-ci")

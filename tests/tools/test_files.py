@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from server.app import pack_context, running
 from server.config import Settings, ToolPack
 from server.errors import ConfigError, InvalidArguments, ToolError
 from server.execution import PackContext
 from server.gate import Identity
-from server.registry import GuardedTool, ToolRegistry, load_pack
+from server.guarded import GuardedTool, ToolRegistry, load_pack
+from server.runtime import pack_context, running
 
 
 @pytest.fixture
@@ -182,7 +182,7 @@ def state(tmp_path: Path) -> Path:
 
 
 def load_with_state(db: Path, roots: list[str]) -> ToolRegistry:
-    """Load the pack the way `keyturn serve` does: with the context `server.app` builds from the settings."""
+    """Load the pack the way `keyturn serve` does: with the context `server.runtime` builds from the settings."""
     settings = Settings(db=db, tools=(ToolPack(module="tools.files", options={"roots": roots}),))
     reg = ToolRegistry()
     load_pack("tools.files", reg, {"roots": roots}, pack_context(settings))

@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 
 import tools.http
 from server.errors import ConfigError, InvalidArguments, ToolError
-from server.registry import GuardedTool, ToolRegistry, load_pack
+from server.guarded import GuardedTool, ToolRegistry, load_pack
 from tools.http import send
 
 

@@ -18,7 +18,6 @@ from typing import Any
 import anyio
 import pytest
 
-from server.app import running
 from server.approvals import ApprovalBroker, ReviewerDirectory
 from server.classify import ClassifyContext
 from server.classify.shell import classify_shell
@@ -26,9 +25,10 @@ from server.config import Settings, ToolPack
 from server.errors import ConfigError
 from server.execution import PackContext, RunLimits, running_under
 from server.gate import Gate, Identity
+from server.guarded import GuardedTool, ToolRegistry, load_pack
 from server.ledger import Ledger
 from server.policy import LivePolicy
-from server.registry import GuardedTool, ToolRegistry, load_pack
+from server.runtime import running
 from tools.sandbox import Limits, Sandbox, SandboxUnavailable
 
 SECRET = "kt-secret-" + "4f9c2b7e1d0a"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from server.errors import ConfigError, InvalidArguments, ToolError
-from server.registry import SECRET_RESULT_META, GuardedTool, ToolRegistry, load_pack
+from server.guarded import SECRET_RESULT_META, GuardedTool, ToolRegistry, load_pack
 from tools.secrets import SecretStore, SecretStoreError
 
 MASTER = "correct horse battery staple"

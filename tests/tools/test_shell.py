@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from server.errors import ConfigError, InvalidArguments, ToolError
-from server.registry import GuardedTool, ToolRegistry, load_pack
+from server.guarded import GuardedTool, ToolRegistry, load_pack
 
 
 def shell_tool(root: Path, **options: Any) -> GuardedTool:

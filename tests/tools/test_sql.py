@@ -17,10 +17,10 @@ import pytest
 from server.classify import ClassifyContext, extract_facts
 from server.errors import ConfigError, InvalidArguments, ToolError
 from server.execution import PackContext, RunLimits, running_under
+from server.guarded import GuardedTool, ToolRegistry, load_pack
 from server.models import Decision
 from server.policy.loader import load_policy
 from server.policy.testing import call_for
-from server.registry import GuardedTool, ToolRegistry, load_pack
 
 ROOT = Path(__file__).resolve().parents[2]
 

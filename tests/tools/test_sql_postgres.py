@@ -19,9 +19,9 @@ from server.approvals import ApprovalBroker, ReviewerDirectory
 from server.classify import ClassifyContext
 from server.errors import InvalidArguments, ToolError
 from server.gate import Gate, Identity
+from server.guarded import GuardedTool, ToolRegistry, load_pack
 from server.ledger import Ledger
 from server.policy import LivePolicy
-from server.registry import GuardedTool, ToolRegistry, load_pack
 from tests.pg import Cluster
 from tests.tools.test_sql import decide, judged_read_only
 from tools.sql import Database

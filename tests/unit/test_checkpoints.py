@@ -20,13 +20,13 @@ import anyio
 import pytest
 import yaml
 
-from server.app import running
-from server.checkpoints import Checkpoint, parse_public_key, read_checkpoint_file, sign
 from server.cli import main
 from server.config import Settings, load_settings
 from server.ledger import GENESIS, Ledger, event_hash
+from server.ledger.checkpoints import Checkpoint, parse_public_key, read_checkpoint_file, sign
+from server.ledger.witnesses import Checkpointer, HttpWitness
 from server.models import ApproverGroup, ReviewSpec, Verdict
-from server.witnesses import Checkpointer, HttpWitness
+from server.runtime import running
 
 SPEC = ReviewSpec(groups=(ApproverGroup(name="dba", quorum=2),))
 
@@ -254,7 +254,7 @@ def test_the_checkpointer_never_signs_over_a_change(site: Site) -> None:
 
 
 def _key(site: Site) -> Any:
-    from server.checkpoints import signing_key
+    from server.ledger.checkpoints import signing_key
 
     return signing_key(site.settings(), {}, create=False)
 
@@ -342,7 +342,7 @@ def test_checkpoints_reach_an_http_witness_after_a_retry(site: Site, http_witnes
 
 
 def test_an_unreachable_http_witness_does_not_stop_the_others(site: Site, tmp_path: Path) -> None:
-    from server.witnesses import FileWitness
+    from server.ledger.witnesses import FileWitness
 
     async def post() -> list[str]:
         async with Ledger(site.db) as ledger:
@@ -388,7 +388,7 @@ def test_a_bundle_verifies_offline_and_fails_when_edited(site: Site, tmp_path: P
 def test_a_bundle_signed_by_another_key_fails(site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from server.checkpoints import public_key_text
+    from server.ledger.checkpoints import public_key_text
 
     bundle = tmp_path / "bundle.json"
     assert main(["audit", "export", "--config", str(site.config), "--from", "1", "--to", "4", str(bundle)]) == 0

@@ -15,10 +15,10 @@ from server.approvals import ApprovalBroker, ReviewerDirectory, directory_from
 from server.classify import ClassifyContext
 from server.errors import ApprovalRejected, UnknownRequest
 from server.gate import Gate, Identity
+from server.guarded import guarded_tool
 from server.ledger import Ledger
 from server.models import RequestView, Verdict
 from server.policy import LivePolicy
-from server.registry import guarded_tool
 
 POLICY = """
 version: 1

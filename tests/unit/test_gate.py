@@ -11,14 +11,14 @@ import anyio
 import mcp_types as types
 import pytest
 
-from server import approvals
 from server.approvals import ApprovalBroker, ReviewerDirectory
+from server.approvals import broker as approvals
 from server.classify import ClassifyContext
 from server.gate import Gate, Identity
+from server.guarded import guarded_tool
 from server.ledger import Ledger
 from server.models import Event, RequestView, Verdict
 from server.policy import LivePolicy
-from server.registry import guarded_tool
 
 POLICY = """
 version: 1

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from server import approvals
 from server.approvals import ApprovalBroker, ReviewerDirectory
+from server.approvals import broker as approvals
 from server.ledger import Ledger
 from server.ledger import sqlite as ledger_module
 

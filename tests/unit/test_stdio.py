@@ -18,7 +18,7 @@ SERVER = textwrap.dedent("""
     import anyio
     import mcp_types as types
     from mcp.server import Server
-    from server.stdio import stdio_transport
+    from server.serving.stdio import stdio_transport
 
     async def list_tools(ctx, params):
         return types.ListToolsResult(tools=[types.Tool(name="echo", input_schema={"type": "object"})])

@@ -12,10 +12,10 @@ import pytest
 from mcp import Client
 from opentelemetry import trace
 
-from server.app import running
 from server.config import Person, Settings, Telemetry, ToolPack, load_settings
 from server.errors import ConfigError
-from server.mcp_app import build_mcp_server
+from server.runtime import running
+from server.serving.mcp import build_mcp_server
 from tests.conftest import DATA
 
 

@@ -26,7 +26,7 @@ from server.channels.inbox.sessions import SECURITY_HEADERS, Sessions
 from server.channels.inbox.site import Site
 
 if TYPE_CHECKING:
-    from server.app import Keyturn
+    from server.runtime import Keyturn
 
 __all__ = ["build_site", "inbox_routes"]
 

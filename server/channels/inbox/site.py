@@ -18,7 +18,7 @@ from server.channels.inbox.sessions import FLASH_COOKIE, Session, Sessions, clea
 from server.errors import LedgerError
 
 if TYPE_CHECKING:
-    from server.app import Keyturn
+    from server.runtime import Keyturn
 
 Handler = Callable[[Request, Session], Awaitable[Response]]
 SAFE_NEXT = ("/inbox", "/audit")

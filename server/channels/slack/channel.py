@@ -30,14 +30,14 @@ from server.channels.bodies import BodyRefused, read_body, replay
 from server.channels.slack import blocks as ui
 from server.channels.slack.config import SlackConfig, SlackSecrets, describe, load_slack, make_client
 from server.channels.slack.identity import SlackIdentities
-from server.checkpoints import Checkpoint, checkpoint_line
 from server.config import Settings
 from server.errors import ApprovalRejected, ChannelError, LedgerError, UnknownRequest
 from server.ledger import Ledger
+from server.ledger.checkpoints import Checkpoint, checkpoint_line
 from server.models import TERMINAL_STATES, Event, RequestView, ReviewSpec, Verdict, VerdictKind
 
 if TYPE_CHECKING:
-    from server.app import Keyturn
+    from server.runtime import Keyturn
 
 log = logging.getLogger(__name__)
 

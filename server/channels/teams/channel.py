@@ -40,13 +40,13 @@ from server.channels.teams.config import TeamsConfig, TeamsSecrets, load_teams
 from server.channels.teams.connector import BotConnector, BotToken, RetryPolicy, post_webhook
 from server.channels.teams.decision_link import LinkSigner, ensure_link_secret
 from server.channels.teams.decision_page import decision_routes
-from server.checkpoints import Checkpoint, checkpoint_line
 from server.errors import AuthError, ChannelError, ConfigError, LedgerError
 from server.ledger import Ledger
+from server.ledger.checkpoints import Checkpoint, checkpoint_line
 from server.models import TERMINAL_STATES, Event, RequestView
 
 if TYPE_CHECKING:
-    from server.app import Keyturn
+    from server.runtime import Keyturn
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from server.errors import AuthError, LedgerError
 from server.models import RequestView
 
 if TYPE_CHECKING:
-    from server.app import Keyturn
+    from server.runtime import Keyturn
 
 MAX_FORM_BYTES = 16_384
 HEADERS = {

@@ -17,17 +17,18 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
 
+from server.approvals.quorum import ReviewerDirectory, quorum_met
 from server.canonical import sha256_hex
 from server.errors import ApprovalRejected, LedgerError, UnknownRequest
 from server.ledger import Ledger, Row, Subscription, Tx
-from server.models import ApproverGroup, Event, RequestView, ReviewSpec, Verdict
+from server.models import Event, RequestView, ReviewSpec, Verdict
 from server.outcomes import OPEN_STATES
 
 log = logging.getLogger(__name__)
@@ -47,56 +48,6 @@ class Notifier(Protocol):
     async def request_opened(self, request: RequestView) -> None: ...
 
     async def request_changed(self, request: RequestView, event: Event) -> None: ...
-
-
-@dataclass(frozen=True)
-class ReviewerDirectory:
-    """Who a verified reviewer identity is: the person and their groups (from config)."""
-
-    identities: Mapping[str, str]  # identity -> person
-    groups_of: Mapping[str, frozenset[str]]  # person -> groups
-
-    def person(self, identity: str) -> str | None:
-        return self.identities.get(identity)
-
-    def is_member(self, person: str, member: str) -> bool:
-        if member.startswith("group:"):
-            return member[len("group:") :] in self.groups_of.get(person, frozenset())
-        return member == person
-
-    def eligible(self, person: str, group: ApproverGroup) -> bool:
-        return not group.members or any(self.is_member(person, m) for m in group.members)
-
-
-def quorum_met(spec: ReviewSpec, approvers: Sequence[str], directory: ReviewerDirectory) -> bool:
-    """True when distinct people can fill every approval slot of every group (AND across groups).
-
-    One person fills at most one slot, so "one DBA and one security engineer" needs two people
-    even if one of them is both. Solved as a small bipartite matching.
-    """
-    requirements: dict[str, list[ApproverGroup]] = {}
-    for g in spec.groups:
-        requirements.setdefault(g.requirement, []).append(g)
-    return all(_slots_filled(groups, approvers, directory) for groups in requirements.values())
-
-
-def _slots_filled(groups: Sequence[ApproverGroup], approvers: Sequence[str], directory: ReviewerDirectory) -> bool:
-    slots = [g for g in groups for _ in range(max(1, g.quorum))]
-    owner: dict[int, str] = {}
-
-    def assign(person: str, seen: set[int]) -> bool:
-        for i, group in enumerate(slots):
-            if i in seen or not directory.eligible(person, group):
-                continue
-            seen.add(i)
-            if i not in owner or assign(owner[i], seen):
-                owner[i] = person
-                return True
-        return False
-
-    for person in dict.fromkeys(approvers):
-        assign(person, set())
-    return len(owner) == len(slots)
 
 
 REJOINABLE_OPEN = ("pending", "approved", "running")
@@ -488,11 +439,3 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def directory_from(identities: Iterable[tuple[str, str]], people_groups: Mapping[str, Iterable[str]]) -> ReviewerDirectory:
-    return ReviewerDirectory(
-        identities=dict(identities),
-        groups_of={p: frozenset(g) for p, g in people_groups.items()},
-    )
-

@@ -2,7 +2,7 @@
 
 A checkpoint is `{seq, hash, chain, time, key_id}` signed with keyturn's Ed25519 key: "event `seq` of the chain
 whose first event hashes to `chain` had hash `hash` at `time`". Copies go to witnesses outside the ledger file
-(`server.witnesses`); `server.ledger.audit` proves a ledger extends every checkpoint, with only the public key.
+(`server.ledger.witnesses`); `server.ledger.audit` proves a ledger extends every checkpoint, with only the public key.
 
 The private key is `<db>.checkpoint-key` (PKCS#8 PEM, mode 0600, made on first start; like every `<db>.*` file
 it is keyturn's state, out of the tools' reach), or a file or environment variable named in the config.

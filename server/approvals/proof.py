@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from server.approvals import ReviewerDirectory, quorum_met
+from server.approvals.quorum import ReviewerDirectory, quorum_met
 from server.ledger import Ledger
 from server.models import TERMINAL_EVENTS, Event, ReviewSpec
 

@@ -3,7 +3,7 @@
 serve            run the MCP server (stdio, or --http HOST:PORT with the reviewer API)
 proxy            guard an existing MCP server: keyturn proxy [--http HOST:PORT] -- COMMAND ARGS...
 pending / show / approve / deny    reviewer commands, through the HTTP reviewer API
-audit tail / show / verify / key / checkpoint / export   auditor commands (server/audit_cli.py)
+audit tail / show / verify / key / checkpoint / export   auditor commands (server/cli/audit.py)
 policy check / explain / test / replay   policy author commands
 """
 
@@ -31,8 +31,8 @@ from server.errors import KeyturnError
 from server.models import state_label
 
 if TYPE_CHECKING:
-    from server.app import Keyturn
     from server.proxy import Proxy
+    from server.runtime import Keyturn
 
 DEFAULT_HTTP = "127.0.0.1:8765"
 log = logging.getLogger("keyturn")
@@ -61,9 +61,9 @@ Attach = Callable[["Keyturn"], AbstractAsyncContextManager[object]]
 
 async def _serve(args: argparse.Namespace, settings: Settings | None = None, attach: Attach | None = None) -> int:
     """Serve MCP (stdio or HTTP); `attach` adds to the running Keyturn (proxy mode: the upstreams' tools)."""
-    from server.app import reviewer_token_path, running
-    from server.mcp_app import build_mcp_server
-    from server.stdio import stdio_transport
+    from server.runtime import reviewer_token_path, running
+    from server.serving.mcp import build_mcp_server
+    from server.serving.stdio import stdio_transport
 
     def attached(kt: Keyturn) -> AbstractAsyncContextManager[object]:
         return attach(kt) if attach is not None else nullcontext()
@@ -73,7 +73,7 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
         import uvicorn
 
         from server.channels import build_channels
-        from server.http import build_http_app, check_bind, server_config
+        from server.serving.http import build_http_app, check_bind, server_config
 
         host, port = _host_port(args.http)
         base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
@@ -206,7 +206,7 @@ def _api(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] 
     url = (args.url or os.environ.get("KEYTURN_URL") or f"http://{DEFAULT_HTTP}").rstrip("/")
     token = args.token or os.environ.get("KEYTURN_TOKEN")
     if not token:
-        from server.app import reviewer_token_path
+        from server.runtime import reviewer_token_path
 
         db = Path(args.db or os.environ.get("KEYTURN_DB") or "keyturn.db")
         token_file = reviewer_token_path(db)
@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     ashow.add_argument("id")
     ashow.add_argument("--json", action="store_true")
     ashow.set_defaults(func=cmd_audit_show)
-    from server.audit_cli import add_commands
+    from server.cli.audit import add_commands
 
     add_commands(audit, common, _settings)
 
@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _policy_cli() -> Any:
-    from server.policy import cli as policy_cli
+    from server.cli import policy as policy_cli
 
     return policy_cli
 

@@ -2,7 +2,7 @@
 
 Besides the guarded tools it serves two agent-side tools that never need approval: `keyturn_status`
 (read-only state of one of the caller's own requests) and `keyturn_cancel` (withdraw one).
-`server.stdio.stdio_transport` serves it over stdin/stdout.
+`server.serving.stdio.stdio_transport` serves it over stdin/stdout.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from mcp.shared.exceptions import MCPError
 from mcp.shared.jsonrpc_dispatcher import progress_token_from_params
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from server.app import Keyturn
 from server.gate import Identity, ProgressFn, error_result
 from server.models import state_label
+from server.runtime import Keyturn
 
 PRINCIPAL_SCOPE_KEY = "keyturn.principal"
 CLIENT_GONE_SCOPE_KEY = "keyturn.client_gone"

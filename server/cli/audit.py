@@ -19,7 +19,12 @@ from typing import Any
 import anyio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from server.checkpoints import (
+from server.config import Settings
+from server.errors import KeyturnError
+from server.ledger import Ledger
+from server.ledger.audit import AuditResult
+from server.ledger.bundle import verify_bundle
+from server.ledger.checkpoints import (
     Checkpoint,
     CheckpointError,
     key_id,
@@ -32,12 +37,7 @@ from server.checkpoints import (
     signing_key,
     unique,
 )
-from server.config import Settings
-from server.errors import KeyturnError
-from server.ledger import Ledger
-from server.ledger.audit import AuditResult
-from server.ledger.bundle import verify_bundle
-from server.witnesses import Checkpointer, FileWitness, Witness, configured_witnesses
+from server.ledger.witnesses import Checkpointer, FileWitness, Witness, configured_witnesses
 
 SettingsFn = Callable[[argparse.Namespace], Settings]
 

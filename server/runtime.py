@@ -18,17 +18,17 @@ import mcp_types as types
 
 from server.approvals import ApprovalBroker, Notifier, ReviewerDirectory
 from server.canonical import sha256_hex
-from server.checkpoints import CheckpointError, signing_key
 from server.classify import ClassifyContext
 from server.config import Settings, resolve_token_digest
 from server.errors import ConfigError, LedgerError
 from server.execution import PackContext
 from server.gate import Gate, Runnable
+from server.guarded import ToolRegistry, load_pack, pack_state_paths
 from server.ledger import Ledger
+from server.ledger.checkpoints import CheckpointError, signing_key
+from server.ledger.witnesses import Checkpointer, configured_witnesses
 from server.policy import LivePolicy
-from server.registry import ToolRegistry, load_pack, pack_state_paths
 from server.secret_files import beside, ensure_secret_file
-from server.witnesses import Checkpointer, configured_witnesses
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from starlette.responses import JSONResponse, RedirectResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.app import Keyturn
 from server.channels.api import api_routes
 from server.errors import ConfigError
-from server.mcp_app import CLIENT_GONE_SCOPE_KEY, PRINCIPAL_SCOPE_KEY
+from server.runtime import Keyturn
+from server.serving.mcp import CLIENT_GONE_SCOPE_KEY, PRINCIPAL_SCOPE_KEY
 
 if TYPE_CHECKING:
     import uvicorn

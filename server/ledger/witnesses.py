@@ -28,10 +28,10 @@ import anyio
 import anyio.to_thread
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from server.checkpoints import Checkpoint, CheckpointError, key_id, public_key_text, sign
 from server.config import Settings
 from server.errors import LedgerError
 from server.ledger import Ledger
+from server.ledger.checkpoints import Checkpoint, CheckpointError, key_id, public_key_text, sign
 from server.models import Event
 
 log = logging.getLogger(__name__)
