@@ -36,7 +36,7 @@ from typing_extensions import TypedDict
 from server.config import default_policy_path
 from server.errors import ConfigError, InvalidArguments
 from server.execution import PackContext
-from server.registry import GuardedTool, ToolRegistry, guarded_tool
+from server.guarded import GuardedTool, ToolRegistry, guarded_tool
 from tools._common import PackOptions, cap_text, open_new, parse_options, real_roots, resolve_inside
 
 PACK = "tools.files"

@@ -46,7 +46,7 @@ from server.classify.urls import (
     literal_address,
 )
 from server.errors import InvalidArguments
-from server.registry import GuardedTool, ToolRegistry, guarded_tool
+from server.guarded import GuardedTool, ToolRegistry, guarded_tool
 from tools._common import PackOptions, cap_text, parse_options
 
 PACK = "tools.http"

@@ -37,7 +37,7 @@ from pydantic import Field
 from typing_extensions import TypedDict
 
 from server.errors import ConfigError, InvalidArguments, KeyturnError
-from server.registry import GuardedTool, ToolRegistry, guarded_tool
+from server.guarded import GuardedTool, ToolRegistry, guarded_tool
 from tools._common import PackOptions, parse_options
 
 PACK = "tools.secrets"

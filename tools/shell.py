@@ -55,7 +55,7 @@ from typing_extensions import TypedDict
 
 from server.errors import ConfigError, InvalidArguments
 from server.execution import PackContext, current_limits
-from server.registry import GuardedTool, ToolRegistry, guarded_tool
+from server.guarded import GuardedTool, ToolRegistry, guarded_tool
 from tools._common import PackOptions, cap_text, parse_options, real_roots, resolve_inside
 from tools.sandbox import Limits, Sandbox, sandbox_failure
 

@@ -42,7 +42,7 @@ from typing_extensions import TypedDict
 
 from server.errors import ConfigError, InvalidArguments
 from server.execution import PackContext, current_limits
-from server.registry import GuardedTool, ToolRegistry, guarded_tool
+from server.guarded import GuardedTool, ToolRegistry, guarded_tool
 from tools._common import PackOptions, jsonable, open_new, parse_options, real_roots, resolve_inside
 
 PACK = "tools.sql"
