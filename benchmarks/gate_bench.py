@@ -23,6 +23,7 @@ from server.classify import Redaction, extract_facts
 from server.config import load_settings
 from server.gate import Identity, result_digest
 from server.models import ToolCall
+from server.records import open_call
 from server.runtime import running
 
 POLICY = Path(__file__).resolve().parent / "bench-policy.yaml"
@@ -68,7 +69,7 @@ async def run(home: Path, calls: int) -> dict[str, Any]:
             t2 = time.perf_counter()
             decision = gate.policy.current.decide(call, facts, redaction=redaction)
             t3 = time.perf_counter()
-            await gate._open(call, redaction.arguments, decision, state="allowed")
+            await open_call(gate.ledger, call, redaction.arguments, decision, state="allowed", holder=gate.broker.instance_id)
             t4 = time.perf_counter()
             result = await tool.run(arguments)
             t5 = time.perf_counter()

@@ -2,12 +2,19 @@
 from, and how the end reads to the agent (the `outcome` of its error result).
 
 `Ledger.finish(call_id, outcome, ...)` is the one writer of a terminal event: one conditional state change and
-the event, in one transaction, so a call that already ended never ends again.
+the event, in one transaction, so a call that already ended never ends again. What the agent reads of an end
+(the error results below) is written here too, so every channel and transport says the same.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Any
+
+import mcp_types as types
+
+from server.models import RequestView
 
 OPEN_STATES = ("received", "allowed", "pending", "approved", "running")
 
@@ -36,3 +43,71 @@ OUTCOMES: dict[str, Outcome] = {o.name: o for o in (
     Outcome("cancelled", "cancelled", "cancelled", ("pending", "approved"), "cancelled"),
     Outcome("abandoned", "abandoned", "abandoned", OPEN_STATES, "abandoned"),
 )}
+
+
+# -- what the agent reads -----------------------------------------------------------------------------
+
+
+def error_result(text: str, **meta: Any) -> types.CallToolResult:
+    """A refusal or an end other than a result: `text` for the agent, `meta` (its `outcome`, ids, reasons) for
+    programs."""
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text=text)],
+        is_error=True,
+        structured_content={"keyturn": meta} if meta else None,
+    )
+
+
+def closed_result(view: RequestView) -> types.CallToolResult:
+    """A held call that ended without running for this caller: denied, expired, cancelled, already run ..."""
+    if view.state == "denied":
+        deny = next((v for v in reversed(view.votes) if v["verdict"] == "deny"), None)
+        who = deny["person"] if deny else "keyturn"
+        return error_result(f"Denied by reviewer {who}: {deny['reason'] if deny else view.outcome_reason}",
+                            outcome=OUTCOMES["denied_by_reviewer"].label, by="reviewer", request_id=view.id,
+                            reviewer=who, reason=deny["reason"] if deny else view.outcome_reason)
+    if view.state == "expired":
+        return error_result(f"Request {view.id} expired: no reviewer decided in time; it did not run.",
+                            outcome=OUTCOMES["expired"].label, request_id=view.id)
+    if view.state == "executed":
+        return error_result(f"Request {view.id} was already run once; an approval runs exactly once. "
+                            "Call again to ask for a new approval.", outcome="already_executed", request_id=view.id)
+    return error_result(f"Request {view.id} is {view.state}: {view.outcome_reason or ''}".strip(),
+                        outcome=view.state, request_id=view.id)
+
+
+def left_result(request_id: str) -> types.CallToolResult:
+    """For a caller that is gone (nobody receives it; it says what the ledger says)."""
+    return error_result(f"Request {request_id} is still open: call again with the same arguments to rejoin it.",
+                        outcome="left", request_id=request_id)
+
+
+def ran_before_result(request_id: str, kind: str, ran_at: float, reason: str | None) -> types.CallToolResult:
+    """A retry of a held call that ran, whose result is not kept: when it ran and how it ended."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ran_at))
+    how = "and failed" + (f": {reason}" if reason else "") if kind == "failed" else ""
+    return error_result(
+        f"Request {request_id} was approved and ran at {when} {how}".rstrip() + ". Its result is not kept "
+        "(it may carry a secret, or its time has passed); it was not run again.",
+        outcome="already_executed" if kind == "executed" else OUTCOMES["failed"].label, request_id=request_id,
+        ran_at=ran_at)
+
+
+def unrecorded_result(call_id: str, error: str) -> types.CallToolResult:
+    """The tool ran and the ledger could not take its outcome: the result is withheld until it can."""
+    return error_result(
+        f"The tool ran, but keyturn could not record its outcome ({error}), so its result is withheld. "
+        "Do not repeat the call: it has run. keyturn records the outcome as soon as its ledger is writable again.",
+        outcome="unrecorded", call_id=call_id)
+
+
+def waiting_message(view: RequestView) -> str:
+    """The progress message of a held call."""
+    spec = view.review
+    needs = "; ".join(f"{g.quorum} from {', '.join(g.members) or 'any reviewer'}" for g in spec.groups) if spec else ""
+    approvals = sum(1 for v in view.votes if v["verdict"] == "approve")
+    left = int(view.expires - time.time()) if view.expires else 0
+    if view.state != "pending":
+        return f"keyturn request {view.id}: {view.tool} was approved and is being run; waiting for its result"
+    return (f"keyturn request {view.id}: waiting for human approval of {view.tool} "
+            f"({approvals} approval(s) so far; needs {needs}; expires in {left}s)")

@@ -21,8 +21,9 @@ from mcp.shared.exceptions import MCPError
 from mcp.shared.jsonrpc_dispatcher import progress_token_from_params
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from server.gate import Identity, ProgressFn, error_result
+from server.gate import Identity, ProgressFn
 from server.models import state_label
+from server.outcomes import error_result
 from server.runtime import Keyturn
 
 PRINCIPAL_SCOPE_KEY = "keyturn.principal"
