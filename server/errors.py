@@ -57,18 +57,6 @@ class ChannelError(KeyturnError):
     """A reviewer channel could not deliver or verify."""
 
 
-class ApprovalRejected(KeyturnError):
-    """A reviewer's verdict was refused (not eligible, self-approval, not pending ...)."""
-
-    def __init__(self, message: str, *, code: str = "refused") -> None:
-        self.code = code
-        super().__init__(message)
-
-
-class UnknownRequest(KeyturnError):
-    """No request with that id."""
-
-
 class ToolError(KeyturnError):
     """A guarded tool failed while running; wraps the tool's own exception."""
 

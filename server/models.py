@@ -5,6 +5,7 @@ This module imports nothing else from the package; every other room imports from
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -146,6 +147,30 @@ class Verdict(_Frozen):
     verdict: VerdictKind
     reason: str | None = None
     channel: str = "api"
+
+
+REFUSAL_STATUS = {"unknown": 404, "bad_request": 400, "reason_required": 400, "not_pending": 409, "expired": 409,
+                  "duplicate": 409}
+"""The HTTP status of a refused vote, by its code (any other refusal: 403)."""
+
+
+@dataclass(frozen=True)
+class VoteResult:
+    """What became of one reviewer's verdict, as every channel reports it: accepted (`code` recorded, approved or
+    denied) or refused (`code` says why: unknown, unknown_reviewer, self_approval, not_eligible, duplicate,
+    reason_required, not_pending, expired, bad_request; a refusal of a known request is in the ledger as
+    `vote.refused`), the request's state after it, and a message for the reviewer."""
+
+    request_id: str
+    accepted: bool
+    state: str
+    message: str
+    code: str
+
+    @property
+    def status(self) -> int:
+        """The HTTP status a channel answers with."""
+        return 200 if self.accepted else REFUSAL_STATUS.get(self.code, 403)
 
 
 class Event(_Frozen):

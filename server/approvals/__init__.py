@@ -8,7 +8,7 @@ and housekeeping.
   proof.py     an approval proven from the ledger's chain before anything runs
 """
 
-from server.approvals.broker import ApprovalBroker, Delivery, Notifier, VoteResult
+from server.approvals.broker import ApprovalBroker, Delivery, Notifier
 from server.approvals.quorum import ReviewerDirectory, directory_from, quorum_met
 
-__all__ = ["ApprovalBroker", "Delivery", "Notifier", "ReviewerDirectory", "VoteResult", "directory_from", "quorum_met"]
+__all__ = ["ApprovalBroker", "Delivery", "Notifier", "ReviewerDirectory", "directory_from", "quorum_met"]

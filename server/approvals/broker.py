@@ -26,9 +26,9 @@ import anyio
 
 from server.approvals.quorum import ReviewerDirectory, quorum_met
 from server.canonical import sha256_hex
-from server.errors import ApprovalRejected, LedgerError, UnknownRequest
+from server.errors import LedgerError
 from server.ledger import Ledger, Row, Subscription, Tx
-from server.models import Event, RequestView, ReviewSpec, Verdict
+from server.models import Event, RequestView, ReviewSpec, Verdict, VoteResult
 from server.outcomes import OPEN_STATES
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,6 @@ class Delivery:
     ran_at: float
     result_json: str | None  # the kept CallToolResult's canonical JSON; None when not kept (secret, or gone)
     reason: str | None = None
-
-
-@dataclass(frozen=True)
-class VoteResult:
-    request_id: str
-    accepted: bool
-    state: str
-    message: str
-    code: str = "ok"
 
 
 def _instance_id() -> str:
@@ -200,7 +191,8 @@ class ApprovalBroker:
     # -- the one place a verdict is judged ------------------------------------------------------
 
     async def decide(self, verdict: Verdict) -> VoteResult:
-        """Validate and record one reviewer's verdict. Raises ApprovalRejected (recorded) or UnknownRequest."""
+        """Judge and record one reviewer's verdict: accepted, or refused (a refusal of a known request is recorded
+        as `vote.refused`)."""
         person = self.directory.person(verdict.reviewer)
         reason = (verdict.reason or "").strip() or None
 
@@ -247,7 +239,7 @@ class ApprovalBroker:
                 tx.finish(verdict.request_id, "denied_by_reviewer", {"by": "reviewer", "person": person,
                                                                       "reviewer": verdict.reviewer, "reason": reason},
                           f"denied by {person}: {reason}")
-                return VoteResult(verdict.request_id, True, "denied", f"denied by {person}")
+                return VoteResult(verdict.request_id, True, "denied", f"denied by {person}", "denied")
             approvers = [v["person"] for v in votes if v["verdict"] == "approve"] + [person]
             if quorum_met(spec, approvers, self.directory):
                 # The approval is bound to this request's tool + arguments hash + policy digest, and expires.
@@ -258,20 +250,19 @@ class ApprovalBroker:
                     "policy_digest": row["policy_digest"], "expires": expires})
                 return VoteResult(verdict.request_id, True, "approved", "approved: quorum reached", "approved")
             return VoteResult(verdict.request_id, True, "pending",
-                              f"vote recorded ({len(approvers)} approval(s) so far; more are needed)")
+                              f"vote recorded ({len(approvers)} approval(s) so far; more are needed)", "recorded")
 
         result = await self.ledger.mutate_call(verdict.request_id, body)
-        if result.code == "unknown":
-            raise UnknownRequest(result.message)
         if not result.accepted:
-            raise ApprovalRejected(result.message, code=result.code)
+            return result
         last = (await self.ledger.events(verdict.request_id))[-1]
         await self.announce_change(verdict.request_id, last)
         if result.code == "approved":
             waiting = self.has_waiter(verdict.request_id)
             result = VoteResult(result.request_id, True, "approved", "approved: quorum reached" + (
                 "; running it for the waiting agent" if waiting else
-                f"; {WAITING_FOR_AGENT} (it runs once when the agent repeats the call, before the request expires)"))
+                f"; {WAITING_FOR_AGENT} (it runs once when the agent repeats the call, before the request expires)"),
+                "approved")
         return result
 
     # -- rejoining -------------------------------------------------------------------------------

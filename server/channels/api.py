@@ -7,7 +7,6 @@ only reports verdicts with that verified identity; `ApprovalBroker.decide` judge
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -15,15 +14,14 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from server.channels.bodies import BodyRefused, read_body
-from server.errors import ApprovalRejected, LedgerError, UnknownRequest
-from server.models import RequestView, Verdict, VerdictKind, state_label
+from server.errors import LedgerError
+from server.models import RequestView, Verdict, VerdictKind, VoteResult, state_label
 
 if TYPE_CHECKING:
     from server.runtime import Keyturn
 
 MAX_REASON = 2000
 MAX_BODY_BYTES = 64 * 1024
-REFUSAL_STATUS = {"not_pending": 409, "expired": 409, "duplicate": 409, "reason_required": 400}
 
 
 def _error(status: int, message: str, code: str) -> JSONResponse:
@@ -35,35 +33,17 @@ def view_json(view: RequestView) -> dict[str, Any]:
     return {**view.model_dump(mode="json"), "status": state_label(view.state)}
 
 
-@dataclass(frozen=True)
-class VoteOutcome:
-    """What a channel tells its reviewer after reporting a verdict: HTTP status, code, message, new state."""
-
-    status: int
-    code: str
-    message: str
-    state: str | None = None
-
-    @property
-    def accepted(self) -> bool:
-        return self.status == 200
-
-
 async def submit_verdict(
     kt: Keyturn, request_id: str, identity: str, verdict: VerdictKind, reason: object, *, channel: str
-) -> VoteOutcome:
-    """Report a verified reviewer's verdict to the broker (which alone judges it) and map the result for HTTP."""
+) -> VoteResult:
+    """Report a verified reviewer's verdict to the broker, which alone judges it (`VoteResult.status` is the HTTP
+    status to answer with)."""
     text = reason if isinstance(reason, str) else None
     if (reason is not None and text is None) or len(text or "") > MAX_REASON:
-        return VoteOutcome(400, "bad_request", f"reason must be a string of at most {MAX_REASON} characters")
-    try:
-        result = await kt.broker.decide(Verdict(
-            request_id=request_id, reviewer=identity, verdict=verdict, reason=text, channel=channel))
-    except UnknownRequest as e:
-        return VoteOutcome(404, "unknown", str(e))
-    except ApprovalRejected as e:
-        return VoteOutcome(REFUSAL_STATUS.get(e.code, 403), e.code, str(e))
-    return VoteOutcome(200, "ok", result.message, result.state)
+        return VoteResult(request_id, False, "", f"reason must be a string of at most {MAX_REASON} characters",
+                          "bad_request")
+    return await kt.broker.decide(Verdict(
+        request_id=request_id, reviewer=identity, verdict=verdict, reason=text, channel=channel))
 
 
 def reviewer_identity(kt: Keyturn, request: Request) -> str | None:

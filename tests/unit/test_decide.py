@@ -13,7 +13,6 @@ import pytest
 
 from server.approvals import ApprovalBroker, ReviewerDirectory, directory_from
 from server.classify import ClassifyContext
-from server.errors import ApprovalRejected, UnknownRequest
 from server.gate import Gate, Identity
 from server.guarded import guarded_tool
 from server.ledger import Ledger
@@ -90,9 +89,10 @@ def vote(request: RequestView, reviewer: str, verdict: str = "approve", reason: 
 
 
 async def refused(gate: Gate, verdict: Verdict) -> str:
-    with pytest.raises(ApprovalRejected) as refusal:
-        await gate.broker.decide(verdict)
-    return refusal.value.code
+    """The code of a refused verdict (the verdict must be refused)."""
+    result = await gate.broker.decide(verdict)
+    assert not result.accepted and result.status != 200, result
+    return result.code
 
 
 async def kinds(ledger: Ledger, request: RequestView) -> list[str]:
@@ -102,8 +102,8 @@ async def kinds(ledger: Ledger, request: RequestView) -> list[str]:
 async def test_an_unknown_request_is_an_error_and_records_nothing(world: tuple[Gate, Ledger]) -> None:
     gate, ledger = world
     head = len(await ledger.tail(1000))
-    with pytest.raises(UnknownRequest):
-        await gate.broker.decide(Verdict(request_id="no-such-request", reviewer="api:alice", verdict="approve"))
+    result = await gate.broker.decide(Verdict(request_id="no-such-request", reviewer="api:alice", verdict="approve"))
+    assert (result.accepted, result.code, result.status) == (False, "unknown", 404)
     assert len(await ledger.tail(1000)) == head
 
 
@@ -111,7 +111,7 @@ async def test_one_approval_from_any_reviewer_approves_and_binds_the_call(world:
     gate, ledger = world
     request = await held(gate, ledger, "write_any")
     result = await gate.broker.decide(vote(request, "api:alice"))
-    assert result.accepted and result.state == "approved"
+    assert result.accepted and result.state == "approved" and result.code == "approved"
     assert "waiting for the agent to come back" in result.message  # nobody waits: it runs when the agent retries
     events = await ledger.events(request.id)
     granted = next(e for e in events if e.kind == "approval.granted")

@@ -31,7 +31,7 @@ from server.channels.slack import blocks as ui
 from server.channels.slack.config import SlackConfig, SlackSecrets, describe, load_slack, make_client
 from server.channels.slack.identity import SlackIdentities
 from server.config import Settings
-from server.errors import ApprovalRejected, ChannelError, LedgerError, UnknownRequest
+from server.errors import ChannelError, LedgerError
 from server.ledger import Ledger
 from server.ledger.checkpoints import Checkpoint, checkpoint_line
 from server.models import TERMINAL_STATES, Event, RequestView, ReviewSpec, Verdict, VerdictKind
@@ -313,11 +313,12 @@ class SlackChannel:
 
     async def _vote(self, verdict: Verdict, user: str, channel: str) -> None:
         try:
-            await self.broker.decide(verdict)
-        except ApprovalRejected as e:
-            await self._ephemeral(channel, user, f":no_entry_sign: Your vote was not counted: {ui.escape(str(e))}")
-        except UnknownRequest:
-            await self._ephemeral(channel, user, f"keyturn has no request {ui.escape(verdict.request_id)}.")
+            result = await self.broker.decide(verdict)
+            if result.code == "unknown":
+                await self._ephemeral(channel, user, f"keyturn has no request {ui.escape(verdict.request_id)}.")
+            elif not result.accepted:
+                await self._ephemeral(channel, user,
+                                      f":no_entry_sign: Your vote was not counted: {ui.escape(result.message)}")
         except LedgerError:
             log.exception("slack: ledger failure while recording a vote")
             await self._ephemeral(channel, user, "keyturn could not record your vote (ledger unavailable); "
