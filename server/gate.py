@@ -218,7 +218,7 @@ class Gate:
         if decision.outcome == "review" and not (result.meta or {}).get(SECRET_RESULT_META):
             # Kept for a retry in case this caller cannot receive it (it gave up without a word); a secret is not.
             try:
-                await self.broker.keep_result(call.call_id, result_json, (await self._expiry(call.call_id)))
+                await self.broker.kept.keep(call.call_id, result_json, (await self._expiry(call.call_id)))
             except LedgerError as e:
                 log.warning("could not keep the result of %s for a retry: %s", call.call_id, e)
         if not await self._record_outcome(call.call_id, kind, payload, None):

@@ -24,8 +24,8 @@ from typing import Protocol
 
 import anyio
 
+from server.approvals.kept import KeptResults
 from server.approvals.quorum import ReviewerDirectory, quorum_met
-from server.canonical import sha256_hex
 from server.errors import LedgerError
 from server.ledger import Ledger, Row, Subscription, Tx
 from server.models import Event, RequestView, ReviewSpec, Verdict, VoteResult
@@ -51,22 +51,8 @@ class Notifier(Protocol):
 
 
 REJOINABLE_OPEN = ("pending", "approved", "running")
-KEPT_RESULTS_MAX_BYTES = 64 * 2**20
-"""Results of held calls kept in memory for a retry, at most (see `ApprovalBroker.keep_result`)."""
 WAITING_FOR_AGENT = "approved, waiting for the agent to come back"
 """How an approved request that nobody has claimed yet reads to a reviewer: it runs when the agent calls again."""
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """What a retry of a held call that already ran gets: the kept result (checked against the chain), or when it
-    ran and how it ended."""
-
-    request_id: str
-    kind: str  # the terminal event: executed or failed
-    ran_at: float
-    result_json: str | None  # the kept CallToolResult's canonical JSON; None when not kept (secret, or gone)
-    reason: str | None = None
 
 
 def _instance_id() -> str:
@@ -82,13 +68,13 @@ class ApprovalBroker:
     instance_id: str = field(default_factory=_instance_id)
     _waiters: dict[str, anyio.Event] = field(default_factory=dict)
     _watching: dict[str, int] = field(default_factory=dict)  # request id -> calls waiting on it now
-    _kept: dict[str, tuple[str, str, float]] = field(default_factory=dict)  # request -> (result, digest, expires)
-    _kept_bytes: int = 0
 
     feed: Subscription = field(init=False)
+    kept: KeptResults = field(init=False)
 
     def __post_init__(self) -> None:
         self.feed = self.ledger.follow(WAKE_KINDS, on_local=self._on_events)
+        self.kept = KeptResults(self.ledger)
 
     # -- wake-ups --------------------------------------------------------------------------------
 
@@ -300,50 +286,6 @@ class ApprovalBroker:
             return None
         return await self.ledger.get_call(view.id)
 
-    async def keep_result(self, request_id: str, result_json: str, expires: float | None) -> None:
-        """Keep a held call's result (its canonical JSON) for a retry, until the request's expiry.
-
-        Kept in this process's memory, never in the ledger file: a result may carry what the agent asked for (a
-        key it was approved to read), and the ledger holds only its digest. A retry that reaches another process,
-        or comes after a restart, is told that the call ran and when, not given the result again. Bounded: past
-        `KEPT_RESULTS_MAX_BYTES` the results closest to their expiry are forgotten first."""
-        now = time.time()
-        if expires is None or expires <= now or len(result_json) > KEPT_RESULTS_MAX_BYTES:
-            return
-        self._forget_kept(now)
-        self._kept[request_id] = (result_json, sha256_hex(result_json), expires)
-        self._kept_bytes += len(result_json)
-        while self._kept_bytes > KEPT_RESULTS_MAX_BYTES:
-            oldest = min(self._kept, key=lambda k: self._kept[k][2])
-            self._kept_bytes -= len(self._kept.pop(oldest)[0])
-
-    def _forget_kept(self, now: float) -> None:
-        for request_id in [k for k, (_, _, expires) in self._kept.items() if expires <= now]:
-            self._kept_bytes -= len(self._kept.pop(request_id)[0])
-
-    async def deliver(self, request_id: str, principal: str) -> Delivery | None:
-        """For a retry of a request that ran: how it ended, and its kept result when the result's digest matches
-        the one the chain recorded. Recorded as `result.delivered`. None if the request has not ended that way."""
-        ended = [e for e in await self.ledger.events(request_id) if e.kind in ("executed", "failed")]
-        if not ended:
-            return None
-        end = ended[-1]
-        chained = end.payload.get("result_digest")
-        self._forget_kept(time.time())
-        kept = self._kept.get(request_id)
-        result_json = None
-        if kept is not None and chained is not None:
-            text, digest, _ = kept
-            if digest == chained == sha256_hex(text):
-                result_json = text
-            else:
-                log.error("the result kept for %s does not match the ledger's digest: not returned", request_id)
-        reason = end.payload.get("error")
-        await self.ledger.append("result.delivered", request_id, {
-            "principal": principal, "outcome": end.kind, "kept": result_json is not None,
-            "result_digest": chained, "ran_at": end.ts})
-        return Delivery(request_id, end.kind, end.ts, result_json, reason if isinstance(reason, str) else None)
-
     # -- timeouts and restarts ------------------------------------------------------------------
 
     async def expire(self, request_id: str, reason: str = "no reviewer decided before the timeout") -> bool:
@@ -357,7 +299,7 @@ class ApprovalBroker:
     async def sweep_expired(self) -> int:
         """Expire every open request whose time has passed, whichever process holds it; forget the results kept
         for requests whose time has passed."""
-        self._forget_kept(time.time())
+        self.kept.forget_expired(time.time())
         count = 0
         for request_id in await self.ledger.expired_calls(time.time(), limit=SWEEP_BATCH):
             if await self.expire(request_id):

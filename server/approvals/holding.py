@@ -122,7 +122,7 @@ class Holding:
             return left_result(request_id)
         if found.state not in ("executed", "failed"):
             return closed_result(found)
-        delivery = await self.broker.deliver(request_id, call.principal)
+        delivery = await self.broker.kept.deliver(request_id, call.principal)
         if delivery is None:
             return closed_result(found)
         if delivery.result_json is not None:
