@@ -10,7 +10,7 @@ import json
 import time
 from typing import Any
 
-from server.channels.slack_blocks import request_message
+from server.channels.slack.blocks import request_message
 from server.channels.teams_cards import card_json, request_card
 
 from server.classify import REDACTED, ClassifyContext, Redaction, extract_facts
