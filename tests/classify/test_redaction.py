@@ -11,8 +11,7 @@ import time
 from typing import Any
 
 from server.channels.slack.blocks import request_message
-from server.channels.teams_cards import card_json, request_card
-
+from server.channels.teams.cards import card_json, request_card
 from server.classify import REDACTED, ClassifyContext, Redaction, extract_facts
 from server.models import Decision, RequestView
 from server.policy import parse_policy
