@@ -16,7 +16,7 @@ from mcp_types import CallToolResult
 from server.gate import Gate
 from server.ledger import Ledger
 from server.models import RequestView, Verdict
-from tests.unit.test_gate import AGENT, Runs, terminal_kinds, wait_pending, world  # noqa: F401 (a fixture)
+from tests.test_gate import AGENT, Runs, terminal_kinds, wait_pending, world  # noqa: F401 (a fixture)
 
 
 def flip_to_approved(db: str, request_id: str) -> None:

@@ -22,12 +22,10 @@ from typing import Any
 import httpx2
 
 from server.channels.teams.decision_link import LinkSigner
-from tests.conftest import TOKENS
-from tests.reliability.conftest import RelHome, eventually
-from tests.slack.conftest import SLACK_USERS, slack_config, slack_env
-from tests.slack.fake_slack import TEAM, FakeSlack
-from tests.slack.interactions import block_action, post_signed, view_submission
-from tests.teams.conftest import (
+from tests.channels.slack.conftest import SLACK_USERS, slack_config, slack_env
+from tests.channels.slack.fake_slack import TEAM, FakeSlack
+from tests.channels.slack.interactions import block_action, post_signed, view_submission
+from tests.channels.teams.conftest import (
     APP_PASSWORD,
     LINK_SECRET,
     OIDS,
@@ -37,6 +35,8 @@ from tests.teams.conftest import (
     reviewers,
     teams_config,
 )
+from tests.conftest import TOKENS
+from tests.reliability.conftest import RelHome, eventually
 
 CHANNELS = ("api", "slack", "teams", "web", "link")
 

@@ -4,7 +4,7 @@ The requester (an agent acting for bob) never decides its own call, whichever of
 whatever the agent sends; a reviewer outside the rule's groups is refused; one person counts once toward a
 quorum whatever channels they use, and a token speaks only for its own reviewer; a replayed decision and a
 decision on an expired request are refused; racing decisions resolve the request exactly once.
-Slack and Teams replays of the very same signed request are in tests/slack and tests/teams (e2e).
+Slack and Teams replays of the very same signed request are in tests/channels/slack and tests/channels/teams (e2e).
 """
 
 from __future__ import annotations

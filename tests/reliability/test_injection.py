@@ -21,11 +21,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from server.ledger import CallFilter, Ledger
+from tests.channels.slack.interactions import message_text
 from tests.conftest import TOKENS, ReviewerAPI, agent_client
 from tests.reliability.channels import Reviewers, configure_all_channels, fake_services, hold, pending_request
 from tests.reliability.conftest import RelHome, meta, text
 from tests.reliability.test_hostile_input import examples
-from tests.slack.interactions import message_text
 
 SQLI = ["' OR '1'='1", "x' UNION SELECT id, tool, principal FROM calls --", "%' --", "'; DELETE FROM events; --",
         '" OR ""="', "1) OR (1=1", "\\'; DROP TABLE calls; --", "*", "%", "_"]

@@ -21,9 +21,9 @@ from server.config import Person, Reviewer, Settings
 from server.errors import ApprovalRejected, ChannelError
 from server.ledger import Ledger
 from server.models import ApproverGroup, RequestView, ReviewSpec, Verdict
-from tests.slack.fake_slack import APP_TOKEN, BOT_TOKEN, SIGNING_SECRET, TEAM, FakeSlack
-from tests.slack.fake_socket import FakeSocketMode
-from tests.slack.interactions import block_action, message_text, signed, view_submission
+from tests.channels.slack.fake_slack import APP_TOKEN, BOT_TOKEN, SIGNING_SECRET, TEAM, FakeSlack
+from tests.channels.slack.fake_socket import FakeSocketMode
+from tests.channels.slack.interactions import block_action, message_text, signed, view_submission
 
 SETTINGS = Settings(
     people={"alice": Person(groups=("dba",)), "carol": Person(groups=("dba",)), "bob": Person(),

@@ -12,10 +12,10 @@ import anyio
 import httpx2
 import mcp_types as types
 
+from tests.channels.slack.conftest import slack_config
+from tests.channels.slack.fake_slack import FakeSlack
+from tests.channels.slack.interactions import action_values, block_action, message_text, post_signed, signed, view_submission
 from tests.conftest import TOKENS, Home, ReviewerAPI, agent_client, free_port
-from tests.slack.conftest import slack_config
-from tests.slack.fake_slack import FakeSlack
-from tests.slack.interactions import action_values, block_action, message_text, post_signed, signed, view_submission
 
 AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
 TERMINAL = {"executed", "failed", "denied", "expired", "cancelled", "abandoned"}
