@@ -167,3 +167,11 @@ async def held_call(gate: Gate, tool: Any, arguments: dict[str, Any], who: Ident
     to return."""
     async with agent() as calls:
         yield calls.call(gate, tool, arguments, who)
+
+
+async def left_pending(gate: Gate, tool: Any, arguments: dict[str, Any], who: Identity) -> RequestView:
+    """A request left pending: the agent's call is held, then the agent stops waiting (the request stays)."""
+    async with agent() as calls:
+        request = await calls.call(gate, tool, arguments, who).request()
+        calls.stop()
+    return request

@@ -19,7 +19,7 @@ from server.guarded import guarded_tool
 from server.ledger import Ledger
 from server.models import Event, RequestView, Verdict
 from server.policy import LivePolicy
-from tests.helpers import agent, held_call, ledger_until, pending_requests, until_event
+from tests.helpers import agent, held_call, ledger_until, left_pending, until_event
 
 POLICY = """
 version: 1
@@ -199,13 +199,11 @@ async def test_the_requester_identity_can_never_approve(world: tuple[Gate, Runs,
 async def test_an_approval_is_bound_to_its_arguments_and_consumed_by_the_run(world: tuple[Gate, Runs, Ledger]) -> None:
     gate, runs, ledger = world
     write = gate.tools["write_thing"]  # type: ignore[attr-defined]
-    with anyio.move_on_after(0.5):
-        await gate.call(write, {"key": "approved-one"}, AGENT)
-    (request,) = await pending_requests(ledger)
+    request = await left_pending(gate, write, {"key": "approved-one"}, AGENT)
+    assert [v.id for v in await ledger.list_calls(("pending",))] == [request.id]
     await gate.broker.decide(Verdict(request_id=request.id, reviewer="api:alice", verdict="approve"))
     # Other arguments are another request: the approval does not carry over.
-    with anyio.move_on_after(0.5):
-        await gate.call(write, {"key": "something-else"}, AGENT)
+    await left_pending(gate, write, {"key": "something-else"}, AGENT)
     assert runs.count == 0
     assert (await ledger.get_call(request.id)).state == "approved"  # type: ignore[union-attr]
     # The approved arguments run once; the same call again, before the request expires, gets that run's kept
