@@ -64,10 +64,11 @@ async def until_event(ledger: Ledger, call_id: str, kind: str, timeout: float = 
     return await ledger_until(ledger, seen, timeout, kinds={kind})
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 20, every: float = 0.05) -> Any:
-    """For what only polling can see (another process's HTTP API, a file): `check()` (sync or async) until it
-    returns something true, every `every` seconds, failing after `timeout`. Returns that value."""
-    with anyio.fail_after(timeout):
+async def eventually(check: Callable[[], Any], within: float = 20, every: float = 0.05) -> Any:
+    """For what only polling can see (another process's database or HTTP API, a file, another thread's work):
+    `check()` (sync or async) until it returns something true, every `every` seconds, failing after `within`.
+    Returns that value."""
+    with anyio.fail_after(within):
         while True:
             value = check()
             if inspect.isawaitable(value):

@@ -54,7 +54,7 @@ async def test_checkpoints_copy_the_wal_into_the_database_file(tmp_path: Path) -
         before = db.stat().st_size
         for i in range(CHECKPOINT_EVERY + 1):
             await ledger.append("process.started", None, {"i": i, "pad": "x" * 200})
-        await eventually(lambda: db.stat().st_size > before, timeout=10)  # another thread's work: no event to wait on
+        await eventually(lambda: db.stat().st_size > before, within=10)  # another thread's work: no event to wait on
         assert (await ledger.verify()).ok
 
 
@@ -160,7 +160,7 @@ async def past_the_restart_while_a_read_is_held(ledger: Ledger) -> None:
     assert checkpointer is not None
     for i in range(CHECKPOINT_EVERY):
         await ledger.append("process.started", None, {"i": i, "pad": "x" * 500})
-    await eventually(lambda: checkpointer.passes >= 1, timeout=30)  # another thread's work: no event to wait on
+    await eventually(lambda: checkpointer.passes >= 1, within=30)  # another thread's work: no event to wait on
     with anyio.fail_after(30):
         for i in range(CHECKPOINT_EVERY):
             await ledger.append("process.started", None, {"i": i, "pad": "x" * 500})
@@ -189,7 +189,7 @@ async def test_a_long_read_puts_off_the_wal_restart_rather_than_make_writers_wai
         for i in range(CHECKPOINT_EVERY):  # the read is over: the next checkpoints restart the WAL
             await ledger.append("process.started", None, {"j": i})
         wal = db.with_name(db.name + "-wal")
-        await eventually(lambda: wal.stat().st_size == 0, timeout=30)  # another thread's work: no event to wait on
+        await eventually(lambda: wal.stat().st_size == 0, within=30)  # another thread's work: no event to wait on
         assert (await ledger.verify()).count == 1 + 3 * CHECKPOINT_EVERY
 
 

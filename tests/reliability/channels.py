@@ -36,7 +36,8 @@ from tests.channels.teams.conftest import (
     teams_config,
 )
 from tests.conftest import TOKENS
-from tests.reliability.conftest import RelHome, eventually
+from tests.helpers import eventually
+from tests.reliability.conftest import RelHome
 
 CHANNELS = ("api", "slack", "teams", "web", "link")
 

@@ -17,8 +17,9 @@ import httpx2
 import pytest
 
 from tests.conftest import TOKENS, ReviewerAPI, agent_client
+from tests.helpers import eventually
 from tests.reliability.channels import CHANNELS, Reviewers, configure_all_channels, fake_services, hold, pending_request
-from tests.reliability.conftest import TERMINAL, RelHome, eventually, meta, text
+from tests.reliability.conftest import TERMINAL, RelHome, meta, text
 
 
 @pytest.fixture(scope="module")

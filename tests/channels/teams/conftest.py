@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -252,15 +252,6 @@ def teams_home(home: Home, fake_teams: FakeTeams, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("KEYTURN_TEAMS_APP_PASSWORD", APP_PASSWORD)
     monkeypatch.setenv("KEYTURN_LINK_SECRET", LINK_SECRET)
     return TeamsHome(home=home, fake=fake_teams)
-
-
-async def eventually(predicate: Callable[[], bool], within: float = 20) -> None:
-    """Poll something another process or thread changes (the ledger file, the fake) until it holds."""
-    with anyio.fail_after(within):
-        while True:
-            if predicate():
-                return
-            await anyio.sleep(0.05)
 
 
 def request_id_of(card: dict[str, Any]) -> str:

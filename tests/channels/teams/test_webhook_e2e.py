@@ -15,8 +15,9 @@ import httpx2
 import pytest
 
 from server.channels.teams.decision_link import LinkSigner, link_secret_path
-from tests.channels.teams.conftest import LINK_SECRET, TeamsHome, eventually
+from tests.channels.teams.conftest import LINK_SECRET, TeamsHome
 from tests.conftest import TOKENS, agent_client
+from tests.helpers import eventually
 
 TERMINAL = {"executed", "failed", "denied", "expired", "cancelled", "abandoned"}
 
