@@ -6,6 +6,13 @@ reviewer, then reads what the agent got. Waits are on the ledger's feed or on ev
         await gate.broker.decide(Verdict(request_id=request.id, reviewer="api:alice", verdict="approve"))
         result = await call.result()
 
+Through a real transport, an MCP client's call runs the same way:
+
+    async with client_call(client, "sql_execute", {"statement": "..."}) as call:
+        request = await api.wait_pending("sql_execute")
+        ...  # the reviewer acts
+    result = await call.result()
+
 Out-of-process stories, which can only look (over HTTP, in a file), wait with `eventually(check)`.
 """
 
@@ -176,3 +183,53 @@ async def left_pending(gate: Gate, tool: Any, arguments: dict[str, Any], who: Id
         request = await calls.call(gate, tool, arguments, who).request()
         calls.stop()
     return request
+
+
+class ClientCall:
+    """An MCP client's `tools/call` running in a task group: `progressed()` waits for its first progress
+    notification (when a `progress_callback` was given), `result()` for what the agent got back."""
+
+    def __init__(self, client: Any, tool: str, arguments: dict[str, Any], **kwargs: Any) -> None:
+        self.client, self.tool, self.arguments = client, tool, arguments
+        self._progress = kwargs.pop("progress_callback", None)
+        self._kwargs = kwargs
+        self._progressed = anyio.Event()
+        self._returned = anyio.Event()
+        self._result: Any = None
+
+    async def _on_progress(self, progress: float, total: float | None, message: str | None) -> None:
+        assert self._progress is not None
+        await self._progress(progress, total, message)
+        self._progressed.set()
+
+    async def run(self) -> None:
+        if self._progress is not None:
+            self._kwargs["progress_callback"] = self._on_progress
+        try:
+            self._result = await self.client.call_tool(self.tool, self.arguments, **self._kwargs)
+        finally:
+            self._returned.set()
+
+    @property
+    def returned(self) -> bool:
+        return self._returned.is_set()
+
+    async def progressed(self, timeout: float = 10) -> None:
+        assert self._progress is not None, "no progress_callback given"
+        with anyio.fail_after(timeout):
+            await self._progressed.wait()
+
+    async def result(self, timeout: float = 60) -> Any:
+        with anyio.fail_after(timeout):
+            await self._returned.wait()
+        return self._result
+
+
+@asynccontextmanager
+async def client_call(client: Any, tool: str, arguments: dict[str, Any], **kwargs: Any) -> AsyncIterator[ClientCall]:
+    """The agent's call through an MCP client, in a task group, while the block acts as the reviewer; leaving the
+    block waits for the call to return."""
+    call = ClientCall(client, tool, arguments, **kwargs)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call.run)
+        yield call

@@ -196,8 +196,5 @@ async def pending_request(home: RelHome, tag: str, within: float = 20) -> str:
                 return str(e["call_id"]) if home.calls().get(e["call_id"]) == "pending" else None
         return None
 
-    await eventually(lambda: find() is not None, within=within)
-    found = find()
-    assert found is not None
-    return found
+    return str(await eventually(find, within=within))
 

@@ -61,9 +61,7 @@ def python_client(script: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 
 async def finished(proc: subprocess.Popen[Any], within: float) -> str:
-    with anyio.fail_after(within):
-        while proc.poll() is None:
-            await anyio.sleep(0.1)
+    await eventually(lambda: proc.poll() is not None, within=within, every=0.1)
     out, _ = proc.communicate()  # (closes its pipe)
     return str(out or "")
 
