@@ -43,8 +43,9 @@ def ledger_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
             for i, (tool, principal) in enumerate([("sql_query", "agent-a"), ("probe_run", "agent-b"),
                                                    ("files_read", "agent-a")]):
                 await ledger.open_call(call_id=f"c{i}", tool=tool, principal=principal, on_behalf_of=None, model=None,
-                                       args_hash="h", redacted_arguments={"i": i}, state="denied", holder=None,
-                                       events=[("call.received", {"tool": tool}), ("denied", {"by": "policy"})])
+                                       args_hash="h", redacted_arguments={"i": i}, state="received", holder=None,
+                                       events=[("call.received", {"tool": tool})])
+                assert await ledger.finish(f"c{i}", "denied_by_policy", {"by": "policy"})
 
     anyio.run(fill)
     return path
