@@ -53,15 +53,6 @@ async def ledger_until(ledger: Ledger, check: Callable[[], Awaitable[T | None]],
         subscription.close()
 
 
-async def pending_requests(ledger: Ledger, n: int = 1, timeout: float = 10) -> list[RequestView]:
-    """At least `n` pending requests (all of them, newest first), as soon as the ledger has them."""
-    async def enough() -> list[RequestView] | None:
-        pending = await ledger.list_calls(("pending",))
-        return pending if len(pending) >= n else None
-
-    return await ledger_until(ledger, enough, timeout)
-
-
 async def until_event(ledger: Ledger, call_id: str, kind: str, timeout: float = 10) -> list[Event]:
     """The call's events once one of `kind` is among them."""
     async def seen() -> list[Event] | None:
