@@ -174,14 +174,12 @@ class ReviewerAPI:
         return list(r.json()["requests"])
 
     async def wait_pending(self, tool: str, who: str = "alice", timeout: float = 20) -> dict[str, Any]:
-        import anyio
+        from tests.helpers import eventually  # (the helpers import the server: not at conftest load)
 
-        with anyio.fail_after(timeout):
-            while True:
-                for req in await self.pending(who):
-                    if req["tool"] == tool:
-                        return req
-                await anyio.sleep(0.05)
+        async def held() -> dict[str, Any] | None:
+            return next((req for req in await self.pending(who) if req["tool"] == tool), None)
+
+        return await eventually(held, within=timeout)  # type: ignore[no-any-return]
 
     async def vote(self, request_id: str, verdict: str, who: str, reason: str | None = None) -> httpx2.Response:
         return await self.request("POST", f"/api/requests/{request_id}/{verdict}", who, {"reason": reason})

@@ -10,6 +10,7 @@ import anyio
 import pytest
 
 from tests.conftest import TOKENS, Home, ReviewerAPI, agent_client
+from tests.helpers import client_call
 
 
 def text(result) -> str:  # type: ignore[no-untyped-def]
@@ -49,28 +50,21 @@ async def test_held_call_is_approved_through_the_api_and_runs_exactly_the_approv
     base = home.serve_http()
     api = ReviewerAPI(base)
     progress: list[str] = []
-    results = []
 
     async def on_progress(p: float, total: float | None, message: str | None) -> None:
         progress.append(message or "")
 
     async with agent_client(base) as client:
-        async def agent() -> None:
-            results.append(await client.call_tool(
-                "sql_execute", {"statement": "DELETE FROM orders WHERE item = 'pear'"}, progress_callback=on_progress))
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(agent)
+        async with client_call(client, "sql_execute", {"statement": "DELETE FROM orders WHERE item = 'pear'"},
+                               progress_callback=on_progress) as call:
             req = await api.wait_pending("sql_execute")
             assert req["arguments"] == {"statement": "DELETE FROM orders WHERE item = 'pear'"}
             assert home.rows("SELECT count(*) FROM orders") == [(3,)]  # held: nothing ran yet
-            with anyio.fail_after(10):
-                while not progress:
-                    await anyio.sleep(0.05)
+            await call.progressed()
             r = await api.vote(req["id"], "approve", "alice", "checked with the team")
             assert r.status_code == 200, r.text
             assert r.json()["state"] == "approved"
-    result = results[0]
+    result = await call.result()
     assert not result.is_error, text(result)
     assert home.rows("SELECT item FROM orders ORDER BY id") == [("apple",), ("plum",)]
     assert req["id"] in progress[0] and "waiting for human approval" in progress[0]
@@ -88,19 +82,15 @@ async def test_held_call_is_approved_through_the_api_and_runs_exactly_the_approv
 async def test_held_call_denied_with_a_reason_that_reaches_the_agent(home: Home) -> None:
     base = home.serve_http()
     api = ReviewerAPI(base)
-    results = []
     async with agent_client(base) as client:
-        async def agent() -> None:
-            results.append(await client.call_tool("sql_execute", {"statement": "UPDATE orders SET qty = 0"}))
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(agent)
+        async with client_call(client, "sql_execute", {"statement": "UPDATE orders SET qty = 0"}) as call:
             req = await api.wait_pending("sql_execute")
             bad = await api.vote(req["id"], "deny", "alice")  # a denial needs a reason
             assert bad.status_code == 400
             r = await api.vote(req["id"], "deny", "alice", "not during the sale")
             assert r.status_code == 200 and r.json()["state"] == "denied"
-    assert results[0].is_error and "not during the sale" in text(results[0]) and "alice" in text(results[0])
+    result = await call.result()
+    assert result.is_error and "not during the sale" in text(result) and "alice" in text(result)
     assert home.rows("SELECT sum(qty) FROM orders") == [(15,)]
     assert terminal_events(home, req["id"]) == ["denied"]
 
@@ -122,13 +112,8 @@ async def test_requester_cannot_approve_its_own_call_and_ineligible_reviewers_ar
         TOKENS["agent-bob"].encode()).hexdigest(), "on_behalf_of": "bob"}])
     base = home.serve_http()
     api = ReviewerAPI(base)
-    results = []
     async with agent_client(base, TOKENS["agent-bob"]) as client:
-        async def agent() -> None:
-            results.append(await client.call_tool("sql_execute", {"statement": "UPDATE payroll SET salary = 1"}))
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(agent)
+        async with client_call(client, "sql_execute", {"statement": "UPDATE payroll SET salary = 1"}) as call:
             req = await api.wait_pending("sql_execute")
             assert req["principal"] == "agent-bob" and req["on_behalf_of"] == "bob"
             selfie = await api.vote(req["id"], "approve", "bob", "looks fine to me")
@@ -141,7 +126,8 @@ async def test_requester_cannot_approve_its_own_call_and_ineligible_reviewers_ar
             assert twice.status_code == 409 and twice.json()["code"] == "duplicate"
             second = await api.vote(req["id"], "approve", "carol", "ok")
             assert second.json()["state"] == "approved"
-    assert not results[0].is_error
+    result = await call.result()
+    assert not result.is_error
     assert home.rows("SELECT salary FROM payroll") == [(1,)]
     refused = [e["payload"]["code"] for e in home.ledger_events(req["id"]) if e["kind"] == "vote.refused"]
     assert refused == ["self_approval", "not_eligible", "duplicate"]

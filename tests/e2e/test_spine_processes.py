@@ -11,6 +11,7 @@ import anyio
 from mcp import Client
 
 from tests.conftest import TOKENS, Home, ReviewerAPI, agent_client, free_port
+from tests.helpers import client_call
 
 
 def text(result) -> str:  # type: ignore[no-untyped-def]
@@ -20,23 +21,17 @@ def text(result) -> str:  # type: ignore[no-untyped-def]
 async def test_stdio_agent_held_call_decided_through_another_process_within_a_second(home: Home) -> None:
     base = home.serve_http()  # the reviewer API process, sharing the same database
     api = ReviewerAPI(base)
-    results = []
     async with Client(home.stdio_params()) as client:
         ok = await client.call_tool("sql_query", {"query": "SELECT count(*) AS n FROM orders"})
         assert not ok.is_error and "3" in text(ok)
 
-        async def agent() -> None:
-            results.append(await client.call_tool("sql_execute", {"statement": "DELETE FROM orders WHERE id = 1"}))
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(agent)
+        async with client_call(client, "sql_execute", {"statement": "DELETE FROM orders WHERE id = 1"}) as call:
             req = await api.wait_pending("sql_execute")
             r = await api.vote(req["id"], "approve", "alice", "fine")
             assert r.status_code == 200
-            with anyio.fail_after(1.5):  # polled from the store within a second (+ slack for a busy CI box)
-                while not results:
-                    await anyio.sleep(0.02)
-    assert not results[0].is_error, text(results[0])
+            # polled from the store within a second (+ slack for a busy CI box)
+            result = await call.result(timeout=1.5)
+    assert not result.is_error, text(result)
     assert home.rows("SELECT count(*) FROM orders") == [(2,)]
     kinds = [e["kind"] for e in home.ledger_events(req["id"])]
     assert kinds.count("execution.started") == 1 and kinds[-1] == "executed"
@@ -101,13 +96,8 @@ async def test_held_requests_are_abandoned_when_the_process_dies_and_never_run(h
 
 async def test_reviewer_cli_lists_shows_and_approves(home: Home) -> None:
     base = home.serve_http()
-    results = []
     async with agent_client(base) as client:
-        async def agent() -> None:
-            results.append(await client.call_tool("sql_execute", {"statement": "UPDATE orders SET qty = 9 WHERE id = 3"}))
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(agent)
+        async with client_call(client, "sql_execute", {"statement": "UPDATE orders SET qty = 9 WHERE id = 3"}) as call:
             req = await ReviewerAPI(base).wait_pending("sql_execute")
             pending = await anyio.to_thread.run_sync(lambda: home.keyturn("pending", token=TOKENS["carol"], url=base))
             assert req["id"] in pending.stdout and "writes need a human" in pending.stdout
@@ -116,7 +106,8 @@ async def test_reviewer_cli_lists_shows_and_approves(home: Home) -> None:
             approved = await anyio.to_thread.run_sync(lambda: home.keyturn(
                 "approve", req["id"], "--reason", "ticket OPS-12", token=TOKENS["carol"], url=base))
             assert approved.returncode == 0, approved.stderr
-    assert not results[0].is_error
+    result = await call.result()
+    assert not result.is_error
     home.stop_all()
     story = home.keyturn("audit", "show", req["id"], "--config", str(home.config))
     assert "approve by carol" in story.stdout and "ticket OPS-12" in story.stdout and "executed" in story.stdout

@@ -22,6 +22,7 @@ from mcp.client.stdio import stdio_client
 from mcp.shared.exceptions import MCPError
 
 from tests.conftest import DATA, ROOT, Home, ReviewerAPI
+from tests.helpers import client_call
 
 MODERN = "2026-07-28"
 VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
@@ -336,17 +337,12 @@ async def test_a_held_call_reports_progress_with_its_request_id_and_completes_on
         if era == MODERN:
             assert client.protocol_version == MODERN
 
-        async def agent() -> None:
-            results.append(await client.call_tool("sql_execute", {"statement": "DELETE FROM orders WHERE id = 2"},
-                                                  progress_callback=on_progress))
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(agent)
+        async with client_call(client, "sql_execute", {"statement": "DELETE FROM orders WHERE id = 2"},
+                               progress_callback=on_progress) as call:
             req = await api.wait_pending("sql_execute")
-            with anyio.fail_after(10):
-                while not reports:
-                    await anyio.sleep(0.05)
+            await call.progressed()
             assert (await api.vote(req["id"], "approve", "alice", "fine")).status_code == 200
+        results.append(await call.result())
         status = await client.call_tool("keyturn_status", {"request_id": req["id"]})
         assert status.structured_content["state"] == "executed"
     assert not results[0].is_error, text(results[0])

@@ -14,6 +14,7 @@ import mcp_types as types
 from mcp import Client
 
 from tests.conftest import ReviewerAPI, agent_client, free_port
+from tests.helpers import eventually
 from tests.proxy.conftest import HTTP_UPSTREAM, ProxyHome, git, git_upstream, text
 
 
@@ -77,9 +78,11 @@ async def test_an_http_upstream_with_a_token_is_guarded_and_reconnected(home: Pr
             down = await client.call_tool("read_note", {"name": "todo.md"})
             assert down.is_error and "upstream '127-0-0-1'" in text(down)  # named after its host
             _start_notes(home, port, notes)
-            with anyio.fail_after(30):
-                while (back := await client.call_tool("read_note", {"name": "todo.md"})).is_error:
-                    await anyio.sleep(0.2)
+            async def read_back() -> types.CallToolResult | None:
+                answer = await client.call_tool("read_note", {"name": "todo.md"})
+                return None if answer.is_error else answer
+
+            back = await eventually(read_back, within=30, every=0.2)
             assert "nothing" in text(back)
     assert home.terminal(req["id"]) == "executed"
     assert home.terminal(down.structured_content["keyturn"]["call_id"]) == "failed"

@@ -21,6 +21,7 @@ import yaml
 from mcp import Client
 
 from tests.conftest import ROOT
+from tests.helpers import eventually
 from tests.proxy.conftest import FS_SERVER, GIT_SERVER, HERE, ProxyHome, git, text
 
 PROBE = HERE / "probe_server.py"
@@ -232,8 +233,11 @@ async def test_a_call_while_the_upstream_starts_names_it_and_its_state(home: Pro
             early = await client.call_tool("processes", {})
             assert early.is_error and "upstream 'probe' is still starting" in text(early), text(early)
             (gate / "open").touch()
-            while (later := await client.call_tool("processes", {})).is_error:
-                await anyio.sleep(0.1)
+            async def started() -> Any:
+                answer = await client.call_tool("processes", {})
+                return None if answer.is_error else answer
+
+            later = await eventually(started, within=60, every=0.1)
     assert json.loads(text(later))
 
 

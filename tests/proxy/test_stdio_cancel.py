@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 import anyio
 
 from tests.conftest import ReviewerAPI
+from tests.helpers import eventually
 from tests.proxy.conftest import ProxyHome
 from tests.reliability.test_stdio_cancel import ESCAPED_CANCEL, Wire
 
@@ -41,9 +42,7 @@ async def test_an_escaped_cancel_withdraws_a_held_proxy_call_and_the_approval_de
             "name": "run_query", "arguments": {"query": "UPDATE t SET x = 1"}, "_meta": {"progressToken": "p7"}}})
         request = await api.wait_pending("run_query")
         await wire.send(ESCAPED_CANCEL)
-        with anyio.fail_after(20):
-            while "client.left" not in [e["kind"] for e in home.ledger_events(request["id"])]:
-                await anyio.sleep(0.05)
+        await eventually(lambda: "client.left" in [e["kind"] for e in home.ledger_events(request["id"])], within=20)
         assert (await api.vote(request["id"], "approve", "alice", "fine")).status_code == 200
         assert "approval.granted" in [e["kind"] for e in home.ledger_events(request["id"])]
         # The process that held the call learns of an approval within a poll (0.1 s): time enough to run it, were it

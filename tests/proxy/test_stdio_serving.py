@@ -12,6 +12,7 @@ import pytest
 from mcp import Client
 from mcp.client.stdio import stdio_client
 
+from tests.helpers import eventually
 from tests.proxy.conftest import ProxyHome, text
 
 
@@ -43,8 +44,10 @@ async def test_upstream_calls_give_their_results_progress_and_tool_changes(home:
             if mode == "legacy":
                 await changed.wait()
             else:  # a 2026-era session hears of list changes only by subscribing: it looks instead
-                while "extra" not in {t.name for t in (await client.list_tools()).tools}:
-                    await anyio.sleep(0.05)
+                async def listed() -> bool:
+                    return "extra" in {t.name for t in (await client.list_tools()).tools}
+
+                await eventually(listed)
             calls.append(await client.call_tool("extra", {}))  # a tool the upstream added while serving
     results = [(r.is_error, text(r), r.structured_content) for r in calls]
     assert [(is_error, said) for is_error, said, _ in results] == [

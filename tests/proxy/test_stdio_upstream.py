@@ -20,6 +20,7 @@ from mcp import Client
 from server.errors import ToolError
 from server.proxy import Upstream, parse_proxy_config
 from server.proxy.upstream import supervised
+from tests.helpers import eventually
 from tests.proxy.conftest import FLAKY, HERE, ProxyHome, host_pids, text
 
 MODERN = HERE / "modern_server.py"
@@ -123,9 +124,7 @@ async def test_a_hung_call_times_out_is_cancelled_upstream_and_the_upstream_is_p
         with pytest.raises(ToolError, match=r"did not answer sleep within 1s; it may or may not have acted"):
             await up.call("sleep", {})
         sleep_id = next(c["id"] for c in logged(log) if c.get("tool") == "sleep")
-        with anyio.fail_after(10):
-            while {"cancelled": sleep_id} not in logged(log):
-                await anyio.sleep(0.05)
+        await eventually(lambda: {"cancelled": sleep_id} in logged(log), within=10)
         assert text(await up.call("echo", {"text": "still here"})) == "still here"
         assert up.restarts == 0  # the probe (tools/list) answered: not restarted
 
@@ -162,9 +161,8 @@ async def test_an_upstream_that_dies_while_idle_is_noticed_and_restarted(tmp_pat
     async with upstream(flaky(log)) as up:
         [pid] = host_pids(str(FLAKY), str(log))
         os.kill(pid, signal.SIGKILL)
-        with anyio.fail_after(20):
-            while up.restarts == 0 or up.state != "up":  # its stdout closed: the SDK session's read stream ended
-                await anyio.sleep(0.05)
+        # its stdout closed: the SDK session's read stream ended
+        await eventually(lambda: up.restarts != 0 and up.state == "up", within=20)
         assert text(await up.call("echo", {"text": "new process"})) == "new process"
     assert len(pids(log)) == 2
 

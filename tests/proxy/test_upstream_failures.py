@@ -16,6 +16,7 @@ import mcp_types as types
 from mcp import Client
 
 from tests.conftest import ReviewerAPI
+from tests.helpers import eventually
 from tests.proxy.conftest import ProxyHome, host_pids, text
 
 
@@ -55,9 +56,11 @@ async def test_a_call_approved_while_the_upstream_is_down_is_failed_not_executed
             assert results[0].is_error and "is not available" in text(results[0])
             assert "was not delivered" in text(results[0])
             (home.dir / "down").unlink()
-            with anyio.fail_after(20):
-                while (again := await client.call_tool("echo", {"text": "back"})).is_error:
-                    await anyio.sleep(0.2)
+            async def echoed() -> types.CallToolResult | None:
+                answer = await client.call_tool("echo", {"text": "back"})
+                return None if answer.is_error else answer
+
+            again = await eventually(echoed, within=20, every=0.2)
             assert text(again) == "back"
     kinds = [e["kind"] for e in home.ledger_events(req["id"])]
     assert kinds.count("execution.started") == 1 and kinds[-1] == "failed" and "executed" not in kinds
@@ -70,9 +73,11 @@ async def test_a_hung_upstream_times_out_and_is_restarted(home: ProxyHome) -> No
         async with Client(home.proxy_params()) as client:
             hung = await client.call_tool("hang", {})
             assert hung.is_error and "did not answer hang within 1s" in text(hung)
-            with anyio.fail_after(30):
-                while (after := await client.call_tool("echo", {"text": "alive"})).is_error:
-                    await anyio.sleep(0.2)
+            async def alive() -> types.CallToolResult | None:
+                answer = await client.call_tool("echo", {"text": "alive"})
+                return None if answer.is_error else answer
+
+            after = await eventually(alive, within=30, every=0.2)
     assert text(after) == "alive"
     assert home.terminal(hung.structured_content["keyturn"]["call_id"]) == "failed"
     assert len({c["pid"] for c in home.calls()}) == 2

@@ -22,12 +22,10 @@ from typing import Any
 import httpx2
 
 from server.channels.teams.decision_link import LinkSigner
-from tests.conftest import TOKENS
-from tests.reliability.conftest import RelHome, eventually
-from tests.slack.conftest import SLACK_USERS, slack_config, slack_env
-from tests.slack.fake_slack import TEAM, FakeSlack
-from tests.slack.interactions import block_action, post_signed, view_submission
-from tests.teams.conftest import (
+from tests.channels.slack.conftest import SLACK_USERS, slack_config, slack_env
+from tests.channels.slack.fake_slack import TEAM, FakeSlack
+from tests.channels.slack.interactions import block_action, post_signed, view_submission
+from tests.channels.teams.conftest import (
     APP_PASSWORD,
     LINK_SECRET,
     OIDS,
@@ -37,6 +35,9 @@ from tests.teams.conftest import (
     reviewers,
     teams_config,
 )
+from tests.conftest import TOKENS
+from tests.helpers import eventually
+from tests.reliability.conftest import RelHome
 
 CHANNELS = ("api", "slack", "teams", "web", "link")
 
@@ -195,8 +196,5 @@ async def pending_request(home: RelHome, tag: str, within: float = 20) -> str:
                 return str(e["call_id"]) if home.calls().get(e["call_id"]) == "pending" else None
         return None
 
-    await eventually(lambda: find() is not None, within=within)
-    found = find()
-    assert found is not None
-    return found
+    return str(await eventually(find, within=within))
 

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import mcp_types as types
 import pytest
 
@@ -112,10 +111,3 @@ def meta(result: types.CallToolResult) -> dict[str, Any]:
     """keyturn's structured error metadata (`structuredContent.keyturn`), or {}."""
     content = result.structured_content or {}
     return dict(json.loads(json.dumps(content)).get("keyturn") or {})
-
-
-async def eventually(check: Any, within: float = 20, every: float = 0.05) -> None:
-    """Poll state another process changes (its database, its log) until `check()` is true."""
-    with anyio.fail_after(within):
-        while not check():
-            await anyio.sleep(every)

@@ -4,7 +4,7 @@ The requester (an agent acting for bob) never decides its own call, whichever of
 whatever the agent sends; a reviewer outside the rule's groups is refused; one person counts once toward a
 quorum whatever channels they use, and a token speaks only for its own reviewer; a replayed decision and a
 decision on an expired request are refused; racing decisions resolve the request exactly once.
-Slack and Teams replays of the very same signed request are in tests/slack and tests/teams (e2e).
+Slack and Teams replays of the very same signed request are in tests/channels/slack and tests/channels/teams (e2e).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import httpx2
 import pytest
 
 from tests.conftest import TOKENS, ReviewerAPI, agent_client
+from tests.helpers import eventually
 from tests.reliability.channels import CHANNELS, Reviewers, configure_all_channels, fake_services, hold, pending_request
-from tests.reliability.conftest import TERMINAL, RelHome, eventually, meta, text
+from tests.reliability.conftest import TERMINAL, RelHome, meta, text
 
 
 @pytest.fixture(scope="module")

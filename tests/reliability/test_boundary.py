@@ -26,6 +26,7 @@ from mcp import Client
 
 from server.config import default_policy_path
 from tests.conftest import agent_client
+from tests.helpers import client_call, eventually
 from tests.reliability.conftest import TERMINAL, RelHome, text
 
 CANARIES = {
@@ -100,19 +101,15 @@ async def decide_held(tour: Tour, verdict: str, skip: set[str]) -> list[str]:
 async def call(agent: Client, tour: Tour, tool: str, args: dict[str, Any], verdict: str,
                skip: frozenset[str] = frozenset()) -> tuple[types.CallToolResult, bool]:
     """Call as the agent; if the policy holds the call, a human gives `verdict`. Returns (result, reviewed)."""
-    result: list[types.CallToolResult] = []
     reviewed = False
+    async with client_call(agent, tool, args) as agent_call:
+        async def answered() -> bool:  # the held call is in another process: the reviewer looks until it is answered
+            nonlocal reviewed
+            reviewed |= bool(await decide_held(tour, verdict, set(skip)))
+            return agent_call.returned
 
-    async def run() -> None:
-        result.append(await agent.call_tool(tool, args))
-
-    with anyio.fail_after(60):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run)
-            while not result:
-                reviewed |= bool(await decide_held(tour, verdict, set(skip)))
-                await anyio.sleep(0.05)
-    return result[0], reviewed
+        await eventually(answered, within=60)
+    return await agent_call.result(), reviewed
 
 
 def secrets_of(tour: Tour) -> dict[str, str]:

@@ -22,11 +22,11 @@ import anyio
 import httpx2
 import pytest
 
+from tests.channels.slack.fake_slack import BOT_TOKEN, SIGNING_SECRET
+from tests.channels.teams.conftest import APP_PASSWORD, LINK_SECRET
 from tests.conftest import TOKENS, ReviewerAPI, agent_client
 from tests.reliability.channels import Reviewers, configure_all_channels, fake_services, hold, pending_request
 from tests.reliability.conftest import RelHome, meta, text
-from tests.slack.fake_slack import BOT_TOKEN, SIGNING_SECRET
-from tests.teams.conftest import APP_PASSWORD, LINK_SECRET
 
 AWS = "AKIA" + "KTCANARY" + "7Q2W4E6R"
 GITHUB = "ghp_" + "KeyturnCanary" + "0123456789abcdefghijklmnopq"

@@ -3,8 +3,8 @@ that accepts connections and says nothing) or fail (5xx, 429 with Retry-After). 
 decidable through the HTTP API, calls whose time runs out expire (recorded as `expired`, never as a human's
 denial), and no vote or approval appears that no reviewer gave.
 
-The channels' own suites cover one channel at a time (tests/slack/test_slack_e2e.py: 500, 429 and hung
-updates; tests/teams/test_bot_e2e.py: a 503 outage); these run the gate through both failing together.
+The channels' own suites cover one channel at a time (tests/channels/slack/test_slack_e2e.py: 500, 429 and hung
+updates; tests/channels/teams/test_bot_e2e.py: a 503 outage); these run the gate through both failing together.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from typing import Any
 import anyio
 import pytest
 
+from tests.channels.slack.conftest import slack_config, slack_env
+from tests.channels.slack.fake_slack import FakeSlack
+from tests.channels.teams.conftest import APP_PASSWORD, LINK_SECRET, FakeTeams, _handler, reviewers, teams_config
 from tests.conftest import TOKENS, ReviewerAPI, agent_client
-from tests.reliability.conftest import TERMINAL, RelHome, eventually, meta, text
-from tests.slack.conftest import slack_config, slack_env
-from tests.slack.fake_slack import FakeSlack
-from tests.teams.conftest import APP_PASSWORD, LINK_SECRET, FakeTeams, _handler, reviewers, teams_config
+from tests.helpers import eventually
+from tests.reliability.conftest import TERMINAL, RelHome, meta, text
 
 
 class BlackHole:

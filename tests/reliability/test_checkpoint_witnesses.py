@@ -16,7 +16,8 @@ import pytest
 
 from server.ledger.checkpoints import Checkpoint, parse_public_key, read_checkpoint_file
 from tests.conftest import ReviewerAPI, agent_client
-from tests.reliability.conftest import RelHome, eventually
+from tests.helpers import eventually
+from tests.reliability.conftest import RelHome
 
 
 @pytest.fixture

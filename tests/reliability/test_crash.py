@@ -12,7 +12,8 @@ import anyio
 import anyio.abc
 
 from tests.conftest import ReviewerAPI, agent_client
-from tests.reliability.conftest import RelHome, eventually, meta, text
+from tests.helpers import eventually
+from tests.reliability.conftest import RelHome, meta, text
 
 
 async def calls_in_flight(base: str, calls: list[tuple[str, dict[str, Any]]], tg: anyio.abc.TaskGroup,

@@ -31,13 +31,14 @@ from server.gate import Identity
 from server.models import ToolCall
 from server.policy import load_policy, parse_policy
 from server.runtime import Keyturn, running
+from tests.channels.slack.conftest import SLACK_USERS, slack_config, slack_env
+from tests.channels.slack.fake_slack import FakeSlack
+from tests.channels.slack.interactions import block_action, signed, view_submission
+from tests.channels.teams.conftest import APP_PASSWORD, LINK_SECRET, OIDS, TENANT, FakeTeams, _handler, reviewers, teams_config
 from tests.conftest import TOKENS, agent_client
-from tests.reliability.conftest import POLICY, PROBE, TERMINAL, RelHome, eventually
+from tests.helpers import eventually
+from tests.reliability.conftest import POLICY, PROBE, TERMINAL, RelHome
 from tests.reliability.probe_tools import read_runs
-from tests.slack.conftest import SLACK_USERS, slack_config, slack_env
-from tests.slack.fake_slack import FakeSlack
-from tests.slack.interactions import block_action, signed, view_submission
-from tests.teams.conftest import APP_PASSWORD, LINK_SECRET, OIDS, TENANT, FakeTeams, _handler, reviewers, teams_config
 
 SCALE = 10 if os.environ.get("HYPOTHESIS_PROFILE") == "thorough" else 1
 

@@ -21,11 +21,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from server.ledger import CallFilter, Ledger
+from tests.channels.slack.interactions import message_text
 from tests.conftest import TOKENS, ReviewerAPI, agent_client
+from tests.helpers import eventually
 from tests.reliability.channels import Reviewers, configure_all_channels, fake_services, hold, pending_request
 from tests.reliability.conftest import RelHome, meta, text
 from tests.reliability.test_hostile_input import examples
-from tests.slack.interactions import message_text
 
 SQLI = ["' OR '1'='1", "x' UNION SELECT id, tool, principal FROM calls --", "%' --", "'; DELETE FROM events; --",
         '" OR ""="', "1) OR (1=1", "\\'; DROP TABLE calls; --", "*", "%", "_"]
@@ -42,8 +43,9 @@ def ledger_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
             for i, (tool, principal) in enumerate([("sql_query", "agent-a"), ("probe_run", "agent-b"),
                                                    ("files_read", "agent-a")]):
                 await ledger.open_call(call_id=f"c{i}", tool=tool, principal=principal, on_behalf_of=None, model=None,
-                                       args_hash="h", redacted_arguments={"i": i}, state="denied", holder=None,
-                                       events=[("call.received", {"tool": tool}), ("denied", {"by": "policy"})])
+                                       args_hash="h", redacted_arguments={"i": i}, state="received", holder=None,
+                                       events=[("call.received", {"tool": tool})])
+                assert await ledger.finish(f"c{i}", "denied_by_policy", {"by": "policy"})
 
     anyio.run(fill)
     return path
@@ -185,8 +187,8 @@ async def test_prompt_injection_in_arguments_is_shown_to_reviewers_as_inert_text
             tg.start_soon(hold, world.home, world.base, "agent-ci", "probe_run", args, results, "call")
             request_id = await pending_request(world.home, "hold-injection")
             post = await world.slack.wait_for("chat.postMessage", lambda c: request_id in json.dumps(c.args))
-            await anyio.sleep(0.5)
-            teams_card = next(s["activity"] for s in world.teams.sent if request_id in json.dumps(s))
+            teams_card = await eventually(
+                lambda: next((s["activity"] for s in world.teams.sent if request_id in json.dumps(s)), None))
             async with world.web_session("alice") as web:
                 pages = {"inbox": (await web.get("/inbox")).text,
                          "request": (await web.get(f"/inbox/requests/{request_id}")).text,

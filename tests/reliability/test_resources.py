@@ -17,6 +17,7 @@ from server.config import Person, Reviewer, Settings, ToolPack
 from server.gate import Identity
 from server.models import Verdict
 from server.runtime import Keyturn, running
+from tests.helpers import ledger_until
 from tests.reliability.conftest import POLICY, PROBE, text
 
 AGENT = Identity(principal="agent-ci")
@@ -41,12 +42,10 @@ async def call(kt: Keyturn, tag: str) -> str:
 
 
 async def pending_id(kt: Keyturn, tag: str) -> str:
-    with anyio.fail_after(10):
-        while True:
-            for view in await kt.ledger.list_calls(("pending",)):
-                if view.arguments.get("tag") == tag:
-                    return view.id
-            await anyio.sleep(0.02)
+    async def held() -> str | None:
+        return next((v.id for v in await kt.ledger.list_calls(("pending",)) if v.arguments.get("tag") == tag), None)
+
+    return await ledger_until(kt.ledger, held)
 
 
 async def test_waits_that_end_by_expiry_by_giving_up_or_by_a_decision_leave_no_waiter_behind(tmp_path: Path) -> None:

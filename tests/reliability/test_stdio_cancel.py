@@ -20,7 +20,8 @@ from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from tests.conftest import ReviewerAPI
-from tests.reliability.conftest import RelHome, eventually
+from tests.helpers import eventually
+from tests.reliability.conftest import RelHome
 
 ESCAPED_CANCEL = b'{"jsonrpc":"2.0","method":"notifications\\/cancelled","params":{"requestId":7,"reason":"bored"}}'
 

@@ -19,7 +19,8 @@ import anyio
 import pytest
 
 from tests.conftest import ReviewerAPI, agent_client
-from tests.reliability.conftest import RelHome, eventually, meta, text
+from tests.helpers import eventually
+from tests.reliability.conftest import RelHome, meta, text
 
 DISK_BYTES = 8 * 1024 * 1024
 

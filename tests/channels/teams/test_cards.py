@@ -7,7 +7,7 @@ from typing import Any
 
 from server.channels.teams.cards import APPROVE_VERB, DENY_VERB, card_json, request_card
 from server.models import ApproverGroup, RequestView, ReviewSpec
-from tests.teams.conftest import card_text
+from tests.channels.teams.conftest import card_text
 
 
 def view(**overrides: Any) -> RequestView:

@@ -21,9 +21,10 @@ from server.config import Person, Reviewer, Settings
 from server.errors import ChannelError
 from server.ledger import Ledger
 from server.models import ApproverGroup, RequestView, ReviewSpec, Verdict
-from tests.slack.fake_slack import APP_TOKEN, BOT_TOKEN, SIGNING_SECRET, TEAM, FakeSlack
-from tests.slack.fake_socket import FakeSocketMode
-from tests.slack.interactions import block_action, message_text, signed, view_submission
+from tests.channels.slack.fake_slack import APP_TOKEN, BOT_TOKEN, SIGNING_SECRET, TEAM, FakeSlack
+from tests.channels.slack.fake_socket import FakeSocketMode
+from tests.channels.slack.interactions import block_action, message_text, signed, view_submission
+from tests.helpers import eventually, until_event
 
 SETTINGS = Settings(
     people={"alice": Person(groups=("dba",)), "carol": Person(groups=("dba",)), "bob": Person(),
@@ -63,9 +64,7 @@ class Rig:
 
     async def wait_kind(self, request_id: str, kind: str) -> None:
         """Bolt acknowledges first and decides after: wait for the ledger to show it."""
-        with anyio.fail_after(10):
-            while kind not in await self.kinds(request_id):  # nothing to wait on but the store
-                await anyio.sleep(0.02)
+        await until_event(self.ledger, request_id, kind)
 
     async def click(self, payload: dict[str, Any], **kwargs: Any) -> httpx2.Response:
         body, headers = signed(payload, **kwargs)
@@ -278,8 +277,7 @@ async def test_socket_mode_receives_clicks_without_a_public_url(tmp_path: Path, 
                     socket.push({"envelope_id": "env-1", "type": "interactive", "accepts_response_payload": True,
                                  "payload": block_action("r1", "keyturn_approve", "UCAROL")})
                     await rig.wait_kind("r1", "approval.granted")
-                    while not socket.acks:
-                        await anyio.sleep(0.02)
+                    await eventually(lambda: socket.acks)
                     await fake_slack.wait_for("chat.update", lambda c: "Approved" in message_text(c.args))
                     tg.cancel_scope.cancel()
         finally:

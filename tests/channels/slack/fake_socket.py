@@ -8,8 +8,9 @@ import json
 import threading
 from typing import Any
 
-import anyio
 from aiohttp import WSMsgType, web
+
+from tests.helpers import eventually
 
 
 class FakeSocketMode:
@@ -62,9 +63,7 @@ class FakeSocketMode:
         asyncio.run_coroutine_threadsafe(self._ws.send_str(json.dumps(envelope)), self._loop).result(5)
 
     async def wait_connected(self) -> None:
-        with anyio.fail_after(10):
-            while not self.connected.is_set():
-                await anyio.sleep(0.02)
+        await eventually(self.connected.is_set, within=10, every=0.02)  # set from the server's thread
 
     def stop(self) -> None:
         async def shutdown() -> None:

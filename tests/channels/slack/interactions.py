@@ -10,7 +10,7 @@ from typing import Any
 import httpx2
 from slack_sdk.signature import SignatureVerifier
 
-from tests.slack.fake_slack import SIGNING_SECRET, TEAM
+from tests.channels.slack.fake_slack import SIGNING_SECRET, TEAM
 
 
 def block_action(request_id: str, action: str, user: str, *, team: str = TEAM, channel: str = "C0OPS",

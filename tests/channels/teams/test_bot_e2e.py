@@ -11,8 +11,9 @@ import anyio
 import yaml
 from mcp import Client
 
+from tests.channels.teams.conftest import APP_PASSWORD, LINK_SECRET, OIDS, TENANT, TeamsHome, card_text, new_key, request_id_of
 from tests.conftest import TOKENS, ReviewerAPI, agent_client
-from tests.teams.conftest import APP_PASSWORD, LINK_SECRET, OIDS, TENANT, TeamsHome, card_text, eventually, new_key, request_id_of
+from tests.helpers import eventually
 
 TERMINAL = {"executed", "failed", "denied", "expired", "cancelled", "abandoned"}
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import anyio
+from tests.helpers import eventually
 
 BOT_TOKEN = "xoxb-keyturn-test-token"
 APP_TOKEN = "xapp-keyturn-test-token"
@@ -92,12 +92,8 @@ class FakeSlack:
     async def wait_for(self, method: str, where: Callable[[Call], bool] = lambda c: True,
                        within_s: float = 15) -> Call:
         """The first recorded successful call of `method` that `where` accepts (polled: the server is a thread)."""
-        with anyio.fail_after(within_s):
-            while True:
-                for call in self.of(method):
-                    if where(call):
-                        return call
-                await anyio.sleep(0.02)
+        found = await eventually(lambda: next((c for c in self.of(method) if where(c)), None), within=within_s, every=0.02)
+        return found  # type: ignore[no-any-return]
 
     # -- the API ------------------------------------------------------------------------------------
 

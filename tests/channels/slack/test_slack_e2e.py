@@ -12,10 +12,11 @@ import anyio
 import httpx2
 import mcp_types as types
 
+from tests.channels.slack.conftest import slack_config
+from tests.channels.slack.fake_slack import FakeSlack
+from tests.channels.slack.interactions import action_values, block_action, message_text, post_signed, signed, view_submission
 from tests.conftest import TOKENS, Home, ReviewerAPI, agent_client, free_port
-from tests.slack.conftest import slack_config
-from tests.slack.fake_slack import FakeSlack
-from tests.slack.interactions import action_values, block_action, message_text, post_signed, signed, view_submission
+from tests.helpers import eventually
 
 AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
 TERMINAL = {"executed", "failed", "denied", "expired", "cancelled", "abandoned"}
@@ -41,9 +42,7 @@ async def review_message(fake: FakeSlack, snippet: str) -> tuple[str, dict[str, 
 
 
 async def wait_until(check: Callable[[], bool], within_s: float = 15) -> None:
-    with anyio.fail_after(within_s):
-        while not check():  # the state is in another process's database
-            await anyio.sleep(0.05)
+    await eventually(check, within=within_s)  # the state is in another process's database
 
 
 async def held_call(base: str, token: str, statement: str,

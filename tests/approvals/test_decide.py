@@ -18,6 +18,7 @@ from server.guarded import guarded_tool
 from server.ledger import Ledger
 from server.models import RequestView, Verdict
 from server.policy import LivePolicy
+from tests.helpers import left_pending
 
 POLICY = """
 version: 1
@@ -78,9 +79,9 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[Gate, Ledger]]:
 
 async def held(gate: Gate, ledger: Ledger, name: str, key: str = "k") -> RequestView:
     """A request for `name` left pending: the agent's call is held, then the agent stops waiting."""
-    with anyio.move_on_after(0.3):
-        await gate.call(gate.tools[name], {"key": key}, AGENT)  # type: ignore[attr-defined]
+    request = await left_pending(gate, gate.tools[name], {"key": key}, AGENT)  # type: ignore[attr-defined]
     (view,) = [v for v in await ledger.list_calls(("pending",)) if v.tool == name and v.arguments == {"key": key}]
+    assert view.id == request.id
     return view
 
 

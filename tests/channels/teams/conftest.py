@@ -9,13 +9,12 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import anyio
 import httpx2
 import jwt
 import pytest
@@ -24,6 +23,7 @@ from jwt.algorithms import RSAAlgorithm
 
 from server.canonical import sha256_hex
 from tests.conftest import TOKENS, Home
+from tests.helpers import eventually
 
 APP_ID = "00000000-0000-4000-8000-00000000b07a"
 APP_PASSWORD = "test-app-password-not-a-secret"
@@ -227,24 +227,21 @@ class TeamsHome:
 
     async def wait_card(self, tool: str, n: int = 1, within: float = 20) -> dict[str, Any]:
         """The n-th card sent for `tool` (1-based)."""
-        with anyio.fail_after(within):
-            while True:
-                cards = [c for c in self.fake.cards_sent() if f'"{tool}"' in json.dumps(c)]
-                if len(cards) >= n:
-                    return cards[n - 1]
-                await anyio.sleep(0.05)
+        def nth() -> dict[str, Any] | None:
+            cards = [c for c in self.fake.cards_sent() if f'"{tool}"' in json.dumps(c)]
+            return cards[n - 1] if len(cards) >= n else None
+
+        return await eventually(nth, within=within)  # type: ignore[no-any-return]
 
     async def wait_update(self, activity_id: str, title: str, within: float = 20) -> dict[str, Any]:
         """The first update of the card `activity_id` whose title contains `title`."""
-        with anyio.fail_after(within):
-            while True:
-                with self.fake.lock:
-                    updates = [u for u in self.fake.updated if u["activity_id"] == activity_id]
-                for u in updates:
-                    card = u["activity"]["attachments"][0]["content"]
-                    if title in card["body"][0]["text"]:
-                        return dict(card)
-                await anyio.sleep(0.05)
+        def titled() -> dict[str, Any] | None:
+            with self.fake.lock:
+                updates = [u for u in self.fake.updated if u["activity_id"] == activity_id]
+            cards = (u["activity"]["attachments"][0]["content"] for u in updates)
+            return next((dict(card) for card in cards if title in card["body"][0]["text"]), None)
+
+        return await eventually(titled, within=within)  # type: ignore[no-any-return]
 
 
 @pytest.fixture
@@ -252,15 +249,6 @@ def teams_home(home: Home, fake_teams: FakeTeams, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("KEYTURN_TEAMS_APP_PASSWORD", APP_PASSWORD)
     monkeypatch.setenv("KEYTURN_LINK_SECRET", LINK_SECRET)
     return TeamsHome(home=home, fake=fake_teams)
-
-
-async def eventually(predicate: Callable[[], bool], within: float = 20) -> None:
-    """Poll something another process or thread changes (the ledger file, the fake) until it holds."""
-    with anyio.fail_after(within):
-        while True:
-            if predicate():
-                return
-            await anyio.sleep(0.05)
 
 
 def request_id_of(card: dict[str, Any]) -> str:

@@ -11,8 +11,8 @@ import anyio
 import httpx2
 from playwright.async_api import expect
 
+from tests.channels.inbox.conftest import screenshot, sign_in
 from tests.conftest import TOKENS, Home, ReviewerAPI, agent_client
-from tests.inbox.conftest import screenshot, sign_in
 
 
 async def test_a_bad_token_or_an_agent_token_cannot_sign_in(home: Home, page: Any) -> None:

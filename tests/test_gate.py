@@ -19,6 +19,7 @@ from server.guarded import guarded_tool
 from server.ledger import Ledger
 from server.models import Event, RequestView, Verdict
 from server.policy import LivePolicy
+from tests.helpers import agent, held_call, ledger_until, left_pending, until_event
 
 POLICY = """
 version: 1
@@ -169,57 +170,37 @@ async def test_a_failing_channel_neither_blocks_nor_approves(world: tuple[Gate, 
             raise ConnectionError("chat API is down")
 
     gate.broker.notifiers.append(BrokenChannel())
-    results = []
-
-    async def agent() -> None:
-        results.append(await gate.call(gate.tools["write_thing"], {"key": "k"}, AGENT))  # type: ignore[attr-defined]
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(agent)
-        with anyio.fail_after(10):
-            while not (pending := await ledger.list_calls(("pending",))):
-                await anyio.sleep(0.02)
-            # The request is recorded before any channel hears of it; the failure is recorded when the channel fails.
-            while "notify.failed" not in (kinds := [e.kind for e in await ledger.events(pending[0].id)]):
-                await anyio.sleep(0.02)
+    async with held_call(gate, gate.tools["write_thing"], {"key": "k"}, AGENT) as call:  # type: ignore[attr-defined]
+        request = await call.request()
+        # The request is recorded before any channel hears of it; the failure is recorded when the channel fails.
+        kinds = [e.kind for e in await call.until("notify.failed")]
         assert kinds[:3] == ["call.received", "decision", "approval.requested"] and runs.count == 0
-        await gate.broker.decide(Verdict(request_id=pending[0].id, reviewer="api:alice", verdict="approve"))
-    assert not results[0].is_error and runs.count == 1
+        await gate.broker.decide(Verdict(request_id=request.id, reviewer="api:alice", verdict="approve"))
+        result = await call.result()
+    assert not result.is_error and runs.count == 1
     assert await terminal_kinds(ledger) == ["executed"]
 
 
 async def test_the_requester_identity_can_never_approve(world: tuple[Gate, Runs, Ledger]) -> None:
     gate, runs, ledger = world
     alice_agent = Identity(principal="alice-bot", on_behalf_of="alice")
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(gate.call, gate.tools["write_thing"], {"key": "k"}, alice_agent)  # type: ignore[attr-defined]
-        with anyio.fail_after(10):
-            while not (pending := await ledger.list_calls(("pending",))):
-                await anyio.sleep(0.02)
-        refused = await gate.broker.decide(Verdict(request_id=pending[0].id, reviewer="api:alice", verdict="approve"))
+    async with held_call(gate, gate.tools["write_thing"], {"key": "k"}, alice_agent) as call:  # type: ignore[attr-defined]
+        request = await call.request()
+        refused = await gate.broker.decide(Verdict(request_id=request.id, reviewer="api:alice", verdict="approve"))
         assert not refused.accepted and refused.code == "self_approval"
-        assert await gate.broker.cancel(pending[0].id, "alice-bot", "never mind")
+        assert await gate.broker.cancel(request.id, "alice-bot", "never mind")
     assert runs.count == 0
     assert await terminal_kinds(ledger) == ["cancelled"]
-
-
-async def wait_pending(ledger: Ledger, n: int = 1) -> list[RequestView]:
-    with anyio.fail_after(10):
-        while len(pending := await ledger.list_calls(("pending",))) < n:
-            await anyio.sleep(0.02)
-    return pending
 
 
 async def test_an_approval_is_bound_to_its_arguments_and_consumed_by_the_run(world: tuple[Gate, Runs, Ledger]) -> None:
     gate, runs, ledger = world
     write = gate.tools["write_thing"]  # type: ignore[attr-defined]
-    with anyio.move_on_after(0.5):
-        await gate.call(write, {"key": "approved-one"}, AGENT)
-    (request,) = await wait_pending(ledger)
+    request = await left_pending(gate, write, {"key": "approved-one"}, AGENT)
+    assert [v.id for v in await ledger.list_calls(("pending",))] == [request.id]
     await gate.broker.decide(Verdict(request_id=request.id, reviewer="api:alice", verdict="approve"))
     # Other arguments are another request: the approval does not carry over.
-    with anyio.move_on_after(0.5):
-        await gate.call(write, {"key": "something-else"}, AGENT)
+    await left_pending(gate, write, {"key": "something-else"}, AGENT)
     assert runs.count == 0
     assert (await ledger.get_call(request.id)).state == "approved"  # type: ignore[union-attr]
     # The approved arguments run once; the same call again, before the request expires, gets that run's kept
@@ -243,24 +224,16 @@ async def test_two_processes_waiting_on_one_approval_run_it_once(world: tuple[Ga
         other = Gate(ledger=other_ledger, broker=other_broker, policy=gate.policy,
                      classify_context=ClassifyContext(), progress_interval_s=0.2)
         write = gate.tools["write_thing"]  # type: ignore[attr-defined]
-        results = []
 
-        async def call(g: Gate) -> None:
-            results.append(await g.call(write, {"key": "shared"}, AGENT))
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(other_broker.poll_store)
-            tg.start_soon(call, gate)
-            (request,) = await wait_pending(ledger)
-            tg.start_soon(call, other)
-            with anyio.fail_after(10):
-                while "call.rejoined" not in [e.kind for e in await ledger.events(request.id)]:
-                    await anyio.sleep(0.02)
+        async with agent() as calls:
+            calls.tg.start_soon(other_broker.poll_store)
+            first = calls.call(gate, write, {"key": "shared"}, AGENT)
+            request = await first.request()
+            second = calls.call(other, write, {"key": "shared"}, AGENT)
+            await until_event(ledger, request.id, "call.rejoined")
             await gate.broker.decide(Verdict(request_id=request.id, reviewer="api:alice", verdict="approve"))
-            with anyio.fail_after(10):
-                while len(results) < 2:
-                    await anyio.sleep(0.02)
-            tg.cancel_scope.cancel()
+            results = [await first.result(), await second.result()]
+            calls.stop()
     assert runs.count == 1
     assert sorted(bool(r.is_error) for r in results) == [False, True]
     kinds = [e.kind for e in await ledger.events(request.id)]
@@ -280,33 +253,28 @@ async def test_a_decision_made_by_another_process_wakes_the_waiting_call_at_the_
         other = Gate(ledger=other_ledger, broker=other_broker, policy=gate.policy,
                      classify_context=ClassifyContext(), progress_interval_s=60)
         write = gate.tools["write_thing"]  # type: ignore[attr-defined]
-        results: list[types.CallToolResult] = []
 
-        async def call(key: str) -> None:
-            results.append(await other.call(write, {"key": key}, AGENT))
+        async with agent() as calls:
+            calls.tg.start_soon(other_broker.poll_store)
+            held = {key: calls.call(other, write, {"key": key}, AGENT) for key in ("first", "second", "third")}
+            for call in held.values():
+                await call.request()
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(other_broker.poll_store)
-            for key in ("first", "second", "third"):
-                tg.start_soon(call, key)
-            with anyio.fail_after(10):
-                while len(pending := await ledger.list_calls(("pending",))) < 3 or other_broker.feed.last_seq is None:
-                    await anyio.sleep(0.02)  # three held calls, and a poll since (the next one reads what is new)
+            async def polled_since() -> bool:  # three held calls, and a poll since (the next one reads what is new)
+                return other_broker.feed.last_seq is not None
+
+            await ledger_until(other_ledger, polled_since)
             await ledger.append("unrelated", None, {})  # the head moves on: the next poll looks
-            first = next(r for r in pending if r.arguments == {"key": "first"})
+            first = await held["first"].request()
             await gate.broker.decide(Verdict(request_id=first.id, reviewer="api:alice", verdict="approve"))
-            with anyio.fail_after(10):
-                while not results:
-                    await anyio.sleep(0.02)
-            assert runs.count == 1 and not results[0].is_error
-            second = next(r for r in pending if r.arguments == {"key": "second"})
+            result = await held["first"].result()
+            assert runs.count == 1 and not result.is_error
+            second = await held["second"].request()
             await gate.broker.decide(Verdict(request_id=second.id, reviewer="api:alice", verdict="deny",
                                              reason="not today"))
-            with anyio.fail_after(10):
-                while len(results) < 2:
-                    await anyio.sleep(0.02)
-            assert results[1].is_error and "not today" in results[1].content[0].text  # type: ignore[union-attr]
-            tg.cancel_scope.cancel()
+            result = await held["second"].result()
+            assert result.is_error and "not today" in result.content[0].text  # type: ignore[union-attr]
+            calls.stop()
     assert runs.count == 1  # the third still waits (and was never woken into running)
 
 

@@ -13,8 +13,8 @@ import anyio
 from mcp import Client
 from playwright.async_api import expect
 
+from tests.channels.inbox.conftest import screenshot, sign_in
 from tests.conftest import TOKENS, Home, agent_client
-from tests.inbox.conftest import screenshot, sign_in
 
 
 def text(result: Any) -> str:

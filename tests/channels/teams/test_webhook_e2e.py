@@ -15,8 +15,9 @@ import httpx2
 import pytest
 
 from server.channels.teams.decision_link import LinkSigner, link_secret_path
+from tests.channels.teams.conftest import LINK_SECRET, TeamsHome
 from tests.conftest import TOKENS, agent_client
-from tests.teams.conftest import LINK_SECRET, TeamsHome, eventually
+from tests.helpers import eventually
 
 TERMINAL = {"executed", "failed", "denied", "expired", "cancelled", "abandoned"}
 
@@ -32,15 +33,14 @@ def kinds(th: TeamsHome, request_id: str) -> list[str]:
 
 async def wait_link(th: TeamsHome, n: int = 1, within: float = 20) -> str:
     """The "Open" URL of the n-th webhook card that has one."""
-    with anyio.fail_after(within):
-        while True:
-            with th.fake.lock:
-                posts = list(th.fake.webhook_posts)
-            cards = [p["attachments"][0]["content"] for p in posts]
-            urls = [c["actions"][0]["url"] for c in cards if c.get("actions")]
-            if len(urls) >= n:
-                return str(urls[n - 1])
-            await anyio.sleep(0.05)
+    def nth_url() -> str | None:
+        with th.fake.lock:
+            posts = list(th.fake.webhook_posts)
+        cards = [p["attachments"][0]["content"] for p in posts]
+        urls = [c["actions"][0]["url"] for c in cards if c.get("actions")]
+        return str(urls[n - 1]) if len(urls) >= n else None
+
+    return str(await eventually(nth_url, within=within))
 
 
 def nonce_of(page: str) -> str:

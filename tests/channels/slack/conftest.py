@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from server.canonical import sha256_hex
+from tests.channels.slack.fake_slack import BOT_TOKEN, SIGNING_SECRET, TEAM, FakeSlack
 from tests.conftest import TOKENS, Home
-from tests.slack.fake_slack import BOT_TOKEN, SIGNING_SECRET, TEAM, FakeSlack
 
 POLICY = Path(__file__).resolve().parent / "slack-policy.yaml"
 SLACK_USERS = {"alice": "UALICE", "carol": "UCAROL", "dave": "UDAVE", "bob": "UBOB"}

@@ -8,15 +8,13 @@ import json
 import sqlite3
 from collections.abc import Callable
 
-import anyio
 import pytest
-from anyio.abc import TaskGroup
-from mcp_types import CallToolResult
 
 from server.gate import Gate
 from server.ledger import Ledger
-from server.models import RequestView, Verdict
-from tests.unit.test_gate import AGENT, Runs, terminal_kinds, wait_pending, world  # noqa: F401 (a fixture)
+from server.models import Verdict
+from tests.helpers import held_call
+from tests.test_gate import AGENT, Runs, terminal_kinds, world  # noqa: F401 (a fixture)
 
 
 def flip_to_approved(db: str, request_id: str) -> None:
@@ -41,31 +39,17 @@ def edit_a_chained_vote(db: str, request_id: str) -> None:
         conn.execute("UPDATE calls SET state = 'approved' WHERE id = ?", (request_id,))
 
 
-async def hold(tg: TaskGroup, gate: Gate, ledger: Ledger, results: list[CallToolResult]) -> RequestView:
-    """The agent's held call, waiting in `tg` (its result lands in `results`); returns its pending request."""
-    async def call() -> None:
-        results.append(await gate.call(gate.tools["write_thing"], {"key": "k"}, AGENT))  # type: ignore[attr-defined]
-
-    tg.start_soon(call)
-    (request,) = await wait_pending(ledger)
-    return request
-
-
 @pytest.mark.parametrize("tamper", [flip_to_approved, forge_vote_and_flip, edit_a_chained_vote])
 async def test_an_approval_only_the_tables_show_runs_nothing(world: tuple[Gate, Runs, Ledger],  # noqa: F811
                                                               tamper: Callable[[str, str], None]) -> None:
     gate, runs, ledger = world
-    results: list[CallToolResult] = []
-    async with anyio.create_task_group() as tg:
-        request = await hold(tg, gate, ledger, results)
+    async with held_call(gate, gate.tools["write_thing"], {"key": "k"}, AGENT) as call:  # type: ignore[attr-defined]
+        request = await call.request()
         if tamper is edit_a_chained_vote:  # a vote the broker refused: chained, but not an approval
             refused = await gate.broker.decide(Verdict(request_id=request.id, reviewer="api:mallory", verdict="approve"))
             assert not refused.accepted, refused
         tamper(str(ledger.path), request.id)
-        with anyio.fail_after(20):  # the waiting call reads its state again at its next round
-            while not results:
-                await anyio.sleep(0.02)
-    [result] = results
+        result = await call.result(timeout=20)  # the waiting call reads its state again at its next round
     assert result.is_error and "not proven by the ledger's chain" in str(result.content), result
     assert runs.count == 0
     assert await terminal_kinds(ledger) == ["denied"]
@@ -76,9 +60,9 @@ async def test_an_approval_only_the_tables_show_runs_nothing(world: tuple[Gate, 
 
 async def test_a_real_approval_is_proven_and_runs(world: tuple[Gate, Runs, Ledger]) -> None:  # noqa: F811
     gate, runs, ledger = world
-    results: list[CallToolResult] = []
-    async with anyio.create_task_group() as tg:
-        request = await hold(tg, gate, ledger, results)
+    async with held_call(gate, gate.tools["write_thing"], {"key": "k"}, AGENT) as call:  # type: ignore[attr-defined]
+        request = await call.request()
         await gate.broker.decide(Verdict(request_id=request.id, reviewer="api:alice", verdict="approve"))
-    assert not results[0].is_error and runs.count == 1
+        result = await call.result()
+    assert not result.is_error and runs.count == 1
     assert await terminal_kinds(ledger) == ["executed"]

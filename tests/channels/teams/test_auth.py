@@ -10,7 +10,7 @@ import pytest
 
 from server.channels.teams.auth import BotFrameworkAuth, require_https
 from server.errors import AuthError, ConfigError
-from tests.teams.conftest import APP_ID, FakeTeams, new_key
+from tests.channels.teams.conftest import APP_ID, FakeTeams, new_key
 
 
 def auth_for(fake: FakeTeams, **kwargs: Any) -> BotFrameworkAuth:

@@ -13,8 +13,8 @@ from typing import Any
 import anyio
 from playwright.async_api import expect
 
+from tests.channels.inbox.conftest import screenshot, sign_in
 from tests.conftest import Home, ReviewerAPI, agent_client
-from tests.inbox.conftest import screenshot, sign_in
 
 
 async def some_history(home: Home, base: str) -> dict[str, str]:

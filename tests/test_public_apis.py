@@ -8,7 +8,7 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 LIBRARIES = ("mcp", "mcp_types", "aiosqlite")
 CHECKED = ("server", "tools", "benchmarks", "examples")
 

@@ -8,7 +8,7 @@ from microsoft_teams.cards import AdaptiveCard, TextBlock
 
 from server.channels.teams.connector import BotConnector, BotToken, RetryPolicy, post_webhook
 from server.errors import ChannelError
-from tests.teams.conftest import APP_ID, APP_PASSWORD, CONVERSATION, FakeTeams
+from tests.channels.teams.conftest import APP_ID, APP_PASSWORD, CONVERSATION, FakeTeams
 
 FAST = RetryPolicy(attempts=3, backoff_s=0.01)
 

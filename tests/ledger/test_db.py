@@ -17,6 +17,7 @@ from server.errors import LedgerError
 from server.ledger import Ledger
 from server.ledger import db as ledger_db
 from server.ledger.db import CHECKPOINT_EVERY
+from tests.helpers import eventually
 
 
 async def test_a_write_waits_off_the_loop_while_another_process_holds_the_lock(tmp_path: Path) -> None:
@@ -35,7 +36,7 @@ async def test_a_write_waits_off_the_loop_while_another_process_holds_the_lock(t
         async with anyio.create_task_group() as tg:
             tg.start_soon(write)
             with anyio.fail_after(2):
-                for _ in range(5):  # the loop goes on while the write waits for the lock
+                for _ in range(5):  # the loop goes on while the write waits for the lock (time passes: a sleep)
                     await anyio.sleep(0.02)
                     assert await ledger.get_call("nothing") is None  # and quick reads go on too
             assert not written.is_set()
@@ -53,9 +54,7 @@ async def test_checkpoints_copy_the_wal_into_the_database_file(tmp_path: Path) -
         before = db.stat().st_size
         for i in range(CHECKPOINT_EVERY + 1):
             await ledger.append("process.started", None, {"i": i, "pad": "x" * 200})
-        with anyio.fail_after(10):
-            while db.stat().st_size <= before:  # another thread's work: no event to wait on
-                await anyio.sleep(0.02)
+        await eventually(lambda: db.stat().st_size > before, within=10)  # another thread's work: no event to wait on
         assert (await ledger.verify()).ok
 
 
@@ -161,9 +160,7 @@ async def past_the_restart_while_a_read_is_held(ledger: Ledger) -> None:
     assert checkpointer is not None
     for i in range(CHECKPOINT_EVERY):
         await ledger.append("process.started", None, {"i": i, "pad": "x" * 500})
-    with anyio.fail_after(30):
-        while checkpointer.passes < 1:  # another thread's work: no event to wait on
-            await anyio.sleep(0.02)
+    await eventually(lambda: checkpointer.passes >= 1, within=30)  # another thread's work: no event to wait on
     with anyio.fail_after(30):
         for i in range(CHECKPOINT_EVERY):
             await ledger.append("process.started", None, {"i": i, "pad": "x" * 500})
@@ -192,9 +189,7 @@ async def test_a_long_read_puts_off_the_wal_restart_rather_than_make_writers_wai
         for i in range(CHECKPOINT_EVERY):  # the read is over: the next checkpoints restart the WAL
             await ledger.append("process.started", None, {"j": i})
         wal = db.with_name(db.name + "-wal")
-        with anyio.fail_after(30):  # another thread's work: no event to wait on
-            while wal.stat().st_size > 0:
-                await anyio.sleep(0.05)
+        await eventually(lambda: wal.stat().st_size == 0, within=30)  # another thread's work: no event to wait on
         assert (await ledger.verify()).count == 1 + 3 * CHECKPOINT_EVERY
 
 
