@@ -12,24 +12,15 @@ import anyio
 from tests.conftest import ReviewerAPI
 from tests.helpers import eventually
 from tests.proxy.conftest import ProxyHome
-from tests.reliability.test_stdio_cancel import ESCAPED_CANCEL, Wire
+from tests.reliability.test_stdio_cancel import ESCAPED_CANCEL, Wire, stdio_wire
 
 
 @asynccontextmanager
 async def stdio_proxy(home: ProxyHome) -> AsyncIterator[Wire]:
     params = home.proxy_params()
-    with open(home.dir / "proxy-stdio.log", "ab") as errlog:  # noqa: ASYNC230 (the child's stderr)
-        async with await anyio.open_process([params.command, *params.args], stderr=errlog, cwd=home.dir,
-                                            env={**home.env(), **(params.env or {})}) as proc:
-            wire = Wire(proc)
-            try:
-                yield wire
-            finally:
-                if proc.returncode is None:
-                    assert proc.stdin is not None
-                    await proc.stdin.aclose()
-                    with anyio.fail_after(30):
-                        await proc.wait()
+    async with stdio_wire([params.command, *params.args], home.dir / "proxy-stdio.log", home.dir,
+                          {**home.env(), **(params.env or {})}) as wire:
+        yield wire
 
 
 async def test_an_escaped_cancel_withdraws_a_held_proxy_call_and_the_approval_delivers_nothing(

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -68,11 +69,10 @@ class Wire:
 
 
 @asynccontextmanager
-async def stdio_keyturn(home: RelHome) -> AsyncIterator[Wire]:
-    with open(home.dir / "serve-stdio.log", "ab") as errlog:  # noqa: ASYNC230 (the child's stderr)
-        async with await anyio.open_process(
-                [sys.executable, "-m", "server.cli", "serve", "--config", str(home.config)],
-                stderr=errlog, cwd=home.dir, env=home.env()) as proc:
+async def stdio_wire(command: list[str], log: Path, cwd: Path, env: dict[str, str]) -> AsyncIterator[Wire]:
+    """A keyturn process (serve or proxy) over stdio, spoken to byte by byte; its stderr goes to `log`."""
+    with open(log, "ab") as errlog:  # noqa: ASYNC230 (the child's stderr)
+        async with await anyio.open_process(command, stderr=errlog, cwd=cwd, env=env) as proc:
             wire = Wire(proc)
             try:
                 yield wire
@@ -82,6 +82,13 @@ async def stdio_keyturn(home: RelHome) -> AsyncIterator[Wire]:
                     await proc.stdin.aclose()
                     with anyio.fail_after(30):
                         await proc.wait()
+
+
+@asynccontextmanager
+async def stdio_keyturn(home: RelHome) -> AsyncIterator[Wire]:
+    async with stdio_wire([sys.executable, "-m", "server.cli", "serve", "--config", str(home.config)],
+                          home.dir / "serve-stdio.log", home.dir, home.env()) as wire:
+        yield wire
 
 
 def held_call(rid: Any, tag: str) -> dict[str, Any]:
