@@ -19,8 +19,11 @@ Out-of-process stories, which can only look (over HTTP, in a file), wait with `e
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import json
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TypeVar
 
 import anyio
@@ -224,3 +227,35 @@ async def client_call(client: Any, tool: str, arguments: dict[str, Any], **kwarg
     async with anyio.create_task_group() as tg:
         tg.start_soon(call.run)
         yield call
+
+
+@contextmanager
+def witness_endpoint() -> Iterator[tuple[str, list[dict[str, Any]], list[int]]]:
+    """A checkpoint witness over HTTP on 127.0.0.1: `(url, received, fail_first)`. Each POSTed checkpoint is
+    appended to `received`; while `fail_first` has entries, a POST takes one and answers 503 instead."""
+    received: list[dict[str, Any]] = []
+    fail_first: list[int] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if fail_first:
+                fail_first.pop()
+                self.send_response(503)
+            else:
+                received.append(json.loads(body))
+                self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/checkpoints", received, fail_first
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)

@@ -7,12 +7,10 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from server.ledger.checkpoints import Checkpoint, parse_public_key, read_checkpo
 from server.ledger.witnesses import Checkpointer, HttpWitness
 from server.models import ApproverGroup, ReviewSpec, Verdict
 from server.runtime import running
+from tests.helpers import witness_endpoint
 
 SPEC = ReviewSpec(groups=(ApproverGroup(name="dba", quorum=2),))
 
@@ -295,32 +294,8 @@ def _pub(kt: Any) -> Any:
 
 @pytest.fixture
 def http_witness() -> Iterator[tuple[str, list[dict[str, Any]], list[int]]]:
-    received: list[dict[str, Any]] = []
-    fail_first: list[int] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            if fail_first:
-                fail_first.pop()
-                self.send_response(503)
-            else:
-                received.append(json.loads(body))
-                self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/checkpoints", received, fail_first
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    with witness_endpoint() as endpoint:
+        yield endpoint
 
 
 def test_checkpoints_reach_an_http_witness_after_a_retry(site: Site, http_witness: Any) -> None:

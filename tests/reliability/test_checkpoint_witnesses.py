@@ -4,11 +4,8 @@ them, names a truncated tail or a flipped state (exit 1), and an exported bundle
 
 from __future__ import annotations
 
-import json
 import shutil
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import anyio
@@ -16,32 +13,14 @@ import pytest
 
 from server.ledger.checkpoints import Checkpoint, parse_public_key, read_checkpoint_file
 from tests.conftest import ReviewerAPI, agent_client
-from tests.helpers import eventually
+from tests.helpers import eventually, witness_endpoint
 from tests.reliability.conftest import RelHome
 
 
 @pytest.fixture
 def witness_server() -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    received: list[dict[str, Any]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/witness", received
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    with witness_endpoint() as (url, received, _):
+        yield url, received
 
 
 async def test_a_served_ledger_is_witnessed_and_its_tampering_named(rhome: RelHome, witness_server: Any) -> None:
