@@ -13,7 +13,7 @@ import logging
 import uuid
 from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, field, replace
+from dataclasses import InitVar, dataclass, field, replace
 from typing import Any, Protocol
 
 import anyio
@@ -84,13 +84,14 @@ class Gate:
     broker: ApprovalBroker
     policy: LivePolicy
     classify_context: ClassifyContext
-    progress_interval_s: float = 10.0
+    progress_interval_s: InitVar[float] = 10.0
+    """How often a held call reports progress while it waits (the holding's; not kept here)."""
     holding: Holding = field(init=False)
     _unrecorded: dict[str, tuple[str, dict[str, Any], str | None, str]] = field(default_factory=dict)
     """Runs whose terminal event the ledger refused: call id -> (kind, payload, outcome reason, error)."""
 
-    def __post_init__(self) -> None:
-        self.holding = Holding(self.ledger, self.broker, self.progress_interval_s)
+    def __post_init__(self, progress_interval_s: float) -> None:
+        self.holding = Holding(self.ledger, self.broker, progress_interval_s)
 
     async def call(
         self, tool: Runnable, arguments: dict[str, Any], who: Identity, progress: ProgressFn | None = None,
@@ -223,10 +224,9 @@ class Gate:
                 log.warning("could not keep the result of %s for a retry: %s", call.call_id, e)
         if not await self._record_outcome(call.call_id, kind, payload, None):
             return self._unrecorded_result(call.call_id)
-        if decision.outcome == "review" and self.broker.notifiers:  # only a reviewed call has messages to update
+        if decision.outcome == "review":  # only a reviewed call has messages to update
             try:
-                event = (await self.ledger.events(call.call_id))[-1]
-                await self.broker.announce_change(call.call_id, event)
+                await self.broker.announce_change(call.call_id)
             except LedgerError as e:  # the outcome is recorded: a message update must not change what the agent gets
                 log.warning("could not announce the outcome of %s: %s", call.call_id, e)
         return result

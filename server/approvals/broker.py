@@ -162,11 +162,13 @@ class ApprovalBroker:
                 except LedgerError:
                     log.exception("could not record a notification failure")
 
-    async def announce_change(self, request_id: str, event: Event) -> None:
+    async def announce_change(self, request_id: str) -> None:
+        """Tell the channels of the request's latest event (read only when there is a channel to tell)."""
         if not self.notifiers:
             return
         view = await self.ledger.get_call(request_id)
-        if view is None:
+        event = await self.ledger.last_event(request_id)
+        if view is None or event is None:
             return
         for notifier in self.notifiers:
             try:
@@ -241,8 +243,7 @@ class ApprovalBroker:
         result = await self.ledger.mutate_call(verdict.request_id, body)
         if not result.accepted:
             return result
-        last = (await self.ledger.events(verdict.request_id))[-1]
-        await self.announce_change(verdict.request_id, last)
+        await self.announce_change(verdict.request_id)
         if result.code == "approved":
             waiting = self.has_waiter(verdict.request_id)
             result = VoteResult(result.request_id, True, "approved", "approved: quorum reached" + (
@@ -292,8 +293,7 @@ class ApprovalBroker:
         """Pending (or approved but never run) past its expiry: record `expired`, never a human's denial."""
         done = await self.ledger.finish(request_id, "expired", {"reason": reason}, reason=reason)
         if done:
-            last = (await self.ledger.events(request_id))[-1]
-            await self.announce_change(request_id, last)
+            await self.announce_change(request_id)
         return done
 
     async def sweep_expired(self) -> int:
@@ -359,8 +359,7 @@ class ApprovalBroker:
 
         done = await self.ledger.mutate_call(request_id, body)
         if done:
-            last = (await self.ledger.events(request_id))[-1]
-            await self.announce_change(request_id, last)
+            await self.announce_change(request_id)
         return done
 
 

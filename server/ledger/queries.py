@@ -132,6 +132,11 @@ def events(conn: sqlite3.Connection, call_id: str | None, after_seq: int, limit:
     return [row_to_event(r) for r in rows]
 
 
+def last_event(conn: sqlite3.Connection, call_id: str) -> Event | None:
+    row = conn.execute("SELECT * FROM events WHERE call_id = ? ORDER BY seq DESC LIMIT 1", (call_id,)).fetchone()
+    return row_to_event(row) if row is not None else None
+
+
 def tail(conn: sqlite3.Connection, n: int) -> list[Event]:
     rows = list(conn.execute("SELECT * FROM events ORDER BY seq DESC LIMIT ?", (int(n),)))
     return [row_to_event(r) for r in reversed(rows)]

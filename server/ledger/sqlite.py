@@ -263,6 +263,10 @@ class SqliteStore:
     async def events(self, call_id: str | None = None, *, after_seq: int = 0, limit: int = 10_000) -> list[Event]:
         return await self._read(lambda conn: queries.events(conn, call_id, after_seq, limit), long=call_id is None)
 
+    async def last_event(self, call_id: str) -> Event | None:
+        """The call's latest event (what a channel shows as its news)."""
+        return await self._read(lambda conn: queries.last_event(conn, call_id))
+
     async def tail(self, n: int = 20) -> list[Event]:
         return await self._read(lambda conn: queries.tail(conn, n))
 
