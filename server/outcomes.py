@@ -18,6 +18,11 @@ from server.models import RequestView
 
 OPEN_STATES = ("received", "allowed", "pending", "approved", "running")
 
+OUTCOME_META_KEY = "io.keyturn/outcome"
+"""Where an error result of keyturn's own carries its details for programs (`outcome`, `request_id`, `reason` ...):
+the result's `_meta`. Never `structuredContent`, which a client checks against the tool's output schema even in an
+error result."""
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -50,11 +55,12 @@ OUTCOMES: dict[str, Outcome] = {o.name: o for o in (
 
 def error_result(text: str, **meta: Any) -> types.CallToolResult:
     """A refusal or an end other than a result: `text` for the agent, `meta` (its `outcome`, ids, reasons) for
-    programs."""
+    programs, in `_meta` under `OUTCOME_META_KEY`. No structured content: the result is valid whatever output
+    schema the tool declares."""
     return types.CallToolResult(
         content=[types.TextContent(type="text", text=text)],
         is_error=True,
-        structured_content={"keyturn": meta} if meta else None,
+        _meta={OUTCOME_META_KEY: meta} if meta else None,
     )
 
 

@@ -42,6 +42,15 @@ T = TypeVar("T")
 OTHER_PROCESS_LOOK_S = 0.05
 
 
+def outcome_of(result: CallToolResult) -> dict[str, Any]:
+    """keyturn's details of one of its own error results (`outcome`, `request_id` or `call_id`, `reason` ...), as a
+    program reads them: from the result's `_meta`, under `io.keyturn/outcome`; {} when it has none. Read through
+    JSON, so they are what the wire carries."""
+    details = json.loads(json.dumps((result.meta or {}).get("io.keyturn/outcome") or {}))
+    assert isinstance(details, dict), details
+    return details
+
+
 async def ledger_until(ledger: Ledger, check: Callable[[], Awaitable[T | None]], timeout: float = 10,
                        kinds: set[str] | None = None) -> T:
     """`check()` until it returns something true, looking again whenever the ledger's feed says an event (of

@@ -3,14 +3,13 @@ and reviewers deciding through the HTTP API from another task."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
 
 import anyio
 import pytest
 
 from tests.conftest import TOKENS, Home, ReviewerAPI, agent_client
-from tests.helpers import client_call
+from tests.helpers import client_call, outcome_of
 
 
 def text(result) -> str:  # type: ignore[no-untyped-def]
@@ -102,7 +101,7 @@ async def test_held_call_expires_and_is_recorded_as_expired_not_denied(home: Hom
             result = await client.call_tool("sql_execute", {"statement": "UPDATE orders SET qty = 1 -- quick_expire"})
     assert result.is_error and "expired" in text(result)
     assert home.rows("SELECT sum(qty) FROM orders") == [(15,)]
-    call_id = json.loads(json.dumps(result.structured_content))["keyturn"]["request_id"]
+    call_id = outcome_of(result)["request_id"]
     assert terminal_events(home, call_id) == ["expired"]
     assert not any(e["kind"] == "vote" for e in home.ledger_events(call_id))
 

@@ -14,7 +14,7 @@ import mcp_types as types
 from mcp import Client
 
 from tests.conftest import ReviewerAPI, agent_client, free_port
-from tests.helpers import eventually
+from tests.helpers import eventually, outcome_of
 from tests.proxy.conftest import HTTP_UPSTREAM, ProxyHome, git, git_upstream, text
 
 
@@ -85,4 +85,4 @@ async def test_an_http_upstream_with_a_token_is_guarded_and_reconnected(home: Pr
             back = await eventually(read_back, within=30, every=0.2)
             assert "nothing" in text(back)
     assert home.terminal(req["id"]) == "executed"
-    assert home.terminal(down.structured_content["keyturn"]["call_id"]) == "failed"
+    assert home.terminal(outcome_of(down)["call_id"]) == "failed"

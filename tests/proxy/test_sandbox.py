@@ -91,7 +91,7 @@ async def test_the_filesystem_server_never_reaches_keyturns_state(
 
             async def call(tool: str, **arguments: Any) -> Any:
                 result = await client.call_tool(tool, arguments)
-                seen.append(text(result) + json.dumps(result.structured_content or {}))
+                seen.append(text(result) + json.dumps(result.structured_content or {}) + json.dumps(result.meta or {}))
                 return result
 
             for path in paths:

@@ -16,7 +16,7 @@ import mcp_types as types
 from mcp import Client
 
 from tests.conftest import ReviewerAPI
-from tests.helpers import eventually
+from tests.helpers import eventually, outcome_of
 from tests.proxy.conftest import ProxyHome, host_pids, text
 
 
@@ -30,7 +30,7 @@ async def test_a_crash_mid_call_is_a_recorded_failure_and_the_upstream_restarts(
     assert text(before) == "one" and text(after) == "two"
     assert crashed.is_error and "went away during crash" in text(crashed)
     assert "it may or may not have acted" in text(crashed)
-    call_id = crashed.structured_content["keyturn"]["call_id"]
+    call_id = outcome_of(crashed)["call_id"]
     assert home.terminal(call_id) == "failed"
     assert "went away" in home.ledger_events(call_id)[-1]["payload"]["error"]
     pids = [c["pid"] for c in home.calls()]
@@ -79,7 +79,7 @@ async def test_a_hung_upstream_times_out_and_is_restarted(home: ProxyHome) -> No
 
             after = await eventually(alive, within=30, every=0.2)
     assert text(after) == "alive"
-    assert home.terminal(hung.structured_content["keyturn"]["call_id"]) == "failed"
+    assert home.terminal(outcome_of(hung)["call_id"]) == "failed"
     assert len({c["pid"] for c in home.calls()}) == 2
 
 

@@ -3,7 +3,6 @@ and the checks every fault test ends with (the chain verifies; each call has exa
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
@@ -106,8 +105,3 @@ def rhome(home: Home) -> Iterator[RelHome]:
 def text(result: types.CallToolResult) -> str:
     return "\n".join(c.text for c in result.content if isinstance(c, types.TextContent))
 
-
-def meta(result: types.CallToolResult) -> dict[str, Any]:
-    """keyturn's structured error metadata (`structuredContent.keyturn`), or {}."""
-    content = result.structured_content or {}
-    return dict(json.loads(json.dumps(content)).get("keyturn") or {})

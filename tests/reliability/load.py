@@ -45,6 +45,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from server.canonical import sha256_hex
+from tests.helpers import outcome_of
 from tests.reliability.probe_tools import read_runs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,7 +156,7 @@ async def run_round(base: str, work: list[list[tuple[str, str]]], time_limit: fl
                     t0 = time.monotonic()
                     r = await client.call_tool("probe_run", {"tag": tag})
                     result.latency[kind].append(time.monotonic() - t0)
-                    outcome = (r.structured_content or {}).get("keyturn", {}).get("outcome", "?")
+                    outcome = outcome_of(r).get("outcome", "?")
                     result.seen[tag] = f"error: {outcome}" if r.is_error else "ok"
         except Exception as e:  # a broken session is a finding, not a crash of the generator
             result.errors.append(f"{type(e).__name__}: {e}")

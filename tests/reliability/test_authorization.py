@@ -17,9 +17,9 @@ import httpx2
 import pytest
 
 from tests.conftest import TOKENS, ReviewerAPI, agent_client
-from tests.helpers import eventually
+from tests.helpers import eventually, outcome_of
 from tests.reliability.channels import CHANNELS, Reviewers, configure_all_channels, fake_services, hold, pending_request
-from tests.reliability.conftest import TERMINAL, RelHome, meta, text
+from tests.reliability.conftest import TERMINAL, RelHome, text
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +66,10 @@ async def test_the_requester_cannot_decide_its_own_call_through_any_channel_or_a
                 for tool, args in attempts.items():
                     attempt = await agent.call_tool(tool, args)
                     if tool == "shell_run":  # keyturn's built-in self-target guard
-                        assert attempt.is_error and meta(attempt)["outcome"] == "denied", (tool, text(attempt))
-                        assert meta(attempt)["rules"] == ["keyturn:self-target"], meta(attempt)
+                        assert attempt.is_error and outcome_of(attempt)["outcome"] == "denied", (tool, text(attempt))
+                        assert outcome_of(attempt)["rules"] == ["keyturn:self-target"], outcome_of(attempt)
                     else:  # the structure: a loopback address, a path outside the roots
-                        assert attempt.is_error and meta(attempt)["code"] == "invalid_arguments", (tool, text(attempt))
+                        assert attempt.is_error and outcome_of(attempt)["code"] == "invalid_arguments", (tool, text(attempt))
             assert world.home.calls()[request_id] == "pending"
             assert (await world.vote("teams", "alice", request_id, "approve", "the right person")).accepted
     assert not results["call"].is_error
@@ -147,8 +147,8 @@ async def test_decisions_on_an_expired_request_are_refused_on_every_channel(worl
     results: dict[str, Any] = {}
     with anyio.fail_after(120):
         await hold(world.home, world.base, "agent-ci", "probe_run", {"tag": "expire-late"}, results, "call")
-    assert meta(results["call"])["outcome"] == "expired"
-    request_id = meta(results["call"])["request_id"]
+    assert outcome_of(results["call"])["outcome"] == "expired"
+    request_id = outcome_of(results["call"])["request_id"]
     for channel in CHANNELS:
         if channel == "link":
             continue  # a link never outlives its request: below

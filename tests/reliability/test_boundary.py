@@ -118,7 +118,8 @@ def secrets_of(tour: Tour) -> dict[str, str]:
 
 def leaked(tour: Tour, result: types.CallToolResult, args: dict[str, Any] | None = None) -> list[str]:
     """The secrets a result shows, but those the agent itself sent (a refusal may quote its arguments)."""
-    shown, sent = text(result) + str(result.structured_content or ""), str(args or "")
+    shown = text(result) + str(result.structured_content or "") + str(result.meta or "")
+    sent = str(args or "")
     return [name for name, value in secrets_of(tour).items() if value in shown and value not in sent]
 
 

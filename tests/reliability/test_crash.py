@@ -12,8 +12,8 @@ import anyio
 import anyio.abc
 
 from tests.conftest import ReviewerAPI, agent_client
-from tests.helpers import eventually
-from tests.reliability.conftest import RelHome, meta, text
+from tests.helpers import eventually, outcome_of
+from tests.reliability.conftest import RelHome, text
 
 
 async def calls_in_flight(base: str, calls: list[tuple[str, dict[str, Any]]], tg: anyio.abc.TaskGroup,
@@ -183,7 +183,7 @@ async def test_kill_9_in_a_burst_of_calls_leaves_a_verifiable_ledger_with_one_ou
             assert "approval.granted" in kinds and kinds.count("execution.started") == 1
     # Every call the agents saw end normally is in the ledger with that outcome.
     for tag, result in results.items():
-        if not isinstance(result, Exception) and "request_id" not in meta(result) and not result.is_error:
+        if not isinstance(result, Exception) and "request_id" not in outcome_of(result) and not result.is_error:
             assert outcomes[by_tag[tag]] == "executed"
 
 

@@ -36,7 +36,7 @@ from tests.channels.slack.fake_slack import FakeSlack
 from tests.channels.slack.interactions import block_action, signed, view_submission
 from tests.channels.teams.conftest import APP_PASSWORD, LINK_SECRET, OIDS, TENANT, FakeTeams, _handler, reviewers, teams_config
 from tests.conftest import TOKENS, agent_client
-from tests.helpers import eventually
+from tests.helpers import eventually, outcome_of
 from tests.reliability.conftest import POLICY, PROBE, TERMINAL, RelHome
 from tests.reliability.probe_tools import read_runs
 
@@ -185,8 +185,8 @@ def test_hostile_tool_arguments_never_crash_the_gate_and_never_run_what_the_poli
     tool, args = call
     runs_before = len(read_runs(gate_world.dir / "runs.log"))
     result = gate_world.call(tool, args)  # never raises
-    event(f"{tool}: {(result.structured_content or {}).get('keyturn', {}).get('outcome', 'ok')}")
-    call_id = (result.structured_content or {}).get("keyturn", {}).get("call_id") if result.is_error else None
+    event(f"{tool}: {outcome_of(result).get('outcome', 'ok')}")
+    call_id = outcome_of(result).get("call_id") if result.is_error else None
     ran = read_runs(gate_world.dir / "runs.log")[runs_before:]
     if not result.is_error:
         assert tool in ALLOWED_TOOLS, (tool, args)

@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 from server.ledger import CallFilter, Ledger
 from tests.channels.slack.interactions import message_text
 from tests.conftest import TOKENS, ReviewerAPI, agent_client
-from tests.helpers import eventually
+from tests.helpers import eventually, outcome_of
 from tests.reliability.channels import Reviewers, configure_all_channels, fake_services, hold, pending_request
-from tests.reliability.conftest import RelHome, meta, text
+from tests.reliability.conftest import RelHome, text
 from tests.reliability.test_hostile_input import examples
 
 SQLI = ["' OR '1'='1", "x' UNION SELECT id, tool, principal FROM calls --", "%' --", "'; DELETE FROM events; --",
@@ -153,7 +153,7 @@ async def test_path_traversal_in_files_tools_and_export_paths_is_refused_and_tou
             with anyio.move_on_after(3):  # a held call would wait: none of these may even get that far
                 result = await client.call_tool(tool, args)
                 # refused before running, denied by policy, or (a literal "%2e%2e" directory) not found inside the root
-                assert result.is_error and meta(result)["outcome"] in ("refused", "denied", "failed"), (tool, args)
+                assert result.is_error and outcome_of(result)["outcome"] in ("refused", "denied", "failed"), (tool, args)
                 assert "OUTSIDE-SECRET" not in text(result)
                 continue
             pytest.fail(f"{tool} {args} was held for a human instead of refused")

@@ -19,8 +19,8 @@ import anyio
 import pytest
 
 from tests.conftest import ReviewerAPI, agent_client
-from tests.helpers import eventually
-from tests.reliability.conftest import RelHome, meta, text
+from tests.helpers import eventually, outcome_of
+from tests.reliability.conftest import RelHome, text
 
 DISK_BYTES = 8 * 1024 * 1024
 
@@ -197,4 +197,4 @@ def test_the_disk_helpers_fill_exactly(tmp_path: Path) -> None:
         filler.unlink()
         conn.execute("INSERT INTO t VALUES (randomblob(100000))")
         conn.close()
-    assert meta  # (imported for the other tests)
+    assert outcome_of  # (imported for the other tests)
