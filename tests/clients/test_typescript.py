@@ -81,13 +81,13 @@ class Story:
         self.seen.append(observation)
         return observation
 
-    async def next(self, event: str, within: float = 120) -> dict[str, Any]:
-        """The next observation of `event` (those before it are kept in `seen`)."""
+    async def next(self, *events: str, within: float = 120) -> dict[str, Any]:
+        """The next observation of one of `events` (those before it are kept in `seen`)."""
         with anyio.fail_after(within):
             while (observation := await self._line()) is not None:
-                if observation["event"] == event:
+                if observation["event"] in events:
                     return observation
-        raise AssertionError(f"the story ended before {event!r}: {self.seen}")
+        raise AssertionError(f"the story ended before {events}: {self.seen}")
 
     def all(self, event: str) -> list[dict[str, Any]]:
         return [o for o in self.seen if o["event"] == event]
@@ -158,11 +158,14 @@ async def test_the_typescript_sdk_client_lists_runs_and_reads_refusals_and_denia
     calls = [{"tool": tool, "arguments": args} for tool, args in (ALLOWED, REFUSED, DENIED)]
     async with typescript(kt, {**spec, "story": "call", "calls": calls}) as story:
         tools = {t["name"]: t["outputSchema"] for t in (await story.next("tools"))["tools"]}
-        allowed, refused, denied = [await story.next("result") for _ in calls]
+        allowed, refused, denied = [await story.next("result", "error") for _ in calls]
         await story.next("closed")
+    # Each call's result reached the client, none an error the SDK raised (-32602: "Structured content does not
+    # match the tool's output schema").
+    assert [o["event"] for o in (allowed, refused, denied)] == ["result"] * 3, story.seen
     assert {"sql_query", "sql_execute", "sql_export", "shell_run", "keyturn_status", "keyturn_cancel"} <= set(tools)
     assert tools["sql_query"] and tools["shell_run"]  # both declare an output schema, which the client checks
-    assert not story.all("error"), story.seen  # (the SDK's -32602 "does not match the tool's output schema")
+    assert not story.all("error"), story.seen
 
     # The allowed call's result matches the tool's output schema (the client checked it).
     assert allowed["result"]["isError"] is False, allowed
