@@ -25,6 +25,8 @@ import pytest
 
 from tests.conftest import ROOT, TOKENS, Home, ReviewerAPI
 from tests.helpers import eventually
+from tests.proxy.conftest import ProxyHome
+from tests.proxy.test_stdio_upstream import modern
 from tests.reliability.conftest import RelHome
 from tests.reliability.test_rejoin import INSPECTOR_BIN, NODE22
 
@@ -234,6 +236,53 @@ async def test_a_call_the_typescript_sdk_client_aborts_is_withdrawn_and_a_later_
     assert "execution.started" not in kinds()
     assert kt.assert_one_outcome_each() == {request["id"]: "cancelled"}
     kt.verify()
+
+
+PROXY_POLICY = """
+version: 1
+default: review
+review: {timeout: 10m, approvers: [{any: true, quorum: 1}]}
+rules:
+  - {id: echo, tool: echo, when: '!args.text.contains("forbidden")', outcome: allow, risk: low, reason: an echo}
+  - {id: no-forbidden, tool: echo, when: 'args.text.contains("forbidden")', outcome: deny, risk: high,
+     reason: a forbidden word}
+  - {id: upstream-errors, tool: [fail, bad_output], outcome: allow, risk: low, reason: the upstream's own}
+"""
+
+
+async def test_the_typescript_sdk_client_reads_keyturns_denial_of_a_proxied_tool_with_an_output_schema(
+        home: Home) -> None:
+    """In proxy mode the upstream's tools keep their output schemas: keyturn's own error results must pass them, and
+    the upstream's own error result reaches the client as the upstream sent it."""
+    proxy = ProxyHome(dir=home.dir, config=home.config, db=home.db, data_db=home.data_db)
+    (proxy.dir / "proxy-policy.yaml").write_text(PROXY_POLICY, encoding="utf-8")
+    proxy.write_config(tools=[], policy=str(proxy.dir / "proxy-policy.yaml"), proxy={
+        "upstreams": [modern(proxy.dir / "upstream-calls.log")], "connect_timeout": 20})
+    params = proxy.proxy_params()
+    spec = {"transport": "stdio", "command": params.command, "args": params.args, "env": params.env,
+            "cwd": str(params.cwd)}
+    calls = [{"tool": "echo", "arguments": {"text": "hi"}}, {"tool": "echo", "arguments": {"text": "forbidden"}},
+             {"tool": "fail", "arguments": {}}, {"tool": "bad_output", "arguments": {}}]
+    async with typescript(RelHome(dir=proxy.dir, config=proxy.config, db=proxy.db, data_db=proxy.data_db),
+                          {**spec, "story": "call", "calls": calls}) as story:
+        tools = {t["name"]: t["outputSchema"] for t in (await story.next("tools"))["tools"]}
+        echoed, denied, failed, bad = [await story.next("result", "error") for _ in calls]
+        await story.next("closed")
+    assert tools["echo"] and tools["bad_output"], tools
+    assert echoed["event"] == "result" and echoed["result"]["structuredContent"] == {"result": "hi"}, echoed
+    assert denied["event"] == "result", denied  # not the SDK's -32602
+    details = assert_keyturn_error(denied["result"], "denied")
+    assert details["rules"] == ["no-forbidden"] and "a forbidden word" in text(denied["result"]), denied
+    # The upstream's own error result passes unchanged (keyturn records it as failed).
+    assert failed["event"] == "result" and failed["result"]["isError"] is True, failed
+    assert text(failed["result"]) == "upstream says no" and OUTCOME not in failed["result"].get("_meta", {}), failed
+    # Structured content the upstream's own schema rejects fails the call in the proxy (its client checks results):
+    # keyturn's error result for that failure must pass the schema in turn.
+    assert bad["event"] == "result", bad
+    assert "structured content" in text(bad["result"]) and assert_keyturn_error(bad["result"], "failed"), bad
+    received = [e for e in proxy.ledger_events() if e["kind"] == "call.received"]
+    assert [(e["payload"]["tool"], proxy.terminal(e["call_id"])) for e in received] == [
+        ("echo", "executed"), ("echo", "denied"), ("fail", "failed"), ("bad_output", "failed")]
 
 
 # -- the MCP Inspector CLI --------------------------------------------------------------------------------------
