@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,8 +26,8 @@ import pytest
 
 from tests.conftest import ROOT, TOKENS, Home, ReviewerAPI
 from tests.helpers import eventually
+from tests.proxy.conftest import HERE as PROXY_TESTS
 from tests.proxy.conftest import ProxyHome
-from tests.proxy.test_stdio_upstream import modern
 from tests.reliability.conftest import RelHome
 from tests.reliability.test_rejoin import INSPECTOR_BIN, NODE22
 
@@ -257,7 +258,10 @@ async def test_the_typescript_sdk_client_reads_keyturns_denial_of_a_proxied_tool
     proxy = ProxyHome(dir=home.dir, config=home.config, db=home.db, data_db=home.data_db)
     (proxy.dir / "proxy-policy.yaml").write_text(PROXY_POLICY, encoding="utf-8")
     proxy.write_config(tools=[], policy=str(proxy.dir / "proxy-policy.yaml"), proxy={
-        "upstreams": [modern(proxy.dir / "upstream-calls.log")], "connect_timeout": 20})
+        "upstreams": [{"name": "modern", "command": sys.executable,
+                       "args": [str(PROXY_TESTS / "modern_server.py"), str(proxy.dir / "upstream-calls.log")],
+                       "mounts": [{"path": str(proxy.dir), "writable": True}]}],
+        "connect_timeout": 20})
     params = proxy.proxy_params()
     spec = {"transport": "stdio", "command": params.command, "args": params.args, "env": params.env,
             "cwd": str(params.cwd)}
