@@ -116,16 +116,16 @@ def transport_spec(kt: RelHome, transport: str) -> dict[str, Any]:
     return {"transport": "http", "url": f"{base}/mcp", "token": TOKENS[AGENT]}
 
 
-def log_file(kt: RelHome) -> IO[bytes]:
-    return open(kt.dir / "node.log", "ab")
+def log_file(home: Home) -> IO[bytes]:
+    return open(home.dir / "node.log", "ab")
 
 
 @asynccontextmanager
-async def typescript(kt: RelHome, spec: dict[str, Any]) -> AsyncIterator[Story]:
+async def typescript(home: Home, spec: dict[str, Any]) -> AsyncIterator[Story]:
     spec = {"modules": str(CLIENTS), "limitMs": 240_000, **spec}
-    with log_file(kt) as log:  # the client's stderr, and (stdio) keyturn's
+    with log_file(home) as log:  # the client's stderr, and (stdio) keyturn's
         proc = await anyio.open_process([str(NODE22), str(SCRIPT), json.dumps(spec)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=log, cwd=kt.dir)
+                                        stdout=subprocess.PIPE, stderr=log, cwd=home.dir)
     try:
         yield Story(proc)
     finally:
@@ -267,8 +267,7 @@ async def test_the_typescript_sdk_client_reads_keyturns_denial_of_a_proxied_tool
             "cwd": str(params.cwd)}
     calls = [{"tool": "echo", "arguments": {"text": "hi"}}, {"tool": "echo", "arguments": {"text": "forbidden"}},
              {"tool": "fail", "arguments": {}}, {"tool": "bad_output", "arguments": {}}]
-    async with typescript(RelHome(dir=proxy.dir, config=proxy.config, db=proxy.db, data_db=proxy.data_db),
-                          {**spec, "story": "call", "calls": calls}) as story:
+    async with typescript(proxy, {**spec, "story": "call", "calls": calls}) as story:
         tools = {t["name"]: t["outputSchema"] for t in (await story.next("tools"))["tools"]}
         echoed, denied, failed, bad = [await story.next("result", "error") for _ in calls]
         await story.next("closed")
