@@ -77,3 +77,10 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
                            stdout=writer.fileno(), stderr=subprocess.PIPE, text=True, timeout=120)
     assert p.returncode == 141, p.stderr
     assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+
+
+def test_version(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    p = _run(["--version"], tmp_path)
+    assert p.returncode == 0 and p.stdout.strip() == f"keyturn {version('keyturn')}", (p.stdout, p.stderr)

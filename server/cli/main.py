@@ -369,9 +369,19 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 
 # -- argument parsing ------------------------------------------------------------------------------
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("keyturn")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keyturn", description="A human's key in the lock between AI agents and privileged operations.")
+    parser.add_argument("--version", action="version", version=f"keyturn {_version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="config file (YAML); default $KEYTURN_CONFIG")
     common.add_argument("--db", help="ledger database file (default ./keyturn.db)")
