@@ -185,6 +185,9 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
     for pack in settings.tools:
         load_pack(pack.module, registry, pack.options, context)
 
+    # The policy before the ledger: a policy that cannot be loaded stops keyturn before anything is recorded.
+    policy = LivePolicy(settings.policy_path(), groups=settings.groups, people=set(settings.people))
+    compiled = policy.load()
     ledger = await Ledger(settings.db).open()
     try:
         keyturn_paths = context.state_paths  # the ledger, policy, config and every pack's state (the secret store)
@@ -195,9 +198,7 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
         async def on_policy_event(kind: str, payload: dict[str, object]) -> None:
             await ledger.append(kind, None, dict(payload))
 
-        policy = LivePolicy(settings.policy_path(), groups=settings.groups, people=set(settings.people),
-                            on_event=on_policy_event)
-        compiled = policy.load()
+        policy.on_event = on_policy_event
         broker = ApprovalBroker(ledger=ledger, directory=build_directory(settings),
                                 poll_interval_s=settings.poll_interval_s)
         gate = Gate(ledger=ledger, broker=broker, policy=policy,

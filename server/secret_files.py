@@ -5,11 +5,14 @@ Created once, atomically (the first process wins and every other reads its value
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
+
+from server.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +23,17 @@ def beside(db: Path, suffix: str) -> Path:
 
 
 def ensure_secret_file(path: Path, make: Callable[[], str] = lambda: secrets.token_urlsafe(48)) -> str:
-    """The value in `path`, creating it (mode 0600) when missing."""
+    """The value in `path`, creating it (mode 0600) when missing. `ConfigError` when it can be neither read nor
+    made (its folder cannot be created, a file stands where a folder should)."""
+    try:
+        return _ensure(path, make)
+    except OSError as e:
+        why = (f"{e.filename} is a file, not a folder" if e.errno in (errno.EEXIST, errno.ENOTDIR) and e.filename
+               else e.strerror or str(e))
+        raise ConfigError(f"cannot create or read {path}: {why}") from e
+
+
+def _ensure(path: Path, make: Callable[[], str]) -> str:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")

@@ -10,10 +10,12 @@ policy check / explain / test / replay   policy author commands
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import urllib.error
@@ -54,6 +56,26 @@ def _host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket, bound now (as uvicorn would bind it): `KeyturnError` when it cannot be."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise KeyturnError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        hint = (" (another keyturn, or another program, is serving there: stop it, or choose another port with "
+                "--http HOST:PORT)" if e.errno == errno.EADDRINUSE else "")
+        raise KeyturnError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 # -- serve -----------------------------------------------------------------------------------------
 
 Attach = Callable[["Keyturn"], AbstractAsyncContextManager[object]]
@@ -77,6 +99,7 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
 
         host, port = _host_port(args.http)
         base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        listening = _listen(host, port)  # before anything starts or is recorded: a busy port is a user error
         async with running(settings, http_base_urls=[base]) as kt, attached(kt):
             check_bind(kt, host)
             server = build_mcp_server(kt, traces=kt.settings.telemetry.traces_exported(os.environ))
@@ -101,7 +124,7 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
             # process: keyturn's own shutdown (the last checkpoint, the instance row) runs after this line.
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: None)
-            await uvicorn.Server(config).serve()
+            await uvicorn.Server(config).serve(sockets=[listening])
         return 0
 
     from mcp.server.lowlevel import NotificationOptions
@@ -346,9 +369,19 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 
 # -- argument parsing ------------------------------------------------------------------------------
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("keyturn")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keyturn", description="A human's key in the lock between AI agents and privileged operations.")
+    parser.add_argument("--version", action="version", version=f"keyturn {_version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="config file (YAML); default $KEYTURN_CONFIG")
     common.add_argument("--db", help="ledger database file (default ./keyturn.db)")
@@ -487,6 +520,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `keyturn pending | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's last flush does not fail again
+        return 141
 
 
 def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:

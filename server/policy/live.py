@@ -45,7 +45,10 @@ class LivePolicy:
 
     def load(self) -> CompiledPolicy:
         """The initial load. Raises PolicyError when the file is invalid: refuse to start without a policy."""
-        stat = self._stat_file()
+        try:
+            stat: tuple[int, int] | None = self._stat_file()  # before reading: a change after it is seen next time
+        except OSError:
+            stat = None  # the loader says what is wrong with the file
         policy = load_policy(self.path, groups=self.groups, people=self.people)
         self._current, self._stat = policy, stat
         return policy

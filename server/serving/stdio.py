@@ -72,7 +72,9 @@ def _loop_pipes_usable() -> bool:
             return False
         if sys.stdin is None or sys.stdout is None or sys.stdin.fileno() != 0 or sys.stdout.fileno() != 1:
             return False
-        return all(stat.S_ISFIFO(m) or stat.S_ISSOCK(m) or stat.S_ISCHR(m) for m in (os.fstat(0).st_mode, os.fstat(1).st_mode))
+        # A terminal can be watched by the loop; another character device (/dev/null) or a regular file cannot.
+        return all(stat.S_ISFIFO(m) or stat.S_ISSOCK(m) or (stat.S_ISCHR(m) and os.isatty(fd))
+                   for fd, m in ((0, os.fstat(0).st_mode), (1, os.fstat(1).st_mode)))
     except (OSError, ValueError, AttributeError, RuntimeError):
         return False
 
