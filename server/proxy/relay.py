@@ -16,12 +16,15 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
+import anyio
 import mcp_types as types
+from mcp import Client
 from mcp.client import ClientRequestContext
 from mcp.server.context import ServerRequestContext
 from mcp.server.session import ServerSession
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
+from mcp.shared.subscriptions import event_to_notification
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,7 @@ agent_request: ContextVar[ServerRequestContext[Any, Any] | None] = ContextVar("k
 """The agent's request being served (set by the MCP server's handlers), so a forwarded call knows whom it serves."""
 
 Notice = Callable[[types.ServerNotification], Awaitable[None]]
+LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 
 
 def session_key(ctx: ServerRequestContext[Any, Any]) -> str:
@@ -73,7 +77,10 @@ class ClientRelay:
         self.upstream = upstream
         self._serving: list[ServerRequestContext[Any, Any]] = []
         self.loggers = Sessions()  # agents that set a log level: they receive the upstream's log messages
+        self.level: str | None = None  # the level agents set last (a 2026-era upstream sends every level: filtered here)
         self.on_notice: Notice | None = None  # resource and prompt changes, for the proxy to pass on
+        self.watched: set[str] = set()  # URIs agents subscribed to, on a 2026-era upstream's listen stream
+        self._watch_changed = anyio.Event()
 
     @contextmanager
     def serving(self) -> Iterator[None]:
@@ -126,6 +133,8 @@ class ClientRelay:
 
     async def logging(self, params: types.LoggingMessageNotificationParams) -> None:
         """A log message goes with the request it was sent during, else to every agent that set a log level."""
+        if self.level in LEVELS and params.level in LEVELS and LEVELS.index(params.level) < LEVELS.index(self.level):
+            return
         notification = types.LoggingMessageNotification(params=params)
         if self._serving:
             ctx = self._serving[-1]
@@ -143,7 +152,35 @@ class ClientRelay:
         if isinstance(message, notices) and self.on_notice is not None:
             await self.on_notice(message)
 
+    def watch(self, uri: str, on: bool) -> None:
+        """Follow (or stop following) `uri`'s updates on a 2026-era upstream: its listen stream is opened again."""
+        if (uri in self.watched) != on:
+            (self.watched.add if on else self.watched.discard)(uri)
+            changed, self._watch_changed = self._watch_changed, anyio.Event()
+            changed.set()
+
+    async def follow(self, client: Client) -> None:
+        """A 2026-era upstream announces resource and prompt changes only on a `subscriptions/listen` stream: one,
+        opened again whenever the watched URIs change, for as long as the connection lasts."""
+        while True:
+            changed = self._watch_changed
+            try:
+                async with client.listen(resources_list_changed=True, prompts_list_changed=True,
+                                         resource_subscriptions=sorted(self.watched)) as subscription:
+                    async with anyio.create_task_group() as tg:
+                        async def relay() -> None:
+                            async for event in subscription:
+                                await self.notice(event_to_notification(event, {}))
+
+                        tg.start_soon(relay)
+                        await changed.wait()
+                        tg.cancel_scope.cancel()
+            except Exception as e:
+                log.info("upstream %s: not following resource changes: %s", self.upstream, e)
+                await changed.wait()
+
     def callbacks(self) -> dict[str, Any]:
         """The `mcp.Client` callbacks that make this relay the upstream's client."""
         return {"sampling_callback": self.sampling, "elicitation_callback": self.elicitation,
-                "list_roots_callback": self.roots, "logging_callback": self.logging}
+                "list_roots_callback": self.roots, "logging_callback": self.logging,
+                "log_level": "debug"}  # (2026-era upstreams log only for requests that opt in: all of them do)

@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 import mcp_types as types
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from server.canonical import canonical_json, sha256_hex
 from server.errors import InvalidArguments
@@ -124,8 +125,12 @@ async def list_all(upstream: Upstream, templates: bool) -> list[Any]:
 
 
 async def subscribe(upstream: Upstream, uri: str, on: bool) -> None:
-    """`resources/subscribe` (or unsubscribe) at the upstream (a 2025-era request: the SDK marks it deprecated)."""
+    """`resources/subscribe` (or unsubscribe) at a 2025-era upstream (the SDK marks it deprecated); a 2026-era one
+    is followed on its listen stream instead."""
     client = await upstream.connected(f"the subscription to {uri}")
+    if client.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        upstream.relay.watch(uri, on)
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MCPDeprecationWarning)
         if on:

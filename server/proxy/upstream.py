@@ -270,6 +270,8 @@ class Upstream:
             caps = client.server_capabilities
             if client.protocol_version in MODERN_PROTOCOL_VERSIONS and caps.tools and caps.tools.list_changed:
                 tg.start_soon(self._listen, client)
+            if client.protocol_version in MODERN_PROTOCOL_VERSIONS and (caps.resources or caps.prompts):
+                tg.start_soon(self.relay.follow, client)
             await self._lost.wait()
             self._client = None
             tg.cancel_scope.cancel()

@@ -242,7 +242,10 @@ class Proxied:
     async def set_level(self, ctx: ServerRequestContext[Any, Any], params: types.SetLevelRequestParams) -> Any:
         for upstream in self.up("logging"):
             upstream.relay.loggers.add(ctx)
+            upstream.relay.level = params.level
             client = await upstream.connected("logging/setLevel")
+            if client.protocol_version in MODERN_PROTOCOL_VERSIONS:
+                continue  # no such request there: its messages are filtered by the relay
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", MCPDeprecationWarning)
                 await client.set_logging_level(params.level)
