@@ -99,6 +99,9 @@ class ClientRelay:
             raise MCPError(types.INVALID_REQUEST, f"keyturn: upstream {self.upstream!r} asked for {what} outside "
                                                   "any request of the agent's; refused")
         ctx = self._serving[-1]
+        if not ctx.session.can_send_request:
+            raise MCPError(types.INVALID_REQUEST, f"keyturn: upstream {self.upstream!r} asked for {what}, and the "
+                                                  "agent's session has no channel for it (a 2026-era session)")
         if not ctx.session.check_client_capability(capability):
             raise MCPError(types.INVALID_REQUEST, f"keyturn: upstream {self.upstream!r} asked for {what}, which the "
                                                   "agent's client did not declare")

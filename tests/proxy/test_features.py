@@ -159,3 +159,33 @@ async def test_sampling_and_elicitation_from_the_upstream_are_answered_by_the_ag
     ends = [[e["kind"] for e in home.ledger_events(call_id) if e["kind"] in TERMINAL_EVENTS]
             for call_id, _ in ledger_calls(home, "sample", "ask")]
     assert ends == [["executed"], ["executed"], ["failed"]]  # the refused one: the upstream's error result
+
+
+async def test_a_2026_era_agent_reads_listens_and_is_told_what_it_cannot_be_asked(home: ProxyHome, base: str) -> None:
+    updated = anyio.Event()
+
+    async def sampling(ctx: ClientRequestContext, params: types.CreateMessageRequestParams) -> Any:
+        raise AssertionError("a 2026-era session has no channel for the upstream's request")
+
+    with anyio.fail_after(60):
+        async with agent_client(base, sampling_callback=sampling) as client:  # the SDK's default: a 2026-era session
+            readme = await client.read_resource("notes://readme")
+            assert readme.contents[0].text == "read me first"  # type: ignore[union-attr]
+            prompt = await client.get_prompt("greet", {"name": "bob"})
+            assert prompt.messages[0].content.text == "Say hello to bob."  # type: ignore[union-attr]
+            async with client.listen(resource_subscriptions=["notes://readme"]) as subscription:
+                async def follow() -> None:
+                    async for event in subscription:
+                        if getattr(event, "uri", None) == "notes://readme":
+                            updated.set()
+                            return
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(follow)
+                    while not updated.is_set():  # (the upstream's stream is opened again for the new URI)
+                        await client.call_tool("touch", {"uri": "notes://readme"})
+                        with anyio.move_on_after(0.5):
+                            await updated.wait()
+            refused = await client.call_tool("sample", {})
+            assert "has no channel for it" in text(refused), text(refused)
+    assert reads(home) == {"notes://readme": ["executed"]}
