@@ -16,12 +16,15 @@ from typing import Any
 import anyio
 import mcp_types as types
 import pytest
+from mcp import Client
 from mcp.client import ClientRequestContext
+from mcp.client.stdio import stdio_client
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 
 from server.models import TERMINAL_EVENTS
 from tests.conftest import ROOT, ReviewerAPI, agent_client
 from tests.proxy.conftest import HERE, ProxyHome, text
+from tests.proxy.test_stdio_serving import appending
 
 FEATURES = HERE / "features_server.py"
 HOLD_PLANS = """
@@ -189,3 +192,23 @@ async def test_a_2026_era_agent_reads_listens_and_is_told_what_it_cannot_be_aske
             refused = await client.call_tool("sample", {})
             assert "has no channel for it" in text(refused), text(refused)
     assert reads(home) == {"notes://readme": ["executed"]}
+
+
+async def test_over_stdio_a_read_is_gated_and_the_upstreams_sampling_reaches_the_agent(home: ProxyHome) -> None:
+    policy = home.dir / "policy.yaml"
+    policy.write_text((ROOT / "policies" / "proxy.yaml").read_text())
+    home.write_config(tools=[], policy=str(policy), proxy={
+        "upstreams": [{"name": "notes", "command": sys.executable, "args": [str(FEATURES)]}], "connect_timeout": 20})
+
+    async def sampling(ctx: ClientRequestContext, params: types.CreateMessageRequestParams) -> Any:
+        return types.CreateMessageResult(role="assistant", model="m", content=types.TextContent(type="text", text="yo"))
+
+    with anyio.fail_after(60), appending(home.dir / "proxy.log") as errlog:
+        async with Client(stdio_client(home.proxy_params(), errlog=errlog), mode="legacy",
+                          sampling_callback=sampling) as client:
+            readme = await client.read_resource("notes://readme")
+            assert readme.contents[0].text == "read me first"  # type: ignore[union-attr]
+            with pytest.raises(MCPError, match=r"(?i)denied by policy.*keyturn"):
+                await client.read_resource(f"file://{home.db}")
+            assert text(await client.call_tool("sample", {})) == "the model said: yo"
+    assert reads(home) == {"notes://readme": ["executed"], f"file://{home.db}": ["denied"]}
