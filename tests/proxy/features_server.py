@@ -1,8 +1,8 @@
 """A small upstream (the SDK's low-level `Server`, stdio) with every MCP feature besides tools, for the proxy's
 stories: resources (`notes://readme`, `notes://plan`), templates (`notes://{name}`, `file:///{+path}`),
 subscriptions, prompts (`greet`), completion, logging, and read-only tools that ask their client for things:
-`sample` (sampling), `ask` (elicitation), `log` (a log message), `touch` (a resource-updated notification for a
-subscribed URI).
+`sample` (sampling), `ask` (elicitation), `roots` (the client's roots), `log` (a log message), `touch` (a
+resource-updated notification for a subscribed URI).
 
     python features_server.py
 """
@@ -28,6 +28,7 @@ OBJECT: dict[str, Any] = {"type": "object", "properties": {}}
 TOOLS = [
     types.Tool(name="sample", input_schema=OBJECT, annotations=READ_ONLY),
     types.Tool(name="ask", input_schema=OBJECT, annotations=READ_ONLY),
+    types.Tool(name="roots", input_schema=OBJECT, annotations=READ_ONLY),
     types.Tool(name="log", input_schema=OBJECT, annotations=READ_ONLY),
     types.Tool(name="touch", input_schema={"type": "object", "properties": {"uri": {"type": "string"}}},
                annotations=READ_ONLY),
@@ -45,10 +46,12 @@ async def list_tools(ctx: ServerRequestContext[Any], params: Any) -> types.ListT
 
 
 async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
-    if params.name in ("sample", "ask"):
+    if params.name in ("sample", "ask", "roots"):
         answer = await ask_client(ctx, params)
         if isinstance(answer, types.InputRequiredResult):
             return answer
+        if isinstance(answer, types.ListRootsResult):
+            return text(f"roots: {[str(r.uri) for r in answer.roots]}")
         if isinstance(answer, types.ElicitResult):
             return text(f"elicited: {answer.action} {answer.content}")
         content = answer.content
@@ -74,6 +77,8 @@ async def ask_client(ctx: ServerRequestContext[Any], params: types.CallToolReque
             messages=[types.SamplingMessage(role="user", content=types.TextContent(type="text", text="say hi"))],
             max_tokens=10))
         result: Any = types.CreateMessageResult
+    elif params.name == "roots":
+        request, result = types.ListRootsRequest(), types.ListRootsResult
     else:
         request = types.ElicitRequest(params=types.ElicitRequestFormParams(
             message="your name?",

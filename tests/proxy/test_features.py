@@ -139,7 +139,7 @@ async def test_subscriptions_prompts_completion_and_logging_pass_through(home: P
     assert messages[0].level == "warning" and messages[0].data == {"note": "from upstream"}
 
 
-async def test_sampling_and_elicitation_from_the_upstream_are_answered_by_the_agents_client(
+async def test_sampling_elicitation_and_roots_from_the_upstream_are_answered_by_the_agents_client(
     home: ProxyHome, base: str
 ) -> None:
     async def sampling(ctx: ClientRequestContext, params: types.CreateMessageRequestParams) -> Any:
@@ -150,18 +150,22 @@ async def test_sampling_and_elicitation_from_the_upstream_are_answered_by_the_ag
         assert params.message == "your name?"
         return types.ElicitResult(action="accept", content={"name": "Ada"})
 
+    async def roots(ctx: ClientRequestContext) -> Any:
+        return types.ListRootsResult(roots=[types.Root(uri="file:///srv/project")])
+
     with anyio.fail_after(60):
-        async with agent_client(base, mode="legacy", sampling_callback=sampling,
-                                elicitation_callback=elicitation) as client:
+        async with agent_client(base, mode="legacy", sampling_callback=sampling, elicitation_callback=elicitation,
+                                list_roots_callback=roots) as client:
             assert text(await client.call_tool("sample", {})) == "the model said: hi from the agent"
             assert text(await client.call_tool("ask", {})) == "elicited: accept {'name': 'Ada'}"
+            assert text(await client.call_tool("roots", {})) == "roots: ['file:///srv/project']"
         # A client that declared neither: the upstream's request is refused, saying so.
         async with agent_client(base, mode="legacy") as client:
             refused = await client.call_tool("sample", {})
             assert "did not declare" in text(refused), text(refused)
     ends = [[e["kind"] for e in home.ledger_events(call_id) if e["kind"] in TERMINAL_EVENTS]
-            for call_id, _ in ledger_calls(home, "sample", "ask")]
-    assert ends == [["executed"], ["executed"], ["failed"]]  # the refused one: the upstream's error result
+            for call_id, _ in ledger_calls(home, "sample", "ask", "roots")]
+    assert ends == [["executed"], ["executed"], ["executed"], ["failed"]]  # the refused one: the upstream's error result
 
 
 async def test_a_2026_era_agent_reads_listens_and_is_told_what_it_cannot_be_asked(home: ProxyHome, base: str) -> None:
