@@ -26,6 +26,7 @@ from server.models import state_label
 from server.outcomes import error_result
 from server.proxy.relay import agent_request
 from server.runtime import Keyturn
+from server.serving.proxied import serve_proxied
 
 PRINCIPAL_SCOPE_KEY = "keyturn.principal"
 CLIENT_GONE_SCOPE_KEY = "keyturn.client_gone"
@@ -146,8 +147,6 @@ def build_mcp_server(kt: Keyturn, *, default_identity: Callable[[], Identity] | 
         "give up waiting, calling the same tool with the same arguments later resumes the same request. "
         "Use keyturn_status to check a request."), on_list_tools=list_tools, on_call_tool=call_tool,
         on_subscriptions_listen=changes.listen)
-    from server.serving.proxied import serve_proxied
-
     serve_proxied(server, kt, changes, lambda ctx: identity_from_context(ctx, default()), client_gone)
     if not traces:
         without_tracing(server)
