@@ -138,7 +138,9 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
         await build_channels(kt, dict(os.environ))
         print(f"keyturn (stdio) serving {len(kt.tools())} guarded tools; ledger {kt.settings.db}",
               file=sys.stderr, flush=True)
-        options = server.create_initialization_options(NotificationOptions(tools_changed=attach is not None))
+        proxied = attach is not None  # (an upstream's tool, prompt and resource lists may change)
+        options = server.create_initialization_options(
+            NotificationOptions(tools_changed=proxied, prompts_changed=proxied, resources_changed=proxied))
         async with stdio_transport() as (read_stream, write_stream):
             await server.run(read_stream, write_stream, options)
     return 0

@@ -10,6 +10,12 @@ upstream.py  one upstream connection (the SDK's public client): supervised, rest
 transport.py a transport that reports the upstream going away
 tools.py     an upstream tool as a gate `Runnable`: schema validation, classifiers, forwarding
 source.py    all upstreams' tools under their exposed names; `running_proxy` attaches them to a Keyturn
+resources.py a resource read as a gate `Runnable` (`resources/read`), template matching, listing, subscribing
+prompts.py   the upstreams' prompts under their exposed names
+relay.py     what an upstream asks of its client (sampling, elicitation, roots, log messages, changes), passed on to
+             the agent's client of the request that caused it
+
+The MCP side of resources, prompts, completion and logging is `server.serving.proxied`.
 """
 
 from __future__ import annotations

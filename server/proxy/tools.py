@@ -64,7 +64,8 @@ class UpstreamTool:
 
     async def run(self, arguments: dict[str, Any]) -> types.CallToolResult:
         """Forward exactly `arguments`; the caller's progress channel (if any) receives the upstream's progress."""
-        return await self.upstream.call(self.upstream_name, arguments, tool_progress.get())
+        with self.upstream.relay.serving():
+            return await self.upstream.call(self.upstream_name, arguments, tool_progress.get())
 
     def to_mcp(self) -> types.Tool:
         """The upstream's tool, as listed by the upstream, under the exposed name. Less `execution`: keyturn

@@ -33,6 +33,7 @@ from server.errors import ConfigError, ToolError
 from server.execution import PackContext
 from server.gate import ProgressFn
 from server.proxy.config import ProxyConfig, UpstreamConfig, substitute_env
+from server.proxy.relay import ClientRelay
 from server.proxy.sandbox import StderrRelay, UpstreamSandbox, sandbox_env
 from server.proxy.transport import EndWatched
 
@@ -77,6 +78,7 @@ class Upstream:
         self._lost = anyio.Event()
         self._lost_reason = ""
         self._relist = anyio.Event()
+        self.relay = ClientRelay(self.name)  # what the upstream asks of its client goes to the agent's
 
     def __repr__(self) -> str:
         return f"Upstream({self.name!r}, {self.config.transport}, {self.state})"
@@ -131,6 +133,19 @@ class Upstream:
             raise ToolError(f"upstream {self.name!r} is not connected; {tool} was not delivered") from e
         except Exception as e:
             raise ToolError(f"upstream {self.name!r}: {tool} failed: {type(e).__name__}: {e}") from e
+
+    async def connected(self, what: str) -> Client:
+        """The live client (waiting up to `reconnect_wait` for it); `ToolError` naming `what` when it is down."""
+        client = await self._wait_up()
+        if client is None:
+            raise ToolError(f"upstream {self.name!r} is not available ({self.last_error or 'still starting'}); "
+                            f"{what} was not delivered")
+        return client
+
+    def capabilities(self) -> types.ServerCapabilities | None:
+        """What the upstream declared, while it is up."""
+        client = self._client
+        return client.server_capabilities if client is not None and self._up() else None
 
     def lose(self, reason: str) -> None:
         """Drop the connection (the supervisor then restarts or reconnects it)."""
@@ -236,7 +251,7 @@ class Upstream:
     async def _serve(self, stack: AsyncExitStack, connecting: anyio.CancelScope, relay: StderrRelay | None) -> None:
         transport = await self._transport(stack, relay)
         client = Client(EndWatched(transport, self.lose), cache=None, client_info=CLIENT_INFO,
-                        message_handler=self._on_message)
+                        message_handler=self._on_message, **self.relay.callbacks())
         await stack.enter_async_context(client)
         tools = await self._list_tools(client)
         connecting.deadline = math.inf
@@ -255,6 +270,8 @@ class Upstream:
             caps = client.server_capabilities
             if client.protocol_version in MODERN_PROTOCOL_VERSIONS and caps.tools and caps.tools.list_changed:
                 tg.start_soon(self._listen, client)
+            if client.protocol_version in MODERN_PROTOCOL_VERSIONS and (caps.resources or caps.prompts):
+                tg.start_soon(self.relay.follow, client)
             await self._lost.wait()
             self._client = None
             tg.cancel_scope.cancel()
@@ -327,6 +344,8 @@ class Upstream:
             self._relist.set()
         elif isinstance(message, Exception):
             log.warning("upstream %s: transport error: %s", self.name, message)
+        else:
+            await self.relay.notice(message)
 
 
 def _unwrap(e: Exception) -> Exception:

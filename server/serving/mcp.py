@@ -24,7 +24,9 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from server.gate import Identity, ProgressFn
 from server.models import state_label
 from server.outcomes import error_result
+from server.proxy.relay import agent_request
 from server.runtime import Keyturn
+from server.serving.proxied import serve_proxied
 
 PRINCIPAL_SCOPE_KEY = "keyturn.principal"
 CLIENT_GONE_SCOPE_KEY = "keyturn.client_gone"
@@ -125,6 +127,7 @@ def build_mcp_server(kt: Keyturn, *, default_identity: Callable[[], Identity] | 
 
     async def call_tool(ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> types.CallToolResult:
         who = identity_from_context(ctx, default())
+        agent_request.set(ctx)  # (proxy mode: what an upstream asks during this call goes to this client)
         arguments = params.arguments or {}
         if params.name in BUILTIN:
             return await _builtin(kt, params.name, arguments, who)
@@ -144,9 +147,17 @@ def build_mcp_server(kt: Keyturn, *, default_identity: Callable[[], Identity] | 
         "give up waiting, calling the same tool with the same arguments later resumes the same request. "
         "Use keyturn_status to check a request."), on_list_tools=list_tools, on_call_tool=call_tool,
         on_subscriptions_listen=changes.listen)
+    serve_proxied(server, kt, changes, lambda ctx: identity_from_context(ctx, default()), client_gone)
     if not traces:
         without_tracing(server)
     return server
+
+
+def client_gone(ctx: ServerRequestContext[Any, Any]) -> anyio.Event | None:
+    """Over HTTP: the event set once the client's connection for this request has closed."""
+    scope = getattr(ctx.request, "scope", None)
+    gone = scope.get(CLIENT_GONE_SCOPE_KEY) if isinstance(scope, dict) else None
+    return gone if isinstance(gone, anyio.Event) else None
 
 
 def without_tracing(server: Server[Any]) -> None:

@@ -98,7 +98,8 @@ async def test_calls_give_the_upstreams_results_errors_and_progress(server: str,
             "refused: the vault is sealed (upstream 'modern', error -32050)"
         assert by_tool["refuse"][1]["isError"] is True
         assert "Invalid structured content returned by tool bad_output" in by_tool["bad_output"][1]
-        assert "Elicitation not supported" in by_tool["ask"][1]["content"][0]["text"]
+        # Asked with no agent request in flight (the call came from no agent): refused, saying so.
+        assert "asked for elicitation outside any request of the agent's" in by_tool["ask"][1]["content"][0]["text"]
         assert by_tool["resume"][1]["content"][0]["text"] == "resumed from step-2"
 
 
@@ -110,7 +111,11 @@ async def test_a_2026_call_carries_the_sdk_clients_envelope(tmp_path: Path) -> N
     plain, with_progress = logged(log)
     assert plain["meta"] == {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
                              "io.modelcontextprotocol/clientInfo": {"name": "keyturn-proxy", "version": "0.1.0"},
-                             "io.modelcontextprotocol/clientCapabilities": {}}
+                             # what the upstream may ask of its client, passed on to the agent's (server.proxy.relay)
+                             "io.modelcontextprotocol/clientCapabilities": {
+                                 "sampling": {}, "elicitation": {"form": {}, "url": {}}, "roots": {"listChanged": True}},
+                             # every log level: the relay filters by the level the agent set
+                             "io.modelcontextprotocol/logLevel": "debug"}
     assert with_progress["meta"] == {**plain["meta"], "progressToken": with_progress["id"]}
 
 
