@@ -77,10 +77,15 @@ async def watching_cancel() -> AsyncIterator[CallerCancel]:
             watch.fire()
             raise
 
+    failure: Exception | None = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(wait)
         try:
             yield watch
+        except Exception as e:  # raised as it is, not in the task group's ExceptionGroup
+            failure = e
         finally:
             watch._done = True
             tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
