@@ -12,6 +12,7 @@ import functools
 import logging
 import uuid
 from collections.abc import Mapping
+from contextlib import nullcontext
 from contextvars import ContextVar
 from dataclasses import InitVar, dataclass, field, replace
 from typing import Any, Protocol
@@ -21,6 +22,7 @@ import mcp_types as types
 
 from server.approvals import ApprovalBroker
 from server.approvals.holding import Holding, ProgressFn
+from server.cancelling import CallerCancel, watching_cancel
 from server.canonical import args_hash, canonical_json, sha256_hex
 from server.classify import ClassifyContext, Redaction, extract_facts
 from server.errors import InvalidArguments, LedgerError
@@ -36,13 +38,20 @@ __all__ = ["Gate", "Identity", "ProgressFn", "Runnable", "error_result", "result
 
 log = logging.getLogger(__name__)
 
+CANCELLED_WHILE_RUNNING = ("the caller cancelled the call while it ran; the tool was told to stop, and it may or "
+                           "may not have acted")
+CANCELLED_NOT_STOPPED = ("the caller cancelled the call while it ran; the tool cannot be stopped mid-run, so it ran "
+                         "to its end, and its result was not delivered to that caller")
+
 tool_progress: ContextVar[ProgressFn | None] = ContextVar("keyturn_tool_progress", default=None)
 """While the gate runs a tool: the caller's progress channel, for the tool's own progress (an upstream server's,
 in proxy mode). A context variable, so `Runnable.run` keeps its one argument."""
 
 
 class Runnable(Protocol):
-    """What the gate guards: a native GuardedTool or an upstream server's tool."""
+    """What the gate guards: a native GuardedTool or an upstream server's tool. A runnable with a true
+    `interruptible` attribute (an upstream's tool) is stopped when its caller cancels it while it runs; any other
+    runs to its end (see `server.cancelling`)."""
 
     name: str
     annotations: dict[str, Any]
@@ -104,16 +113,20 @@ class Gate:
         if isinstance(judged, Refusal):
             return await self._refuse(call, judged)
         decision, redaction = judged
-        act = functools.partial(self._act, tool, decision=decision, progress=progress, redaction=redaction)
         try:
             if decision.outcome == "deny":
                 return await self._deny(call, redaction, decision)
-            if decision.outcome == "allow":
-                with anyio.CancelScope(shield=True):  # once recorded, the call runs to a terminal event
-                    await open_call(self.ledger, call, redaction.arguments, decision, state="allowed",
-                                    holder=self.broker.instance_id)
-                    return await act(call)
-            return await self.holding.hold(call, redaction, decision, act, progress, gone)
+            # The caller's cancel is watched outside the shields below: it stops the run's progress, and stops an
+            # interruptible run (an upstream's), which still ends in its one terminal event.
+            async with watching_cancel() as caller:
+                act = functools.partial(self._act, tool, decision=decision, progress=progress, redaction=redaction,
+                                        caller=caller)
+                if decision.outcome == "allow":
+                    with anyio.CancelScope(shield=True):  # once recorded, the call runs to a terminal event
+                        await open_call(self.ledger, call, redaction.arguments, decision, state="allowed",
+                                        holder=self.broker.instance_id)
+                        return await act(call)
+                return await self.holding.hold(call, redaction, decision, act, progress, gone)
         except LedgerError as e:
             log.error("ledger failure on %s: %s", call.call_id, e)
             return error_result(f"keyturn could not record this call, so it did not run: {e}", outcome="error")
@@ -193,13 +206,16 @@ class Gate:
 
     async def _act(
         self, tool: Runnable, call: ToolCall, *, decision: Decision, progress: ProgressFn | None = None,
-        redaction: Redaction | None = None,
+        redaction: Redaction | None = None, caller: CallerCancel | None = None,
     ) -> types.CallToolResult:
-        """Run the call under what its decision relied on, and record its one outcome before returning it."""
-        token = tool_progress.set(progress)
+        """Run the call under what its decision relied on, and record its one outcome before returning it.
+        `caller` tells of the caller's cancel (see `server.cancelling`)."""
+        caller = caller if caller is not None else CallerCancel()
+        token = tool_progress.set(caller.muted(progress))
+        stoppable = caller.interruptible() if getattr(tool, "interruptible", False) else nullcontext()
         try:
             # What the decision relied on is enforced by the run: a call judged read-only runs read-only.
-            with running_under(limits_from_facts(decision.facts)):
+            with running_under(limits_from_facts(decision.facts)), stoppable as run:
                 result = await tool.run(call.arguments)
         except Exception as e:
             # A tool's error can quote its arguments (a driver's "no such column: <secret>"): masked like them.
@@ -207,10 +223,15 @@ class Gate:
             return await self._failed(call.call_id, conceal(f"{type(e).__name__}: {e}"), f"the tool failed: {conceal(str(e))}")
         finally:
             tool_progress.reset(token)
+        if run is not None and run.cancelled_caught:
+            return await self._failed(call.call_id, CANCELLED_WHILE_RUNNING, f"cancelled: {CANCELLED_WHILE_RUNNING}",
+                                      cancelled_by="caller")
         try:
             kind = "failed" if result.is_error else "executed"
             result_json = canonical_json(result.model_dump(mode="json", by_alias=True, exclude_none=True))
-            payload = {"result_digest": sha256_hex(result_json), "is_error": bool(result.is_error)}
+            payload: dict[str, Any] = {"result_digest": sha256_hex(result_json), "is_error": bool(result.is_error)}
+            if caller.cancelled:  # a run that cannot be stopped ran to its end; nobody receives its result
+                payload["note"] = CANCELLED_NOT_STOPPED
         except Exception as e:
             # Not a result keyturn can record (nor, so, return): the run still ends in one terminal event.
             reason = f"the tool's result could not be recorded ({type(e).__name__})"
@@ -231,9 +252,10 @@ class Gate:
                 log.warning("could not announce the outcome of %s: %s", call.call_id, e)
         return result
 
-    async def _failed(self, call_id: str, reason: str, message: str) -> types.CallToolResult:
-        """End a run that did not give a result to return: recorded `failed` with `reason`; the agent gets `message`."""
-        if not await self._record_outcome(call_id, "failed", {"error": reason}, reason):
+    async def _failed(self, call_id: str, reason: str, message: str, **extra: Any) -> types.CallToolResult:
+        """End a run that did not give a result to return: recorded `failed` with `reason` (and `extra`); the agent
+        gets `message`."""
+        if not await self._record_outcome(call_id, "failed", {"error": reason, **extra}, reason):
             return self._unrecorded_result(call_id)
         return error_result(message, outcome=OUTCOMES["failed"].label, call_id=call_id)
 

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 class UpstreamTool:
     """One tool of one upstream, under the name policies and agents see (`name`); a gate `Runnable`."""
 
+    interruptible = True
+    """The caller's cancel stops a forwarded call: the upstream is sent `notifications/cancelled`."""
+
     def __init__(self, upstream: Upstream, tool: types.Tool, name: str, classifiers: Mapping[str, str]) -> None:
         self.upstream = upstream
         self.tool = tool

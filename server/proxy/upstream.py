@@ -5,14 +5,17 @@ A call never waits forever: it fails after `call_timeout`, and the upstream is t
 and restarted if it does not answer. While an upstream is down, calls wait up to `reconnect_wait` for it and
 then fail with a `ToolError` that says so: nothing is ever delivered outside the gate.
 
-Every upstream is reached through the MCP SDK's public client (`mcp.Client`), over its stdio or streamable HTTP
-transport.
+Every upstream is reached through the MCP SDK's public client (`mcp.Client`): over keyturn's own stdio client
+transport (`server.proxy.stdio_client`, which sees every line whole), or the SDK's streamable HTTP transport; both
+watched (`server.proxy.transport`), so that an upstream's own error is told from a lost connection, and a malformed
+answer fails its call at once and leaves the connection as it was.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -23,7 +26,6 @@ import httpx2
 import mcp_types as types
 from mcp import Client, StdioServerParameters
 from mcp.client import Transport
-from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
@@ -35,7 +37,8 @@ from server.gate import ProgressFn
 from server.proxy.config import ProxyConfig, UpstreamConfig, substitute_env
 from server.proxy.relay import ClientRelay
 from server.proxy.sandbox import StderrRelay, UpstreamSandbox, sandbox_env
-from server.proxy.transport import EndWatched
+from server.proxy.stdio_client import MalformedMessage, stdio_lines
+from server.proxy.transport import Sent, Watched
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,6 @@ _FATAL_AT_START = (FileNotFoundError, PermissionError, NotADirectoryError, Confi
 # connection, 300 s to read (a server may hold a response stream open), redirects not followed (the SDK's
 # transport follows those within the endpoint's origin itself).
 HTTP_TIMEOUT = httpx2.Timeout(30.0, read=300.0)
-_LOSS_GRACE = 0.5  # how long a -32000 from a stdio upstream waits to see whether its connection ended
 
 
 class Upstream:
@@ -74,6 +76,7 @@ class Upstream:
         self._startup_deadline = math.inf  # until it has been up once, an attempt may take until then
         self._on_tools = on_tools
         self._client: Client | None = None
+        self._wire: Watched | None = None  # the client's transport, watched: what came back for each call
         self._changed = anyio.Event()  # set (and replaced) on every state change
         self._lost = anyio.Event()
         self._lost_reason = ""
@@ -104,30 +107,28 @@ class Upstream:
                 except Exception as e:  # the caller went away: the call goes on, unreported
                     log.debug("upstream %s: progress not forwarded: %s", self.name, e)
 
+        wire = self._wire
+        assert wire is not None
         try:
-            with anyio.fail_after(self.call_timeout):
+            with anyio.fail_after(self.call_timeout), wire.sending(Sent()) as sent:
                 return await client.call_tool(tool, arguments, progress_callback=relay)
         except TimeoutError:
             self._relist.set()  # hung, or just slow? A probe that gets no answer restarts it.
             raise ToolError(f"upstream {self.name!r} did not answer {tool} within {self.call_timeout:g}s; "
                             "it may or may not have acted") from None
         except MCPError as e:
+            if sent.malformed is not None:
+                raise ToolError(f"upstream {self.name!r} sent a malformed answer to {tool} ({sent.malformed}); "
+                                "it may or may not have acted") from None
             # The SDK's client raises its "connection closed" with the code a server's own error may carry too
-            # (-32000, JSON-RPC's generic server error). A stdio upstream that went away ends its read stream (and
-            # `lose` is called) as its answers stop: one still up a moment later answered the error itself.
-            # Over HTTP the two cannot be told apart: any -32000 is taken for a lost connection.
-            if e.code == types.CONNECTION_CLOSED and self.config.command is not None and client is self._client:
-                with anyio.move_on_after(_LOSS_GRACE):
-                    await self._lost.wait()
-            gone = e.code == types.CONNECTION_CLOSED and (
-                self.config.command is None or self._lost.is_set() or self._client is not client)
-            if not gone:
-                self._relist.set()  # a stale HTTP session answers errors too: a probe reconnects if so
-                text = f"{e.message} (upstream {self.name!r}, error {e.code})"
-                return types.CallToolResult(content=[types.TextContent(type="text", text=text)], is_error=True)
-            self.lose(f"the connection closed during {tool}")
-            raise ToolError(f"upstream {self.name!r} went away during {tool} (it crashed or disconnected); "
-                            "it may or may not have acted") from e
+            # (-32000, JSON-RPC's generic server error): only an error that arrived with this call's id is an answer.
+            if e.code == types.CONNECTION_CLOSED and not sent.answered_with_error:
+                self.lose(f"the connection closed during {tool}")
+                raise ToolError(f"upstream {self.name!r} went away during {tool} (it crashed or disconnected); "
+                                "it may or may not have acted") from e
+            self._relist.set()  # a stale HTTP session answers errors too: a probe reconnects if so
+            text = f"{e.message} (upstream {self.name!r}, error {e.code})"
+            return types.CallToolResult(content=[types.TextContent(type="text", text=text)], is_error=True)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream) as e:
             self.lose(f"the connection broke during {tool}")
             raise ToolError(f"upstream {self.name!r} is not connected; {tool} was not delivered") from e
@@ -250,14 +251,15 @@ class Upstream:
 
     async def _serve(self, stack: AsyncExitStack, connecting: anyio.CancelScope, relay: StderrRelay | None) -> None:
         transport = await self._transport(stack, relay)
-        client = Client(EndWatched(transport, self.lose), cache=None, client_info=CLIENT_INFO,
-                        message_handler=self._on_message, **self.relay.callbacks())
+        wire = Watched(transport, self.lose, self.name)
+        client = Client(wire, cache=None, client_info=CLIENT_INFO, message_handler=self._on_message,
+                        **self.relay.callbacks())
         await stack.enter_async_context(client)
         tools = await self._list_tools(client)
         connecting.deadline = math.inf
         info = client.server_info
         self.server_name = info.name if info is not None else None
-        self._client = client
+        self._client, self._wire = client, wire
         self._startup_deadline = -math.inf  # it has been up: a restart gets connect_timeout
         self._set_state("up")
         self.tried.set()
@@ -283,11 +285,11 @@ class Upstream:
             if self.sandbox is not None and relay is not None:
                 argv = self.sandbox.argv()  # keyturn's state as it is now: masked
                 params = StdioServerParameters(command=argv[0], args=argv[1:], env=env)
-                return stdio_client(params, relay.errlog)
+                return stdio_lines(params, relay.errlog)
             log.warning("upstream %s runs without a sandbox (sandbox: off): it acts on the agent's arguments with "
                         "keyturn's own reach (its files, processes and network)", self.name)
             params = StdioServerParameters(command=c.command, args=list(c.args), env=env, cwd=c.cwd)
-            return stdio_client(params)
+            return stdio_lines(params, sys.stderr)
         assert c.url is not None
         where = f"upstream {c.name!r}"
         headers = {k: substitute_env(v, self._environ, f"{where}, header {k}") for k, v in c.headers.items()}
@@ -342,6 +344,8 @@ class Upstream:
     async def _on_message(self, message: Any) -> None:
         if isinstance(message, types.ToolListChangedNotification):
             self._relist.set()
+        elif isinstance(message, MalformedMessage):
+            pass  # logged, and failed its call if it named one, by the watched transport
         elif isinstance(message, Exception):
             log.warning("upstream %s: transport error: %s", self.name, message)
         else:
