@@ -13,6 +13,7 @@ import anyio
 from mcp import Client
 
 from tests.conftest import free_port
+from tests.helpers import outcome_of
 from tests.proxy.conftest import HERE, ProxyHome, text
 
 BROKEN = HERE / "broken_server.py"
@@ -61,7 +62,7 @@ async def test_a_malformed_answer_from_a_stdio_upstream_fails_its_call_at_once(h
                 assert f"upstream 'broken' sent a malformed answer to {tool} ({problem})" in text(broken)
                 assert "it may or may not have acted" in text(broken)
                 assert text(await client.call_tool("echo", {"text": f"after {tool}"})) == f"after {tool}"
-                call_id = broken.structured_content["keyturn"]["call_id"]
+                call_id = outcome_of(broken)["call_id"]
                 assert home.terminal(call_id) == "failed"
                 assert problem in home.ledger_events(call_id)[-1]["payload"]["error"]
     assert len([e for e in logged(home) if "initialize" in e]) == 1  # one process, never restarted
@@ -111,5 +112,5 @@ async def test_an_answer_whose_request_cannot_be_told_fails_nothing_and_the_call
             after = await client.call_tool("echo", {"text": "after"})
     assert lost.is_error and "did not answer no_id within 2s; it may or may not have acted" in text(lost)
     assert text(after) == "after"
-    assert home.terminal(lost.structured_content["keyturn"]["call_id"]) == "failed"
+    assert home.terminal(outcome_of(lost)["call_id"]) == "failed"
     assert len([e for e in logged(home) if "initialize" in e]) == 1
