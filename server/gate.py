@@ -22,7 +22,7 @@ import mcp_types as types
 
 from server.approvals import ApprovalBroker
 from server.approvals.holding import Holding, ProgressFn
-from server.cancelling import CallerCancel, watching_cancel
+from server.cancelling import CallerCancel, unwatched, watching_cancel
 from server.canonical import args_hash, canonical_json, sha256_hex
 from server.classify import ClassifyContext, Redaction, extract_facts
 from server.errors import InvalidArguments, LedgerError
@@ -116,9 +116,11 @@ class Gate:
         try:
             if decision.outcome == "deny":
                 return await self._deny(call, redaction, decision)
-            # The caller's cancel is watched outside the shields below: it stops the run's progress, and stops an
-            # interruptible run (an upstream's), which still ends in its one terminal event.
-            async with watching_cancel() as caller:
+            # The caller's cancel is watched outside the shields below when there is something to stop: the run's
+            # progress, and an interruptible run (an upstream's), which still ends in its one terminal event. (The
+            # watch is a task per call: a call with neither is not watched, and runs as before.)
+            watched = progress is not None or getattr(tool, "interruptible", False)
+            async with watching_cancel() if watched else unwatched() as caller:
                 act = functools.partial(self._act, tool, decision=decision, progress=progress, redaction=redaction,
                                         caller=caller)
                 if decision.outcome == "allow":

@@ -115,3 +115,38 @@ async def test_a_native_run_is_not_interrupted_but_its_progress_stops_and_the_le
     [end] = await terminal(gate)
     assert end.kind == "executed" and not end.payload["is_error"]
     assert end.payload["note"] == CANCELLED_NOT_STOPPED
+
+
+async def test_a_native_run_without_progress_is_not_watched_and_is_recorded_as_it_ended(gate: Gate) -> None:
+    """Nothing to stop (no progress, a native run): no watch; the cancel reaches the caller after the outcome."""
+    tool = Quiet("read_quiet")
+    caller = anyio.CancelScope()
+
+    async def call() -> None:
+        with caller:
+            await gate.call(tool, {}, Identity(principal="agent"), None)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await tool.started.wait()
+            caller.cancel()
+            await anyio.wait_all_tasks_blocked()
+            tool.go_on.set()
+    assert tool.ended == "finished"
+    [end] = await terminal(gate)
+    assert end.kind == "executed" and "note" not in end.payload
+
+
+class Quiet(Working):
+    """A native `Runnable` that reports no progress."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, interruptible=False)
+
+    async def run(self, arguments: dict[str, Any]) -> types.CallToolResult:
+        assert tool_progress.get() is None
+        self.started.set()
+        await self.go_on.wait()
+        self.ended = "finished"
+        return types.CallToolResult(content=[types.TextContent(type="text", text="done")])
