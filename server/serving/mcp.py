@@ -25,6 +25,7 @@ from server.gate import Identity, ProgressFn
 from server.models import state_label
 from server.outcomes import error_result
 from server.runtime import Keyturn
+from server.serving.tasks import HeldCallsAsTasks, install
 
 PRINCIPAL_SCOPE_KEY = "keyturn.principal"
 CLIENT_GONE_SCOPE_KEY = "keyturn.client_gone"
@@ -144,6 +145,9 @@ def build_mcp_server(kt: Keyturn, *, default_identity: Callable[[], Identity] | 
         "give up waiting, calling the same tool with the same arguments later resumes the same request. "
         "Use keyturn_status to check a request."), on_list_tools=list_tools, on_call_tool=call_tool,
         on_subscriptions_listen=changes.listen)
+    # Held calls answered with tasks, for the clients that declare the tasks extension (`server.serving.tasks`).
+    install(server, HeldCallsAsTasks(kt, lambda ctx: identity_from_context(ctx, default()), frozenset(BUILTIN)),
+            call_tool)
     if not traces:
         without_tracing(server)
     return server
