@@ -46,10 +46,14 @@ class TasksClient:
         return dict(json.loads(line))
 
 
+def node_tasks_client(base: str, token: str | None) -> subprocess.Popen[str]:
+    return subprocess.Popen([str(NODE22), str(SCRIPT), str(CLIENTS), f"{base}/mcp", *([token] if token else [])],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 @asynccontextmanager
 async def tasks_client(base: str, token: str | None = None) -> AsyncIterator[TasksClient]:
-    proc = subprocess.Popen([str(NODE22), str(SCRIPT), str(CLIENTS), f"{base}/mcp", *([token] if token else [])],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = node_tasks_client(base, token)
     try:
         client = TasksClient(proc)
         hello = await client.ask("hello")
