@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -46,14 +47,21 @@ class TasksClient:
         return dict(json.loads(line))
 
 
-def node_tasks_client(base: str, token: str | None) -> subprocess.Popen[str]:
-    return subprocess.Popen([str(NODE22), str(SCRIPT), str(CLIENTS), f"{base}/mcp", *([token] if token else [])],
+def node_tasks_client(target: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([str(NODE22), str(SCRIPT), str(CLIENTS), *target],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @asynccontextmanager
-async def tasks_client(base: str, token: str | None = None) -> AsyncIterator[TasksClient]:
-    proc = node_tasks_client(base, token)
+async def tasks_client(base: str, token: str | None = None, *, stdio: Home | None = None) -> AsyncIterator[TasksClient]:
+    """Over streamable HTTP at `base`, or over stdio: a `keyturn serve` of `stdio`'s home that the client starts."""
+    if stdio is not None:
+        params = stdio.stdio_params()
+        server = {"command": params.command, "args": params.args, "cwd": str(params.cwd),
+                  "env": {**(params.env or {}), "PATH": os.environ.get("PATH", "")}}
+        proc = node_tasks_client(["stdio", json.dumps(server)])
+    else:
+        proc = node_tasks_client([f"{base}/mcp", *([token] if token else [])])
     try:
         client = TasksClient(proc)
         hello = await client.ask("hello")
@@ -165,5 +173,25 @@ async def test_another_principal_can_neither_see_nor_cancel_a_task(rhome: RelHom
         still = await ci.ask("snapshot", taskId=task_id)
         assert still.get("code") == -32602, still
     assert ran(rhome, "hold-task-mine") == 1
+    assert rhome.assert_one_outcome_each()[task_id] == "executed"
+    rhome.verify()
+
+
+async def test_over_stdio_a_held_call_is_a_task_and_an_approval_from_another_process_completes_it(
+        rhome: RelHome) -> None:
+    base = rhome.serve_http()  # the reviewer API, in another process sharing the ledger (the desktop case)
+    api = ReviewerAPI(base)
+    async with tasks_client(base, stdio=rhome) as client:
+        created = await client.ask("call", tool="probe_run", args={"tag": "hold-task-stdio"})
+        assert created["kind"] == "task", created
+        task_id = created["taskId"]
+        await api.wait_pending("probe_run")
+        assert (await client.ask("snapshot", taskId=task_id))["status"] == "working"
+        r = await api.vote(task_id, "approve", "alice", "ok")
+        assert r.status_code == 200, r.text
+        settled = await client.ask("settle", taskId=task_id)
+        assert settled["status"] == "completed" and not settled["result"].get("isError"), settled
+        assert json.loads(settled["result"]["content"][0]["text"])["tag"] == "hold-task-stdio"
+    assert ran(rhome, "hold-task-stdio") == 1
     assert rhome.assert_one_outcome_each()[task_id] == "executed"
     rhome.verify()
