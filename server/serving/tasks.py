@@ -9,9 +9,9 @@ client without the extension keeps the held call's usual wait (progress, rejoin)
 
 The task stands in for the waiting agent: a holder in this process waits for the decision and, once approved, runs
 the call once for the task; its result is kept in memory for `tasks/get` for `TASK_RESULT_KEPT_S` (never in the
-ledger). A task whose result is gone (kept no longer, or another process asked) reports how it ended from the
-ledger. The task id is the request id (128 random bits), and a task is seen only by the principal that created it:
-anyone else is told there is no such task.
+ledger; a secret result only until one `tasks/get` has carried it). A task whose result is gone (kept no longer,
+or another process asked) reports how it ended from the ledger. The task id is the request id (a random UUID, 122
+random bits), and a task is seen only by the principal that created it: anyone else is told there is no such task.
 
 Served through the SDK's public extension points: an `Extension` (its `methods` and `intercept_tool_call`), applied
 to the lowlevel `Server` with `add_request_handler` and `extensions` (`install`).
@@ -37,6 +37,7 @@ from pydantic import Field
 
 from server.approvals.holding import on_hold
 from server.gate import Identity
+from server.guarded import SECRET_RESULT_META
 from server.models import RequestView
 from server.outcomes import closed_result, ran_before_result, waiting_message
 from server.runtime import Keyturn
@@ -67,6 +68,7 @@ class Task:
     result: dict[str, Any] | None = None  # the call's result (CallToolResult, wire form) once it ended
     ended: float | None = None
     size: int = 0
+    secret: bool = False  # a secret result: given once, then forgotten
 
 
 @dataclass
@@ -86,10 +88,18 @@ class TaskBook:
         if task is None or task.result is not None:
             return  # another holder of the same request ended it first: that outcome stands
         task.result = result.model_dump(mode="json", by_alias=True, exclude_none=True)
+        task.secret = bool((result.meta or {}).get(SECRET_RESULT_META))
         task.ended = time.time()
         task.size = len(str(task.result))
         self.kept_bytes += task.size
         self.forget(task.ended)
+
+    def given(self, task: Task) -> None:
+        """A `tasks/get` carried the task's result: a secret one is not kept for another."""
+        if task.secret and task.result is not None:
+            task.result = None
+            self.kept_bytes -= task.size
+            task.size = 0
 
     def get(self, task_id: str) -> Task | None:
         self.forget(time.time())
@@ -218,7 +228,9 @@ class HeldCallsAsTasks(Extension):
             return {**base, "status": "cancelled", "lastUpdatedAt": iso(self._ended(task)),
                     "statusMessage": f"request {task_id} was withdrawn: {view.outcome_reason or 'cancelled'}"}
         if task is not None and task.result is not None and view.state not in OPEN:
-            return {**base, "status": "completed", "lastUpdatedAt": iso(self._ended(task)), "result": task.result,
+            result = task.result
+            self.book.given(task)
+            return {**base, "status": "completed", "lastUpdatedAt": iso(self._ended(task)), "result": result,
                     "statusMessage": f"request {task_id} is {view.state}"}
         if view.state in OPEN:
             message = waiting_message(view)

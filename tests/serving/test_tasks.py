@@ -9,8 +9,11 @@ from typing import Any
 
 import anyio
 import httpx2
+import mcp_types as types
 import pytest
 
+from server.guarded import SECRET_RESULT_META
+from server.serving.tasks import TaskBook
 from tests.conftest import Home, ReviewerAPI, agent_client
 from tests.helpers import eventually
 
@@ -123,3 +126,40 @@ async def test_a_2026_request_that_does_not_declare_tasks_waits_as_before(home: 
         assert r.status_code == 200, r.text
     result = answers[0]["result"]
     assert result["resultType"] == "complete" and not result.get("isError") and "taskId" not in result, answers
+
+
+def result_of(text: str, *, secret: bool = False) -> types.CallToolResult:
+    return types.CallToolResult(content=[types.TextContent(type="text", text=text)],
+                                meta={SECRET_RESULT_META: True} if secret else None)
+
+
+def test_a_task_keeps_its_result_for_a_bounded_time_and_a_secret_one_for_one_reading_only() -> None:
+    book = TaskBook(kept_s=60, max_bytes=10_000)
+    book.open("t1", "agent")
+    book.open("t1", "someone-else")  # the same request held twice: the first task stands
+    assert book.tasks["t1"].principal == "agent"
+    book.finish("t1", result_of("first"))
+    book.finish("t1", result_of("second"))  # a second holder's outcome does not replace it
+    task = book.get("t1")
+    assert task is not None and task.result is not None and task.result["content"][0]["text"] == "first"
+    book.given(task)
+    assert book.tasks["t1"].result is not None  # not a secret: still there for the next tasks/get
+    assert task.ended is not None
+    book.forget(task.ended + 61)
+    assert book.get("t1") is None
+
+    book.open("t2", "agent")
+    book.finish("t2", result_of("the key", secret=True))
+    secret = book.get("t2")
+    assert secret is not None and secret.result is not None
+    book.given(secret)
+    assert secret.result is None and book.kept_bytes == 0
+
+
+def test_task_results_past_the_byte_bound_are_forgotten_oldest_first() -> None:
+    book = TaskBook(kept_s=3600, max_bytes=600)
+    for n in range(4):
+        book.open(f"t{n}", "agent")
+        book.finish(f"t{n}", result_of("x" * 200))
+    assert book.kept_bytes <= 600
+    assert "t3" in book.tasks and "t0" not in book.tasks
