@@ -32,6 +32,7 @@ from mcp.server import Server
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import Extension, MethodBinding, compose_tool_call_handler
 from mcp.shared.exceptions import MCPError
+from mcp.shared.jsonrpc_dispatcher import progress_token_from_params
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import Field
 
@@ -158,20 +159,32 @@ class HeldCallsAsTasks(Extension):
             request_ids.append(request_id)
             held.set()
 
+        wants_progress = progress_token_from_params(ctx.params) is not None
+
+        async def progress(value: float, total: float | None, message: str | None) -> None:
+            # The caller's progress channel while it is still waiting for an answer (a tool's own progress, for a
+            # call allowed at once); once it has its task, nobody listens there.
+            if wants_progress and not held.is_set() and not done.is_set():
+                try:
+                    await ctx.session.report_progress(value, total, message)
+                except Exception:  # the caller's stream closed meanwhile: its progress is nobody's
+                    log.debug("progress for a closed request dropped", exc_info=True)
+
         async def hold() -> None:
-            # The task's holder: no progress channel and no connection to lose; it waits as long as the request.
+            # The task's holder: no connection to lose; it waits as long as the request does.
             token = on_hold.set(holding)
             try:
-                result = await self.kt.gate.call(tool, params.arguments or {}, who)
+                try:
+                    result = await self.kt.gate.call(tool, params.arguments or {}, who, progress)
+                finally:
+                    on_hold.reset(token)
+                if request_ids:
+                    self.book.finish(request_ids[0], result)
+                ended.append(result)
             except Exception:  # (the gate answers every end itself; this must not take the process down)
                 log.exception("the task holder for %s failed", params.name)
-                return
             finally:
-                on_hold.reset(token)
                 done.set()
-            if request_ids:
-                self.book.finish(request_ids[0], result)
-            ended.append(result)
 
         self.kt.task_group.start_soon(hold, name=f"task holder for {params.name}")
         async with anyio.create_task_group() as tg:
