@@ -163,3 +163,36 @@ def test_task_results_past_the_byte_bound_are_forgotten_oldest_first() -> None:
         book.finish(f"t{n}", result_of("x" * 200))
     assert book.kept_bytes <= 600
     assert "t3" in book.tasks and "t0" not in book.tasks
+
+
+async def test_a_task_denied_by_a_reviewer_or_expired_completes_with_keyturns_error_result(home: Home) -> None:
+    base = home.serve_http()
+    api = ReviewerAPI(base)
+
+    async def task_for(statement: str) -> str:
+        created = await rpc(base, "tools/call", {"name": "sql_execute", "arguments": {"statement": statement}},
+                            extensions={TASKS: {}}, name="sql_execute")
+        assert created["result"]["resultType"] == "task", created
+        return str(created["result"]["taskId"])
+
+    async def ended(task_id: str) -> dict[str, Any]:
+        async def done() -> dict[str, Any] | None:
+            got = await rpc(base, "tasks/get", {"taskId": task_id}, extensions={TASKS: {}}, name=task_id)
+            return got["result"] if got["result"]["status"] != "working" else None
+
+        return await eventually(done, within=20)  # type: ignore[no-any-return]
+
+    denied = await task_for("UPDATE orders SET qty = 0 WHERE id = 2")
+    await api.wait_pending("sql_execute")
+    r = await api.vote(denied, "deny", "alice", "not today")
+    assert r.status_code == 200, r.text
+    task = await ended(denied)
+    # Not a protocol error: the extension's `completed`, with the error result a waiting caller would have had.
+    assert task["status"] == "completed" and task["result"]["isError"], task
+    assert "Denied by reviewer alice: not today" in task["result"]["content"][0]["text"]
+
+    expired = await task_for("UPDATE orders SET item = 'quick_expire' WHERE id = 3")
+    task = await ended(expired)
+    assert task["status"] == "completed" and task["result"]["isError"], task
+    assert "expired" in task["result"]["content"][0]["text"]
+    assert home.rows("SELECT qty, item FROM orders WHERE id IN (2, 3) ORDER BY id") == [(5, "pear"), (7, "plum")]
