@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import anyio
@@ -30,6 +31,10 @@ ProgressFn = Callable[[float, float | None, str | None], Awaitable[None]]
 
 RunFn = Callable[[ToolCall], Awaitable[types.CallToolResult]]
 """Runs the approved call (the gate's act and record), under the request's id."""
+
+on_hold: ContextVar[Callable[[str], None] | None] = ContextVar("keyturn_on_hold", default=None)
+"""Set by a caller that answers a held call with a task (`server.serving.tasks`): told the request's id once the
+call is held, before it waits for the decision."""
 
 
 @dataclass
@@ -62,6 +67,8 @@ class Holding:
             await self.broker.announce(view)
             del view  # not kept while the call waits (see `_wait`)
 
+        if (held := on_hold.get()) is not None:
+            held(request_id)
         found = await self._wait_for_caller(request_id, ("pending",), progress, gone)
         if found is None:
             return left_result(request_id)

@@ -27,6 +27,7 @@ from server.outcomes import error_result
 from server.proxy.relay import agent_request
 from server.runtime import Keyturn
 from server.serving.proxied import serve_proxied
+from server.serving.tasks import HeldCallsAsTasks, install
 
 PRINCIPAL_SCOPE_KEY = "keyturn.principal"
 CLIENT_GONE_SCOPE_KEY = "keyturn.client_gone"
@@ -137,9 +138,7 @@ def build_mcp_server(kt: Keyturn, *, default_identity: Callable[[], Identity] | 
         # No progress token, no progress: then an upstream (proxy mode) is not asked for any either.
         wants_progress = progress_token_from_params(ctx.params) is not None
         progress = monotonic_progress(ctx.session.report_progress) if wants_progress else None
-        scope = getattr(ctx.request, "scope", None)
-        gone = scope.get(CLIENT_GONE_SCOPE_KEY) if isinstance(scope, dict) else None
-        return await kt.gate.call(tool, arguments, who, progress, gone if isinstance(gone, anyio.Event) else None)
+        return await kt.gate.call(tool, arguments, who, progress, client_gone(ctx))
 
     server: Server[Any] = Server("keyturn", version="0.1.0", instructions=(
         "Tools served by keyturn are guarded: some run at once, some are denied by policy, and some are held "
@@ -148,6 +147,9 @@ def build_mcp_server(kt: Keyturn, *, default_identity: Callable[[], Identity] | 
         "Use keyturn_status to check a request."), on_list_tools=list_tools, on_call_tool=call_tool,
         on_subscriptions_listen=changes.listen)
     serve_proxied(server, kt, changes, lambda ctx: identity_from_context(ctx, default()), client_gone)
+    # Held calls answered with tasks, for the clients that declare the tasks extension (`server.serving.tasks`).
+    install(server, HeldCallsAsTasks(kt, lambda ctx: identity_from_context(ctx, default()), frozenset(BUILTIN)),
+            call_tool)
     if not traces:
         without_tracing(server)
     return server
