@@ -127,8 +127,11 @@ class ClientRelay:
                                types.CreateMessageRequest(params=params), result)
 
     async def elicitation(self, context: ClientRequestContext, params: types.ElicitRequestParams) -> Any:
+        # The person answering sees keyturn as the server that asks: the message names who really asks, so an
+        # upstream's question (or link) is never taken for keyturn's own.
+        named = params.model_copy(update={"message": elicitation_message(self.upstream, params.message)})
         return await self._ask("elicitation", types.ClientCapabilities(elicitation=types.ElicitationCapability()),
-                               types.ElicitRequest(params=params), types.ElicitResult)
+                               types.ElicitRequest(params=named), types.ElicitResult)
 
     async def roots(self, context: ClientRequestContext) -> Any:
         return await self._ask("roots", types.ClientCapabilities(roots=types.RootsCapability()),
@@ -187,3 +190,8 @@ class ClientRelay:
         return {"sampling_callback": self.sampling, "elicitation_callback": self.elicitation,
                 "list_roots_callback": self.roots, "logging_callback": self.logging,
                 "log_level": "debug"}  # (2026-era upstreams log only for requests that opt in: all of them do)
+
+
+def elicitation_message(upstream: str, message: str) -> str:
+    """An upstream's elicitation message as the agent's client shows it: naming the upstream that asks."""
+    return f"Asked by upstream server {upstream!r} (through keyturn): {message}"

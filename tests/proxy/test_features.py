@@ -22,6 +22,7 @@ from mcp.client.stdio import stdio_client
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 
 from server.models import TERMINAL_EVENTS
+from server.proxy.relay import elicitation_message
 from tests.conftest import ROOT, ReviewerAPI, agent_client
 from tests.proxy.conftest import HERE, ProxyHome, text
 from tests.proxy.test_stdio_serving import appending
@@ -147,7 +148,8 @@ async def test_sampling_elicitation_and_roots_from_the_upstream_are_answered_by_
                                          content=types.TextContent(type="text", text="hi from the agent"))
 
     async def elicitation(ctx: ClientRequestContext, params: types.ElicitRequestParams) -> Any:
-        assert params.message == "your name?"
+        # Named as the upstream's question, never taken for keyturn's own.
+        assert params.message == elicitation_message("notes", "your name?"), params.message
         return types.ElicitResult(action="accept", content={"name": "Ada"})
 
     async def roots(ctx: ClientRequestContext) -> Any:
