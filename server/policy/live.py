@@ -7,6 +7,7 @@ content, not on every poll.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -19,6 +20,8 @@ from server.canonical import canonical_json, sha256_hex
 from server.errors import PolicyError
 from server.policy.engine import CompiledPolicy, CompiledRule
 from server.policy.loader import load_policy
+
+log = logging.getLogger(__name__)
 
 EventSink = Callable[[str, dict[str, Any]], Awaitable[None]]
 
@@ -89,7 +92,11 @@ class LivePolicy:
             return
         # The file may have changed again between our read and the loader's; the digest tells which one we hold.
         previous = self._current
+        was_rejected = self._rejected_digest is not None
         self._current, self._stat, self._rejected_digest = policy, stat, None
+        # After a rejected edit, on the console (as the rejection was); a routine reload at info.
+        log.log(logging.WARNING if was_rejected else logging.INFO, "policy %s reloaded: %d rules (digest %s)",
+                self.path, len(policy.rules), policy.digest[:12])
         await self._emit("policy.loaded", {"digest": policy.digest, "path": str(self.path), "rules": len(policy.rules),
                                            **changes(previous, policy), **self._owner()})
 
@@ -118,6 +125,8 @@ class LivePolicy:
         if digest == self._rejected_digest:
             return
         self._rejected_digest = digest
+        # On the console too (the ledger has it): whoever edited the file learns at once that it did not apply.
+        log.error("policy %s was not reloaded, the last good policy stays in force: %s", self.path, error)
         await self._emit("policy.rejected", {"path": str(self.path), "error": error})
 
     async def _emit(self, kind: str, payload: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,9 @@ async def test_a_reload_names_the_rules_it_changed_and_removed(policy_file: Path
     assert payload["rules_added"] == [] and payload["defaults_changed"] == ["default_outcome"]
 
 
-async def test_a_bad_edit_keeps_the_last_good_policy_and_is_announced_once(policy_file: Path) -> None:
+async def test_a_bad_edit_keeps_the_last_good_policy_and_is_announced_once(
+        policy_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="server.policy.live")
     events = Events()
     live = LivePolicy(policy_file, on_event=events)
     good = live.load()
@@ -93,9 +96,15 @@ async def test_a_bad_edit_keeps_the_last_good_policy_and_is_announced_once(polic
     payload = events.items[0][1]
     assert payload["path"] == str(policy_file)
     assert "rule 'broken'" in payload["error"] and "field 'when'" in payload["error"] and "line 5" in payload["error"]
+    # The console says so too, once, and that the last good policy stays in force.
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "was not reloaded" in errors[0].getMessage()
+    assert "last good policy stays in force" in errors[0].getMessage() and "line 5" in errors[0].getMessage()
     write(policy_file, V2)
     await live.check_reload()
     assert events.kinds() == ["policy.rejected", "policy.loaded"] and len(live.current.rules) == 2
+    [fixed] = [r for r in caplog.records if "reloaded: 2 rules" in r.getMessage()]
+    assert fixed.levelno == logging.WARNING  # after a rejection, the fix is shown on the console as well
 
 
 async def test_touching_the_file_without_changing_it_announces_nothing(policy_file: Path) -> None:
