@@ -59,7 +59,8 @@ def resolve_inside(value: str, roots: tuple[Path, ...], *, tool: str, field: str
     if not any(real == root or real.is_relative_to(root) for root in roots):
         shown = ", ".join(str(r) for r in roots)
         raise InvalidArguments(
-            f"{tool}: argument {field!r}: {value!r} resolves to {real}, outside the allowed roots ({shown})",
+            # The field, never the value (it may be a secret, or the agent's probe of where keyturn keeps things).
+            f"{tool}: argument {field!r} names a path outside the allowed roots ({shown})",
             tool=tool,
             field=field,
         )

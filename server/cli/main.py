@@ -323,7 +323,19 @@ def _event_line(e: Any) -> str:
         who = p.get("person") or p.get("reviewer")
         detail = f"{p.get('verdict')} by {who} via {p.get('channel')}: {p.get('reason') or p.get('message') or ''}"
     elif e.kind in ("executed", "failed"):
-        detail = f"result sha256 {p.get('result_digest') or p.get('error')}"
+        if p.get("result_digest"):
+            what = "error result" if p.get("is_error") else "result"
+            detail = f"{what} sha256 {p['result_digest']}"
+        else:
+            detail = f"no result: {p.get('error') or 'none recorded'}"
+        if p.get("note"):
+            detail += f" ({p['note']})"
+    elif e.kind == "policy.rejected":
+        detail = f"not applied, the last good policy stays: {p.get('error', '')}"
+    elif e.kind == "policy.loaded":
+        detail = f"{p.get('rules')} rules, digest {str(p.get('digest'))[:12]}"
+    elif e.kind == "client.left":
+        detail = str(p.get("reason", ""))
     elif e.kind in ("denied", "expired", "cancelled", "abandoned"):
         detail = f"{p.get('by', '')} {p.get('reason', '')}".strip()
     elif e.kind == "approval.granted":

@@ -260,6 +260,7 @@ async def test_an_agent_cannot_reach_the_ledgers_secrets_from_a_root_beside_it(t
             result = await kt.gate.call(tool, {"path": path}, Identity(principal="agent"))
             shown = " ".join(getattr(c, "text", "") for c in result.content)
             assert result.is_error and "outside the allowed roots" in shown, (path, shown)
+            assert path not in shown and "resolves to" not in shown  # the field is named, the value is not echoed
             assert token.read_text() not in shown and "KEYTURN_" not in shown
     executed = [e for e in ledger_kinds(db) if e == "executed"]
     assert len(executed) == 1

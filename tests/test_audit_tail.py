@@ -1,0 +1,34 @@
+"""`keyturn audit tail`'s one line per event: every end says what it recorded (a digest, or why there is none),
+and policy events say what happened, without `--json`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.cli.main import _event_line
+from server.models import Event
+
+
+def line(kind: str, payload: dict[str, Any], call_id: str | None = "c1") -> str:
+    return _event_line(Event(seq=7, ts=0.0, kind=kind, call_id=call_id, payload=payload, prev_hash="0", hash="1"))
+
+
+def test_an_executed_call_shows_its_result_digest() -> None:
+    shown = line("executed", {"result_digest": "ab" * 32, "is_error": False})
+    assert f"result sha256 {'ab' * 32}" in shown and "None" not in shown
+
+
+def test_a_failed_call_says_whether_it_has_an_error_result_or_why_it_has_none() -> None:
+    assert f"error result sha256 {'cd' * 32}" in line("failed", {"result_digest": "cd" * 32, "is_error": True})
+    shown = line("failed", {"error": "ToolError: no such table: orders"})
+    assert "no result: ToolError: no such table: orders" in shown and "sha256" not in shown
+    assert "no result: none recorded" in line("executed", {})
+    noted = line("failed", {"error": "the caller cancelled the call while it ran", "cancelled_by": "caller"})
+    assert "the caller cancelled the call while it ran" in noted
+
+
+def test_policy_events_and_a_caller_leaving_say_why() -> None:
+    rejected = line("policy.rejected", {"path": "p.yaml", "error": "rule 'x', field 'when', line 5: bad"}, None)
+    assert "not applied" in rejected and "line 5" in rejected
+    assert "12 rules, digest 0123456789ab" in line("policy.loaded", {"rules": 12, "digest": "0123456789abcdef"}, None)
+    assert "the caller's connection closed" in line("client.left", {"reason": "the caller's connection closed"})
