@@ -3,6 +3,7 @@ happen. Each story runs the real `keyturn` command in a fresh folder."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -84,3 +85,40 @@ def test_version(tmp_path: Path) -> None:
 
     p = _run(["--version"], tmp_path)
     assert p.returncode == 0 and p.stdout.strip() == f"keyturn {version('keyturn')}", (p.stdout, p.stderr)
+
+
+def test_the_banner_prints_the_exact_reviewer_commands_and_they_work(tmp_path: Path) -> None:
+    """A server on another port and ledger: the banner's `keyturn pending ...` is the command that reaches it, run
+    from another folder; with the wrong ledger's token the 401 says which token it used."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    db = tmp_path / "elsewhere" / "team.db"
+    server = subprocess.Popen([*KEYTURN, "serve", "--http", f"127.0.0.1:{port}", "--db", str(db)], cwd=tmp_path,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stderr is not None
+        banner: list[str] = []
+        for text_line in server.stderr:
+            banner.append(text_line)
+            if "keyturn pending" in text_line:
+                break
+        pending = next(line for line in banner if "keyturn pending" in line).split()
+        assert pending == ["keyturn", "pending", "--url", f"http://127.0.0.1:{port}", "--db", str(db.resolve())]
+        other = tmp_path / "other"
+        other.mkdir()
+        ok = _run([*pending[1:], "--json"], other)
+        assert ok.returncode == 0 and json.loads(ok.stdout) == {"requests": []}, (ok.stdout, ok.stderr)
+        # The token beside another ledger: refused, saying which token was used and how to pick the right one.
+        (other / "keyturn.db.reviewer-token").write_text("kt_not-this-servers-token\n")
+        refused = _run(["pending", "--url", f"http://127.0.0.1:{port}"], other)
+        line = _one_clear_line(refused)
+        assert "HTTP 401" in line and "keyturn.db.reviewer-token" in line and "--db" in line, line
+        # No token anywhere: say where it looked and what to pass.
+        missing = _one_clear_line(_run(["pending", "--url", f"http://127.0.0.1:{port}", "--db", "none.db"], other))
+        assert "none.db.reviewer-token does not exist" in missing and "KEYTURN_TOKEN" in missing, missing
+    finally:
+        server.terminate()
+        server.wait(60)
+        if server.stderr is not None:
+            server.stderr.close()

@@ -56,6 +56,15 @@ def _host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _reviewer_options(base: str, db: Path | None) -> str:
+    """What the reviewer commands need to reach this server: `--url` unless it is the default, `--db` when they
+    must find the local reviewer token beside a ledger other than ./keyturn.db."""
+    options = "" if base == f"http://{DEFAULT_HTTP}" else f" --url {base}"
+    if db is not None and db.resolve() != Path("keyturn.db").resolve():
+        options += f" --db {db.resolve()}"
+    return options
+
+
 def _listen(host: str, port: int) -> socket.socket:
     """The HTTP listening socket, bound now (as uvicorn would bind it): `KeyturnError` when it cannot be."""
     try:
@@ -106,6 +115,7 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
             extra_routes = await build_channels(kt, dict(os.environ))
             app = build_http_app(kt, server, host, extra_routes)
             config = server_config(app, host, port, args.log_level.lower())
+            where = _reviewer_options(base, kt.settings.db if kt.local_token else None)
             token_note = (f"the reviewer token is in {reviewer_token_path(kt.settings.db)}" if kt.local_token
                           else "reviewers use their configured tokens (KEYTURN_TOKEN)")
             print(
@@ -116,7 +126,8 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
                 f"  ledger: {kt.settings.db.resolve()}   policy: {kt.settings.policy_path()}\n"
                 f"  tools: {', '.join(t.name for t in kt.tools())}\n"
                 f"Review held calls from another terminal:\n"
-                f"  keyturn pending\n  keyturn approve REQUEST_ID --reason '...'   (or: keyturn deny REQUEST_ID --reason '...')\n"
+                f"  keyturn pending{where}\n  keyturn approve REQUEST_ID{where} --reason '...'   "
+                f"(or: keyturn deny REQUEST_ID{where} --reason '...')\n"
                 f"  ({token_note})",
                 file=sys.stderr, flush=True,
             )
@@ -230,15 +241,20 @@ async def _until_terminated(fn: Callable[[], Awaitable[int]], stopped: Callable[
 def _api(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     url = (args.url or os.environ.get("KEYTURN_URL") or f"http://{DEFAULT_HTTP}").rstrip("/")
     token = args.token or os.environ.get("KEYTURN_TOKEN")
+    source = "--token" if args.token else "KEYTURN_TOKEN"
     if not token:
         from server.runtime import reviewer_token_path
 
         db = Path(args.db or os.environ.get("KEYTURN_DB") or "keyturn.db")
         token_file = reviewer_token_path(db)
+        source = f"the token file {token_file}"
         if token_file.exists():
             token = token_file.read_text(encoding="utf-8").strip()
+        else:
+            raise KeyturnError(f"no reviewer token: set KEYTURN_TOKEN, pass --token, or pass --db with the ledger of "
+                               f"the server you review (its token file is beside it; {token_file} does not exist)")
     if not token:
-        raise KeyturnError("no reviewer token: set KEYTURN_TOKEN or pass --token")
+        raise KeyturnError(f"no reviewer token: {source} is empty")
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url + path, data=data, method=method, headers={
         "Authorization": f"Bearer {token}", "Content-Type": "application/json", "Accept": "application/json"})
@@ -250,7 +266,12 @@ def _api(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] 
             detail = json.loads(e.read()).get("error", e.reason)
         except (json.JSONDecodeError, AttributeError):
             detail = e.reason
-        raise KeyturnError(f"{detail} (HTTP {e.code})") from e
+        hint = ""
+        if e.code == 401:
+            hint = f"; the token came from {source}"
+            if source.startswith("the token file"):
+                hint += " (a server with another ledger: pass --db with that ledger, or --token)"
+        raise KeyturnError(f"{detail} (HTTP {e.code}){hint}") from e
     except urllib.error.URLError as e:
         raise KeyturnError(f"cannot reach the reviewer API at {url}: {e.reason}") from e
 
