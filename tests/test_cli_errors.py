@@ -117,6 +117,9 @@ def test_the_banner_prints_the_exact_reviewer_commands_and_they_work(tmp_path: P
         # No token anywhere: say where it looked and what to pass.
         missing = _one_clear_line(_run(["pending", "--url", f"http://127.0.0.1:{port}", "--db", "none.db"], other))
         assert "none.db.reviewer-token does not exist" in missing and "KEYTURN_TOKEN" in missing, missing
+        # With --json, programs get the error as JSON too.
+        as_json = _run(["pending", "--url", f"http://127.0.0.1:{port}", "--db", "none.db", "--json"], other)
+        assert as_json.returncode == 2 and "does not exist" in json.loads(as_json.stdout)["error"], as_json.stdout
     finally:
         server.terminate()
         server.wait(60)

@@ -544,21 +544,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except KeyturnError as e:
-        print(f"keyturn: {e}", file=sys.stderr)
-        return 2
+        return _user_error(args, [e])
     except BaseExceptionGroup as group:  # raised inside `running()`, whose task group wraps it
         ours, rest = group.split(KeyturnError)
         if ours is None or rest is not None:
             raise
-        for error in _leaves(ours):
-            print(f"keyturn: {error}", file=sys.stderr)
-        return 2
+        return _user_error(args, _leaves(ours))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `keyturn pending | head`: the reader has what it wanted
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's last flush does not fail again
         return 141
+
+
+def _user_error(args: argparse.Namespace, errors: list[BaseException]) -> int:
+    """One line per error on stderr, exit code 2; with `--json`, also `{"error": ...}` on stdout for programs."""
+    for error in errors:
+        print(f"keyturn: {error}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": "; ".join(str(e) for e in errors)}))
+    return 2
 
 
 def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
