@@ -9,10 +9,11 @@ come from the environment only (`load_slack`, `load_teams`).
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from server.canonical import sha256_hex
 from server.channels.slack.config import SlackConfig
 from server.channels.teams.config import TeamsConfig
-from server.errors import ConfigError, validation_message
+from server.errors import ConfigError, problem_text
 from server.proxy.config import ProxyConfig
 
 
@@ -234,4 +235,65 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
     try:
         return Settings.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(validation_message(e, f"config file {path or '(defaults)'} is invalid:")) from e
+        text = Path(path).read_text(encoding="utf-8") if path is not None else ""
+        raise ConfigError(config_problems(e, f"config file {path or '(defaults)'} is invalid:", text)) from e
+
+
+def config_problems(e: ValidationError, heading: str, text: str) -> str:
+    """`heading`, then one line per problem: where (the line of the file, when it has one), what, and for an unknown
+    field the closest known one, as policy errors say them."""
+    found: list[tuple[int, str]] = []
+    for err in e.errors(include_input=False, include_url=False):
+        loc = tuple(err["loc"])
+        where = ".".join(str(part) for part in loc) or "(top level)"
+        line = _line_of(text, loc) if text else None
+        message = problem_text(err)
+        if err["type"] == "extra_forbidden" and loc:
+            close = difflib.get_close_matches(str(loc[-1]), sorted(_config_fields()), n=1)
+            message += f" (did you mean {close[0]!r}?)" if close else ""
+        found.append((line or 0, f"  {f'line {line}: ' if line else ''}{where}: {message}"))
+    return "\n".join([heading, *(text for _, text in sorted(found, key=lambda f: f[0]))])
+
+
+def _line_of(text: str, loc: tuple[str | int, ...]) -> int | None:
+    """The line of the config file where `loc` (or the nearest enclosing field it has) is written."""
+    try:
+        node: Any = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            found = next(((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(part)),
+                         None)
+            if found is None:
+                break
+            line, node = found[0].start_mark.line + 1, found[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _config_fields() -> set[str]:
+    """Every field name (and alias) of the config's sections, for "did you mean"."""
+    names: set[str] = set()
+    seen: set[type] = set()
+    stack: list[Any] = [Settings]
+    while stack:
+        model = stack.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, info in model.model_fields.items():
+            names.add(info.alias or name)
+            stack.extend(_models_in(info.annotation))
+    return names
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]

@@ -65,3 +65,15 @@ def test_keyturn_serve_refuses_a_bad_section_before_anything_starts(home: Home, 
     assert out.returncode == 2, out.stderr
     assert expected in out.stderr and "Traceback" not in out.stderr
     assert not home.db.exists()  # refused before the ledger was opened
+
+
+def test_config_errors_name_their_line_and_suggest_the_field_meant(tmp_path: Path) -> None:
+    """As policy errors do: each problem with its line, an unknown field with the closest known one, in file order."""
+    config = tmp_path / "keyturn.yaml"
+    config.write_text("db: x.db\npolcy: p.yaml\nproxy:\n  upstreams:\n    - name: a\n      comand: foo\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config)
+    assert str(raised.value).splitlines()[1:] == [
+        "  line 2: polcy: unknown field (did you mean 'policy'?)",
+        "  line 6: proxy.upstreams.0.comand: unknown field (did you mean 'command'?)",
+    ]
