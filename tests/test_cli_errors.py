@@ -125,3 +125,16 @@ def test_the_banner_prints_the_exact_reviewer_commands_and_they_work(tmp_path: P
         server.wait(60)
         if server.stderr is not None:
             server.stderr.close()
+
+
+def test_a_reviewer_command_loads_neither_the_mcp_sdk_nor_the_ledger(tmp_path: Path) -> None:
+    """`keyturn pending|show|approve|deny` make one HTTP call: they import only what that needs, so they start in a
+    fraction of a second (the figure is in docs/performance.md; here, what is loaded, not how long it takes)."""
+    probe = ("import sys\nfrom server.cli.main import main\n"
+             "code = main(['pending', '--url', 'http://127.0.0.1:1', '--token', 'x'])\n"
+             "heavy = [m for m in ('mcp', 'server.ledger', 'server.config', 'server.runtime', 'cryptography', "
+             "'starlette', 'server.guarded') if m in sys.modules]\n"
+             "print(code, heavy)\n")
+    p = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.stdout.strip() == "2 []", (p.stdout, p.stderr)
+    assert "cannot reach the reviewer API" in p.stderr

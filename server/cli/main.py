@@ -28,11 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from server.config import Settings, load_settings, proxy_policy_path
 from server.errors import KeyturnError
-from server.models import state_label
 
 if TYPE_CHECKING:
+    from server.config import Settings
     from server.proxy import Proxy
     from server.runtime import Keyturn
 
@@ -41,6 +40,8 @@ log = logging.getLogger("keyturn")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from server.config import load_settings  # (not for the reviewer commands: they start in a fraction of a second)
+
     config = args.config or os.environ.get("KEYTURN_CONFIG")
     return load_settings(
         Path(config) if config else None,
@@ -165,6 +166,8 @@ async def _proxy(args: argparse.Namespace) -> int:
     if "tools" not in settings.model_fields_set:
         settings = settings.model_copy(update={"tools": ()})  # only the upstreams' tools, unless configured
     if settings.policy is None:  # the shipped default is written for keyturn's own packs; upstreams get theirs
+        from server.config import proxy_policy_path
+
         settings = settings.model_copy(update={"policy": proxy_policy_path()})
     command = list(args.upstream_command)
     if command[:1] == ["--"]:
@@ -243,10 +246,10 @@ def _api(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] 
     token = args.token or os.environ.get("KEYTURN_TOKEN")
     source = "--token" if args.token else "KEYTURN_TOKEN"
     if not token:
-        from server.runtime import reviewer_token_path
+        from server.secret_files import beside
 
         db = Path(args.db or os.environ.get("KEYTURN_DB") or "keyturn.db")
-        token_file = reviewer_token_path(db)
+        token_file = beside(db, "reviewer-token")  # (server.runtime.reviewer_token_path, without the runtime)
         source = f"the token file {token_file}"
         if token_file.exists():
             token = token_file.read_text(encoding="utf-8").strip()
@@ -387,12 +390,17 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
               + (f" on behalf of {view.on_behalf_of}" if view.on_behalf_of else "")
               + (f" (model {view.model})" if view.model else ""))
         print(f"  arguments (redacted): {json.dumps(view.arguments, ensure_ascii=False)}")
-        print(f"  arguments sha256: {view.args_hash}")
-        print(f"  decision: risk {view.risk}; {view.reason}; policy {view.policy_digest}")
+        print(f"  arguments sha256: {view.args_hash or '(none: the arguments were not valid for the tool)'}")
+        if view.policy_digest is None:  # refused before any policy was asked (arguments not valid for the tool)
+            print(f"  decision: none: refused before the policy was asked ({view.outcome_reason or view.reason})")
+        else:
+            print(f"  decision: risk {view.risk}; {view.reason}; policy {view.policy_digest}")
         for r in view.rules:
             print(f"    rule {r['id']}: {r['outcome']} ({r['risk']}) {r['reason']}")
         for v in view.votes:
             print(f"  {v['verdict']} by {v['person']} ({v['reviewer']}) at {_when(v['ts'])}: {v['reason'] or '-'}")
+        from server.models import state_label
+
         print(f"  outcome: {state_label(view.state)} {view.outcome_reason or ''}")
         for e in events:
             print("  " + _event_line(e) + f"  hash {e.hash[:16]}")
@@ -481,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     ashow.add_argument("id")
     ashow.add_argument("--json", action="store_true")
     ashow.set_defaults(func=cmd_audit_show)
-    from server.cli.audit import add_commands
+    from server.cli.audit_parser import add_commands
 
     add_commands(audit, common, _settings)
 
