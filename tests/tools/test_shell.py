@@ -35,7 +35,7 @@ def alive(pid: int) -> bool:
     """True while `pid` runs (a zombie nobody reaped counts as dead)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before it was opened, or reaped while it was read
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
