@@ -112,13 +112,7 @@ class ApprovalBroker:
                 if also is None:
                     await event.wait()
                 else:
-                    async with anyio.create_task_group() as tg:
-                        async def first(e: anyio.Event) -> None:
-                            await e.wait()
-                            tg.cancel_scope.cancel()
-
-                        tg.start_soon(first, event)
-                        tg.start_soon(first, also)
+                    await first_of(event, also)
         finally:
             if request_id not in self._watching:
                 if self._waiters.get(request_id) is event:
@@ -371,3 +365,14 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+async def first_of(*events: anyio.Event) -> None:
+    """Until any one of `events` is set."""
+    async with anyio.create_task_group() as tg:
+        async def first(e: anyio.Event) -> None:
+            await e.wait()
+            tg.cancel_scope.cancel()
+
+        for e in events:
+            tg.start_soon(first, e)

@@ -8,14 +8,10 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import mcp_types as types
 
-if TYPE_CHECKING:
-    from server.proxy.upstream import Upstream
-
-_LIST_PAGES_MAX = 20
+from server.proxy.upstream import Upstream, all_pages
 
 
 class ExposedPrompt:
@@ -47,12 +43,9 @@ def expose(listed: Sequence[tuple[Upstream, Sequence[types.Prompt]]]) -> dict[st
 async def list_prompts(upstream: Upstream) -> list[types.Prompt]:
     """Every page of an upstream's prompts, up to a bound."""
     client = await upstream.connected("prompts/list")
-    out: list[types.Prompt] = []
-    cursor: str | None = None
-    for _ in range(_LIST_PAGES_MAX):
-        page = await client.list_prompts(cursor=cursor)
-        out += page.prompts
-        cursor = page.next_cursor
-        if not cursor:
-            break
-    return out
+
+    async def page(cursor: str | None) -> tuple[list[types.Prompt], str | None]:
+        listed = await client.list_prompts(cursor=cursor)
+        return listed.prompts, listed.next_cursor
+
+    return await all_pages(page)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import mcp_types as types
@@ -22,14 +22,11 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from server.canonical import canonical_json, sha256_hex
 from server.errors import InvalidArguments
-
-if TYPE_CHECKING:
-    from server.proxy.upstream import Upstream
+from server.proxy.upstream import Upstream, all_pages
 
 READ_TOOL = "resources/read"
 """The tool name policies see for a resource read."""
 READ_ANNOTATIONS = {"readOnlyHint": True, "destructiveHint": False, "idempotentHint": True}
-_LIST_PAGES_MAX = 20
 
 
 class ResourceRead:
@@ -108,20 +105,15 @@ class UpstreamResources:
 async def list_all(upstream: Upstream, templates: bool) -> list[Any]:
     """Every page of an upstream's resources (or templates), up to a bound."""
     client = await upstream.connected("resources/list")
-    out: list[Any] = []
-    cursor: str | None = None
-    for _ in range(_LIST_PAGES_MAX):
+
+    async def page(cursor: str | None) -> tuple[list[Any], str | None]:
         if templates:
             t = await client.list_resource_templates(cursor=cursor)
-            out += t.resource_templates
-            cursor = t.next_cursor
-        else:
-            r = await client.list_resources(cursor=cursor)
-            out += r.resources
-            cursor = r.next_cursor
-        if not cursor:
-            break
-    return out
+            return list(t.resource_templates), t.next_cursor
+        r = await client.list_resources(cursor=cursor)
+        return list(r.resources), r.next_cursor
+
+    return await all_pages(page)
 
 
 async def subscribe(upstream: Upstream, uri: str, on: bool) -> None:

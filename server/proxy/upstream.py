@@ -297,15 +297,11 @@ class Upstream:
         return streamable_http_client(c.url, http_client=http)
 
     async def _list_tools(self, client: Client) -> dict[str, types.Tool]:
-        tools: dict[str, types.Tool] = {}
-        cursor: str | None = None
-        for _ in range(_LISTED_PAGES_MAX):
-            page = await client.list_tools(cursor=cursor)
-            tools.update((t.name, t) for t in page.tools)
-            cursor = page.next_cursor
-            if cursor is None:
-                break
-        return tools
+        async def page(cursor: str | None) -> tuple[list[types.Tool], str | None]:
+            listed = await client.list_tools(cursor=cursor)
+            return listed.tools, listed.next_cursor
+
+        return {t.name: t for t in await all_pages(page)}
 
     async def _update_tools(self, tools: dict[str, types.Tool]) -> None:
         if _dump(tools) == _dump(self.tools):
@@ -350,6 +346,19 @@ class Upstream:
             log.warning("upstream %s: transport error: %s", self.name, message)
         else:
             await self.relay.notice(message)
+
+
+async def all_pages(page: Callable[[str | None], Awaitable[tuple[list[Any], str | None]]]) -> list[Any]:
+    """Every item of a paginated list (`page(cursor)` gives one page's items and the next cursor), up to
+    `_LISTED_PAGES_MAX` pages: an upstream whose cursors never end cannot keep keyturn listing."""
+    items: list[Any] = []
+    cursor: str | None = None
+    for _ in range(_LISTED_PAGES_MAX):
+        found, cursor = await page(cursor)
+        items += found
+        if not cursor:
+            break
+    return items
 
 
 def _unwrap(e: Exception) -> Exception:

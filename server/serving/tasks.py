@@ -36,6 +36,7 @@ from mcp.shared.jsonrpc_dispatcher import progress_token_from_params
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import Field
 
+from server.approvals.broker import first_of
 from server.approvals.holding import on_hold
 from server.gate import Identity
 from server.guarded import SECRET_RESULT_META
@@ -187,13 +188,7 @@ class HeldCallsAsTasks(Extension):
                 done.set()
 
         self.kt.task_group.start_soon(hold, name=f"task holder for {params.name}")
-        async with anyio.create_task_group() as tg:
-            async def first(event: anyio.Event) -> None:
-                await event.wait()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(first, held)
-            tg.start_soon(first, done)
+        await first_of(held, done)
         if not held.is_set():  # allowed or denied at once (or refused): answered directly
             if ended:
                 return ended[0]
