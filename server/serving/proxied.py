@@ -22,6 +22,7 @@ from mcp.shared.jsonrpc_dispatcher import progress_token_from_params
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from server.gate import Identity
+from server.outcomes import OUTCOME_META_KEY
 from server.proxy.prompts import ExposedPrompt, expose, list_prompts
 from server.proxy.relay import Sessions, agent_request
 from server.proxy.resources import ResourceRead, UpstreamResources, list_all, subscribe
@@ -149,7 +150,7 @@ class Proxied:
         if read.result is not None and not result.is_error:
             return read.result
         text = "\n".join(c.text for c in result.content if isinstance(c, types.TextContent)) or "not read"
-        raise MCPError(types.INVALID_REQUEST, text, result.structured_content)
+        raise MCPError(types.INVALID_REQUEST, text, (result.meta or {}).get(OUTCOME_META_KEY))  # keyturn's details
 
     async def _subscription_route(self, uri: str) -> Upstream:
         """A subscription reads nothing (an update names the URI; reading it is a read like any other): a URI no

@@ -147,8 +147,11 @@ class HeldCallsAsTasks(Extension):
 
     async def intercept_tool_call(self, params: types.CallToolRequestParams, ctx: ServerRequestContext[Any, Any],
                                   call_next: CallNext) -> HandlerResult:
-        tool = None if params.name in self.builtin else self.kt.find_tool(params.name)
-        if tool is None or self.kt.task_group is None or not declares_tasks(ctx):
+        # Only a declaring client's call is looked at here (most calls pass straight through, at no cost).
+        if not declares_tasks(ctx) or self.kt.task_group is None or params.name in self.builtin:
+            return await call_next(ctx)
+        tool = self.kt.find_tool(params.name)
+        if tool is None:
             return await call_next(ctx)
         who = self.identify(ctx)
         held, done = anyio.Event(), anyio.Event()

@@ -86,8 +86,10 @@ async def test_resources_are_listed_read_through_the_gate_held_and_refused(home:
             with pytest.raises(MCPError, match="unknown resource 'elsewhere://x'"):
                 await client.read_resource("elsewhere://x")
             # keyturn's own ledger, named through the upstream's file template: the built-in guard denies it.
-            with pytest.raises(MCPError, match=r"(?i)denied by policy.*keyturn"):
+            with pytest.raises(MCPError, match=r"(?i)denied by policy.*keyturn") as denied:
                 await client.read_resource(f"file://{home.db}")
+            # The error's data carries keyturn's details, as an error result's `_meta` does.
+            assert denied.value.error.data["outcome"] == "denied", denied.value.error.data
 
             async def read_plan() -> None:
                 held.append(await client.read_resource("notes://plan"))
