@@ -28,7 +28,7 @@ from server.ledger import Ledger
 from server.ledger.checkpoints import CheckpointError, signing_key
 from server.ledger.witnesses import Checkpointer, configured_witnesses
 from server.policy import LivePolicy
-from server.secret_files import beside, ensure_secret_file
+from server.secret_files import ensure_secret_file, reviewer_token_path
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,6 @@ LOCAL_REVIEWER = "api:owner"
 LOCAL_PERSON = "owner"
 
 
-def reviewer_token_path(db: Path) -> Path:
-    """Where the embedded default keeps its generated reviewer token (mode 0600, beside the database)."""
-    return beside(db, "reviewer-token")
 
 
 def ensure_local_reviewer_token(db: Path) -> str:

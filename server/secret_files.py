@@ -22,6 +22,11 @@ def beside(db: Path, suffix: str) -> Path:
     return db.with_name(f"{db.name}.{suffix}")
 
 
+def reviewer_token_path(db: Path) -> Path:
+    """Where the embedded default keeps its generated reviewer token (mode 0600, beside the database)."""
+    return beside(db, "reviewer-token")
+
+
 def ensure_secret_file(path: Path, make: Callable[[], str] = lambda: secrets.token_urlsafe(48)) -> str:
     """The value in `path`, creating it (mode 0600) when missing. `ConfigError` when it can be neither read nor
     made (its folder cannot be created, a file stands where a folder should)."""

@@ -93,7 +93,8 @@ Attach = Callable[["Keyturn"], AbstractAsyncContextManager[object]]
 
 async def _serve(args: argparse.Namespace, settings: Settings | None = None, attach: Attach | None = None) -> int:
     """Serve MCP (stdio or HTTP); `attach` adds to the running Keyturn (proxy mode: the upstreams' tools)."""
-    from server.runtime import reviewer_token_path, running
+    from server.runtime import running
+    from server.secret_files import reviewer_token_path
     from server.serving.mcp import build_mcp_server
     from server.serving.stdio import stdio_transport
 
@@ -246,10 +247,10 @@ def _api(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] 
     token = args.token or os.environ.get("KEYTURN_TOKEN")
     source = "--token" if args.token else "KEYTURN_TOKEN"
     if not token:
-        from server.secret_files import beside
+        from server.secret_files import reviewer_token_path
 
         db = Path(args.db or os.environ.get("KEYTURN_DB") or "keyturn.db")
-        token_file = beside(db, "reviewer-token")  # (server.runtime.reviewer_token_path, without the runtime)
+        token_file = reviewer_token_path(db)
         source = f"the token file {token_file}"
         if token_file.exists():
             token = token_file.read_text(encoding="utf-8").strip()
