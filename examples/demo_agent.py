@@ -1,20 +1,33 @@
-"""A demo agent: connects to keyturn over streamable HTTP and makes an allowed, a denied and a held call.
+"""A demo agent: connects to keyturn over streamable HTTP and makes three calls: a SELECT the shipped policy lets
+run at once, and a DROP TABLE and a CREATE TABLE that it holds for a reviewer. It is the agent of README.md's
+quick tour (checked by tests/test_quick_tour.py):
 
-    keyturn serve --http 127.0.0.1:8765 --config examples/keyturn.yaml     # terminal 1
-    python examples/demo_agent.py http://127.0.0.1:8765/mcp                # terminal 2
-    keyturn pending; keyturn approve ID --reason "demo"                      # terminal 3
+    keyturn serve --http 127.0.0.1:8765          # terminal 1, in the checkout (the embedded defaults)
+    python examples/demo_agent.py                # terminal 2 (or give the MCP endpoint's URL)
+    keyturn pending                              # terminal 3: deny the DROP TABLE, approve the CREATE TABLE
+    keyturn deny REQUEST_ID --reason "not today"; keyturn approve REQUEST_ID --reason "demo"
+
+On the embedded defaults an agent on 127.0.0.1 needs no token. A server with `agents:` in its config wants a
+bearer token: set `KEYTURN_AGENT_TOKEN` and this agent sends it.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import anyio
+import httpx2
 from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 
 async def main(url: str) -> None:
-    async with Client(url) as client:
+    token = os.environ.get("KEYTURN_AGENT_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    # A held call waits for a person: the HTTP client's read timeout must outlast the wait.
+    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=3600)) as http, \
+            Client(streamable_http_client(url, http_client=http)) as client:
         tools = await client.list_tools()
         print("guarded tools:", ", ".join(t.name for t in tools.tools))
 
