@@ -3,17 +3,20 @@ API in the same process), and `--upstream-url` guarding a streamable HTTP upstre
 
 from __future__ import annotations
 
+import html
 import os
+import re
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import mcp_types as types
 from mcp import Client
 
-from tests.conftest import ReviewerAPI, agent_client, free_port
+from tests.conftest import TOKENS, ReviewerAPI, agent_client, free_port
 from tests.helpers import eventually, outcome_of
 from tests.proxy.conftest import HTTP_UPSTREAM, ProxyHome, git, git_upstream, text
 
@@ -35,10 +38,27 @@ async def test_proxy_serving_http_with_its_own_reviewer_api(home: ProxyHome, rep
             async with anyio.create_task_group() as tg:
                 tg.start_soon(agent)
                 req = await api.wait_pending("git_commit")
+                await _inbox_names_the_upstream(base, req["id"])
                 assert (await api.vote(req["id"], "approve", "alice", "ok")).status_code == 200
     assert not results[0].is_error, text(results[0])
     assert git(repo, "log", "-1", "--format=%s").strip() == "over http"
     assert home.terminal(req["id"]) == "executed"
+
+
+async def _inbox_names_the_upstream(base: str, request_id: str) -> None:
+    """A reviewer signed in to the web inbox sees which upstream server a held call goes to, under its own name."""
+    async with httpx2.AsyncClient(base_url=base, timeout=30, headers={"Origin": base}) as http:
+        page = (await http.get("/login")).text
+        csrf = html.unescape(re.search(r'name="csrf" value="([^"]+)"', page).group(1))  # type: ignore[union-attr]
+        assert (await http.post("/login", data={"csrf": csrf, "token": TOKENS["alice"], "next": "/inbox"})
+                ).status_code == 303
+        shown = "upstream server <code>git: git_commit</code>"
+        assert shown in (await http.get("/inbox")).text
+        assert shown in (await http.get(f"/inbox/requests/{request_id}")).text
+        icon = await http.get("/inbox/static/favicon.svg")
+        assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+        assert "default-src 'self'" in icon.headers["content-security-policy"]
+        assert '<link rel="icon" href="/inbox/static/favicon.svg"' in (await http.get("/inbox")).text
 
 
 def _start_notes(home: ProxyHome, port: int, notes: Path) -> Any:

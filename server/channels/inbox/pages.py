@@ -7,6 +7,7 @@ broker alone judges it (eligibility, self-approval, quorum), exactly as for ever
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
@@ -102,7 +103,11 @@ class Pages:
 
     def _card(self, view: RequestView, session: Session) -> Card:
         tool = self.kt.find_tool(view.tool)  # a native or a proxied tool: its classifiers say what is SQL/shell
-        return card(view, tool.classifiers if tool is not None else {}, self.site.person(session))
+        shown = card(view, tool.classifiers if tool is not None else {}, self.site.person(session))
+        upstream = getattr(tool, "upstream", None)
+        if upstream is not None:  # a proxied tool: say which server the call goes to, under which name
+            shown = replace(shown, origin=f"{upstream.name}: {getattr(tool, 'upstream_name', view.tool)}")
+        return shown
 
     async def _cards(self, session: Session) -> list[Card]:
         views = await self.kt.ledger.list_calls(("pending",), limit=INBOX_LIMIT)

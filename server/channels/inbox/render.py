@@ -115,6 +115,7 @@ class Card:
     needed: int
     my_vote: str | None  # the signed-in reviewer's verdict, if they voted
     version: str  # changes whenever what the status part shows changes
+    origin: str | None = None  # a proxied tool's upstream server and its own name there ("git: git_commit")
 
     @property
     def percent(self) -> int:
