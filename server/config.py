@@ -146,7 +146,7 @@ class Settings(_Strict):
     tools: tuple[ToolPack, ...] = (ToolPack(module="tools.sql"),)
     progress_interval_s: float = 10.0
     poll_interval_s: float = 0.25
-    reviewer_api_url: str | None = None  # where the CLI reaches the reviewer API
+    reviewer_api_url: str | None = None  # the reviewer API as reviewers reach it: Teams links, a trusted origin, a self-target
     allowed_hosts: tuple[str, ...] = ()  # extra Host header values accepted on the HTTP app
     slack: SlackConfig | None = None  # None: no `slack:` section (tokens in the environment may still turn Slack on)
     teams: TeamsConfig | None = None  # None: no Teams channel
