@@ -133,6 +133,29 @@ class Telemetry(_Strict):
                     or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip())
 
 
+class AuditSinkConfig(_Strict):
+    """Every ledger event, as it is appended, POSTed to an HTTP collector (a SIEM's): JSON lines, in batches of at most
+    `batch` events, in order. Delivery is at least once: a batch is sent again until the collector answers 2xx, and
+    only then is the stored cursor (`cursor_file`, default `<db>.audit-sink-cursor`) moved past it, so a restart
+    resumes where delivery stopped and a batch cut short by a crash is sent again (collectors drop repeats by `seq`).
+    `start`: where a sink with no cursor yet begins, `first` (the whole ledger) or `head` (what is appended from now).
+    The bearer token, if the collector wants one, comes from the environment variable `token_env`."""
+
+    url: str
+    token_env: str | None = None
+    batch: int = Field(default=100, ge=1, le=10_000)
+    timeout_s: float = Field(default=10.0, gt=0)
+    cursor_file: Path | None = None
+    start: Literal["first", "head"] = "first"
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"audit_sink.url {v!r} must be an http:// or https:// URL")
+        return v
+
+
 class Settings(_Strict):
     """Everything a keyturn process needs, resolved. Built by `load_settings` or directly in code."""
 
@@ -153,6 +176,7 @@ class Settings(_Strict):
     proxy: ProxyConfig = ProxyConfig()  # `keyturn proxy`'s upstreams and timeouts
     checkpoints: Checkpoints = Checkpoints()
     telemetry: Telemetry = Telemetry()
+    audit_sink: AuditSinkConfig | None = None  # None: events are not streamed anywhere
 
     @field_validator("slack", "teams", mode="before")
     @classmethod
@@ -230,6 +254,9 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
             for key in ("key_file", "witness_file"):
                 if isinstance(cps.get(key), str) and not os.path.isabs(cps[key]):
                     cps[key] = str(base / cps[key])
+        sink = data.get("audit_sink")
+        if isinstance(sink, dict) and isinstance(sink.get("cursor_file"), str) and not os.path.isabs(sink["cursor_file"]):
+            data["audit_sink"] = {**sink, "cursor_file": str(base / sink["cursor_file"])}
         data["config_file"] = str(Path(path).resolve())
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:

@@ -212,9 +212,17 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
         kt = Keyturn(settings=settings, ledger=ledger, policy=policy, broker=broker, registry=registry, gate=gate,
                      credentials=credentials, local_token=local_token, http_base_urls=list(urls),
                      checkpointer=_checkpointer(settings, ledger))
+        sink = None
+        if settings.audit_sink is not None:
+            from server.streaming import AuditSink
+
+            sink = AuditSink(ledger, settings.audit_sink, settings.db, poll_s=settings.poll_interval_s)
+            sink.read_cursor()  # a cursor file that is not one stops keyturn here, not in the background
         async with anyio.create_task_group() as tg:
             kt.task_group = tg
             tg.start_soon(policy.watch)
+            if sink is not None:
+                tg.start_soon(_supervised, sink.run, "audit sink")
             tg.start_soon(broker.poll_store)
             tg.start_soon(_housekeeping, kt)
             if kt.checkpointer is not None:

@@ -3,7 +3,7 @@
 serve            run the MCP server (stdio, or --http HOST:PORT with the reviewer API)
 proxy            guard an existing MCP server: keyturn proxy [--http HOST:PORT] -- COMMAND ARGS...
 pending / show / approve / deny    reviewer commands, through the HTTP reviewer API
-audit tail / show / verify / key / checkpoint / export   auditor commands (server/cli/audit.py)
+audit tail / follow / show / verify / key / checkpoint / export   auditor commands (server/cli/audit.py)
 policy check / explain / test / replay   policy author commands
 """
 
@@ -377,6 +377,22 @@ def cmd_audit_tail(args: argparse.Namespace) -> int:
     return anyio.run(_with_ledger, args, run)
 
 
+def cmd_audit_follow(args: argparse.Namespace) -> int:
+    """Events as they are appended, one per line, until interrupted: `--from SEQ` resumes from a sequence number."""
+    from server.streaming import event_json, follow_events
+
+    async def run(ledger: Any) -> int:
+        poll = _settings(args).poll_interval_s
+        async for events in follow_events(ledger, from_seq=args.from_seq, poll_s=poll):
+            for e in events:
+                print(event_json(e) if args.format == "jsonl" else _event_line(e), flush=True)
+        return 0
+
+    if args.from_seq is not None and args.from_seq < 1:
+        raise KeyturnError("--from takes a sequence number, 1 or more")
+    return anyio.run(_with_ledger, args, run)
+
+
 def cmd_audit_show(args: argparse.Namespace) -> int:
     async def run(ledger: Any) -> int:
         view = await ledger.get_call(args.id)
@@ -486,6 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("-n", type=int, default=20)
     tail.add_argument("--json", action="store_true")
     tail.set_defaults(func=cmd_audit_tail)
+    follow = audit.add_parser("follow", parents=[common], help="events as they are appended, until interrupted")
+    follow.add_argument("--from", dest="from_seq", type=int, metavar="SEQ",
+                        help="start at this sequence number (default: only what is appended from now)")
+    follow.add_argument("--format", choices=("text", "jsonl"), default="text",
+                        help="jsonl: one event per line as JSON, as `audit tail --json` prints them")
+    follow.set_defaults(func=cmd_audit_follow)
     ashow = audit.add_parser("show", parents=[common], help="the whole story of one request")
     ashow.add_argument("id")
     ashow.add_argument("--json", action="store_true")
