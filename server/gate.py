@@ -29,6 +29,7 @@ from server.errors import InvalidArguments, LedgerError
 from server.execution import limits_from_facts, running_under
 from server.guarded import SECRET_RESULT_META
 from server.ledger import Ledger
+from server.logs import current_call
 from server.models import Decision, ToolCall
 from server.outcomes import OUTCOMES, error_result, unrecorded_result
 from server.policy import LivePolicy
@@ -109,7 +110,11 @@ class Gate:
         """`gone`, when the transport can tell: set once the caller's connection for this call has closed. A held
         call then stops waiting (its request stays open for the caller's retry) instead of running for nobody."""
         call, refusal = self._check(tool, arguments, who)
+        current_call.set(call.call_id)  # every log line from here on names the call
         judged = refusal or self._classify_and_decide(tool, call)
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s from %s: %s", tool.name, who.principal,
+                     "refused" if isinstance(judged, Refusal) else f"{judged[0].outcome} ({judged[0].risk})")
         if isinstance(judged, Refusal):
             return await self._refuse(call, judged)
         decision, redaction = judged

@@ -116,23 +116,32 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
             server = build_mcp_server(kt, traces=kt.settings.telemetry.traces_exported(os.environ))
             extra_routes = await build_channels(kt, dict(os.environ))
             app = build_http_app(kt, server, host, extra_routes)
-            config = server_config(app, host, port, args.log_level.lower())
+            config = server_config(app, host, port, args.log_level.lower(),
+                                   own_log_format=getattr(args, "log_format", "text") == "json")
             where = _reviewer_options(base, kt.settings.db if kt.local_token else None)
             token_note = (f"the reviewer token is in {reviewer_token_path(kt.settings.db)}" if kt.local_token
                           else "reviewers use their configured tokens (KEYTURN_TOKEN)")
-            print(
-                f"keyturn is running.\n"
-                f"  MCP endpoint (streamable HTTP): {base}/mcp\n"
-                f"  reviewer API:                   {base}/api/requests\n"
-                f"  reviewer inbox and audit (web): {base}/inbox   {base}/audit\n"
-                f"  ledger: {kt.settings.db.resolve()}   policy: {kt.settings.policy_path()}\n"
-                f"  tools: {', '.join(t.name for t in kt.tools())}\n"
-                f"Review held calls from another terminal:\n"
-                f"  keyturn pending{where}\n  keyturn approve REQUEST_ID{where} --reason '...'   "
-                f"(or: keyturn deny REQUEST_ID{where} --reason '...')\n"
-                f"  ({token_note})",
-                file=sys.stderr, flush=True,
-            )
+            if getattr(args, "log_format", "text") == "json":  # a pipeline reads stderr: the banner is a line too
+                print(json.dumps({
+                    "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "level": "info", "logger": "keyturn",
+                    "message": "keyturn is running", "call_id": None,
+                    "mcp_endpoint": f"{base}/mcp", "reviewer_api": f"{base}/api/requests", "inbox": f"{base}/inbox",
+                    "ledger": str(kt.settings.db.resolve()), "policy": str(kt.settings.policy_path()),
+                    "tools": [t.name for t in kt.tools()]}), file=sys.stderr, flush=True)
+            else:
+                print(
+                    f"keyturn is running.\n"
+                    f"  MCP endpoint (streamable HTTP): {base}/mcp\n"
+                    f"  reviewer API:                   {base}/api/requests\n"
+                    f"  reviewer inbox and audit (web): {base}/inbox   {base}/audit\n"
+                    f"  ledger: {kt.settings.db.resolve()}   policy: {kt.settings.policy_path()}\n"
+                    f"  tools: {', '.join(t.name for t in kt.tools())}\n"
+                    f"Review held calls from another terminal:\n"
+                    f"  keyturn pending{where}\n  keyturn approve REQUEST_ID{where} --reason '...'   "
+                    f"(or: keyturn deny REQUEST_ID{where} --reason '...')\n"
+                    f"  ({token_note})",
+                    file=sys.stderr, flush=True,
+                )
             # uvicorn re-raises the signal that stopped it once it has served; by then that signal must not end the
             # process: keyturn's own shutdown (the last checkpoint, the instance row) runs after this line.
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -455,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http", metavar="HOST:PORT", help="serve streamable HTTP at /mcp plus the reviewer API")
     serve.add_argument("--policy", help="policy file (default: the shipped policies/default.yaml)")
     serve.add_argument("--log-level", default="WARNING")
+    serve.add_argument("--log-format", choices=("text", "json"), default="text",
+                       help="json: one JSON object per line, with the call's id (call_id) on each")
     serve.set_defaults(func=lambda a: anyio.run(_serve, a))
 
     proxy = sub.add_parser(
@@ -483,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the upstream command without a sandbox, with keyturn's own reach (recorded in "
                             "the ledger, warned about at every start)")
     proxy.add_argument("--log-level", default="WARNING")
+    proxy.add_argument("--log-format", choices=("text", "json"), default="text",
+                       help="json: one JSON object per line, with the call's id (call_id) on each")
     proxy.add_argument("upstream_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS",
                        help="the upstream server to start (stdio)")
     proxy.set_defaults(func=lambda a: anyio.run(_proxy, a))
@@ -568,8 +581,10 @@ def _policy_replay(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="keyturn %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    from server.logs import configure
+
+    configure(getattr(args, "log_format", None) or "text")
     if getattr(args, "log_level", None):  # (serve and proxy) keyturn's own log level
         logging.getLogger("server").setLevel(args.log_level.upper())
     try:

@@ -141,13 +141,15 @@ def build_http_app(kt: Keyturn, server: Server[Any], host: str, extra_routes: li
     return HostOriginGuard(AgentAuth(app, kt), settings)
 
 
-def server_config(app: ASGIApp, host: str, port: int, log_level: str) -> uvicorn.Config:
-    """uvicorn's settings for keyturn: bounded headers, idle connections and concurrency.
+def server_config(app: ASGIApp, host: str, port: int, log_level: str, *, own_log_format: bool = False) -> uvicorn.Config:
+    """uvicorn's settings for keyturn: bounded headers, idle connections and concurrency. `own_log_format`: uvicorn's
+    lines go through keyturn's handler (`server.logs`, e.g. as JSON) instead of uvicorn's own.
 
     Bodies are bounded (in size and in time) by whichever endpoint reads them (`server.channels.bodies`).
     """
     import uvicorn
 
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", http="h11",
+    extra: dict[str, Any] = {"log_config": None} if own_log_format else {}
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", http="h11", **extra,
                           timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S,
                           h11_max_incomplete_event_size=MAX_HEADER_BYTES, limit_concurrency=MAX_CONCURRENCY)
