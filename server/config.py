@@ -133,6 +133,17 @@ class Telemetry(_Strict):
                     or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip())
 
 
+class MetricsConfig(_Strict):
+    """Prometheus metrics at `/metrics` (see `server.metrics`). On the HTTP server's own port by default; `listen`
+    (`HOST:PORT`) serves them on a port of their own instead (and then for a stdio process too). `token_env`: a
+    scraper must send this environment variable's value as a bearer token. A port of their own that is not on
+    loopback needs one."""
+
+    enabled: bool = True
+    listen: str | None = None
+    token_env: str | None = None
+
+
 class AuditSinkConfig(_Strict):
     """Every ledger event, as it is appended, POSTed to an HTTP collector (a SIEM's): JSON lines, in batches of at most
     `batch` events, in order. Delivery is at least once: a batch is sent again until the collector answers 2xx, and
@@ -177,6 +188,7 @@ class Settings(_Strict):
     checkpoints: Checkpoints = Checkpoints()
     telemetry: Telemetry = Telemetry()
     audit_sink: AuditSinkConfig | None = None  # None: events are not streamed anywhere
+    metrics: MetricsConfig = MetricsConfig()
 
     @field_validator("slack", "teams", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.abc
@@ -29,6 +29,9 @@ from server.ledger.checkpoints import CheckpointError, signing_key
 from server.ledger.witnesses import Checkpointer, configured_witnesses
 from server.policy import LivePolicy
 from server.secret_files import ensure_secret_file, reviewer_token_path
+
+if TYPE_CHECKING:
+    from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +121,11 @@ class Keyturn:
 
     task_group: anyio.abc.TaskGroup | None = None
     checkpointer: Checkpointer | None = None  # signed checkpoints to the witnesses (None: switched off)
+    metrics: Metrics | None = None  # Prometheus metrics (None: `metrics: {enabled: false}`)
+
+    def upstream_health(self) -> list[tuple[str, bool]]:
+        """(name, up) of every upstream server this process proxies."""
+        return [(u.name, u.state == "up") for source in self.sources for u in getattr(source, "upstreams", ())]
 
     def add_notifier(self, notifier: Notifier) -> None:
         self.broker.notifiers.append(notifier)
@@ -218,9 +226,15 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
 
             sink = AuditSink(ledger, settings.audit_sink, settings.db, poll_s=settings.poll_interval_s)
             sink.read_cursor()  # a cursor file that is not one stops keyturn here, not in the background
+        if settings.metrics.enabled:
+            from server.metrics import Metrics
+
+            kt.metrics = Metrics(ledger, held_now=lambda: broker.held_now, upstreams=kt.upstream_health)
         async with anyio.create_task_group() as tg:
             kt.task_group = tg
             tg.start_soon(policy.watch)
+            if kt.metrics is not None:
+                tg.start_soon(_supervised, kt.metrics.run, "metrics")
             if sink is not None:
                 tg.start_soon(_supervised, sink.run, "audit sink")
             tg.start_soon(broker.poll_store)
@@ -234,6 +248,8 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
         with anyio.CancelScope(shield=True):
             if kt.checkpointer is not None:
                 await _last_checkpoint(kt.checkpointer)
+            if kt.metrics is not None:
+                kt.metrics.close()
             try:
                 await ledger.remove_instance(broker.instance_id)
             except LedgerError:

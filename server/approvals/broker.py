@@ -76,6 +76,11 @@ class ApprovalBroker:
         self.feed = self.ledger.follow(WAKE_KINDS, on_local=self._on_events)
         self.kept = KeptResults(self.ledger)
 
+    @property
+    def held_now(self) -> int:
+        """How many requests calls in this process are waiting on now."""
+        return len(self._watching)
+
     # -- wake-ups --------------------------------------------------------------------------------
 
     def _on_events(self, events: Sequence[Event]) -> None:

@@ -50,10 +50,10 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def _host_port(value: str) -> tuple[str, int]:
+def _host_port(value: str, what: str = "--http") -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not host:
-        raise KeyturnError(f"--http expects HOST:PORT, got {value!r}")
+        raise KeyturnError(f"{what} expects HOST:PORT, got {value!r}")
     return host.strip("[]"), int(port)
 
 
@@ -91,6 +91,34 @@ def _listen(host: str, port: int) -> socket.socket:
 Attach = Callable[["Keyturn"], AbstractAsyncContextManager[object]]
 
 
+def _metrics_socket(settings: Settings) -> socket.socket | None:
+    """`metrics.listen`'s socket, bound now; None when metrics are off or on the HTTP server's own port."""
+    m = settings.metrics
+    if not m.enabled or m.listen is None:
+        return None
+    from server.serving.http import is_loopback
+
+    host, port = _host_port(m.listen, "metrics.listen")
+    if not is_loopback(host) and not m.token_env:
+        raise KeyturnError(f"refusing to serve metrics on {host}: off loopback, set metrics.token_env so that only "
+                           "your scraper reads them")
+    return _listen(host, port)
+
+
+@asynccontextmanager
+async def _metrics_apart(kt: Keyturn, sock: socket.socket | None, log_level: str) -> AsyncIterator[None]:
+    if sock is None or kt.metrics is None:
+        yield
+        return
+    from server.serving.http import serve_metrics_apart
+
+    stop = serve_metrics_apart(kt, sock, log_level)
+    try:
+        yield
+    finally:
+        await anyio.to_thread.run_sync(stop)
+
+
 async def _serve(args: argparse.Namespace, settings: Settings | None = None, attach: Attach | None = None) -> int:
     """Serve MCP (stdio or HTTP); `attach` adds to the running Keyturn (proxy mode: the upstreams' tools)."""
     from server.runtime import running
@@ -102,6 +130,7 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
         return attach(kt) if attach is not None else nullcontext()
 
     settings = settings or _settings(args)
+    metrics_socket = _metrics_socket(settings)  # (bound before anything starts: a busy port is a user error)
     if args.http:
         import uvicorn
 
@@ -111,7 +140,8 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
         host, port = _host_port(args.http)
         base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
         listening = _listen(host, port)  # before anything starts or is recorded: a busy port is a user error
-        async with running(settings, http_base_urls=[base]) as kt, attached(kt):
+        async with running(settings, http_base_urls=[base]) as kt, attached(kt), \
+                _metrics_apart(kt, metrics_socket, args.log_level.lower()):
             check_bind(kt, host)
             server = build_mcp_server(kt, traces=kt.settings.telemetry.traces_exported(os.environ))
             extra_routes = await build_channels(kt, dict(os.environ))
@@ -153,7 +183,7 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
 
     from server.channels import build_channels
 
-    async with running(settings) as kt, attached(kt):
+    async with running(settings) as kt, attached(kt), _metrics_apart(kt, metrics_socket, args.log_level.lower()):
         server = build_mcp_server(kt, traces=kt.settings.telemetry.traces_exported(os.environ))
         # Chat channels announce the calls this process holds; their clicks arrive at whichever
         # process serves HTTP (or Socket Mode), and reach this one through the shared database.

@@ -48,6 +48,8 @@ class SqliteStore:
         self.path = Path(path)
         self._db = Database(self.path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms)
         self._listeners: list[Listener] = []
+        self.write_timers: list[Callable[[float], None]] = []
+        """Each called with a committed write's duration in seconds, queueing for the writer included (metrics)."""
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -108,11 +110,16 @@ class SqliteStore:
                 raise
             return result, tx.appended
 
+        started = time.perf_counter()
         try:
             result, events = await self._unit(unit)
         except (sqlite3.Error, OSError) as e:
             raise LedgerError(f"ledger write failed: {e}") from e
         self._db.committed()
+        if self.write_timers:
+            took = time.perf_counter() - started
+            for timer in self.write_timers:
+                timer(took)
         if events:
             for listener in list(self._listeners):
                 listener(events)

@@ -46,6 +46,9 @@ class Transaction(Protocol):
 class Store(Protocol):
     """The ledger as keyturn uses it."""
 
+    write_timers: list[Callable[[float], None]]
+    """Each called with every committed write's duration in seconds (keyturn's metrics)."""
+
     # lifecycle and announcements
     async def open(self) -> Any: ...
     async def close(self) -> None: ...

@@ -8,6 +8,9 @@ tokens configured, keyturn only listens on loopback and calls the client `local`
 from __future__ import annotations
 
 import ipaddress
+import os
+import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -15,7 +18,7 @@ from mcp.server import Server
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -125,6 +128,48 @@ def check_bind(kt: Keyturn, host: str) -> None:
             "Configure `agents:` with tokens, or listen on 127.0.0.1.")
 
 
+def metrics_route(kt: Keyturn) -> Route:
+    """`GET /metrics`: Prometheus's text format; with `metrics.token_env`, only for a scraper with that bearer token."""
+    import hmac
+
+    token_env = kt.settings.metrics.token_env
+    token = os.environ.get(token_env) if token_env else None
+    if token_env and not token:
+        raise ConfigError(f"metrics.token_env names {token_env}, which is not set")
+    metrics = kt.metrics
+    assert metrics is not None
+
+    async def scrape(request: Request) -> Response:
+        if token is not None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+                return JSONResponse({"error": "a valid metrics bearer token is required"}, status_code=401,
+                                    headers={"WWW-Authenticate": 'Bearer realm="keyturn metrics"'})
+        from server.metrics import CONTENT_TYPE_LATEST
+
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    return Route("/metrics", scrape, methods=["GET"])
+
+
+def serve_metrics_apart(kt: Keyturn, sock: Any, log_level: str) -> Callable[[], None]:
+    """Serve `/metrics` alone on `sock` (`metrics.listen`: a port of their own), in a thread of its own so that its
+    server leaves the process's signals to the main one. Returns the function that stops it."""
+    import uvicorn
+
+    app = Starlette(routes=[metrics_route(kt)])
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off", http="h11",
+                                           timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=16))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="keyturn-metrics", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(10)
+
+    return stop
+
+
 def build_http_app(kt: Keyturn, server: Server[Any], host: str, extra_routes: list[BaseRoute] | None = None) -> ASGIApp:
     check_bind(kt, host)
     settings = security_settings(host, kt.settings.allowed_hosts)
@@ -136,6 +181,8 @@ def build_http_app(kt: Keyturn, server: Server[Any], host: str, extra_routes: li
         return RedirectResponse("/inbox", status_code=303)
 
     routes: list[Any] = [Route("/healthz", health), Route("/", home), *api_routes(kt), *(extra_routes or [])]
+    if kt.metrics is not None and kt.settings.metrics.listen is None:
+        routes.append(metrics_route(kt))
     app: Starlette = server.streamable_http_app(
         streamable_http_path="/mcp", transport_security=settings, host=host, custom_starlette_routes=routes)
     return HostOriginGuard(AgentAuth(app, kt), settings)
