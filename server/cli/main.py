@@ -188,8 +188,14 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
         # Chat channels announce the calls this process holds; their clicks arrive at whichever
         # process serves HTTP (or Socket Mode), and reach this one through the shared database.
         await build_channels(kt, dict(os.environ))
-        print(f"keyturn (stdio) serving {len(kt.tools())} guarded tools; ledger {kt.settings.db}",
-              file=sys.stderr, flush=True)
+        if getattr(args, "log_format", "text") == "json":
+            print(json.dumps({"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "level": "info",
+                              "logger": "keyturn", "message": "keyturn (stdio) is running", "call_id": None,
+                              "ledger": str(kt.settings.db), "tools": [t.name for t in kt.tools()]}),
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"keyturn (stdio) serving {len(kt.tools())} guarded tools; ledger {kt.settings.db}",
+                  file=sys.stderr, flush=True)
         proxied = attach is not None  # (an upstream's tool, prompt and resource lists may change)
         options = server.create_initialization_options(
             NotificationOptions(tools_changed=proxied, prompts_changed=proxied, resources_changed=proxied))
