@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -133,6 +134,48 @@ class Telemetry(_Strict):
                     or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip())
 
 
+class OAuthConfig(_Strict):
+    """Agents authenticated by OAuth 2.1 access tokens (JWTs), keyturn being the resource server of the MCP
+    authorization spec. A token must be signed by a key of the issuer's JWKS (fetched over HTTPS, cached, fetched
+    again when a token names a key it does not have, at most every `jwks_min_refresh_s`), with an allowed
+    algorithm, `iss` equal to `issuer`, `aud` naming `resource` (or one of `audiences`), not expired, and carrying
+    every scope of `scopes`. Its `principal_claim` (default `sub`) names the principal; `on_behalf_of_claim`, when
+    set, the person it acts for (a dotted path such as `act.sub` reaches into an object). Static agent tokens
+    (`agents:`) keep working beside it; a token whose principal is a static agent's name is refused."""
+
+    issuer: str
+    resource: str  # keyturn's MCP endpoint as agents reach it (https://keyturn.example.com/mcp): the audience
+    jwks_uri: str | None = None  # default: read from the issuer's metadata (/.well-known/...)
+    audiences: tuple[str, ...] = ()  # more accepted audiences than `resource`
+    scopes: tuple[str, ...] = ()
+    principal_claim: str = "sub"
+    on_behalf_of_claim: str | None = None
+    algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "EdDSA")
+    leeway_s: float = Field(default=30.0, ge=0, le=300)
+    jwks_min_refresh_s: float = Field(default=30.0, ge=0)
+    jwks_max_age_s: float = Field(default=3600.0, gt=0)
+
+    @field_validator("issuer", "resource", "jwks_uri")
+    @classmethod
+    def _https(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        host = urllib.parse.urlsplit(v).hostname or ""
+        loopback = host in ("localhost", "127.0.0.1", "::1")
+        if not (v.startswith("https://") or (v.startswith("http://") and loopback)):
+            raise ValueError(f"{v!r} must be an https:// URL (http:// only on loopback)")
+        return v
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        allowed = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+        wrong = [a for a in v if a not in allowed]
+        if wrong or not v:
+            raise ValueError(f"algorithms must be public-key ones from {sorted(allowed)}; got {wrong or 'none'}")
+        return v
+
+
 class MetricsConfig(_Strict):
     """Prometheus metrics at `/metrics` (see `server.metrics`). On the HTTP server's own port by default; `listen`
     (`HOST:PORT`) serves them on a port of their own instead (and then for a stdio process too). `token_env`: a
@@ -189,6 +232,7 @@ class Settings(_Strict):
     telemetry: Telemetry = Telemetry()
     audit_sink: AuditSinkConfig | None = None  # None: events are not streamed anywhere
     metrics: MetricsConfig = MetricsConfig()
+    oauth: OAuthConfig | None = None  # None: agents use static tokens only
 
     @field_validator("slack", "teams", mode="before")
     @classmethod

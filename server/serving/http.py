@@ -93,6 +93,11 @@ class AgentAuth:
         scope[CLIENT_GONE_SCOPE_KEY] = gone
         receive = _watch_disconnect(receive, gone)
 
+        if self.kt.settings.oauth is not None:
+            # The SDK's bearer check on /mcp (static tokens and OAuth access tokens, `server.serving.oauth`) decides;
+            # the principal is read from its authenticated user when the call is served.
+            await self.app(scope, receive, send)
+            return
         if not self.kt.credentials.agents:
             scope[PRINCIPAL_SCOPE_KEY] = (self.kt.settings.stdio.principal or LOCAL_PRINCIPAL,
                                           self.kt.settings.stdio.on_behalf_of)
@@ -122,7 +127,7 @@ def _watch_disconnect(receive: Receive, gone: anyio.Event) -> Receive:
 
 
 def check_bind(kt: Keyturn, host: str) -> None:
-    if not is_loopback(host) and not kt.credentials.agents:
+    if not is_loopback(host) and not kt.credentials.agents and kt.settings.oauth is None:
         raise ConfigError(
             f"refusing to listen on {host}: without agent tokens anyone who can reach it could call tools. "
             "Configure `agents:` with tokens, or listen on 127.0.0.1.")
@@ -183,8 +188,14 @@ def build_http_app(kt: Keyturn, server: Server[Any], host: str, extra_routes: li
     routes: list[Any] = [Route("/healthz", health), Route("/", home), *api_routes(kt), *(extra_routes or [])]
     if kt.metrics is not None and kt.settings.metrics.listen is None:
         routes.append(metrics_route(kt))
+    oauth: dict[str, Any] = {}
+    if kt.settings.oauth is not None:  # agents' OAuth access tokens, checked by the SDK's public auth support
+        from server.serving.oauth import KeyturnTokenVerifier, auth_settings
+
+        oauth = {"auth": auth_settings(kt.settings.oauth),
+                 "token_verifier": KeyturnTokenVerifier(kt.settings.oauth, kt.credentials.agents)}
     app: Starlette = server.streamable_http_app(
-        streamable_http_path="/mcp", transport_security=settings, host=host, custom_starlette_routes=routes)
+        streamable_http_path="/mcp", transport_security=settings, host=host, custom_starlette_routes=routes, **oauth)
     return HostOriginGuard(AgentAuth(app, kt), settings)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import mcp_types as types
 from mcp.server import Server
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.context import ServerRequestContext
 from mcp.server.session import ServerSession
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ToolsListChanged
@@ -60,6 +61,9 @@ def identity_from_context(ctx: ServerRequestContext[Any, Any], default: Identity
     scope = getattr(request, "scope", None)
     if isinstance(scope, dict) and PRINCIPAL_SCOPE_KEY in scope:
         principal, on_behalf_of = scope[PRINCIPAL_SCOPE_KEY]
+    elif isinstance(scope, dict) and isinstance(scope.get("user"), AuthenticatedUser):  # OAuth (`serving.oauth`)
+        token = scope["user"].access_token
+        principal, on_behalf_of = token.client_id, (token.claims or {}).get("keyturn_on_behalf_of")
     client = None
     params = ctx.session.client_params
     if params is not None and params.client_info is not None:
