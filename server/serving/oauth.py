@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,46 +34,27 @@ METADATA_PATHS = ("/.well-known/oauth-authorization-server", "/.well-known/openi
 
 
 class Jwks:
-    """The issuer's signing keys: fetched when first needed, again when older than `max_age_s`, and again when a
+    """An issuer's signing keys: fetched when first needed, again when older than `max_age_s`, and again when a
     token names a key id not in the set, but not more often than every `min_refresh_s` (a flood of tokens with
-    made-up key ids cannot make keyturn hammer the issuer). Keys rotate without a restart."""
+    made-up key ids cannot make keyturn hammer the issuer). Keys rotate without a restart. Without `uri`, the
+    issuer's metadata (`/.well-known/...`) names it."""
 
-    def __init__(self, config: OAuthConfig) -> None:
-        self.config = config
-        self.uri = config.jwks_uri
+    def __init__(self, issuer: str, uri: str | None, *, min_refresh_s: float, max_age_s: float) -> None:
+        self.issuer = issuer
+        self.uri = uri
+        self.min_refresh_s = min_refresh_s
+        self.max_age_s = max_age_s
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched = -float("inf")
         self._lock = anyio.Lock()
 
-    async def _get_json(self, url: str) -> Any:
-        import httpx2
-
-        async with httpx2.AsyncClient(timeout=10, follow_redirects=False) as http:
-            r = await http.get(url, headers={"Accept": "application/json"})
-        if r.status_code != 200:
-            raise ValueError(f"{url} answered HTTP {r.status_code}")
-        if len(r.content) > JWKS_MAX_BYTES:
-            raise ValueError(f"{url} sent more than {JWKS_MAX_BYTES} bytes")
-        return r.json()
-
-    async def _discover(self) -> str:
-        issuer = self.config.issuer.rstrip("/")
-        for path in METADATA_PATHS:
-            try:
-                meta = await self._get_json(issuer + path)
-            except Exception:  # try the other well-known document
-                continue
-            if isinstance(meta, dict) and meta.get("issuer") == self.config.issuer and isinstance(meta.get("jwks_uri"), str):
-                uri: str = meta["jwks_uri"]
-                OAuthConfig.model_validate({**self.config.model_dump(), "jwks_uri": uri})  # https, as the config's
-                return uri
-        raise ValueError(f"the issuer {self.config.issuer} publishes no metadata naming its jwks_uri "
-                         "(set oauth.jwks_uri)")
-
     async def _refresh(self) -> None:
         if self.uri is None:
-            self.uri = await self._discover()
-        data = await self._get_json(self.uri)
+            meta = await issuer_metadata(self.issuer)
+            if not isinstance(meta.get("jwks_uri"), str):
+                raise ValueError(f"the issuer {self.issuer} publishes no jwks_uri")
+            self.uri = checked_url(meta["jwks_uri"])
+        data = await get_json(self.uri)
         keys: dict[str, jwt.PyJWK] = {}
         for entry in data.get("keys", []) if isinstance(data, dict) else []:
             if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
@@ -88,15 +70,53 @@ class Jwks:
     async def key(self, kid: str) -> jwt.PyJWK | None:
         now = time.monotonic()
         async with self._lock:
-            stale = now - self._fetched > self.config.jwks_max_age_s
-            missing = kid not in self._keys and now - self._fetched >= self.config.jwks_min_refresh_s
+            stale = now - self._fetched > self.max_age_s
+            missing = kid not in self._keys and now - self._fetched >= self.min_refresh_s
             if stale or missing:
                 try:
                     await self._refresh()
                 except Exception as e:  # keep the keys it has; a token it cannot check is refused
                     self._fetched = now  # (and do not try again before min_refresh_s)
-                    log.warning("could not fetch the OAuth issuer's keys: %s", e)
+                    log.warning("could not fetch the keys of %s: %s", self.issuer, e)
             return self._keys.get(kid)
+
+
+def checked_url(url: str) -> str:
+    """`url` when it is https (or http on loopback), else `ValueError`: keys and tokens never travel in clear."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if url.startswith("https://") or (url.startswith("http://") and host in ("localhost", "127.0.0.1", "::1")):
+        return url
+    raise ValueError(f"{url!r} is not an https:// URL")
+
+
+async def get_json(url: str, *, data: Mapping[str, str] | None = None, auth: tuple[str, str] | None = None) -> Any:
+    """GET (or, with `data`, POST a form to) `url` and read its JSON answer, bounded in size; no redirects."""
+    import httpx2
+
+    async with httpx2.AsyncClient(timeout=10, follow_redirects=False) as http:
+        if data is None:
+            r = await http.get(checked_url(url), headers={"Accept": "application/json"})
+        else:
+            extra: dict[str, Any] = {"auth": auth} if auth is not None else {}
+            r = await http.post(checked_url(url), data=dict(data), headers={"Accept": "application/json"}, **extra)
+    if len(r.content) > JWKS_MAX_BYTES:
+        raise ValueError(f"{url} sent more than {JWKS_MAX_BYTES} bytes")
+    if r.status_code != 200:
+        raise ValueError(f"{url} answered HTTP {r.status_code}")
+    return r.json()
+
+
+async def issuer_metadata(issuer: str) -> dict[str, Any]:
+    """The issuer's metadata (RFC 8414, else OpenID Connect discovery), checked to be its own (`issuer` equal)."""
+    base = issuer.rstrip("/")
+    for path in METADATA_PATHS:
+        try:
+            meta = await get_json(base + path)
+        except Exception:  # try the other well-known document
+            continue
+        if isinstance(meta, dict) and meta.get("issuer") == issuer:
+            return meta
+    raise ValueError(f"the issuer {issuer} publishes no metadata of its own at {', '.join(METADATA_PATHS)}")
 
 
 def _claim(claims: Mapping[str, Any], path: str) -> Any:
@@ -115,7 +135,8 @@ class KeyturnTokenVerifier(TokenVerifier):
         self.config = config
         self.static = static_agents  # sha256(token) -> (principal, on_behalf_of)
         self.static_names = {name for name, _ in static_agents.values()}
-        self.jwks = Jwks(config)
+        self.jwks = Jwks(config.issuer, config.jwks_uri, min_refresh_s=config.jwks_min_refresh_s,
+                         max_age_s=config.jwks_max_age_s)
         self.audiences = [config.resource, *config.audiences]
 
     def _token(self, principal: str, on_behalf_of: str | None, scopes: list[str], expires: int | None,
