@@ -64,8 +64,9 @@ class Reviewer(_Strict):
     @classmethod
     def _identity_shape(cls, v: str) -> str:
         kind, sep, rest = v.partition(":")
-        if not sep or not rest or kind not in {"api", "slack", "teams", "web"}:
-            raise ValueError(f"reviewer identity {v!r} must look like api:<name>, slack:<team>/<user> or teams:<tenant>/<oid>")
+        if not sep or not rest or kind not in {"api", "slack", "teams", "web", "oidc"}:
+            raise ValueError(f"reviewer identity {v!r} must look like api:<name>, slack:<team>/<user>, "
+                             "teams:<tenant>/<oid> or oidc:<email or subject>")
         return v
 
 
@@ -176,6 +177,41 @@ class OAuthConfig(_Strict):
         return v
 
 
+class SsoConfig(_Strict):
+    """Reviewers sign in to the web inbox through the company's OpenID Connect provider (authorization code with
+    PKCE). The ID token's `claim` (`email`, verified, by default; or `sub`) gives the identity `oidc:<value>`,
+    which `reviewers:` maps to a person like any other identity. `client_secret_env` names the environment variable
+    holding the client's secret (a confidential client); without it keyturn is a public client (PKCE alone).
+    `redirect_url` is keyturn's callback as browsers reach it: `https://keyturn.example.com/login/sso/callback`."""
+
+    issuer: str
+    client_id: str
+    redirect_url: str
+    client_secret_env: str | None = None
+    claim: Literal["email", "sub"] = "email"
+    scopes: tuple[str, ...] = ("openid", "email")
+    algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "EdDSA")
+    leeway_s: float = Field(default=30.0, ge=0, le=300)
+    label: str = "single sign-on"  # the sign-in button says "Sign in with <label>"
+
+    @field_validator("issuer", "redirect_url")
+    @classmethod
+    def _https(cls, v: str) -> str:
+        return OAuthConfig._https(v) or v
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return OAuthConfig._asymmetric(v)
+
+    @field_validator("redirect_url")
+    @classmethod
+    def _callback(cls, v: str) -> str:
+        if urllib.parse.urlsplit(v).path != "/login/sso/callback":
+            raise ValueError(f"redirect_url {v!r} must end in keyturn's callback, /login/sso/callback")
+        return v
+
+
 class MetricsConfig(_Strict):
     """Prometheus metrics at `/metrics` (see `server.metrics`). On the HTTP server's own port by default; `listen`
     (`HOST:PORT`) serves them on a port of their own instead (and then for a stdio process too). `token_env`: a
@@ -233,6 +269,7 @@ class Settings(_Strict):
     audit_sink: AuditSinkConfig | None = None  # None: events are not streamed anywhere
     metrics: MetricsConfig = MetricsConfig()
     oauth: OAuthConfig | None = None  # None: agents use static tokens only
+    sso: SsoConfig | None = None  # None: reviewers sign in to the inbox with their reviewer token
 
     @field_validator("slack", "teams", mode="before")
     @classmethod

@@ -51,7 +51,10 @@ class _StaticHeaders:
 
 def build_site(kt: Keyturn) -> Site:
     trusted = [kt.settings.reviewer_api_url] if kt.settings.reviewer_api_url else []
-    sessions = Sessions(kt.ledger, lambda: kt.credentials.reviewers.items(),
+    from server.channels.inbox.sso import sso_digests
+
+    sso_reviewers = sso_digests(kt.settings.sso, [r.identity for r in kt.settings.reviewers])
+    sessions = Sessions(kt.ledger, lambda: [*kt.credentials.reviewers.items(), *sso_reviewers],
                         trusted_origins=[_origin(u) for u in trusted])
     return Site(kt=kt, sessions=sessions)
 
@@ -65,7 +68,14 @@ def inbox_routes(kt: Keyturn) -> list[BaseRoute]:
     """The pages' routes, for `build_channels`."""
     site = build_site(kt)
     pages, audit, live = Pages(site), Audit(site), Live(site)
-    return [
+    sso_routes: list[BaseRoute] = []
+    if kt.settings.sso is not None:
+        from server.channels.inbox.sso import SSO_PATH, SingleSignOn
+
+        sso = SingleSignOn(site, kt.settings.sso)
+        sso_routes = [Route(SSO_PATH, sso.start, methods=["GET"]),
+                      Route(SSO_PATH + "/callback", sso.callback, methods=["GET"])]
+    return [*sso_routes,
         Mount("/inbox/static", app=_StaticHeaders(StaticFiles(directory=STATIC)), name="inbox-static"),
         Route("/login", pages.login_form, methods=["GET"]),
         Route("/login", pages.login, methods=["POST"]),

@@ -47,7 +47,8 @@ class Pages:
         nonce, token = self.site.sessions.login_nonce()
         response = self.site.page(request, "login.html", None, status=status, title="Sign in", error=error,
                                   login_csrf=token, next_url=safe_next(next_url),
-                                  local_token=self.kt.local_token is not None)
+                                  local_token=self.kt.local_token is not None,
+                                  sso_label=self.kt.settings.sso.label if self.kt.settings.sso else None)
         set_cookie(response, request, LOGIN_COOKIE, nonce, LOGIN_TTL_S, path="/login")
         return response
 
