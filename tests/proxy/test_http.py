@@ -44,6 +44,12 @@ async def test_proxy_serving_http_with_its_own_reviewer_api(home: ProxyHome, rep
     assert git(repo, "log", "-1", "--format=%s").strip() == "over http"
     assert home.terminal(req["id"]) == "executed"
 
+    async def upstream_up() -> bool:  # the metrics tell the upstream's health (read every few seconds)
+        async with httpx2.AsyncClient(timeout=30) as http:
+            return 'keyturn_upstream_up{upstream="git"} 1.0' in (await http.get(base + "/metrics")).text
+
+    await eventually(upstream_up, within=30)
+
 
 async def _inbox_names_the_upstream(base: str, request_id: str) -> None:
     """A reviewer signed in to the web inbox sees which upstream server a held call goes to, under its own name."""
