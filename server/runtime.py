@@ -193,6 +193,11 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
     # The policy before the ledger: a policy that cannot be loaded stops keyturn before anything is recorded.
     policy = LivePolicy(settings.policy_path(), groups=settings.groups, people=set(settings.people))
     compiled = policy.load()
+    traces = None
+    if settings.telemetry.traces_exported(os.environ):
+        from server import tracing
+
+        traces = tracing.configure(os.environ)  # (before anything is recorded: a missing SDK is a user error)
     ledger = await Ledger(settings.db).open()
     try:
         keyturn_paths = context.state_paths  # the ledger, policy, config and every pack's state (the secret store)
@@ -257,6 +262,10 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
     finally:
         with anyio.CancelScope(shield=True):
             await ledger.close()
+        if traces is not None:
+            from server import tracing
+
+            await anyio.to_thread.run_sync(tracing.shutdown, traces)
 
 
 def _checkpointer(settings: Settings, ledger: Ledger) -> Checkpointer | None:
