@@ -440,7 +440,8 @@ def build_tools(db: Database, export_root: Path, max_rows: int) -> list[GuardedT
         if table is not None:
             if not _TABLE.match(table):
                 raise InvalidArguments(
-                    f"sql_export: argument 'table': {table[:80]!r} is not a table name",
+                    "sql_export: argument 'table' is not a table name (letters, digits, _ and $, as name or "
+                    "schema.name)",
                     tool="sql_export",
                     field="table",
                 )
