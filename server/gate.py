@@ -31,7 +31,7 @@ from server.guarded import SECRET_RESULT_META
 from server.ledger import Ledger
 from server.logs import current_call
 from server.models import Decision, ToolCall
-from server.outcomes import OUTCOMES, error_result, unrecorded_result
+from server.outcomes import OUTCOMES, REFUSALS, error_result, unrecorded_result
 from server.policy import LivePolicy
 from server.records import UNCLASSIFIED, describe_rules, open_call
 
@@ -80,12 +80,14 @@ def result_digest(result: types.CallToolResult) -> str:
 
 @dataclass(frozen=True)
 class Refusal:
-    """A call refused before any decision: its code (`invalid_arguments`, or `error` when keyturn could not judge
-    it) and the message, masked with the call's redaction."""
+    """A call refused before any decision: its code (an outcome of `server.outcomes.REFUSALS`), the reason (masked
+    with the call's redaction), and what the ledger keeps of its arguments (None: only their hash, when they could
+    not be judged)."""
 
     code: str
     message: str
     redaction: Redaction
+    arguments: dict[str, Any] | None = None
 
 
 @dataclass
@@ -111,7 +113,7 @@ class Gate:
         call then stops waiting (its request stays open for the caller's retry) instead of running for nobody."""
         call, refusal = self._check(tool, arguments, who)
         current_call.set(call.call_id)  # every log line from here on names the call
-        judged = refusal or self._classify_and_decide(tool, call)
+        judged = refusal or await self._classify_and_decide(tool, call)
         if log.isEnabledFor(logging.INFO):
             log.info("%s from %s: %s", tool.name, who.principal,
                      "refused" if isinstance(judged, Refusal) else f"{judged[0].outcome} ({judged[0].risk})")
@@ -149,7 +151,7 @@ class Gate:
         except InvalidArguments as e:
             digest, refusal = "", Refusal("invalid_arguments", f"invalid arguments: {e}", Redaction.guess(arguments))
         except (TypeError, ValueError):
-            digest, refusal = "", Refusal("invalid_arguments", "invalid arguments: arguments must be plain JSON "
+            digest, refusal = "", Refusal("invalid_arguments", "invalid arguments: they must be plain JSON "
                                           "(no NaN or Infinity)", Redaction.guess(arguments))
         except Exception as e:
             # A tool's check that broke its contract (it may raise only InvalidArguments): the call cannot be
@@ -158,7 +160,7 @@ class Gate:
             log.error("checking the arguments of %s failed: %s", tool.name, redaction.conceal(f"{type(e).__name__}: {e}"))
             log.debug("argument check traceback", exc_info=True)
             digest, refusal = "", Refusal(
-                "error", f"denied: keyturn could not check this call's arguments ({type(e).__name__})", redaction)
+                "error", f"keyturn could not check this call's arguments ({type(e).__name__})", redaction)
         # Built from values this process made or validated just now (not validated again: this runs for every call).
         call = ToolCall.model_construct(
             call_id=uuid.uuid4().hex, tool=tool.name, arguments=arguments, args_hash=digest,
@@ -167,8 +169,9 @@ class Gate:
         )
         return call, refusal
 
-    def _classify_and_decide(self, tool: Runnable, call: ToolCall) -> tuple[Decision, Redaction] | Refusal:
-        """Facts from the arguments, one redaction from the facts, the policy's decision: any failure is a denial,
+    async def _classify_and_decide(self, tool: Runnable, call: ToolCall) -> tuple[Decision, Redaction] | Refusal:
+        """Facts from the arguments, one redaction from the facts, what the tool will refuse (its own word, before
+        the policy: a call that can never succeed goes to nobody), the policy's decision: any failure is a denial,
         never a pass."""
         arguments, redaction = call.arguments, None
         try:
@@ -181,25 +184,31 @@ class Gate:
             if facts_hint is not None and (hints := facts_hint(arguments)):
                 facts = {**facts, "hints": hints}
             redaction = Redaction.of(arguments, facts, rescan=False)  # (the facts were found in these arguments now)
+            refuses = getattr(tool, "refusal", None)
+            if refuses is not None and (reason := await refuses(arguments)):
+                return Refusal("tool_refuses", f"{tool.name} would refuse it: {reason}", redaction,
+                               redaction.arguments)
             return self.policy.current.decide(call, facts, redaction=redaction), redaction  # reasons, facts masked
         except Exception as e:
             # The error may quote the arguments: log and record it masked (the traceback only at debug level).
             redaction = redaction or Redaction.guess(arguments)
             log.error("classification or policy failed for %s: %s", tool.name, redaction.conceal(f"{type(e).__name__}: {e}"))
             log.debug("classification or policy traceback", exc_info=True)
-            return Refusal("error", f"denied: keyturn could not evaluate this call ({e})", redaction)
+            return Refusal("error", f"keyturn could not evaluate this call ({e})", redaction)
 
     async def _refuse(self, call: ToolCall, refusal: Refusal) -> types.CallToolResult:
-        # Arguments that could not be classified are not stored, only their hash; the message may quote them.
+        # Arguments that could not be judged are not stored, only their hash; the message may quote them.
         message = refusal.redaction.conceal(refusal.message)
-        end = OUTCOMES["refused" if refusal.code == "error" else "invalid"]
+        end = OUTCOMES[REFUSALS[refusal.code]]
+        stored = refusal.arguments if refusal.arguments is not None else UNCLASSIFIED
         try:
-            await open_call(self.ledger, call, UNCLASSIFIED, None, state="received", holder=self.broker.instance_id,
+            await open_call(self.ledger, call, stored, None, state="received", holder=self.broker.instance_id,
                             outcome_reason=message,
                             finish=(end.name, {"by": "keyturn", "code": refusal.code, "reason": message}))
         except LedgerError as e:
             log.error("ledger failure while refusing %s: %s", call.call_id, e)
-        return error_result(message, outcome=end.label, code=refusal.code, call_id=call.call_id)
+        return error_result(f"Denied by keyturn: {message}", outcome=end.label, by="keyturn", code=refusal.code,
+                            call_id=call.call_id, reason=message)
 
     async def _deny(self, call: ToolCall, redaction: Redaction, decision: Decision) -> types.CallToolResult:
         why = describe_rules(decision)

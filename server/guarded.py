@@ -8,7 +8,9 @@ which arguments to classify and how (`classifiers`), and the MCP annotations the
 
 The input schema comes from the type hints (the MCP SDK's own `func_metadata`), so what the agent sees in
 `tools/list` is what `validate` enforces. `validate` is total: hostile input becomes `InvalidArguments`,
-never a crash. Structural refusals that need no policy (a path outside the roots) are `check` functions.
+never a crash. Structural refusals that need no policy (a path outside the roots) are `check` functions; what
+the tool itself will refuse when it runs (a write on a read-only connection) it declares with `refuses`, so such a
+call is refused before the policy is asked, and before any reviewer is.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, overload
 
+import anyio.to_thread
 import mcp_types
 from mcp.server.mcpserver.tools.base import Tool as _SdkTool
 from pydantic import ValidationError
@@ -35,6 +38,7 @@ __all__ = [
     "Check",
     "GuardedTool",
     "Hint",
+    "Refuses",
     "ToolRegistry",
     "guarded_tool",
     "load_pack",
@@ -56,6 +60,9 @@ _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 
 Check = Callable[[dict[str, Any]], "dict[str, Any] | None"]
 """A structural check: gets the validated arguments; raises `InvalidArguments` to refuse, may return replacements."""
+Refuses = Callable[[dict[str, Any]], "str | None"]
+"""What the tool will refuse when it runs: gets the validated arguments; returns why it would refuse them, or None.
+It may block (it runs on a worker thread) and must not act."""
 Hint = Callable[[dict[str, Any]], dict[str, Any]]
 """Extra facts a tool computes cheaply from validated arguments before running (e.g. a file's size)."""
 
@@ -116,6 +123,7 @@ class GuardedTool:
         self.roots = tuple(Path(r) for r in roots)
         self._checks: builtins.list[Check] = []
         self._hints: builtins.list[Hint] = []
+        self._refuses: builtins.list[Refuses] = []
 
     def __repr__(self) -> str:
         return f"GuardedTool({self.name!r}, classifiers={dict(self.classifiers)!r})"
@@ -125,6 +133,11 @@ class GuardedTool:
     def check(self, fn: Check) -> Check:
         """Decorator: add a structural check run by `validate` (and again by `run`, just before the tool)."""
         self._checks.append(fn)
+        return fn
+
+    def refuses(self, fn: Refuses) -> Refuses:
+        """Decorator: declare what the tool will refuse when it runs (see `refusal`)."""
+        self._refuses.append(fn)
         return fn
 
     def hint(self, fn: Hint) -> Hint:
@@ -164,6 +177,16 @@ class GuardedTool:
             except Exception as e:
                 raise ClassifierError(f"{self.name}: computing facts failed: {e}") from e
         return facts
+
+    async def refusal(self, arguments: dict[str, Any]) -> str | None:
+        """Why the tool would refuse validated `arguments` when it runs, from its `refuses` declarations (None when
+        none refuses them). The gate asks before the policy: a call that can never succeed is refused at once,
+        nobody is asked to approve it. A declaration that fails raises (the gate then refuses the call)."""
+        for refuses in self._refuses:
+            reason = await anyio.to_thread.run_sync(refuses, arguments)
+            if reason:
+                return reason
+        return None
 
     async def run(self, arguments: dict[str, Any]) -> mcp_types.CallToolResult:
         """Validate `arguments` again (checks included) and run the tool.

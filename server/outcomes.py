@@ -1,5 +1,8 @@
-"""Every way a call ends, in one table: the terminal ledger event, the call's final state, the states it may end
-from, and how the end reads to the agent (the `outcome` of its error result).
+"""Every way a call ends, in one table: the terminal ledger event, the call's final state and the states it may end
+from. The agent is told the ledger's word (the `outcome` of its error result is the terminal event's kind), and who
+ended it (`by`: policy, reviewer, keyturn) and why (`code`, `reason`) as the ledger's payload says: one vocabulary.
+A call keyturn denies before any policy decision (arguments not valid for the tool, a call the tool declares it
+would refuse, a call keyturn could not judge) is `denied` by `keyturn`, with its `code` (`REFUSALS`).
 
 `Ledger.finish(call_id, outcome, ...)` is the one writer of a terminal event: one conditional state change and
 the event, in one transaction, so a call that already ended never ends again. What the agent reads of an end
@@ -30,24 +33,38 @@ class Outcome:
     kind: str  # the terminal event written to the ledger
     state: str  # the call's state afterwards
     ends: tuple[str, ...]  # the states a call ends from this way
-    label: str  # what the agent is told it was (the `outcome` of its result)
+
+    @property
+    def label(self) -> str:
+        """What the agent is told it was (the `outcome` of its result): the ledger's word, so both say the same."""
+        return self.kind
 
 
 OUTCOMES: dict[str, Outcome] = {o.name: o for o in (
-    Outcome("executed", "executed", "executed", ("allowed", "running"), "executed"),
-    Outcome("failed", "failed", "failed", ("allowed", "running"), "failed"),
-    Outcome("denied_by_policy", "denied", "denied", ("received",), "denied"),
-    Outcome("denied_by_reviewer", "denied", "denied", ("pending",), "denied"),
+    Outcome("executed", "executed", "executed", ("allowed", "running")),
+    Outcome("failed", "failed", "failed", ("allowed", "running")),
+    Outcome("denied_by_policy", "denied", "denied", ("received",)),
+    Outcome("denied_by_reviewer", "denied", "denied", ("pending",)),
     # keyturn could not judge the call (a classifier or policy error): a denial, never a pass
-    Outcome("refused", "denied", "denied", ("received",), "refused"),
-    # the arguments could not be judged (not valid for the tool): the call fails before anything runs
-    Outcome("invalid", "failed", "failed", ("received",), "refused"),
+    Outcome("refused", "denied", "denied", ("received",)),
+    # the arguments could not be judged (not valid for the tool): denied before anything is decided or runs
+    Outcome("invalid", "denied", "denied", ("received",)),
+    # the tool declares it would refuse the call when run (`GuardedTool.refuses`): denied before the policy
+    Outcome("refused_by_tool", "denied", "denied", ("received",)),
     # approved in the tables, not by the chain: nothing runs
-    Outcome("unproven", "denied", "denied", ("approved", "pending"), "refused"),
-    Outcome("expired", "expired", "expired", ("pending", "approved"), "expired"),
-    Outcome("cancelled", "cancelled", "cancelled", ("pending", "approved"), "cancelled"),
-    Outcome("abandoned", "abandoned", "abandoned", OPEN_STATES, "abandoned"),
+    Outcome("unproven", "denied", "denied", ("approved", "pending")),
+    Outcome("expired", "expired", "expired", ("pending", "approved")),
+    Outcome("cancelled", "cancelled", "cancelled", ("pending", "approved")),
+    Outcome("abandoned", "abandoned", "abandoned", OPEN_STATES),
 )}
+
+REFUSALS: dict[str, str] = {
+    "invalid_arguments": "invalid",
+    "tool_refuses": "refused_by_tool",
+    "error": "refused",
+}
+"""The `code` of a call keyturn denies before any policy decision (in the ledger's payload and the agent's `_meta`)
+-> its outcome above."""
 
 
 # -- what the agent reads -----------------------------------------------------------------------------

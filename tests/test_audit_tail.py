@@ -58,5 +58,9 @@ async def test_audit_show_tells_a_refusal_before_any_policy_plainly(tmp_path: Pa
                                      "--db", str(tmp_path / "k.db")], check=False)
     stdout = shown.stdout.decode()
     assert shown.returncode == 0, shown.stderr
-    assert "decision: none: refused before the policy was asked" in stdout, stdout
+    assert "decision: none: denied by keyturn before the policy was asked" in stdout, stdout
     assert "None" not in stdout.split("decision:")[1].splitlines()[0]
+    # One word for the end, the ledger's and the agent's, and no placeholder where arguments are not kept.
+    assert outcome_of(refused)["outcome"] == "denied" and "outcome: denied: invalid arguments" in stdout, stdout
+    assert "«unclassified»" not in stdout and "arguments: not kept" in stdout, stdout
+    assert "by keyturn: invalid arguments" in stdout and "[invalid_arguments]" in stdout, stdout

@@ -79,14 +79,16 @@ def host_allowed(host: str, allow: list[str], deny: list[str]) -> bool:
     return not allow or any(fnmatch.fnmatchcase(host, p.lower()) for p in allow)
 
 
-def refusal(host: str, ip: IPAddress, allow: Sequence[IPNetwork], verb: str = "is") -> str | None:
-    """Why a request must not go to `ip` (which `host` names), or None when it may."""
+def refusal(host: str | None, ip: IPAddress, allow: Sequence[IPNetwork], verb: str = "is") -> str | None:
+    """Why a request must not go to `ip` (which `host` names), or None when it may. Without `host` (a validation
+    error, which names the field and never the value) the address is not named either."""
     concern = address_concern(ip)
     if concern is None or address_allowed(ip, allow):
         return None
     how = ("only by listing this exact address in allow_addresses" if concern == "cloud metadata"
            else "by listing its network in allow_addresses")
-    return f"host {host!r} {verb} {ip}, a {concern} address; requests may not go there (an operator can allow it {how})"
+    where = f"host {host!r} {verb} {ip}" if host is not None else "'url' names"
+    return f"{where}, a {concern} address; requests may not go there (an operator can allow it {how})"
 
 
 async def resolve(host: str, port: int) -> list[IPAddress]:
@@ -197,36 +199,40 @@ def build_tools(opts: HttpOptions) -> list[GuardedTool]:
             parsed = httpx2.URL(url)
             host = parsed.host
         except (httpx2.InvalidURL, ValueError, TypeError) as e:
+            # The parser's words without the part of the value it quotes ("Invalid port: '...'").
             raise InvalidArguments(
-                f"http_request: 'url' is not a valid URL: {e}", tool="http_request", field="url"
+                f"http_request: 'url' is not a valid URL ({str(e).split(':')[0][:80]})", tool="http_request",
+                field="url",
             ) from None
         if parsed.scheme not in ("http", "https") or not host:
             raise InvalidArguments(
                 "http_request: 'url' must be an absolute http:// or https:// URL", tool="http_request", field="url"
             )
         raw = parsed.raw_host.decode("ascii")
+        # Errors name the field, never its value: the host may be a secret, or the agent's probe of the network.
         try:
             literal = literal_address(raw)
-        except ValueError as e:
-            raise refuse(f"'url': {e}") from None
+        except ValueError:
+            raise refuse("'url' has a numeric host that is not a valid IP address") from None
         if literal is not None:
-            why = refusal(raw, literal, allow)
+            why = refusal(None, literal, allow)
             if why is not None:
                 raise refuse(why)
             if literal.version == 4 and raw.rstrip(".") != str(literal):
-                raise refuse(f"'url': host {raw!r} is the address {literal}; write it as {literal}")
+                # (the plain form is the address the value already spells, told so the agent can write it plainly)
+                raise refuse(f"'url' spells its IPv4 host in an unusual form; write it as {literal}")
         elif _LOOPBACK_NAMES.match(raw.lower().rstrip(".")) and not loopback_allowed:
-            raise refuse(f"host {raw!r} is this machine (loopback); requests may not go there "
+            raise refuse("'url' names this machine (loopback); requests may not go there "
                          "(an operator can allow it by listing 127.0.0.1/32 or ::1/128 in allow_addresses)")
         if not host_allowed(host, opts.allow_hosts, opts.deny_hosts):
             raise InvalidArguments(
-                f"http_request: host {host!r} is not allowed by this server's allow_hosts/deny_hosts",
+                "http_request: the host of 'url' is not allowed by this server's allow_hosts/deny_hosts",
                 tool="http_request",
                 field="url",
             )
         for name, value in (args["headers"] or {}).items():
             if not _HEADER_NAME.match(name) or any(c in value for c in "\r\n\x00"):
-                raise refuse(f"header {name[:64]!r} is not a valid header", "headers")
+                raise refuse("'headers' holds a header that is not valid (its name or its value)", "headers")
             if name.lower() == "host":
                 raise refuse("the Host header is the URL's host; put the host in 'url'", "headers")
 

@@ -224,8 +224,10 @@ def _salt(data: Mapping[str, Any]) -> bytes:
 
 def _check_name(name: str, tool: str | None = None) -> None:
     if not NAME.match(name):
-        where = f"{tool}: argument 'name': " if tool else ""
-        msg = f"{where}secret name {name[:64]!r} must be 1-128 characters of A-Z a-z 0-9 _ . - /"
+        # Named as the field when a tool checks it (an agent's argument: never echoed); the store's own callers
+        # (the CLI) are told the name they gave.
+        where = f"{tool}: argument 'name' (a secret name)" if tool else f"secret name {name[:64]!r}"
+        msg = f"{where} must be 1-128 characters of A-Z a-z 0-9 _ . - /"
         raise InvalidArguments(msg, tool=tool, field="name")
 
 

@@ -230,7 +230,7 @@ def build_tools(opts: ShellOptions, environ: Mapping[str, str], sandbox: Sandbox
             )
         real = resolve_inside(args["cwd"] or str(roots[0]), roots, tool="shell_run", field="cwd")
         if not real.is_dir():
-            raise InvalidArguments(f"shell_run: 'cwd' {real} is not a directory", tool="shell_run", field="cwd")
+            raise InvalidArguments("shell_run: argument 'cwd' is not a directory", tool="shell_run", field="cwd")
         return {**args, "cwd": str(real)}
 
     return [shell_run]

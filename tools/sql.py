@@ -2,7 +2,9 @@
 
 Options (`tools: [{module: tools.sql, options: {...}}]`):
   database    SQLite file path, `sqlite:///path`, `postgresql://...` (needs keyturn[postgres]) or `mysql://...`
-              (needs keyturn[mysql]). Default `data.db`. Relative paths are relative to the process's cwd.
+              (needs keyturn[mysql]). Default `data.db`. Relative paths are relative to the process's cwd. A SQLite
+              file that does not exist is created empty when first read (its directory must exist), so a fresh
+              install's first query runs.
   export_dir  where `sql_export` may write files (default `exports`, relative to the cwd).
   max_rows    cap on rows `sql_query` returns, whatever `limit` asks (default 10000).
   timeout     seconds to wait for a connection or a locked SQLite database (default 30).
@@ -15,8 +17,11 @@ the classifier being right:
   and authorizes only reads; PostgreSQL runs a `READ ONLY` transaction that is rolled back; MySQL runs
   `START TRANSACTION READ ONLY`. A write the classifier misjudged as a read fails instead of writing;
 - SQLite refuses ATTACH/DETACH/VACUUM INTO and the pragmas that change the whole process (heap limits, the temp
-  directory), and a `database` that is keyturn's ledger or one of its state files is refused at load and at each
-  connection (by real path and by inode, so a symlink or hard link made later is refused too).
+  directory);
+- on SQLite each tool declares what its run would refuse (`Database.refusal`: the statement compiled under the run's
+  guard, never run), so the gate refuses such a call before the policy and any reviewer are asked;
+- a `database` that is keyturn's ledger or one of its state files is refused at load and at each connection
+  (by real path and by inode, so a symlink or hard link made later is refused too).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import sqlglot.errors
 from pydantic import Field
 from typing_extensions import TypedDict
 
+from server.classify.sql import DDL_KINDS, PRIVILEGE_KINDS, WRITE_KINDS, classify_sql
 from server.errors import ConfigError, InvalidArguments
 from server.execution import PackContext, current_limits
 from server.guarded import GuardedTool, ToolRegistry, guarded_tool
@@ -138,7 +144,9 @@ class Database:
             self._refuse_state_file(path)
             if read_only:
                 if not path.exists():
-                    raise FileNotFoundError(f"database {path} does not exist yet")
+                    if not path.parent.is_dir():
+                        raise FileNotFoundError(f"database {path} does not exist yet, nor its directory")
+                    create_empty(path)  # an empty file is an empty database: a fresh install's first read runs
                 uri = "file:" + urllib.parse.quote(str(path)) + "?mode=ro"
                 conn = sqlite3.connect(uri, uri=True, timeout=self.timeout, isolation_level=None)
                 conn.execute("PRAGMA query_only = 1")
@@ -166,6 +174,43 @@ class Database:
         if read_only:
             conn.cursor().execute("START TRANSACTION READ ONLY")
         return conn
+
+    def refusal(self, sql: str, *, read_only: bool) -> str | None:
+        """What the run of `sql` would refuse, found before anything runs: the statement is compiled (as `EXPLAIN`,
+        which never runs it) on a read-only connection under the same guard as the run, so the answer is SQLite's
+        own, whatever the spelling (comments, case, a CTE, a pragma's form). None when the run's guards would let it
+        through, when the database cannot say now (locked, missing: the run reports that), and for PostgreSQL and
+        MySQL, whose read-only transactions refuse a write only when it runs."""
+        if self.dialect != "sqlite":
+            return None
+        guard = _SqliteGuard(read_only)
+        try:
+            conn = self._open(True, guard)
+        except PermissionError as e:  # the file leads to keyturn's own state now
+            return str(e)
+        except (OSError, sqlite3.Error):
+            return None
+        try:
+            program = conn.execute("EXPLAIN " + sql).fetchall()
+        except sqlite3.ProgrammingError as e:  # the driver's own refusal (a second statement, unbound parameters)
+            return guard.refused or f"SQLite refuses it: {e}"
+        except sqlite3.Error as e:
+            if guard.refused:
+                return guard.refused
+            # Not compiled (no such table, a syntax the EXPLAIN prefix does not take): left to the run, which may meet
+            # another schema by then; but a read-only run of a statement that writes fails whatever the schema.
+            writes = _writing_kinds(sql) if read_only else []
+            if writes:
+                return f"this call runs read-only, and this {'/'.join(writes).upper()} writes (SQLite also says: {e})"
+            return None
+        finally:
+            conn.close()
+        # VACUUM attaches its target only when it runs: its program says whether it has one (P2, the INTO file).
+        for op in program:
+            if str(op[1]) == "Vacuum" and (read_only or op[3]):
+                return ("this call runs read-only: SQLite refused VACUUM" if read_only
+                        else "tools.sql refuses ATTACH, DETACH and VACUUM INTO on SQLite")
+        return None
 
     def _refuse_state_file(self, path: Path) -> None:
         # The configured file was checked at load; this catches a symlink or hard link to keyturn's state made since.
@@ -301,6 +346,21 @@ def _inodes(paths: Iterable[Path]) -> set[tuple[int, int]]:
     return found
 
 
+def _writing_kinds(sql: str) -> list[str]:
+    """The statement kinds of `sql` that write, from its parse tree ([] when it does not parse)."""
+    facts = classify_sql([sql], "sqlite")
+    if facts["unparseable"]:
+        return []
+    return [k for k in facts["kinds"] if k in WRITE_KINDS or k in DDL_KINDS or k in PRIVILEGE_KINDS]
+
+
+def create_empty(path: Path) -> None:
+    """An empty SQLite database (an empty file) at `path`, unless a file is there already. Never through a symlink."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, flags, 0o644))
+
+
 def refuse_state(spelled: str, real: Path, context: PackContext) -> None:
     """A `ConfigError` if the SQLite file `real` is keyturn's ledger (or its -wal/-shm/-journal) or a state file."""
     state = {Path(os.path.realpath(p)) for p in (*context.state_paths, *context.existing_state())}
@@ -340,6 +400,10 @@ def build_tools(db: Database, export_root: Path, max_rows: int) -> list[GuardedT
     def _query_check(args: dict[str, Any]) -> None:
         one_statement(args["query"], db.dialect, tool="sql_query", field="query")
 
+    @sql_query.refuses
+    def _query_refuses(args: dict[str, Any]) -> str | None:
+        return db.refusal(args["query"], read_only=True)
+
     @guarded_tool(classifiers={"statement": kind}, annotations={"destructiveHint": True, "openWorldHint": False})
     async def sql_execute(statement: str) -> ExecuteResult:
         """Run one SQL statement that changes data or schema; returns the number of rows affected."""
@@ -351,6 +415,12 @@ def build_tools(db: Database, export_root: Path, max_rows: int) -> list[GuardedT
     @sql_execute.check
     def _execute_check(args: dict[str, Any]) -> None:
         one_statement(args["statement"], db.dialect, tool="sql_execute", field="statement")
+
+    @sql_execute.refuses
+    def _execute_refuses(args: dict[str, Any]) -> str | None:
+        # What it refuses whatever the decision (a call judged read-only also runs under the read-only guard, but
+        # the classifier judged it a read, so that guard lets it through).
+        return db.refusal(args["statement"], read_only=False)
 
     @guarded_tool(
         classifiers={"query": kind, "path": "path"},
@@ -370,7 +440,8 @@ def build_tools(db: Database, export_root: Path, max_rows: int) -> list[GuardedT
         if table is not None:
             if not _TABLE.match(table):
                 raise InvalidArguments(
-                    f"sql_export: argument 'table': {table[:80]!r} is not a table name",
+                    "sql_export: argument 'table' is not a table name (letters, digits, _ and $, as name or "
+                    "schema.name)",
                     tool="sql_export",
                     field="table",
                 )
@@ -390,6 +461,10 @@ def build_tools(db: Database, export_root: Path, max_rows: int) -> list[GuardedT
                 "sql_export: argument 'path' names the export directory itself", tool="sql_export", field="path"
             )
         return {**args, "path": str(real), "query": query}
+
+    @sql_export.refuses
+    def _export_refuses(args: dict[str, Any]) -> str | None:
+        return db.refusal(args["query"], read_only=True)
 
     return [sql_query, sql_execute, sql_export]
 

@@ -407,7 +407,10 @@ def _event_line(e: Any) -> str:
     elif e.kind == "client.left":
         detail = str(p.get("reason", ""))
     elif e.kind in ("denied", "expired", "cancelled", "abandoned"):
-        detail = f"{p.get('by', '')} {p.get('reason', '')}".strip()
+        by = p.get("by") or p.get("person")
+        detail = (f"by {by}: " if by else "") + str(p.get("reason") or "")
+        if p.get("code"):
+            detail += f" [{p['code']}]"
     elif e.kind == "approval.granted":
         detail = f"approvers={p.get('approvers')} args_hash={str(p.get('args_hash'))[:12]}"
     return f"#{e.seq:<6} {_when(e.ts)} {e.kind:<18} {e.call_id or '-':<32} {detail}"
@@ -439,6 +442,9 @@ def cmd_audit_follow(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
+    from server.models import state_label
+    from server.records import UNCLASSIFIED
+
     async def run(ledger: Any) -> int:
         view = await ledger.get_call(args.id)
         if view is None:
@@ -451,19 +457,21 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
         print(f"request {view.id}: {view.tool} asked by {view.principal}"
               + (f" on behalf of {view.on_behalf_of}" if view.on_behalf_of else "")
               + (f" (model {view.model})" if view.model else ""))
-        print(f"  arguments (redacted): {json.dumps(view.arguments, ensure_ascii=False)}")
+        if view.arguments == UNCLASSIFIED:
+            print("  arguments: not kept (they could not be judged; only a valid call's arguments are recorded)")
+        else:
+            print(f"  arguments (redacted): {json.dumps(view.arguments, ensure_ascii=False)}")
         print(f"  arguments sha256: {view.args_hash or '(none: the arguments were not valid for the tool)'}")
-        if view.policy_digest is None:  # refused before any policy was asked (arguments not valid for the tool)
-            print(f"  decision: none: refused before the policy was asked ({view.outcome_reason or view.reason})")
+        if view.policy_digest is None:  # denied by keyturn before any policy was asked
+            print(f"  decision: none: denied by keyturn before the policy was asked "
+                  f"({view.outcome_reason or view.reason})")
         else:
             print(f"  decision: risk {view.risk}; {view.reason}; policy {view.policy_digest}")
         for r in view.rules:
             print(f"    rule {r['id']}: {r['outcome']} ({r['risk']}) {r['reason']}")
         for v in view.votes:
             print(f"  {v['verdict']} by {v['person']} ({v['reviewer']}) at {_when(v['ts'])}: {v['reason'] or '-'}")
-        from server.models import state_label
-
-        print(f"  outcome: {state_label(view.state)} {view.outcome_reason or ''}")
+        print(f"  outcome: {state_label(view.state)}" + (f": {view.outcome_reason}" if view.outcome_reason else ""))
         for e in events:
             print("  " + _event_line(e) + f"  hash {e.hash[:16]}")
         return 0

@@ -12,10 +12,11 @@ and these functions besides CEL's own: `glob(s, pattern_or_list)`, `lower(s)`, `
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,11 +202,23 @@ def _cel_literal(value: Any) -> str:
 def _check_facts(source: str) -> None:
     code = "".join(text for is_string, text in _segments(source) if not is_string)
     for family, fact in _FACT_REF.findall(code):
-        if family not in FACT_SHAPE:
-            raise ConditionError(f"unknown fact family 'facts.{family}' (known: {', '.join(FACT_SHAPE)})")
-        shape = FACT_SHAPE[family]
-        if fact and isinstance(shape, dict) and fact not in shape:
-            raise ConditionError(f"unknown fact 'facts.{family}.{fact}' (known: {', '.join(shape)})")
+        _check_fact(family, fact)
+
+
+def _check_fact(family: str, fact: str) -> None:
+    """A ConditionError naming the closest known fact when `facts.<family>[.<fact>]` does not exist."""
+    if family not in FACT_SHAPE:
+        raise ConditionError(f"unknown fact family 'facts.{family}'{_did_you_mean(family, FACT_SHAPE)} "
+                             f"(known: {', '.join(FACT_SHAPE)})")
+    shape = FACT_SHAPE[family]
+    if fact and isinstance(shape, dict) and fact not in shape:
+        raise ConditionError(f"unknown fact 'facts.{family}.{fact}'{_did_you_mean(fact, shape, f'facts.{family}.')} "
+                             f"(known: {', '.join(shape)})")
+
+
+def _did_you_mean(name: str, known: Iterable[str], prefix: str = "facts.") -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 def _position_error(message: str) -> ConditionError:
@@ -227,9 +240,18 @@ class Template:
     def parse(cls, source: str) -> Template:
         paths = tuple(_PLACEHOLDER.findall(source))
         for path in paths:
-            root = path.split(".", 1)[0]
+            root, *rest = path.split(".")
             if root not in VARIABLES:
-                raise ConditionError(f"placeholder {{{path}}} must start with one of: {', '.join(sorted(VARIABLES))}")
+                close = difflib.get_close_matches(root, sorted(VARIABLES), n=1)
+                hint = f" (did you mean {{{'.'.join([close[0], *rest])}}}?)" if close else ""
+                raise ConditionError(f"placeholder {{{path}}} must start with one of: {', '.join(sorted(VARIABLES))}"
+                                     + hint)
+            if root == "facts" and rest:
+                # A fact that does not exist would read "?" in every reason: an error, like in a condition.
+                try:
+                    _check_fact(rest[0], rest[1] if len(rest) > 1 else "")
+                except ConditionError as e:
+                    raise ConditionError(f"placeholder {{{path}}}: {e}") from None
         return cls(source, paths)
 
     def render(self, activation: Mapping[str, Any], max_len: int = 200) -> str:

@@ -111,6 +111,8 @@ def _parse(
         for err in e.errors():
             loc = _clean_loc(tuple(err["loc"]), raw)
             problem(_message(err), loc)
+        # The rules' own checks still run on what can be read, so one round of fixes meets every problem.
+        _check_raw_rules(raw, problem)
         raise PolicyErrors(problems) from None
     builder = _Builder(spec, groups, people, problem, lines)
     rules = builder.rules()
@@ -126,6 +128,37 @@ def _parse(
         path=path,
         source=source,
     )
+
+
+def _check_raw_rules(raw: dict[str, Any], problem: Callable[[str, Loc], None]) -> None:
+    """Duplicate ids, conditions and reason templates of rules in a file whose schema failed: the same checks as
+    `_Builder.rules`, on the raw data (a field the schema refused is not judged again)."""
+    rules = raw.get("rules")
+    if not isinstance(rules, list):
+        return
+    variables = raw.get("vars") if isinstance(raw.get("vars"), dict) else {}
+    seen: dict[Any, int] = {}
+    for i, r in enumerate(rules):
+        if not isinstance(r, dict):
+            continue
+        loc: Loc = ("rules", i)
+        rule_id = r.get("id")
+        if isinstance(rule_id, str):
+            if rule_id in seen:
+                problem(f"duplicate rule id (first used by rule #{seen[rule_id] + 1})", (*loc, "id"))
+            seen.setdefault(rule_id, i)
+        checks: list[tuple[str, Callable[[str], Any]]] = [
+            ("when", lambda text: compile_condition(text, variables)), ("reason", Template.parse)]
+        for field_name, check in checks:
+            text = r.get(field_name)
+            if not isinstance(text, str):
+                continue
+            try:
+                check(text)
+            except ConditionError as e:
+                problem(str(e), (*loc, field_name))
+            except Exception:  # (vars the schema refused may not compile: that problem is listed already)
+                continue
 
 
 class _Builder:

@@ -174,13 +174,13 @@ async def test_the_typescript_sdk_client_lists_runs_and_reads_refusals_and_denia
     assert allowed["result"]["isError"] is False, allowed
     assert allowed["result"]["structuredContent"]["rows"] == [["apple", 3], ["pear", 5], ["plum", 7]]
 
-    details = assert_keyturn_error(refused["result"], "refused")
-    assert details["code"] == "invalid_arguments" and "bogus" in text(refused["result"]), refused
+    details = assert_keyturn_error(refused["result"], "denied")  # the ledger's word: denied by keyturn
+    assert details["by"] == "keyturn" and details["code"] == "invalid_arguments" and "bogus" in text(refused["result"]), refused
 
     details = assert_keyturn_error(denied["result"], "denied")
     assert details["by"] == "policy" and "shell-privilege" in details["rules"], denied
     assert "Denied by policy" in text(denied["result"]) and "elevated privileges" in text(denied["result"])
-    assert set(kt.assert_one_outcome_each().values()) == {"executed", "failed", "denied"}
+    assert set(kt.assert_one_outcome_each().values()) == {"executed", "denied"}
     kt.verify()
 
 
@@ -329,14 +329,14 @@ async def test_the_inspector_cli_lists_runs_and_shows_refusals_and_denials_of_to
 
     status, out = await inspector(kt, spec, *tool_call(*REFUSED))
     assert status == 0 and "-32602" not in out, out  # (shown, not thrown as a mismatch with the output schema)
-    details = assert_keyturn_error(json.loads(out), "refused")
-    assert details["code"] == "invalid_arguments" and "bogus" in text(json.loads(out)), out
+    details = assert_keyturn_error(json.loads(out), "denied")
+    assert details["by"] == "keyturn" and details["code"] == "invalid_arguments" and "bogus" in text(json.loads(out)), out
 
     status, out = await inspector(kt, spec, *tool_call(*DENIED))
     assert status == 0 and "-32602" not in out, out
     details = assert_keyturn_error(json.loads(out), "denied")
     assert "shell-privilege" in details["rules"] and "elevated privileges" in text(json.loads(out)), out
-    assert sorted(kt.assert_one_outcome_each().values()) == ["denied", "executed", "failed"]
+    assert sorted(kt.assert_one_outcome_each().values()) == ["denied", "denied", "executed"]
     kt.verify()
 
 

@@ -61,5 +61,6 @@ async def test_the_default_policy_closes_the_side_doors(home: Home) -> None:
     denied = [e for e in home.ledger_events() if e["kind"] == "denied" and e["payload"].get("by") == "policy"]
     assert len(denied) == len(attempts) - len(structural)
     assert all(e["payload"]["rules"] == ["keyturn:self-target"] for e in denied)
-    refused = [e for e in home.ledger_events() if e["kind"] == "failed" and e["payload"].get("code") == "invalid_arguments"]
+    refused = [e for e in home.ledger_events() if e["kind"] == "denied" and e["payload"].get("by") == "keyturn"
+               and e["payload"].get("code") == "invalid_arguments"]
     assert len(refused) == len(structural)

@@ -214,3 +214,49 @@ def test_an_empty_file_is_refused() -> None:
 def test_a_yaml_boolean_where_text_belongs_gets_a_hint() -> None:
     e = error_of("version: 1\nrules:\n  - {id: off, tool: x, outcome: deny}\n")
     assert e.field == "id" and "quote it" in str(e)
+
+
+ROUNDS = """\
+version: 1
+default: review
+rules:
+  - id: a
+    tool: "*"
+    outcome: allwo
+    when: facts.sql.read_olny
+    reason: "reads {facts.sql.tabels}"
+  - id: a
+    tool: "*"
+    outcome: allow
+    reason: "from {fact.urls.hosts}"
+  - id: c
+    tool: "*"
+    outcome: deny
+    when: "facts.sql.writes &&"
+    extra_field: 1
+"""
+
+
+def test_schema_cel_template_and_duplicate_problems_come_in_one_round() -> None:
+    """A file with schema problems still has its conditions, reasons and ids checked: one run lists every problem,
+    instead of a round of fixes for each kind."""
+    e = error_of(ROUNDS)
+    assert isinstance(e, PolicyErrors)
+    found = {(p.rule, p.field, p.line): str(p) for p in e.problems}
+    assert set(found) == {("a", "outcome", 6), ("c", "extra_field", 17), ("a", "when", 7), ("a", "reason", 8),
+                          ("a", "id", 9), ("a", "reason", 12), ("c", "when", 16)}, found
+    assert "did you mean 'facts.sql.read_only'?" in found[("a", "when", 7)]
+    assert "duplicate rule id" in found[("a", "id", 9)]
+    assert "does not compile" in found[("c", "when", 16)]
+
+
+def test_a_reason_naming_a_fact_that_does_not_exist_is_an_error_with_a_suggestion() -> None:
+    e = error_of(GOOD + '    reason: "reads {facts.sql.tabels}"\n')
+    assert e.field == "reason" and e.rule == "sql-read"
+    assert "unknown fact 'facts.sql.tabels'" in str(e) and "did you mean 'facts.sql.tables'?" in str(e)
+    family = error_of(GOOD + '    reason: "reads {facts.sqll.tables}"\n')
+    assert "unknown fact family 'facts.sqll'" in str(family) and "did you mean 'facts.sql'?" in str(family)
+    root = error_of(GOOD + '    reason: "reads {fact.sql.tables}"\n')
+    assert "did you mean {facts.sql.tables}?" in str(root)
+    # Real facts, their families and the other variables stay fine.
+    parse_policy(GOOD + '    reason: "{facts.sql.tables} {facts.sql} {facts.self_target} {args.query} {tool}"\n')

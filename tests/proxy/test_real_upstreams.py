@@ -114,7 +114,7 @@ async def test_an_upstream_error_comes_back_as_a_tool_error_with_its_message(
             bad = await client.call_tool("read_text_file", {"paths": ["x"]})
     assert result.is_error and "outside allowed directories" in text(result).lower().replace("access denied - ", "")
     assert bad.is_error and "argument 'path' is required" in text(bad)
-    terminal = [e for e in home.ledger_events() if e["kind"] in {"executed", "failed"}]
-    assert [e["kind"] for e in terminal] == ["failed", "failed"]
+    terminal = [e for e in home.ledger_events() if e["kind"] in {"executed", "failed", "denied"}]
+    assert [e["kind"] for e in terminal] == ["failed", "denied"]  # it ran and failed; invalid: denied by keyturn
     assert terminal[0]["payload"]["result_digest"]  # the upstream's answer, recorded by its digest
-    assert terminal[1]["payload"]["code"] == "invalid_arguments"
+    assert terminal[1]["payload"]["code"] == "invalid_arguments" and terminal[1]["payload"]["by"] == "keyturn"

@@ -18,6 +18,7 @@ from typing import Any
 import jinja2
 
 from server.models import Event, RequestView, state_label
+from server.records import UNCLASSIFIED
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 STATIC = Path(__file__).resolve().parent / "static"
@@ -115,6 +116,7 @@ class Card:
     needed: int
     my_vote: str | None  # the signed-in reviewer's verdict, if they voted
     version: str  # changes whenever what the status part shows changes
+    arguments_kept: bool = True  # False: denied by keyturn as not valid for the tool, only refused arguments' hash
     origin: str | None = None  # a proxied tool's upstream server and its own name there ("git: git_commit")
 
     @property
@@ -133,11 +135,12 @@ def card(view: RequestView, classifiers: Mapping[str, str], person: str | None) 
         for g in (spec.groups if spec else ())
     ]
     my_vote = next((v["verdict"] for v in view.votes if person is not None and v["person"] == person), None)
+    kept = view.arguments != UNCLASSIFIED
     return Card(
         view=view,
-        arguments=[classify_argument(k, v, classifiers.get(k)) for k, v in view.arguments.items()],
+        arguments=[] if not kept else [classify_argument(k, v, classifiers.get(k)) for k, v in view.arguments.items()],
         groups=groups, approvals=len(approves), needed=sum(g.need for g in groups) or 1, my_vote=my_vote,
-        version=f"{view.state}:{len(view.votes)}",
+        version=f"{view.state}:{len(view.votes)}", arguments_kept=kept,
     )
 
 

@@ -116,3 +116,29 @@ async def test_bad_filters_are_explained_and_a_tampered_ledger_shows_as_broken(h
     await page.goto(base + "/audit")
     await expect(page.locator(".verify")).to_have_class("verify bad")
     await expect(page.locator(".verify")).to_contain_text(f"broken at event {seq}")
+
+
+async def test_a_call_denied_by_keyturn_before_the_policy_reads_plainly(home: Home, page: Any) -> None:
+    """A call refused before any policy decision (arguments not valid for the tool; a write the read-only tool would
+    refuse) shows as denied, why, and what was kept: no policy's default, no placeholder for arguments not kept."""
+    base = home.serve_http()
+    async with agent_client(base) as client:
+        invalid = await client.call_tool("sql_query", {"query": 42})
+        refused = await client.call_tool("sql_query", {"query": "/* tidy */ delete FROM orders"})
+    invalid_id = (invalid.meta or {})["io.keyturn/outcome"]["call_id"]
+    refused_id = (refused.meta or {})["io.keyturn/outcome"]["call_id"]
+    await sign_in(page, base, "dave", next_path="/audit")
+    assert [r[3] for r in await rows(page)] == ["denied", "denied"]
+
+    await page.goto(f"{base}/inbox/requests/{invalid_id}")
+    why = page.locator("section.why")
+    await expect(why).to_contain_text("Denied by keyturn before the policy was asked: invalid arguments")
+    await expect(page.locator("section.what")).to_contain_text("not kept: they were not valid for the tool")
+    body = await page.locator("main").inner_text()
+    assert "«unclassified»" not in body and "policy's default" not in body and "Why it was held" not in body, body
+
+    await page.goto(f"{base}/inbox/requests/{refused_id}")
+    await expect(why).to_contain_text("sql_query would refuse it: this call runs read-only")
+    await expect(page.locator("section.what")).to_contain_text("delete FROM orders")
+    await expect(page.locator("ol.events")).to_contain_text("Denied by keyturn")
+    assert home.rows("SELECT count(*) FROM orders") == [(3,)]
