@@ -34,6 +34,7 @@ from server.models import Decision, ToolCall
 from server.outcomes import OUTCOMES, REFUSALS, error_result, unrecorded_result
 from server.policy import LivePolicy
 from server.records import UNCLASSIFIED, describe_rules, open_call
+from server.tracing import span
 
 __all__ = ["Gate", "Identity", "ProgressFn", "Runnable", "error_result", "result_digest", "tool_progress"]
 
@@ -132,10 +133,12 @@ class Gate:
                                         caller=caller)
                 if decision.outcome == "allow":
                     with anyio.CancelScope(shield=True):  # once recorded, the call runs to a terminal event
-                        await open_call(self.ledger, call, redaction.arguments, decision, state="allowed",
-                                        holder=self.broker.instance_id)
+                        with span("record", call.call_id, tool.name, event="call.received"):
+                            await open_call(self.ledger, call, redaction.arguments, decision, state="allowed",
+                                            holder=self.broker.instance_id)
                         return await act(call)
-                return await self.holding.hold(call, redaction, decision, act, progress, gone)
+                with span("hold", call.call_id, tool.name):
+                    return await self.holding.hold(call, redaction, decision, act, progress, gone)
         except LedgerError as e:
             log.error("ledger failure on %s: %s", call.call_id, e)
             return error_result(f"keyturn could not record this call, so it did not run: {e}", outcome="error")
@@ -179,16 +182,20 @@ class Gate:
             roots = getattr(tool, "roots", ())
             if roots:
                 context = replace(context, roots=tuple(roots))
-            facts = extract_facts(tool.name, arguments, tool.classifiers, tool.annotations, context)
-            facts_hint = getattr(tool, "facts_hint", None)
-            if facts_hint is not None and (hints := facts_hint(arguments)):
-                facts = {**facts, "hints": hints}
-            redaction = Redaction.of(arguments, facts, rescan=False)  # (the facts were found in these arguments now)
-            refuses = getattr(tool, "refusal", None)
-            if refuses is not None and (reason := await refuses(arguments)):
-                return Refusal("tool_refuses", f"{tool.name} would refuse it: {reason}", redaction,
-                               redaction.arguments)
-            return self.policy.current.decide(call, facts, redaction=redaction), redaction  # reasons, facts masked
+            with span("classify", call.call_id, tool.name):
+                facts = extract_facts(tool.name, arguments, tool.classifiers, tool.annotations, context)
+                facts_hint = getattr(tool, "facts_hint", None)
+                if facts_hint is not None and (hints := facts_hint(arguments)):
+                    facts = {**facts, "hints": hints}
+                redaction = Redaction.of(arguments, facts, rescan=False)  # (the facts were found in these now)
+                refuses = getattr(tool, "refusal", None)
+                if refuses is not None and (reason := await refuses(arguments)):
+                    return Refusal("tool_refuses", f"{tool.name} would refuse it: {reason}", redaction,
+                                   redaction.arguments)
+            with span("decide", call.call_id, tool.name) as step:
+                decision = self.policy.current.decide(call, facts, redaction=redaction)  # reasons, facts masked
+                step.set_attributes({"keyturn.outcome": decision.outcome, "keyturn.risk": decision.risk or ""})
+            return decision, redaction
         except Exception as e:
             # The error may quote the arguments: log and record it masked (the traceback only at debug level).
             redaction = redaction or Redaction.guess(arguments)
@@ -231,7 +238,8 @@ class Gate:
         stoppable = caller.interruptible() if getattr(tool, "interruptible", False) else nullcontext()
         try:
             # What the decision relied on is enforced by the run: a call judged read-only runs read-only.
-            with running_under(limits_from_facts(decision.facts)), stoppable as run:
+            with running_under(limits_from_facts(decision.facts)), stoppable as run, \
+                    span("run", call.call_id, tool.name):
                 result = await tool.run(call.arguments)
         except Exception as e:
             # A tool's error can quote its arguments (a driver's "no such column: <secret>"): masked like them.
@@ -259,7 +267,9 @@ class Gate:
                 await self.broker.kept.keep(call.call_id, result_json, (await self._expiry(call.call_id)))
             except LedgerError as e:
                 log.warning("could not keep the result of %s for a retry: %s", call.call_id, e)
-        if not await self._record_outcome(call.call_id, kind, payload, None):
+        with span("record", call.call_id, tool.name, event=kind):
+            recorded = await self._record_outcome(call.call_id, kind, payload, None)
+        if not recorded:
             return self._unrecorded_result(call.call_id)
         if decision.outcome == "review":  # only a reviewed call has messages to update
             try:
