@@ -290,6 +290,8 @@ def _print_request(r: dict[str, Any]) -> None:
           + (f"  expires {_when(r['expires'])}" if r.get("expires") else ""))
     print(f"    why: {r['reason']}")
     print(f"    arguments: {json.dumps(r['arguments'], ensure_ascii=False)[:500]}")
+    if r.get("needs") and r.get("review"):
+        print(f"    needs: {r['needs']['text']} ({r['needs']['progress']})")
     for v in r.get("votes", []):
         print(f"    vote: {v['verdict']} by {v['person']} ({v['reviewer']}) {v['reason'] or ''}")
 
