@@ -306,11 +306,11 @@ async def test_a_denial_and_the_claim_to_run_race_and_exactly_one_wins(world: tu
         assert (await gate.broker.decide(vote(request, "api:alice"))).state == "approved"
         results: dict[str, object] = {}
 
-        async def claim(request_id: str = request.id) -> None:
+        async def claim(request_id: str = request.id, results: dict[str, object] = results) -> None:
             results["claim"] = await ledger.transition(request_id, ("approved",), "running", "execution.started",
                                                        {"holder": "test"}, holder="test")
 
-        async def deny(request_id: str = request.id) -> None:
+        async def deny(request_id: str = request.id, results: dict[str, object] = results) -> None:
             results["deny"] = (await gate.broker.decide(Verdict(request_id=request_id, reviewer="api:alice",
                                                                 verdict="deny", reason="stop"))).accepted
 
