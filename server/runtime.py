@@ -207,6 +207,9 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
 
         async def on_policy_event(kind: str, payload: dict[str, object]) -> None:
             await ledger.append(kind, None, dict(payload))
+            if kind == "policy.loaded":  # a reloaded policy is checked against the reviewers as at start-up
+                for line in unreachable_rules(policy.current, settings):
+                    log.warning("%s", line)
 
         policy.on_event = on_policy_event
         broker = ApprovalBroker(ledger=ledger, directory=build_directory(settings),

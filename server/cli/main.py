@@ -349,6 +349,8 @@ def _event_line(e: Any) -> str:
     elif e.kind in ("vote", "vote.refused"):
         who = p.get("person") or p.get("reviewer")
         detail = f"{p.get('verdict')} by {who} via {p.get('channel')}: {p.get('reason') or p.get('message') or ''}"
+        if p.get("changed_from"):
+            detail += f" (changed from {p['changed_from']})"
     elif e.kind in ("executed", "failed"):
         if p.get("result_digest"):
             what = "error result" if p.get("is_error") else "result"

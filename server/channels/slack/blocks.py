@@ -170,7 +170,8 @@ def thread_line(event: Event) -> str | None:
         return f":white_check_mark: {safe(str(p.get('person')))} approved{reason}"
     if event.kind == "denied":
         who = safe(str(p.get("person") or p.get("by") or "keyturn"))
-        return f":no_entry: Denied by {who}: {safe(str(p.get('reason') or ''))}"
+        changed = " (who had approved)" if p.get("changed_vote") else ""
+        return f":no_entry: Denied by {who}{changed}: {safe(str(p.get('reason') or ''))}"
     if event.kind == "approval.granted":
         return ":key: Approved by " + ", ".join(safe(str(a)) for a in p.get("approvers", [])) + "; it may run now."
     if event.kind == "executed":

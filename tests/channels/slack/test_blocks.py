@@ -81,6 +81,8 @@ def test_thread_lines_for_votes_and_outcomes() -> None:
         ":white_check_mark: alice approved: ok"
     assert ui.thread_line(event("vote", verdict="deny", person="alice")) is None  # `denied` says it
     assert "Denied by alice: no" in str(ui.thread_line(event("denied", person="alice", reason="no")))
+    assert "Denied by alice (who had approved): no" in str(
+        ui.thread_line(event("denied", person="alice", reason="no", changed_vote=True)))
     assert "alice, carol" in str(ui.thread_line(event("approval.granted", approvers=["alice", "carol"])))
     assert ui.thread_line(event("executed")) == ":white_check_mark: It ran."
     assert "Expired" in str(ui.thread_line(event("expired", reason="nobody decided")))
