@@ -42,36 +42,49 @@ def quorum_met(spec: ReviewSpec, approvers: Sequence[str], directory: ReviewerDi
     One person fills at most one slot, so "one DBA and one security engineer" needs two people
     even if one of them is both. Solved as a small bipartite matching.
     """
-    return all(len(_fill(slots, approvers, directory.eligible)) == len(slots)
-               for slots in _requirements(spec).values())
+    return all(sum(map(len, _fill(groups, approvers, directory.eligible))) == _slots(groups)
+               for groups in _requirements(spec).values())
 
 
 def _requirements(spec: ReviewSpec) -> dict[str, list[ApproverGroup]]:
-    """Each requirement's slots: one entry per approval it needs (a group of quorum 2 is two slots)."""
+    """Each requirement's groups (one rule's; distinct people fill their slots)."""
     out: dict[str, list[ApproverGroup]] = {}
     for g in spec.groups:
-        out.setdefault(g.requirement, []).extend([g] * max(1, g.quorum))
+        out.setdefault(g.requirement, []).append(g)
     return out
 
 
-def _fill(slots: Sequence[ApproverGroup], people: Iterable[str],
-          eligible: Callable[[str, ApproverGroup], bool]) -> dict[int, str]:
-    """The most slots distinct `people` can fill (slot index -> person): augmenting paths, small inputs."""
-    owner: dict[int, str] = {}
+def _slots(groups: Sequence[ApproverGroup]) -> int:
+    return sum(max(1, g.quorum) for g in groups)
+
+
+def _fill(groups: Sequence[ApproverGroup], people: Iterable[str],
+          eligible: Callable[[str, ApproverGroup], bool]) -> list[list[str]]:
+    """The most slots distinct `people` can fill: for each group, the people in its slots (at most its quorum).
+    Augmenting paths over the groups (a few), so thousands of people cost little."""
+    owners: list[list[str]] = [[] for _ in groups]
+    free = _slots(groups)
 
     def assign(person: str, seen: set[int]) -> bool:
-        for i, group in enumerate(slots):
+        for i, group in enumerate(groups):
             if i in seen or not eligible(person, group):
                 continue
             seen.add(i)
-            if i not in owner or assign(owner[i], seen):
-                owner[i] = person
+            if len(owners[i]) < max(1, group.quorum):
+                owners[i].append(person)
                 return True
+            for k, other in enumerate(owners[i]):
+                if assign(other, seen):  # `other` moved to another group's slot: this one is free for `person`
+                    owners[i][k] = person
+                    return True
         return False
 
     for person in dict.fromkeys(people):
-        assign(person, set())
-    return owner
+        if not free:
+            break  # full: nobody further can add a slot (and a directory of thousands is not searched)
+        if assign(person, set()):
+            free -= 1
+    return owners
 
 
 def directory_from(identities: Iterable[tuple[str, str]], people_groups: Mapping[str, Iterable[str]]) -> ReviewerDirectory:
@@ -163,17 +176,14 @@ def needs(spec: ReviewSpec | None, votes: Sequence[Mapping[str, Any]] = ()) -> N
     merged: dict[tuple[str, ...], tuple[ApproverGroup, int, int]] = {}  # members -> (group, need, have)
     sources: dict[tuple[str, ...], set[str]] = {}
     missing = 0
-    for name, slots in requirements.items():
-        owner = _fill(slots, counted, eligible)
-        missing = max(missing, len(slots) - len(owner))
-        filled: dict[tuple[str, ...], int] = {}
-        for i in owner:
-            filled[slots[i].members] = filled.get(slots[i].members, 0) + 1
-        for g in {s.members: s for s in slots}.values():
+    for name, groups in requirements.items():
+        owners = _fill(groups, counted, eligible)
+        missing = max(missing, _slots(groups) - sum(map(len, owners)))
+        for g, filled in zip(groups, owners, strict=True):
             _, need, have = merged.get(g.members, (g, 0, 0))
-            merged[g.members] = (g, max(need, g.quorum), max(have, filled.get(g.members, 0)))
+            merged[g.members] = (g, max(need, max(1, g.quorum)), max(have, len(filled)))
             sources.setdefault(g.members, set()).add(name)
-    totals = {name: len(slots) for name, slots in requirements.items()}
+    totals = {name: _slots(groups) for name, groups in requirements.items()}
     lines: list[NeedLine] = []
     for members, (group, need, have) in merged.items():
         # "n from any reviewer" says nothing when another rule already needs n people or more.

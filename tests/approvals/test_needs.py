@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from server.approvals.quorum import ReviewerDirectory, needs, unsatisfiable
 from server.models import ApproverGroup, ReviewSpec
 from server.policy import parse_policy
@@ -105,3 +107,33 @@ def test_people_who_are_in_two_groups_still_count_once() -> None:
     spec = ReviewSpec(groups=(ApproverGroup(name="dba", members=("group:dba",)), SEC))
     [line] = unsatisfiable([("pair", spec)], directory)
     assert line.startswith("rule 'pair' can never be approved: 2 approvals from different people")
+
+
+def test_the_words_agree_with_the_quorum_rule_on_many_random_reviews() -> None:
+    from server.approvals.quorum import quorum_met
+
+    rng = random.Random(19)
+    names, group_names = ["a", "b", "c", "d", "e", "f"], ["dba", "security", "ops"]
+    for _ in range(2000):
+        directory = ReviewerDirectory({f"api:{p}": p for p in names},
+                                      {p: frozenset(g for g in group_names if rng.random() < 0.4) for p in names})
+        groups = [ApproverGroup(name=g, members=() if g == "any" else (f"group:{g}",), quorum=rng.randint(1, 3),
+                                requirement=f"r{r}")
+                  for r in range(rng.randint(1, 3)) for g in rng.sample([*group_names, "any"], rng.randint(1, 3))]
+        spec = ReviewSpec(groups=tuple(groups))
+        votes = [vote(p, *[g.name for g in groups if directory.eligible(p, g)]) for p in rng.sample(names, 4)]
+        votes = [v for v in votes if v["groups"]]  # the broker refuses a vote that counts for no group
+        need = needs(spec, votes)
+        assert need.met == quorum_met(spec, [str(v["person"]) for v in votes], directory), (spec, votes)
+        assert need.approvals <= need.needed or need.met
+        assert need.needed <= need.approvals + max(sum(g.quorum for g in groups if g.requirement == r)
+                                                   for r in {g.requirement for g in groups})
+
+
+def test_thousands_of_configured_people_fill_wide_quorums() -> None:
+    people = {f"p{i}": frozenset({"dba"} if i % 2 else {"security"}) for i in range(2000)}
+    directory = ReviewerDirectory({f"api:{p}": p for p in people}, people)
+    wide = ReviewSpec(groups=(ApproverGroup(name="dba", members=("group:dba",), quorum=50, requirement="r0"),
+                              ApproverGroup(name="security", members=("group:security",), quorum=50, requirement="r0"),
+                              ApproverGroup(name="any", quorum=50, requirement="r1")))
+    assert unsatisfiable([("wide", wide)] * 20, directory) == []  # (a matching over groups, not over slots)
