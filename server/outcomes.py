@@ -44,7 +44,8 @@ OUTCOMES: dict[str, Outcome] = {o.name: o for o in (
     Outcome("executed", "executed", "executed", ("allowed", "running")),
     Outcome("failed", "failed", "failed", ("allowed", "running")),
     Outcome("denied_by_policy", "denied", "denied", ("received",)),
-    Outcome("denied_by_reviewer", "denied", "denied", ("pending",)),
+    # a reviewer's denial: while pending, or, from a reviewer who approved, while approved and not yet claimed to run
+    Outcome("denied_by_reviewer", "denied", "denied", ("pending", "approved")),
     # keyturn could not judge the call (a classifier or policy error): a denial, never a pass
     Outcome("refused", "denied", "denied", ("received",)),
     # the arguments could not be judged (not valid for the tool): denied before anything is decided or runs
@@ -122,15 +123,3 @@ def unrecorded_result(call_id: str, error: str) -> types.CallToolResult:
         f"The tool ran, but keyturn could not record its outcome ({error}), so its result is withheld. "
         "Do not repeat the call: it has run. keyturn records the outcome as soon as its ledger is writable again.",
         outcome="unrecorded", call_id=call_id)
-
-
-def waiting_message(view: RequestView) -> str:
-    """The progress message of a held call."""
-    spec = view.review
-    needs = "; ".join(f"{g.quorum} from {', '.join(g.members) or 'any reviewer'}" for g in spec.groups) if spec else ""
-    approvals = sum(1 for v in view.votes if v["verdict"] == "approve")
-    left = int(view.expires - time.time()) if view.expires else 0
-    if view.state != "pending":
-        return f"keyturn request {view.id}: {view.tool} was approved and is being run; waiting for its result"
-    return (f"keyturn request {view.id}: waiting for human approval of {view.tool} "
-            f"({approvals} approval(s) so far; needs {needs}; expires in {left}s)")

@@ -17,6 +17,7 @@ import anyio.abc
 import mcp_types as types
 
 from server.approvals import ApprovalBroker, Notifier, ReviewerDirectory
+from server.approvals.quorum import unsatisfiable
 from server.canonical import sha256_hex
 from server.classify import ClassifyContext
 from server.config import Settings, resolve_token_digest
@@ -27,7 +28,7 @@ from server.guarded import ToolRegistry, load_pack, pack_state_paths
 from server.ledger import Ledger
 from server.ledger.checkpoints import CheckpointError, signing_key
 from server.ledger.witnesses import Checkpointer, configured_witnesses
-from server.policy import LivePolicy
+from server.policy import CompiledPolicy, LivePolicy
 from server.secret_files import ensure_secret_file, reviewer_token_path
 
 if TYPE_CHECKING:
@@ -164,6 +165,16 @@ def build_directory(settings: Settings) -> ReviewerDirectory:
     )
 
 
+def unreachable_rules(policy: CompiledPolicy, settings: Settings) -> list[str]:
+    """The review rules the configured reviewers can never approve (one line each): a quorum larger than the
+    distinct people who may vote on it, or a group nobody who can review is in. Such a rule's calls can only
+    expire."""
+    directory = build_directory(settings)
+    if not any(identity.startswith("api:") for identity in directory.identities):  # as `effective_settings` adds
+        directory = ReviewerDirectory({**directory.identities, LOCAL_REVIEWER: LOCAL_PERSON}, directory.groups_of)
+    return unsatisfiable(policy.reviews(), directory, settings.people)
+
+
 def pack_context(settings: Settings, environ: Mapping[str, str] | None = None) -> PackContext:
     """keyturn's state, as the tool packs must see it: the ledger and the secrets beside it, the config, the
     policy, and every pack's own state (the secret store); the environment variables that hold its secrets."""
@@ -193,6 +204,8 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
     # The policy before the ledger: a policy that cannot be loaded stops keyturn before anything is recorded.
     policy = LivePolicy(settings.policy_path(), groups=settings.groups, people=set(settings.people))
     compiled = policy.load()
+    for line in unreachable_rules(compiled, settings):  # on the console: its calls could only ever expire
+        log.warning("%s", line)
     traces = None
     if settings.telemetry.traces_exported(os.environ):
         from server import tracing
@@ -207,6 +220,9 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
 
         async def on_policy_event(kind: str, payload: dict[str, object]) -> None:
             await ledger.append(kind, None, dict(payload))
+            if kind == "policy.loaded":  # a reloaded policy is checked against the reviewers as at start-up
+                for line in unreachable_rules(policy.current, settings):
+                    log.warning("%s", line)
 
         policy.on_event = on_policy_event
         broker = ApprovalBroker(ledger=ledger, directory=build_directory(settings),

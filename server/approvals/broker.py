@@ -25,7 +25,7 @@ from typing import Protocol
 import anyio
 
 from server.approvals.kept import KeptResults
-from server.approvals.quorum import ReviewerDirectory, quorum_met
+from server.approvals.quorum import ReviewerDirectory, needs, quorum_met
 from server.errors import LedgerError
 from server.ledger import Ledger, Row, Subscription, Tx
 from server.models import Event, RequestView, ReviewSpec, Verdict, VoteResult
@@ -199,8 +199,14 @@ class ApprovalBroker:
             if person is None:
                 return refuse(f"{verdict.reviewer} is not a configured reviewer", "unknown_reviewer")
             state = row["state"]
-            if state != "pending":
-                return refuse(f"request {verdict.request_id} is {state}, not pending", "not_pending")
+            votes = tx.votes(verdict.request_id)
+            mine = next((v for v in votes if v["person"] == person), None)
+            if state == "approved" and mine is not None and verdict.verdict == "deny":
+                pass  # an approver takes their approval back before the call is claimed to run: see `_change`
+            elif state != "pending":
+                ran = " (it was claimed to run: an approval cannot be taken back now)" if mine is not None and \
+                    verdict.verdict == "deny" and state in ("running", "executed", "failed") else ""
+                return refuse(f"request {verdict.request_id} is {state}, not pending{ran}", "not_pending")
             if row["expires"] is not None and tx.now >= row["expires"]:
                 return refuse(f"request {verdict.request_id} has expired", "expired")
             if person in {row["principal"], row["on_behalf_of"]} or verdict.reviewer == row["principal"]:
@@ -208,13 +214,16 @@ class ApprovalBroker:
             spec = ReviewSpec.model_validate_json(row["review"]) if row["review"] else ReviewSpec()
             groups = [g.name for g in spec.groups if self.directory.eligible(person, g)]
             if not groups:
-                wanted = "; ".join(f"{g.quorum} of {', '.join(g.members) or 'any reviewer'}" for g in spec.groups)
-                return refuse(f"{person} is not eligible to review this request (needs {wanted})", "not_eligible")
-            votes = tx.votes(verdict.request_id)
-            if any(v["person"] == person for v in votes):
-                return refuse(f"{person} has already voted on this request", "duplicate")
+                return refuse(f"{person} is not eligible to review this request (needs {needs(spec).requirement()})",
+                              "not_eligible")
             if verdict.verdict == "deny" and not reason:
                 return refuse("a denial needs a reason", "reason_required")
+            if mine is not None:
+                if mine["verdict"] == "deny":
+                    return refuse(f"{person} denied this request; a denial is final", "duplicate")
+                if verdict.verdict == "approve":
+                    return refuse(f"{person} has already approved this request", "duplicate")
+                return self._change(tx, verdict, row, person, reason, groups)
             if verdict.verdict == "approve" and spec.require_reason and not reason:
                 return refuse("this policy requires a reason with every approval", "reason_required")
 
@@ -236,8 +245,9 @@ class ApprovalBroker:
                     "approvers": approvers, "tool": row["tool"], "args_hash": row["args_hash"],
                     "policy_digest": row["policy_digest"], "expires": expires})
                 return VoteResult(verdict.request_id, True, "approved", "approved: quorum reached", "approved")
-            return VoteResult(verdict.request_id, True, "pending",
-                              f"vote recorded ({len(approvers)} approval(s) so far; more are needed)", "recorded")
+            progress = needs(spec, [*votes, {"person": person, "verdict": "approve", "groups": groups}]).progress()
+            return VoteResult(verdict.request_id, True, "pending", f"vote recorded: {progress}; more are needed",
+                              "recorded")
 
         result = await self.ledger.mutate_call(verdict.request_id, body)
         if not result.accepted:
@@ -250,6 +260,22 @@ class ApprovalBroker:
                 f"; {WAITING_FOR_AGENT} (it runs once when the agent repeats the call, before the request expires)"),
                 "approved")
         return result
+
+    @staticmethod
+    def _change(tx: Tx, verdict: Verdict, row: Row, person: str, reason: str | None, groups: list[str]) -> VoteResult:
+        """A reviewer who approved denies before the call is claimed to run: the vote is recorded as changed (the
+        `vote` event says what it was), and the request is denied as by any reviewer's denial. The claim to run and
+        this denial are each one conditional change of the call's state, so exactly one of them wins."""
+        request_id = verdict.request_id
+        tx.change_vote(request_id, person, verdict.reviewer, "deny", reason, groups)
+        tx.append("vote", request_id, {"reviewer": verdict.reviewer, "person": person, "verdict": "deny",
+                                       "reason": reason, "channel": verdict.channel, "groups": groups,
+                                       "changed_from": "approve"})
+        tx.finish(request_id, "denied_by_reviewer", {"by": "reviewer", "person": person, "reviewer": verdict.reviewer,
+                                                     "reason": reason, "changed_vote": True},
+                  f"denied by {person} (who had approved): {reason}")
+        was = " (its approval is withdrawn: it will not run)" if row["state"] == "approved" else ""
+        return VoteResult(request_id, True, "denied", f"denied by {person}, who had approved{was}", "denied")
 
     # -- rejoining -------------------------------------------------------------------------------
 

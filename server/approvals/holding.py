@@ -17,11 +17,12 @@ import mcp_types as types
 
 from server.approvals.broker import ApprovalBroker
 from server.approvals.proof import prove_approval
+from server.approvals.quorum import needs
 from server.classify import Redaction
 from server.errors import LedgerError
 from server.ledger import Ledger
 from server.models import Decision, RequestView, ToolCall
-from server.outcomes import OUTCOMES, closed_result, error_result, left_result, ran_before_result, waiting_message
+from server.outcomes import OUTCOMES, closed_result, error_result, left_result, ran_before_result
 from server.records import open_call
 
 log = logging.getLogger(__name__)
@@ -161,3 +162,13 @@ class Holding:
                     remaining = self.progress_interval_s  # a run ends when the tool returns, not at the expiry
                 del view  # read again on waking: not kept while waiting, it is a fifth of a held call's memory
                 await self.broker.wait_for_change(request_id, min(self.progress_interval_s, remaining), gone)
+
+
+def waiting_message(view: RequestView) -> str:
+    """The progress message of a held call (what it still needs, as every channel says it: `quorum.needs`)."""
+    if view.state != "pending":
+        return f"keyturn request {view.id}: {view.tool} was approved and is being run; waiting for its result"
+    need = needs(view.review, view.votes)
+    left = int(view.expires - time.time()) if view.expires else 0
+    return (f"keyturn request {view.id}: waiting for human approval of {view.tool} "
+            f"({need.progress()}; needs {need.requirement()}; expires in {left}s)")

@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from server.approvals.quorum import needs
 from server.channels.bodies import BodyRefused, read_body
 from server.errors import LedgerError
 from server.models import RequestView, Verdict, VerdictKind, VoteResult, state_label
@@ -29,8 +30,10 @@ def _error(status: int, message: str, code: str) -> JSONResponse:
 
 
 def view_json(view: RequestView) -> dict[str, Any]:
-    """The request as JSON, with `status`: its state as a person reads it (see `server.models.state_label`)."""
-    return {**view.model_dump(mode="json"), "status": state_label(view.state)}
+    """The request as JSON, with `status`: its state as a person reads it (see `server.models.state_label`), and
+    `needs`: what it needs and where it stands (`server.approvals.quorum.needs`, as every channel says it)."""
+    return {**view.model_dump(mode="json"), "status": state_label(view.state),
+            "needs": needs(view.review, view.votes).as_json()}
 
 
 async def submit_verdict(

@@ -335,6 +335,8 @@ def _print_request(r: dict[str, Any]) -> None:
           + (f"  expires {_when(r['expires'])}" if r.get("expires") else ""))
     print(f"    why: {r['reason']}")
     print(f"    arguments: {json.dumps(r['arguments'], ensure_ascii=False)[:500]}")
+    if r.get("needs") and r.get("review"):
+        print(f"    needs: {r['needs']['text']} ({r['needs']['progress']})")
     for v in r.get("votes", []):
         print(f"    vote: {v['verdict']} by {v['person']} ({v['reviewer']}) {v['reason'] or ''}")
 
@@ -392,6 +394,8 @@ def _event_line(e: Any) -> str:
     elif e.kind in ("vote", "vote.refused"):
         who = p.get("person") or p.get("reviewer")
         detail = f"{p.get('verdict')} by {who} via {p.get('channel')}: {p.get('reason') or p.get('message') or ''}"
+        if p.get("changed_from"):
+            detail += f" (changed from {p['changed_from']})"
     elif e.kind in ("executed", "failed"):
         if p.get("result_digest"):
             what = "error result" if p.get("is_error") else "result"

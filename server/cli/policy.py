@@ -11,9 +11,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
+from server.approvals.quorum import needs
 from server.classify import ClassifyContext, empty_facts, extract_facts
 from server.config import Settings
 from server.errors import KeyturnError, PolicyError
+from server.models import ReviewSpec
 from server.policy.engine import CompiledPolicy
 from server.policy.loader import PolicyErrors, load_policy
 from server.policy.replay import replay, summarise
@@ -32,6 +34,11 @@ def cmd_check(path: Path, settings: Settings | None = None, *, out: TextIO | Non
     out = out or sys.stdout
     for warning in policy.warnings:
         print(f"warning: {warning}", file=out)
+    if settings is not None:
+        from server.runtime import unreachable_rules  # (the runtime only when a config is given)
+
+        for line in unreachable_rules(policy, settings):
+            print(f"warning: {line}", file=out)
     checked = "checked against the configured people and groups" if settings else "people and groups not checked"
     print(f"ok: {len(policy.rules)} rules, digest {policy.digest} ({checked})", file=out)
     return 0
@@ -140,6 +147,9 @@ def render_explain(trace: Mapping[str, Any]) -> str:
         )
         extra = "; reason required" if review["require_reason"] else ""
         lines.append(f"review    {groups}; timeout {_duration(review['timeout_s'])}{extra}")
+        lines.append(f"needs     {needs(ReviewSpec.model_validate(review)).requirement()}")
+        if (timeout := trace.get("timeout")) is not None:
+            lines.append(f"timeout   {_duration(timeout['timeout_s'])}: {timeout['why']}")
         for e in review["escalation"]:
             lines.append(f"          after {_duration(e['after_s'])}: notify {', '.join(e['notify']) or '-'}")
     if trace.get("builtin_guard"):

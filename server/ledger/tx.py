@@ -119,6 +119,14 @@ class Tx:
             (call_id, person, reviewer, verdict, reason, json.dumps(list(groups)), self.now),
         )
 
+    def change_vote(self, call_id: str, person: str, reviewer: str, verdict: str, reason: str | None,
+                    groups: Sequence[str]) -> None:
+        """Replace `person`'s vote on the call (its row says what their latest `vote` event says)."""
+        self.conn.execute(
+            "UPDATE votes SET reviewer = ?, verdict = ?, reason = ?, groups = ?, ts = ? WHERE call_id = ? AND person = ?",
+            (reviewer, verdict, reason, json.dumps(list(groups)), self.now, call_id, person),
+        )
+
     def set_holder(self, call_id: str, holder: str) -> None:
         """The process whose caller waits on the call now."""
         self.conn.execute("UPDATE calls SET holder = ? WHERE id = ?", (holder, call_id))

@@ -3,7 +3,8 @@
 Semantics, in one place:
 - every rule whose tool/principal/model globs match and whose condition is true *matches*;
 - the most restrictive outcome among matches wins (deny > review > allow); risk is the highest;
-- several review rules combine: all their approver groups (AND), the shortest timeout;
+- several review rules combine: all their approver groups (AND), and the timeout of the rule that sets the highest
+  bar (the highest risk, then the most approvals needed; on a tie the shorter timeout): see `highest_bar`;
 - no match: the policy's default outcome and risk;
 - a condition that errors fails closed: a deny/review rule counts as matched ("condition error"),
   an allow rule counts as not matched; either way the error is in the decision's facts;
@@ -16,7 +17,7 @@ Semantics, in one place:
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -129,6 +130,11 @@ class CompiledPolicy:
     def __repr__(self) -> str:
         return f"CompiledPolicy({self.source!r}, rules={len(self.rules)}, digest={self.digest[:12]})"
 
+    def reviews(self) -> list[tuple[str, ReviewSpec]]:
+        """(rule id, review) of every enabled review rule, and ("default", review) when the default is review."""
+        out = [(r.id, r.review or self.default_review) for r in self.rules if r.enabled and r.outcome == "review"]
+        return out + ([("default", self.default_review)] if self.default_outcome == "review" else [])
+
     def candidates(self, tool: str) -> tuple[CompiledRule, ...]:
         """The enabled rules whose tool globs match `tool`, in file order (cached per tool name)."""
         hit = self._cache.get(tool)
@@ -181,7 +187,27 @@ class CompiledPolicy:
             "builtin_guard": next((r.id for r in decision.rules if r.id.startswith("keyturn:")), None),
             "rules": rules,
             "decision": decision.model_dump(mode="json", exclude={"facts"}),
+            "timeout": self._timeout_source(decision),
         }
+
+    def _timeout_source(self, decision: Decision) -> dict[str, Any] | None:
+        """Which rule's timeout a review has, and why (see `highest_bar`)."""
+        if decision.review is None:
+            return None
+        by_id = {r.id: r for r in self.rules}
+        held = [by_id[m.id] for m in decision.rules if m.outcome == "review" and m.id in by_id]
+        timeout = decision.review.timeout_s
+        if not held:
+            return {"rule": None, "timeout_s": timeout, "why": "no rule matched: the policy's default review applies"}
+        specs = [r.review or self.default_review for r in held]
+        bar = held[highest_bar([r.risk for r in held], specs)]
+        if len(held) == 1:
+            return {"rule": bar.id, "timeout_s": timeout, "why": f"the only rule that asked for a review ({bar.id})"}
+        others = ", ".join(f"{r.id} {s.timeout_s:g}s" for r, s in zip(held, specs, strict=True) if r is not bar)
+        needed = approvals_needed(bar.review or self.default_review)
+        return {"rule": bar.id, "timeout_s": timeout,
+                "why": f"{bar.id} sets the highest bar of the {len(held)} review rules that matched (risk {bar.risk}, "
+                       f"{needed} approval(s)); its own timeout applies (the others: {others})"}
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -286,10 +312,12 @@ class CompiledPolicy:
             winners = [m for m in matches if m.rule.outcome == outcome]
             reason = "; ".join(dict.fromkeys(m.reason for m in winners))
             specs = [m.rule.review or self.default_review for m in winners]
+            risks = [m.rule.risk for m in winners]
         else:
             outcome, risk = self.default_outcome, self.default_risk
             reason = f"no rule matched: the policy default is {outcome}"
             specs = [self.default_review]
+            risks = [risk]
             if facts.get("annotations", {}).get("destructive") is True and RISK_ORDER[risk] < RISK_ORDER["high"]:
                 # No rule speaks for this call: the tool's own word that it is destructive raises the default.
                 risk = "high"
@@ -298,7 +326,7 @@ class CompiledPolicy:
             risk=risk,
             reason=reason,
             rules=matched,
-            review=combine_reviews(specs) if outcome == "review" else None,
+            review=combine_reviews(specs, risks) if outcome == "review" else None,
             policy_digest=self.digest,
             facts=facts,
         )
@@ -388,10 +416,27 @@ def _full_activation(
     }
 
 
-def combine_reviews(specs: list[ReviewSpec]) -> ReviewSpec:
+def approvals_needed(spec: ReviewSpec) -> int:
+    """Distinct approvals `spec` needs at least: the groups of one requirement add up; requirements overlap."""
+    totals: dict[str, int] = {}
+    for g in spec.groups:
+        totals[g.requirement] = totals.get(g.requirement, 0) + max(1, g.quorum)
+    return max(totals.values(), default=0)
+
+
+def highest_bar(risks: Sequence[RiskLevel], specs: Sequence[ReviewSpec]) -> int:
+    """The index of the review that sets the highest bar: the highest risk, then the most distinct approvals
+    needed; on a tie, the shorter timeout (then the first in file order). Its own timeout is the combined review's:
+    the strictest rule keeps the time its author gave its reviewers, and a request that times out is refused."""
+    return min(range(len(specs)), key=lambda i: (-RISK_ORDER[risks[i]], -approvals_needed(specs[i]),
+                                                 specs[i].timeout_s, i))
+
+
+def combine_reviews(specs: list[ReviewSpec], risks: Sequence[RiskLevel] | None = None) -> ReviewSpec:
     """Several review rules at once: every rule's approver groups must be satisfied (AND; each rule is a
-    separate `requirement`, so one person may count toward each), the shortest timeout, a reason if
-    any asks for one, every channel and escalation."""
+    separate `requirement`, so one person may count toward each), the timeout of the rule that sets the highest
+    bar (`highest_bar`; without `risks`, by approvals needed alone), a reason if any asks for one, every channel and
+    escalation."""
     if len(specs) == 1:
         return specs[0]
     # Each rule's approver groups stay one requirement of their own: every requirement must be met
@@ -405,9 +450,10 @@ def combine_reviews(specs: list[ReviewSpec]) -> ReviewSpec:
     for spec in specs:
         for e in spec.escalation:
             escalations.setdefault((e.after_s, e.notify, e.channels), e)
+    bar = highest_bar(risks if risks is not None else ["low"] * len(specs), specs)
     return ReviewSpec(
         groups=tuple(groups.values()),
-        timeout_s=min(s.timeout_s for s in specs),
+        timeout_s=specs[bar].timeout_s,
         require_reason=any(s.require_reason for s in specs),
         channels=tuple(dict.fromkeys(c for s in specs for c in s.channels)),
         escalation=tuple(escalations[k] for k in sorted(escalations)),

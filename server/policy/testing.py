@@ -32,6 +32,7 @@ from server.classify import ClassifyContext, extract_facts
 from server.errors import ClassifierError, PolicyError, dotted, problems
 from server.models import Decision, Outcome, RiskLevel, ToolCall
 from server.policy.engine import CompiledPolicy
+from server.policy.engine import approvals_needed as engine_approvals_needed
 from server.policy.loader import load_policy, read_yaml
 
 # What the shipped tool packs (tools/*.py) declare, so tests and `policy explain` need not load them.
@@ -184,12 +185,7 @@ def check(decision: Decision, expect: Expect) -> list[str]:
 
 def approvals_needed(decision: Decision) -> int:
     """Distinct approvals a review needs at least: groups of one requirement add up; requirements overlap."""
-    if decision.review is None:
-        return 0
-    totals: dict[str, int] = {}
-    for g in decision.review.groups:
-        totals[g.requirement] = totals.get(g.requirement, 0) + g.quorum
-    return max(totals.values(), default=0)
+    return 0 if decision.review is None else engine_approvals_needed(decision.review)
 
 
 def load_suite(path: Path) -> tuple[Suite, dict[tuple[str | int, ...], int]]:

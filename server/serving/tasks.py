@@ -37,11 +37,11 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import Field
 
 from server.approvals.broker import first_of
-from server.approvals.holding import on_hold
+from server.approvals.holding import on_hold, waiting_message
 from server.gate import Identity
 from server.guarded import SECRET_RESULT_META
 from server.models import RequestView
-from server.outcomes import closed_result, ran_before_result, waiting_message
+from server.outcomes import closed_result, ran_before_result
 from server.runtime import Keyturn
 
 log = logging.getLogger(__name__)

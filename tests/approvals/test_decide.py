@@ -18,7 +18,7 @@ from server.guarded import guarded_tool
 from server.ledger import Ledger
 from server.models import RequestView, Verdict
 from server.policy import LivePolicy
-from tests.helpers import left_pending
+from tests.helpers import agent, held_call, left_pending
 
 POLICY = """
 version: 1
@@ -221,3 +221,104 @@ async def test_a_reviewer_directory_maps_identities_to_people() -> None:
                                   groups_of={"alice": frozenset({"dba"})})
     assert directory.person("slack:U1") == directory.person("api:alice") == "alice"
     assert directory.person("slack:U2") is None
+
+
+# -- an approver changes their mind ------------------------------------------------------------------------
+
+
+async def test_an_approver_may_deny_while_the_request_waits_for_more_votes(world: tuple[Gate, Ledger]) -> None:
+    gate, ledger = world
+    request = await held(gate, ledger, "write_db")
+    assert (await gate.broker.decide(vote(request, "api:alice"))).state == "pending"
+    assert await refused(gate, vote(request, "api:alice", "deny")) == "reason_required"  # a denial needs a reason
+    changed = await gate.broker.decide(vote(request, "api:alice", "deny", "wrong table"))
+    assert changed.accepted and changed.state == "denied" and "who had approved" in changed.message
+    votes = [e.payload for e in await ledger.events(request.id) if e.kind == "vote"]
+    assert [(v["verdict"], v.get("changed_from")) for v in votes] == [("approve", None), ("deny", "approve")]
+    view = await ledger.get_call(request.id)
+    assert view is not None and view.state == "denied"
+    assert [(v["person"], v["verdict"], v["reason"]) for v in view.votes] == [("alice", "deny", "wrong table")]
+    # A deny stays final: neither alice nor anyone else turns it back.
+    assert await refused(gate, vote(request, "api:alice")) == "not_pending"
+    assert await refused(gate, vote(request, "api:carol")) == "not_pending"
+    # The changed vote row agrees with the chain (the latest vote event), so the audit is clean.
+    result, _ = await ledger.audit()
+    assert result.ok, result.message
+    assert (await kinds(ledger, request)).count("denied") == 1
+
+
+async def test_an_approval_can_be_taken_back_until_the_call_is_claimed(world: tuple[Gate, Ledger]) -> None:
+    gate, ledger = world
+    request = await held(gate, ledger, "write_any")
+    assert (await gate.broker.decide(vote(request, "api:alice"))).state == "approved"
+    assert await refused(gate, vote(request, "api:carol", "deny", "not mine to take back")) == "not_pending"
+    assert await refused(gate, vote(request, "api:alice")) == "not_pending"  # approving twice is not a change
+    taken_back = await gate.broker.decide(vote(request, "api:alice", "deny", "I misread the table"))
+    assert taken_back.accepted and taken_back.state == "denied" and "withdrawn" in taken_back.message
+    denied = next(e for e in await ledger.events(request.id) if e.kind == "denied")
+    assert denied.payload["person"] == "alice" and denied.payload["changed_vote"] is True
+    # The agent comes back for its approved call: nothing runs, it is told who denied and why.
+    ran: list[str] = []
+
+    @guarded_tool(name="write_any")
+    async def write_any(key: str) -> str:
+        ran.append(key)
+        return "done"
+
+    async with agent() as calls:
+        retry = calls.call(gate, write_any, {"key": "k"}, AGENT)
+        second = await retry.request()
+        assert second.id != request.id and second.state == "pending"  # a denied request is never rejoined
+        calls.stop()
+    assert ran == []
+    assert [e.kind for e in await ledger.events(request.id)].count("execution.started") == 0
+    result, _ = await ledger.audit()
+    assert result.ok, result.message
+
+
+async def test_once_the_call_is_claimed_to_run_an_approval_stands(world: tuple[Gate, Ledger]) -> None:
+    gate, ledger = world
+    running, release = anyio.Event(), anyio.Event()
+
+    @guarded_tool(name="write_any")
+    async def write_any(key: str) -> str:
+        running.set()
+        await release.wait()
+        return "done"
+
+    async with held_call(gate, write_any, {"key": "slow"}, AGENT) as call:
+        request = await call.request()
+        assert (await gate.broker.decide(vote(request, "api:alice"))).state == "approved"
+        with anyio.fail_after(10):
+            await running.wait()  # claimed (execution.started) and running
+        result = await gate.broker.decide(vote(request, "api:alice", "deny", "too late"))
+        assert (result.accepted, result.code) == (False, "not_pending") and "claimed to run" in result.message
+        release.set()
+        assert not (await call.result()).is_error
+    view = await ledger.get_call(request.id)
+    assert view is not None and view.state == "executed" and view.votes[0]["verdict"] == "approve"
+
+
+async def test_a_denial_and_the_claim_to_run_race_and_exactly_one_wins(world: tuple[Gate, Ledger]) -> None:
+    gate, ledger = world
+    for key in ("first", "second"):
+        request = await held(gate, ledger, "write_any", key)
+        assert (await gate.broker.decide(vote(request, "api:alice"))).state == "approved"
+        results: dict[str, object] = {}
+
+        async def claim(request_id: str = request.id, results: dict[str, object] = results) -> None:
+            results["claim"] = await ledger.transition(request_id, ("approved",), "running", "execution.started",
+                                                       {"holder": "test"}, holder="test")
+
+        async def deny(request_id: str = request.id, results: dict[str, object] = results) -> None:
+            results["deny"] = (await gate.broker.decide(Verdict(request_id=request_id, reviewer="api:alice",
+                                                                verdict="deny", reason="stop"))).accepted
+
+        async with anyio.create_task_group() as tg:
+            for step in ((claim, deny) if key == "first" else (deny, claim)):
+                tg.start_soon(step)
+        assert sorted([results["claim"], results["deny"]]) == [False, True], results
+        view = await ledger.get_call(request.id)
+        assert view is not None and view.state == ("running" if results["claim"] else "denied")
+        ends = [e.kind for e in await ledger.events(request.id) if e.kind in ("denied", "execution.started")]
+        assert len(ends) == 1

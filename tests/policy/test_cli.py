@@ -87,6 +87,8 @@ def test_explain_prints_the_decision_and_the_rules_that_matched() -> None:
     assert code == 0
     assert "decision  REVIEW  risk critical" in text
     assert "MATCH sql-mass-change" in text and "2 from any reviewer" in text
+    assert "needs     2 approvals from any reviewer (different people)" in text
+    assert "timeout   30m: sql-mass-change sets the highest bar" in text
     assert "sql.delete_without_where = true" in text
 
 
@@ -134,3 +136,19 @@ def test_check_warns_about_functions_cel_does_not_have(tmp_path: Path) -> None:
     out = io.StringIO()
     assert cmd_check(path, out=out) == 0
     assert "warning: rule 'a' (line 3): unknown function 'frobnicate'" in out.getvalue()
+
+
+def test_check_with_a_config_names_the_rules_its_reviewers_can_never_approve(tmp_path: Path) -> None:
+    embedded = Settings(db=tmp_path / "ledger.db")  # no reviewers configured: the one local reviewer
+    out = io.StringIO()
+    assert cmd_check(POLICIES / "default.yaml", embedded, out=out) == 0  # a warning, not an error
+    warnings = [line for line in out.getvalue().splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: rule 'sql-mass-change' can never be approved: "
+                        "2 from any reviewer but only 1 reviewer(s) can: owner"]
+    two = Settings(db=tmp_path / "ledger.db", people={"alice": Person(), "bob": Person()})
+    out = io.StringIO()
+    assert cmd_check(POLICIES / "default.yaml", two, out=out) == 0
+    assert "warning" not in out.getvalue()
+    out = io.StringIO()
+    assert cmd_check(POLICIES / "default.yaml", out=out) == 0  # without a config, nobody to count
+    assert "warning" not in out.getvalue()

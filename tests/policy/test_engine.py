@@ -80,13 +80,13 @@ def test_review_beats_allow(policy) -> None:  # type: ignore[no-untyped-def]
     assert d.outcome == "review" and {r.id for r in d.rules} == {"writes"}
 
 
-def test_several_review_rules_combine_approvers_and_take_the_shortest_timeout(policy) -> None:  # type: ignore[no-untyped-def]
+def test_several_review_rules_combine_approvers_and_take_the_highest_bars_timeout(policy) -> None:  # type: ignore[no-untyped-def]
     d = decide_with(policy, "sql_execute", {"statement": "DELETE FROM orders"})
     assert d.outcome == "review" and d.risk == "critical"
     assert d.reason == "write to orders; DELETE without WHERE on orders"
     review = d.review
     assert review is not None
-    assert review.timeout_s == 900  # 15m from `writes` beats the 30m of `mass-delete`
+    assert review.timeout_s == 1800  # `mass-delete` sets the highest bar (critical, 3 people): its own 30m applies
     assert review.require_reason and review.channels == ("slack:#db-approvals",)
     assert {(g.name, g.members, g.quorum) for g in review.groups} == {
         ("any", (), 1),
@@ -276,3 +276,53 @@ def test_a_disabled_rule_never_matches() -> None:
         "version: 1\ndefault: allow\nrules:\n  - {id: dormant, tool: '*', outcome: deny, enabled: false}\n"
     )
     assert decide_with(policy, "t").outcome == "allow"
+
+
+def test_the_shipped_mass_change_rule_keeps_its_own_30_minutes() -> None:
+    from server.policy import load_policy
+    from tests.policy.conftest import POLICIES
+
+    shipped = load_policy(POLICIES / "default.yaml")
+    d = decide_with(shipped, "sql_execute", {"statement": "DELETE FROM users"})
+    assert {r.id for r in d.rules} >= {"sql-write", "sql-mass-change"}
+    assert d.review is not None and d.review.timeout_s == 1800  # not sql-write's 15m
+    assert approvals_needed(d) == 2  # two people, not 1 + 2
+    trace = shipped.explain(call_for("sql_execute", {"statement": "DELETE FROM users"}),
+                            extract_sql("DELETE FROM users"))
+    assert trace["timeout"]["rule"] == "sql-mass-change" and trace["timeout"]["timeout_s"] == 1800
+    assert "highest bar" in trace["timeout"]["why"] and "sql-write 900s" in trace["timeout"]["why"]
+
+
+def extract_sql(statement: str) -> dict[str, object]:
+    from server.classify import ClassifyContext, extract_facts
+
+    return extract_facts("sql_execute", {"statement": statement}, {"statement": "sql"}, {}, ClassifyContext())
+
+
+TIMEOUTS = """\
+version: 1
+review: {timeout: 15m}
+rules:
+  - {id: a-long, tool: t, outcome: review, risk: high, review: {timeout: 2h}}
+  - {id: b-short, tool: t, outcome: review, risk: high, review: {timeout: 5m}}
+  - {id: c-two, tool: t, when: 'args.two == true', outcome: review, risk: high,
+     review: {timeout: 1h, approvers: [{any: true, quorum: 2}]}}
+  - {id: d-critical, tool: t, when: 'args.critical == true', outcome: review, risk: critical,
+     review: {timeout: 10m}}
+"""
+
+
+def test_the_rule_with_the_highest_bar_gives_the_timeout_risk_first_then_quorum_then_the_shorter() -> None:
+    policy = parse_policy(TIMEOUTS)
+    same_bar = decide_with(policy, "t", {"two": False, "critical": False})
+    assert same_bar.review is not None and same_bar.review.timeout_s == 300  # a tie: the shorter
+    more_people = decide_with(policy, "t", {"two": True, "critical": False})
+    assert more_people.review is not None and more_people.review.timeout_s == 3600  # two people: 1h
+    critical = decide_with(policy, "t", {"two": True, "critical": True})
+    assert critical.review is not None and critical.review.timeout_s == 600  # risk before quorum
+    trace = policy.explain(call_for("t", {"two": True, "critical": True}), {})
+    assert trace["timeout"]["rule"] == "d-critical"
+    alone = parse_policy("version: 1\nrules:\n  - {id: only, tool: t, outcome: review, review: {timeout: 7m}}\n")
+    assert alone.explain(call_for("t", {}), {})["timeout"] == {
+        "rule": "only", "timeout_s": 420.0, "why": "the only rule that asked for a review (only)"}
+    assert alone.explain(call_for("other", {}), {})["timeout"]["rule"] is None  # the policy's default review

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from pydantic import ValidationError
 
-from server.models import Event, RequestView, state_label
+from server.approvals.quorum import needs
+from server.models import Event, RequestView, ReviewSpec, state_label
 from server.records import UNCLASSIFIED
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -116,6 +118,8 @@ class Card:
     needed: int
     my_vote: str | None  # the signed-in reviewer's verdict, if they voted
     version: str  # changes whenever what the status part shows changes
+    needs: str = ""  # what the request needs, in words (`quorum.needs`)
+    shared: bool = False  # the groups come from several rules: one person may count toward more than one
     arguments_kept: bool = True  # False: denied by keyturn as not valid for the tool, only refused arguments' hash
     origin: str | None = None  # a proxied tool's upstream server and its own name there ("git: git_commit")
 
@@ -125,22 +129,17 @@ class Card:
 
 
 def card(view: RequestView, classifiers: Mapping[str, str], person: str | None) -> Card:
-    spec = view.review
-    approves = [v for v in view.votes if v["verdict"] == "approve"]
-    groups = [
-        GroupProgress(
-            name=g.name, members=", ".join(g.members) or "any reviewer", need=max(1, g.quorum),
-            have=min(max(1, g.quorum), sum(1 for v in approves if g.name in v.get("groups", []))),
-        )
-        for g in (spec.groups if spec else ())
-    ]
+    need = needs(view.review, view.votes)  # the numbers and words every channel shows
+    groups = [GroupProgress(name=line.who, members=line.who, need=line.need, have=min(line.have, line.need))
+              for line in need.lines]
     my_vote = next((v["verdict"] for v in view.votes if person is not None and v["person"] == person), None)
     kept = view.arguments != UNCLASSIFIED
     return Card(
         view=view,
         arguments=[] if not kept else [classify_argument(k, v, classifiers.get(k)) for k, v in view.arguments.items()],
-        groups=groups, approvals=len(approves), needed=sum(g.need for g in groups) or 1, my_vote=my_vote,
-        version=f"{view.state}:{len(view.votes)}", arguments_kept=kept,
+        groups=groups, approvals=need.approvals, needed=need.needed or 1, my_vote=my_vote,
+        version=f"{view.state}:{len(view.votes)}:{sum(v['verdict'] == 'deny' for v in view.votes)}",
+        needs=need.requirement(), shared=need.shared, arguments_kept=kept,
     )
 
 
@@ -179,18 +178,21 @@ def describe(event: Event) -> Entry:
         return Entry(event, "Policy decision", lines, tone, rules=list(p.get("rules") or []),
                      policy=p.get("policy_digest"))
     if kind == "approval.requested":
-        review = p.get("review") or {}
-        needs = "; ".join(f"{g.get('quorum', 1)} of {', '.join(g.get('members') or []) or 'any reviewer'}"
-                          for g in review.get("groups", []))
-        return Entry(event, "Held for review", [f"needs {needs}", f"expires {utc(p.get('expires'))}"], "warn")
+        try:
+            wanted = needs(ReviewSpec.model_validate(p.get("review") or {})).requirement()
+        except ValidationError:
+            wanted = "(the review recorded here cannot be read)"
+        return Entry(event, "Held for review", [f"needs {wanted}", f"expires {utc(p.get('expires'))}"], "warn")
     if kind == "notified":
         return Entry(event, "Reviewers notified", [f"via {p.get('channel')}"])
     if kind == "notify.failed":
         return Entry(event, "Notification failed", [f"via {p.get('channel')}: {p.get('error')}"], "warn")
     if kind == "vote":
         verb = "approved" if p.get("verdict") == "approve" else "denied"
+        if p.get("changed_from"):
+            verb = f"changed their vote from {p['changed_from']} to {p.get('verdict')}"
         lines = [f"via {p.get('channel')} as {p.get('reviewer')}", f"reason: {p.get('reason') or '—'}"]
-        return Entry(event, f"{_who(p)} {verb}", lines, "good" if verb == "approved" else "bad")
+        return Entry(event, f"{_who(p)} {verb}", lines, "good" if p.get("verdict") == "approve" else "bad")
     if kind == "vote.refused":
         return Entry(event, f"Vote refused ({p.get('code')})",
                      [f"{p.get('verdict')} by {_who(p)} via {p.get('channel')}: {p.get('message')}"], "warn")

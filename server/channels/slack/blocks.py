@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from server.approvals.quorum import needs
 from server.classify.secrets import mask
 from server.models import Event, RequestView, ReviewSpec
 
@@ -61,15 +62,13 @@ def _date(ts: float | None) -> str:
     return f"<!date^{int(ts)}^{{date_short_pretty}} at {{time}}|{int(ts)} (unix time)>"
 
 
-def needs_text(spec: ReviewSpec | None) -> str:
-    spec = spec or ReviewSpec()
-    parts = []
-    for g in spec.groups:
-        n = max(1, g.quorum)
-        who = ", ".join(safe(m) for m in g.members) or "any reviewer"
-        parts.append(f"{n} approval{'s' if n != 1 else ''} from {who}")
-    text = " *and* ".join(parts)
-    return text + (" (a reason is required)" if spec.require_reason else "")
+def needs_text(spec: ReviewSpec | None, votes: list[dict[str, Any]] | None = None) -> str:
+    """What the request needs and where it stands (`quorum.needs`, as every channel says it), escaped."""
+    need = needs(spec, votes or [])
+    text = safe(need.requirement())
+    if votes:
+        text += f" · {safe(need.progress())}"
+    return text + (" (a reason is required)" if need.require_reason else "")
 
 
 def _argument_blocks(arguments: dict[str, Any]) -> list[dict[str, Any]]:
@@ -116,7 +115,8 @@ def fallback_text(view: RequestView) -> str:
 
 
 def request_message(view: RequestView, mentions: list[str] | None = None) -> tuple[str, list[dict[str, Any]]]:
-    """The review message for `view` in its current state: (fallback text, blocks). Buttons only while pending."""
+    """The review message for `view` in its current state: (fallback text, blocks). Approve and Deny while pending;
+    Deny alone while approved and not yet run (an approver may change their mind until the call is claimed)."""
     who = safe(view.principal) + (f" on behalf of *{safe(view.on_behalf_of)}*" if view.on_behalf_of else "")
     risk = view.risk or "unknown"
     blocks: list[dict[str, Any]] = [
@@ -133,7 +133,7 @@ def request_message(view: RequestView, mentions: list[str] | None = None) -> tup
     blocks.append(_section("*Why it was held*\n" + "\n".join(rules)))
     blocks.append(_section("*What it wants to run*"))
     blocks.extend(_argument_blocks(view.arguments))
-    needs = f"*Needs* {needs_text(view.review)}"
+    needs = f"*Needs* {needs_text(view.review, view.votes)}"
     if mentions:
         needs += "\n*Who can approve* " + ", ".join(f"<@{u}>" for u in mentions)
     blocks.append(_section(needs))
@@ -152,6 +152,11 @@ def request_message(view: RequestView, mentions: list[str] | None = None) -> tup
             {"type": "button", "action_id": DENY_ACTION, "style": "danger", "value": view.id,
              "text": {"type": "plain_text", "text": "Deny"}},
         ]})
+    elif view.state == "approved":  # not run yet: a reviewer who approved may still deny (keyturn checks who)
+        blocks.append({"type": "actions", "block_id": "keyturn_vote", "elements": [
+            {"type": "button", "action_id": DENY_ACTION, "style": "danger", "value": view.id,
+             "text": {"type": "plain_text", "text": "Deny (take back my approval)"}},
+        ]})
     blocks.append(_context(f"request `{view.id}` · arguments sha256 `{view.args_hash[:16]}` · "
                            f"policy `{(view.policy_digest or '-')[:12]}` · `keyturn show {view.id}`"))
     return fallback_text(view), blocks[:50]
@@ -165,7 +170,8 @@ def thread_line(event: Event) -> str | None:
         return f":white_check_mark: {safe(str(p.get('person')))} approved{reason}"
     if event.kind == "denied":
         who = safe(str(p.get("person") or p.get("by") or "keyturn"))
-        return f":no_entry: Denied by {who}: {safe(str(p.get('reason') or ''))}"
+        changed = " (who had approved)" if p.get("changed_vote") else ""
+        return f":no_entry: Denied by {who}{changed}: {safe(str(p.get('reason') or ''))}"
     if event.kind == "approval.granted":
         return ":key: Approved by " + ", ".join(safe(str(a)) for a in p.get("approvers", [])) + "; it may run now."
     if event.kind == "executed":

@@ -284,7 +284,7 @@ class SlackChannel:
         user, identity = await self.identities.identify(body)
         view = await self.ledger.get_call(request_id)
         wants_reason = verdict == "deny" or bool(view and view.review and view.review.require_reason)
-        if view is not None and view.state == "pending" and wants_reason:
+        if view is not None and view.state in ("pending", "approved") and wants_reason:
             modal = ui.reason_modal(view, verdict, {"r": request_id, "v": verdict, "c": channel})
             if not await self._call("views_open", trigger_id=body["trigger_id"], view=modal):
                 await self._ephemeral(channel, user, "keyturn could not open the reason dialog; please try again.")

@@ -28,6 +28,7 @@ from microsoft_teams.cards import (
     TextRun,
 )
 
+from server.approvals.quorum import needs
 from server.models import RequestView
 
 APPROVE_VERB = "keyturn.approve"
@@ -68,10 +69,10 @@ def arguments_text(view: RequestView) -> str:
 
 
 def quorum_text(view: RequestView) -> str:
-    spec = view.review
-    if spec is None:
-        return "1 approval from any reviewer"
-    return "; ".join(f"{g.quorum} approval(s) from {', '.join(g.members) or 'any reviewer'}" for g in spec.groups)
+    """What the request needs and where it stands (`quorum.needs`, as every channel says it)."""
+    need = needs(view.review, view.votes)
+    text = need.requirement() + (" (a reason is required)" if need.require_reason else "")
+    return text + (f" · {need.progress()}" if view.votes else "")
 
 
 def requester_text(view: RequestView) -> str:
@@ -152,6 +153,11 @@ def request_card(view: RequestView, *, notice: str | None = None, notice_ok: boo
                               max_length=MAX_REASON, placeholder="Why you approve or deny this call"))
         actions = [ExecuteAction(title="Approve", verb=APPROVE_VERB, data=data, style="positive"),
                    ExecuteAction(title="Deny", verb=DENY_VERB, data=data, style="destructive")]
+    elif view.state == "approved" and interactive:  # not run yet: an approver may still deny (keyturn checks who)
+        body.append(TextInput(id=REASON_INPUT, label="Reason (required to deny)", is_multiline=True,
+                              max_length=MAX_REASON, placeholder="Why you take back your approval"))
+        actions = [ExecuteAction(title="Deny (take back my approval)", verb=DENY_VERB, data={"request_id": view.id},
+                                 style="destructive")]
     elif view.state == "pending" and open_url:
         actions = [OpenUrlAction(title="Open", url=open_url)]
     return AdaptiveCard(version="1.5", body=body, actions=list(actions) or None,

@@ -66,8 +66,11 @@ def test_a_decided_request_has_no_buttons_and_shows_votes_and_outcome() -> None:
     shown = dump(blocks)
     assert not [b for b in blocks if b["type"] == "actions"]
     assert "Denied" in shown and "*alice*" in shown and "not &lt;now&gt;" in shown and "denied" in text
-    for state in ("approved", "running", "executed", "failed", "expired", "cancelled", "abandoned"):
+    for state in ("running", "executed", "failed", "expired", "cancelled", "abandoned"):
         assert not [b for b in ui.request_message(view(state=state))[1] if b["type"] == "actions"]
+    # Approved and not run yet: no Approve, only the Deny an approver may use to take their approval back.
+    [actions] = [b for b in ui.request_message(view(state="approved"))[1] if b["type"] == "actions"]
+    assert [e["action_id"] for e in actions["elements"]] == [ui.DENY_ACTION]
 
 
 def test_thread_lines_for_votes_and_outcomes() -> None:
@@ -78,6 +81,8 @@ def test_thread_lines_for_votes_and_outcomes() -> None:
         ":white_check_mark: alice approved: ok"
     assert ui.thread_line(event("vote", verdict="deny", person="alice")) is None  # `denied` says it
     assert "Denied by alice: no" in str(ui.thread_line(event("denied", person="alice", reason="no")))
+    assert "Denied by alice (who had approved): no" in str(
+        ui.thread_line(event("denied", person="alice", reason="no", changed_vote=True)))
     assert "alice, carol" in str(ui.thread_line(event("approval.granted", approvers=["alice", "carol"])))
     assert ui.thread_line(event("executed")) == ":white_check_mark: It ran."
     assert "Expired" in str(ui.thread_line(event("expired", reason="nobody decided")))

@@ -290,3 +290,41 @@ async def test_signed_checkpoints_reach_the_reviewers_channel_as_a_witness(slack
     assert out.returncode == 0, out.stdout + out.stderr
     # Daily, not on every checkpoint: later checkpoints do not post again.
     assert len([c for c in fake_slack.of("chat.postMessage") if "keyturn ledger checkpoint" in message_text(c.args)]) == 1
+
+
+async def test_an_approver_changes_their_mind_with_a_signed_deny_and_a_deny_stays_final(
+        slack_home: Home, fake_slack: FakeSlack) -> None:
+    base = slack_home.serve_http()
+    seen: dict[str, Any] = {}
+
+    async def alice_approves_then_denies() -> None:
+        request_id, message = await review_message(fake_slack, "payroll")
+        seen["id"] = request_id
+        assert "2 approvals from group:dba (different people)" in message_text(message)  # not "1 of 1 + 1 of 1"
+        await post_signed(base, block_action(request_id, "keyturn_approve", "UALICE", channel="C0DBA"))
+        await wait_until(lambda: len(payloads(slack_home, request_id, "vote")) == 1)
+        await fake_slack.wait_for("chat.update", lambda c: "1 of 2 approvals" in message_text(c.args))
+        await post_signed(base, block_action(request_id, "keyturn_deny", "UALICE", channel="C0DBA",
+                                             trigger_id="trig-change"))
+        opened = await fake_slack.wait_for("views.open", lambda c: c.args["trigger_id"] == "trig-change")
+        r = await post_signed(base, view_submission(opened.args["view"]["private_metadata"],
+                                                    "the raise is not signed off", "UALICE"))
+        assert r.status_code == 200, r.text
+
+    result = await held_call(base, TOKENS["agent-bob"], "UPDATE payroll SET salary = 1", alice_approves_then_denies)
+    assert result.is_error and "alice" in text(result) and "the raise is not signed off" in text(result)
+    assert slack_home.rows("SELECT salary FROM payroll") == [(100,)]
+    request_id = seen["id"]
+    votes = payloads(slack_home, request_id, "vote")
+    assert [(v["person"], v["verdict"], v.get("changed_from"), v["channel"]) for v in votes] == [
+        ("alice", "approve", None, "slack"), ("alice", "deny", "approve", "slack")]
+    assert terminal_events(slack_home, request_id) == ["denied"]
+    await fake_slack.wait_for("chat.update", lambda c: "Denied" in message_text(c.args)
+                              and "keyturn_approve" not in message_text(c.args))
+    # A deny stays final: a signed approve afterwards, from alice or carol, is refused and recorded.
+    for user in ("UALICE", "UCAROL"):
+        await post_signed(base, block_action(request_id, "keyturn_approve", user, channel="C0DBA"))
+        await fake_slack.wait_for("chat.postEphemeral", lambda c, u=user: c.args["user"] == u
+                                  and "not pending" in c.args["text"])
+    assert [p["code"] for p in payloads(slack_home, request_id, "vote.refused")] == ["not_pending", "not_pending"]
+    assert terminal_events(slack_home, request_id) == ["denied"]

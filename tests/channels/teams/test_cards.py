@@ -28,7 +28,7 @@ def test_a_pending_card_shows_the_whole_request_a_reason_input_and_approve_deny(
     card = card_json(request_card(view()))
     text = card_text(card)
     for expected in ("Approval needed", "sql_execute", "CRITICAL", "agent-bob on behalf of bob (model m-1)",
-                     "payroll-two-dbas: payroll changes need two DBAs", "2 approval(s) from group:dba",
+                     "payroll-two-dbas: payroll changes need two DBAs", "2 approvals from group:dba (different people)",
                      "UPDATE payroll SET salary = 1", "«redacted»", "Expires", "req-1", "none yet"):
         assert expected in text, expected
     assert card["version"] == "1.5"
@@ -77,3 +77,21 @@ def test_the_webhook_card_links_to_the_decision_page_instead_of_buttons() -> Non
 def test_a_notice_is_shown_to_the_reviewer_it_is_returned_to() -> None:
     text = card_text(card_json(request_card(view(), notice="Your vote was not counted: you asked for this")))
     assert "Your vote was not counted: you asked for this" in text
+
+
+def test_the_card_shows_what_is_needed_and_where_it_stands() -> None:
+    one = {"person": "alice", "reviewer": "api:alice", "verdict": "approve", "reason": None, "groups": ["dba"],
+           "ts": 1.0}
+    assert "Needs: \n2 approvals from group:dba (different people) · 1 of 2 approvals" in card_text(
+        card_json(request_card(view(votes=[one]))))
+
+
+def test_an_approved_card_not_yet_run_keeps_a_deny_for_an_approver_who_changes_their_mind() -> None:
+    votes = [{"person": p, "reviewer": f"api:{p}", "verdict": "approve", "reason": None, "groups": ["dba"], "ts": 1.0}
+             for p in ("alice", "carol")]
+    card = card_json(request_card(view(state="approved", votes=votes)))
+    [deny] = card["actions"]  # no Approve: only the Deny that takes an approval back
+    assert (deny["type"], deny["verb"], deny["data"]) == ("Action.Execute", DENY_VERB, {"request_id": "req-1"})
+    assert any(e["type"] == "Input.Text" and e["id"] == "reason" for e in card["body"])
+    running = card_json(request_card(view(state="running", votes=votes)))
+    assert "actions" not in running  # claimed to run: the approval stands
