@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import anyio
+
 from server.approvals.edits import EDIT_META_KEY
 from server.canonical import args_hash
 from server.config import default_policy_path
@@ -220,3 +222,36 @@ async def test_an_edit_cannot_be_replayed_nor_follow_another_edit_nor_discard_ap
     result = await call.result()
     assert result.is_error and "set it to 2, not 1" in text(result)
     assert home.rows("SELECT salary FROM payroll") == [(7,)]
+
+
+async def test_the_cli_approves_with_edited_arguments_and_the_audit_shows_the_edit(home: Home) -> None:
+    base = home.serve_http()
+    api = ReviewerAPI(base)
+
+    def keyturn(*args: str) -> Any:
+        return home.keyturn(*args, token=TOKENS["alice"], url=base)
+
+    async with agent_client(base) as client:
+        async with client_call(client, "sql_execute", {"statement": "UPDATE orders SET qty = 0"}) as call:
+            req = await api.wait_pending("sql_execute")
+            bad = await anyio.to_thread.run_sync(lambda: keyturn("approve", req["id"], "--args", "[1]", "--reason", "x"))
+            assert bad.returncode != 0 and "JSON object" in bad.stderr
+            broken = await anyio.to_thread.run_sync(lambda: keyturn("approve", req["id"], "--args", "{", "--reason", "x"))
+            assert broken.returncode != 0 and "JSON object" in broken.stderr
+            schema = await anyio.to_thread.run_sync(lambda: keyturn(
+                "approve", req["id"], "--args", '{"sql": "UPDATE orders SET qty = 1"}', "--reason", "x"))
+            assert schema.returncode != 0 and "invalid arguments" in schema.stderr, schema.stderr
+            done = await anyio.to_thread.run_sync(lambda: keyturn(
+                "approve", req["id"], "--args", '{"statement": "UPDATE orders SET qty = 1 WHERE id = 3"}',
+                "--reason", "only the plum order"))
+            assert done.returncode == 0, done.stderr
+            assert "edited" in done.stdout and "approved" in done.stdout
+    result = await call.result()
+    assert not result.is_error, text(result)
+    assert home.rows("SELECT qty FROM orders ORDER BY id") == [(3,), (5,), (1,)]
+    story = await anyio.to_thread.run_sync(lambda: home.keyturn("audit", "show", req["id"], "--config", str(home.config)))
+    assert story.returncode == 0, story.stderr
+    line = next(ln for ln in story.stdout.splitlines() if "arguments.edited" in ln)
+    assert "by alice: only the plum order" in line
+    assert args_hash({"statement": "UPDATE orders SET qty = 0"})[:12] in line
+    assert args_hash({"statement": "UPDATE orders SET qty = 1 WHERE id = 3"})[:12] in line
