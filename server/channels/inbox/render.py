@@ -17,6 +17,7 @@ from typing import Any
 
 import jinja2
 
+from server.approvals.edits import describe_diff
 from server.models import Event, RequestView, state_label
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -190,6 +191,10 @@ def describe(event: Event) -> Entry:
     if kind == "vote.refused":
         return Entry(event, f"Vote refused ({p.get('code')})",
                      [f"{p.get('verdict')} by {_who(p)} via {p.get('channel')}: {p.get('message')}"], "warn")
+    if kind == "arguments.edited":
+        lines = [f"via {p.get('channel')} as {p.get('reviewer')}", f"reason: {p.get('reason') or '—'}",
+                 *(describe_diff(p.get("diff") or []).splitlines())]
+        return Entry(event, f"{_who(p)} edited the arguments", lines, "warn", digest=p.get("args_hash"))
     if kind == "approval.granted":
         lines = [f"approvers: {', '.join(p.get('approvers') or [])}", f"bound to tool {p.get('tool')}, "
                  f"policy {p.get('policy_digest')}, until {utc(p.get('expires'))}"]
