@@ -14,7 +14,15 @@ import mcp_types as types
 
 from tests.channels.slack.conftest import slack_config
 from tests.channels.slack.fake_slack import FakeSlack
-from tests.channels.slack.interactions import action_values, block_action, message_text, post_signed, signed, view_submission
+from tests.channels.slack.interactions import (
+    action_values,
+    block_action,
+    edit_submission,
+    message_text,
+    post_signed,
+    signed,
+    view_submission,
+)
 from tests.conftest import TOKENS, Home, ReviewerAPI, agent_client, free_port
 from tests.helpers import eventually
 
@@ -290,15 +298,6 @@ async def test_signed_checkpoints_reach_the_reviewers_channel_as_a_witness(slack
     assert out.returncode == 0, out.stdout + out.stderr
     # Daily, not on every checkpoint: later checkpoints do not post again.
     assert len([c for c in fake_slack.of("chat.postMessage") if "keyturn ledger checkpoint" in message_text(c.args)]) == 1
-
-
-def edit_submission(private_metadata: str, arguments: str, reason: str, user: str) -> dict[str, Any]:
-    """The "Edit & approve" modal, submitted."""
-    payload = view_submission(private_metadata, reason, user)
-    payload["view"]["callback_id"] = "keyturn_edit"
-    payload["view"]["title"] = {"type": "plain_text", "text": "Edit, then approve"}
-    payload["view"]["state"]["values"]["arguments"] = {"arguments": {"type": "plain_text_input", "value": arguments}}
-    return payload
 
 
 async def test_edit_and_approve_through_the_modal_runs_the_edited_call_and_the_agent_is_told(
