@@ -170,6 +170,9 @@ def thread_line(event: Event) -> str | None:
     if event.kind == "vote" and p.get("verdict") == "approve":
         reason = f": {safe(str(p['reason']))}" if p.get("reason") else ""
         return f":white_check_mark: {safe(str(p.get('person')))} approved{reason}"
+    if event.kind == "arguments.edited":
+        return (f":pencil2: {safe(str(p.get('person')))} edited the arguments: {safe(str(p.get('reason') or ''))} "
+                f"(now sha256 `{str(p.get('args_hash'))[:16]}`)")
     if event.kind == "denied":
         who = safe(str(p.get("person") or p.get("by") or "keyturn"))
         return f":no_entry: Denied by {who}: {safe(str(p.get('reason') or ''))}"

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 EVENTS_PATH = "/slack/events"
 MAX_EVENT_BYTES = 1024 * 1024  # Slack's interaction payloads are tens of KiB at most
-UPDATE_KINDS = frozenset({"vote", "approval.granted", "execution.started", *TERMINAL_STATES})
+UPDATE_KINDS = frozenset({"vote", "arguments.edited", "approval.granted", "execution.started", *TERMINAL_STATES})
 EditJudge = Callable[[str, dict[str, Any]], Awaitable[ProposedEdit | EditRefused | None]]
 """Judges a reviewer's edited arguments for a request (`server.channels.api.judge_edit` with the runtime)."""
 

@@ -347,3 +347,5 @@ async def test_edit_and_approve_through_the_modal_runs_the_edited_call_and_the_a
     assert refused == ["denied_by_policy", "not_pending"]
     assert terminal_events(slack_home, request_id) == ["executed"]
     await fake_slack.wait_for("chat.update", lambda c: "Approved and executed" in message_text(c.args))
+    await fake_slack.wait_for("chat.postMessage", lambda c: c.args.get("thread_ts") is not None
+                              and "alice edited the arguments: only the pear order" in c.args["text"])
