@@ -263,7 +263,9 @@ class Gate:
         except Exception as e:
             # A tool's error can quote its arguments (a driver's "no such column: <secret>"): masked like them.
             conceal = (redaction or Redaction.guess(call.arguments)).conceal
-            return await self._failed(call.call_id, conceal(f"{type(e).__name__}: {e}"), f"the tool failed: {conceal(str(e))}")
+            edited = f" (it ran as reviewer {edit.person} edited it: {edit.reason})" if edit is not None else ""
+            return await self._failed(call.call_id, conceal(f"{type(e).__name__}: {e}"),
+                                      f"the tool failed{edited}: {conceal(str(e))}")
         finally:
             tool_progress.reset(token)
         if run is not None and run.cancelled_caught:

@@ -255,3 +255,18 @@ async def test_the_cli_approves_with_edited_arguments_and_the_audit_shows_the_ed
     assert "by alice: only the plum order" in line
     assert args_hash({"statement": "UPDATE orders SET qty = 0"})[:12] in line
     assert args_hash({"statement": "UPDATE orders SET qty = 1 WHERE id = 3"})[:12] in line
+
+
+async def test_an_edited_call_that_fails_tells_the_agent_it_ran_as_edited(home: Home) -> None:
+    base = home.serve_http()
+    api = ReviewerAPI(base)
+    async with agent_client(base) as client:
+        async with client_call(client, "sql_execute", {"statement": "UPDATE orders SET qty = 0"}) as call:
+            req = await api.wait_pending("sql_execute")
+            r = await edit(api, req["id"], "alice", {"statement": "UPDATE order_archive SET qty = 0"}, "the archive")
+            assert r.json()["state"] == "approved", r.text
+    result = await call.result()
+    assert result.is_error and "it ran as reviewer alice edited it: the archive" in text(result), text(result)
+    assert "order_archive" in text(result)
+    assert home.rows("SELECT sum(qty) FROM orders") == [(15,)]
+    assert terminal(home, req["id"]) == ["failed"]
