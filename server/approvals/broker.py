@@ -250,7 +250,7 @@ class ApprovalBroker:
                     "policy_digest": row["policy_digest"], "expires": expires})
                 return VoteResult(verdict.request_id, True, "approved", "approved: quorum reached", "approved")
             return VoteResult(verdict.request_id, True, "pending", ("arguments edited; the edited call needs more "
-                              "approvals: " if args_hash != row["args_hash"] else "vote recorded ") +
+                              "approvals: " if isinstance(edit, ProposedEdit) else "vote recorded ") +
                               f"({len(approvers)} approval(s) so far; more are needed)", "recorded")
 
         result = await self.ledger.mutate_call(verdict.request_id, body)
