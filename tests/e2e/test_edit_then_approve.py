@@ -255,6 +255,9 @@ async def test_the_cli_approves_with_edited_arguments_and_the_audit_shows_the_ed
     assert "by alice: only the plum order" in line
     assert args_hash({"statement": "UPDATE orders SET qty = 0"})[:12] in line
     assert args_hash({"statement": "UPDATE orders SET qty = 1 WHERE id = 3"})[:12] in line
+    # The tables an edit changed (the shown arguments, the review now needed) agree with the chain.
+    verify = await anyio.to_thread.run_sync(lambda: home.keyturn("audit", "verify", "--config", str(home.config)))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
 async def test_an_edited_call_that_fails_tells_the_agent_it_ran_as_edited(home: Home) -> None:
