@@ -21,6 +21,7 @@ import anyio
 import mcp_types as types
 
 from server.approvals import ApprovalBroker
+from server.approvals.edits import ChainedEdit, EditRefused, ProposedEdit, arguments_diff, edit_note, has_masked
 from server.approvals.holding import Holding, ProgressFn
 from server.cancelling import CallerCancel, unwatched, watching_cancel
 from server.canonical import args_hash, canonical_json, sha256_hex
@@ -30,7 +31,7 @@ from server.execution import limits_from_facts, running_under
 from server.guarded import SECRET_RESULT_META
 from server.ledger import Ledger
 from server.logs import current_call
-from server.models import Decision, ToolCall
+from server.models import Decision, RequestView, ToolCall
 from server.outcomes import OUTCOMES, REFUSALS, error_result, unrecorded_result
 from server.policy import LivePolicy
 from server.records import UNCLASSIFIED, describe_rules, open_call
@@ -227,12 +228,51 @@ class Gate:
         return error_result(f"Denied by policy: {why}", outcome=end.label, by="policy", call_id=call.call_id,
                             rules=rules, risk=decision.risk)
 
+    async def judge_edit(self, tool: Runnable, view: RequestView,
+                         arguments: dict[str, Any]) -> ProposedEdit | EditRefused:
+        """A reviewer's changed arguments for the held request `view`, judged like the agent's own call would be
+        (the tool's validation, the classifiers, the live policy), as the same principal; or why not."""
+        if has_masked(view.arguments):
+            return EditRefused("masked_values", "this call's arguments hold values keyturn masks, so they cannot be "
+                                                "edited; deny it with guidance instead")
+        who = Identity(view.principal, view.on_behalf_of, view.model)
+        call, refusal = self._check(tool, arguments, who)
+        if refusal is not None:
+            return EditRefused("invalid_arguments", f"the edited call was refused: {refusal.message}")
+        judged = await self._classify_and_decide(tool, call)
+        if isinstance(judged, Refusal):
+            return EditRefused("invalid_arguments", f"the edited call was refused: {judged.message}")
+        decision, redaction = judged
+        if redaction.values or has_masked(redaction.arguments):
+            return EditRefused("masked_values", "an edit cannot bring values keyturn masks as secrets")
+        if decision.outcome == "deny":
+            return EditRefused("denied_by_policy", f"the edited call is denied by policy: {describe_rules(decision)}")
+        return ProposedEdit(call.arguments, call.args_hash, decision, arguments_diff(view.arguments, call.arguments))
+
+    async def _edited_limits(self, tool: Runnable, call: ToolCall, decision: Decision) -> Decision | str:
+        """The decision to run an edited call under: its own facts (a call edited to a write does not run under the
+        read-only limits of the original, nor the other way round), judged again here; or why it cannot run."""
+        checked, refusal = self._check(tool, dict(call.arguments), Identity(call.principal, call.on_behalf_of,
+                                                                             call.model))
+        if refusal is not None or checked.args_hash != call.args_hash:
+            return "the edited arguments no longer check as they did when approved"
+        judged = await self._classify_and_decide(tool, checked)
+        if isinstance(judged, Refusal) or judged[0].outcome == "deny":
+            return "the edited call cannot be judged again as it was when approved"
+        return decision.model_copy(update={"facts": judged[0].facts})
+
     async def _act(
         self, tool: Runnable, call: ToolCall, *, decision: Decision, progress: ProgressFn | None = None,
-        redaction: Redaction | None = None, caller: CallerCancel | None = None,
+        redaction: Redaction | None = None, caller: CallerCancel | None = None, edit: ChainedEdit | None = None,
     ) -> types.CallToolResult:
         """Run the call under what its decision relied on, and record its one outcome before returning it.
-        `caller` tells of the caller's cancel (see `server.cancelling`)."""
+        `caller` tells of the caller's cancel (see `server.cancelling`); `edit`, when a reviewer changed the
+        arguments (`call` carries the edited ones): the result then says so."""
+        if edit is not None:
+            limits = await self._edited_limits(tool, call, decision)
+            if isinstance(limits, str):
+                return await self._failed(call.call_id, limits, f"the edited call did not run: {limits}")
+            decision = limits
         caller = caller if caller is not None else CallerCancel()
         token = tool_progress.set(caller.muted(progress))
         stoppable = caller.interruptible() if getattr(tool, "interruptible", False) else nullcontext()
@@ -241,10 +281,14 @@ class Gate:
             with running_under(limits_from_facts(decision.facts)), stoppable as run, \
                     span("run", call.call_id, tool.name):
                 result = await tool.run(call.arguments)
+            if edit is not None:
+                result = edit_note(result, edit)
         except Exception as e:
             # A tool's error can quote its arguments (a driver's "no such column: <secret>"): masked like them.
             conceal = (redaction or Redaction.guess(call.arguments)).conceal
-            return await self._failed(call.call_id, conceal(f"{type(e).__name__}: {e}"), f"the tool failed: {conceal(str(e))}")
+            edited = f" (it ran as reviewer {edit.person} edited it: {edit.reason})" if edit is not None else ""
+            return await self._failed(call.call_id, conceal(f"{type(e).__name__}: {e}"),
+                                      f"the tool failed{edited}: {conceal(str(e))}")
         finally:
             tool_progress.reset(token)
         if run is not None and run.cancelled_caught:

@@ -45,6 +45,7 @@ EventKind = Literal[
     "notify.failed",
     "vote",
     "vote.refused",
+    "arguments.edited",  # a reviewer changed the arguments and approved the changed call (both hashes, the reason)
     "approval.granted",
     "execution.started",
     "policy.loaded",
@@ -150,7 +151,8 @@ class Verdict(_Frozen):
 
 
 REFUSAL_STATUS = {"unknown": 404, "bad_request": 400, "reason_required": 400, "not_pending": 409, "expired": 409,
-                  "duplicate": 409}
+                  "duplicate": 409, "invalid_arguments": 400, "masked_values": 400, "already_edited": 409,
+                  "already_voted": 409, "policy_changed": 409, "tool_unavailable": 409}
 """The HTTP status of a refused vote, by its code (any other refusal: 403)."""
 
 
@@ -158,8 +160,9 @@ REFUSAL_STATUS = {"unknown": 404, "bad_request": 400, "reason_required": 400, "n
 class VoteResult:
     """What became of one reviewer's verdict, as every channel reports it: accepted (`code` recorded, approved or
     denied) or refused (`code` says why: unknown, unknown_reviewer, self_approval, not_eligible, duplicate,
-    reason_required, not_pending, expired, bad_request; a refusal of a known request is in the ledger as
-    `vote.refused`), the request's state after it, and a message for the reviewer."""
+    reason_required, not_pending, expired, bad_request; an edit's: invalid_arguments, masked_values,
+    denied_by_policy, already_edited, already_voted, policy_changed, tool_unavailable; a refusal of a known request
+    is in the ledger as `vote.refused`), the request's state after it, and a message for the reviewer."""
 
     request_id: str
     accepted: bool

@@ -24,6 +24,7 @@ from typing import Protocol
 
 import anyio
 
+from server.approvals.edits import EditRefused, ProposedEdit, approved_hash, edit_refusal, record_edit
 from server.approvals.kept import KeptResults
 from server.approvals.quorum import ReviewerDirectory, needs, quorum_met
 from server.errors import LedgerError
@@ -177,9 +178,10 @@ class ApprovalBroker:
 
     # -- the one place a verdict is judged ------------------------------------------------------
 
-    async def decide(self, verdict: Verdict) -> VoteResult:
+    async def decide(self, verdict: Verdict, edit: ProposedEdit | EditRefused | None = None) -> VoteResult:
         """Judge and record one reviewer's verdict: accepted, or refused (a refusal of a known request is recorded
-        as `vote.refused`)."""
+        as `vote.refused`). With `edit` (an approval only): the reviewer's changed arguments, judged by the gate
+        (`server.approvals.edits`); the approval is then for the edited call, which needs what its review says."""
         person = self.directory.person(verdict.reviewer)
         reason = (verdict.reason or "").strip() or None
 
@@ -226,10 +228,26 @@ class ApprovalBroker:
                 return self._change(tx, verdict, row, person, reason, groups)
             if verdict.verdict == "approve" and spec.require_reason and not reason:
                 return refuse("this policy requires a reason with every approval", "reason_required")
+            args_hash = approved_hash(tx, row)  # the edited arguments' once a reviewer edited them
+            if edit is not None:
+                refused = edit if isinstance(edit, EditRefused) else edit_refusal(row, votes, edit, tx)
+                if verdict.verdict != "approve":
+                    refused = EditRefused("bad_request", "only an approval can edit the arguments")
+                if refused is None and not reason:
+                    refused = EditRefused("reason_required", "an edit needs a reason (the agent reads it)")
+                if refused is not None:
+                    return refuse(refused.message, refused.code)
+                assert isinstance(edit, ProposedEdit)
+                spec = record_edit(tx, row, edit, reviewer=verdict.reviewer, person=person, reason=reason,
+                                   channel=verdict.channel)
+                groups = [g.name for g in spec.groups if self.directory.eligible(person, g)]
+                args_hash = edit.args_hash
 
             tx.add_vote(verdict.request_id, person, verdict.reviewer, verdict.verdict, reason, groups)
             vote_payload = {"reviewer": verdict.reviewer, "person": person, "verdict": verdict.verdict,
                             "reason": reason, "channel": verdict.channel, "groups": groups}
+            if args_hash != row["args_hash"]:
+                vote_payload["args_hash"] = args_hash  # a vote for the edited call
             tx.append("vote", verdict.request_id, vote_payload)
             if verdict.verdict == "deny":
                 tx.finish(verdict.request_id, "denied_by_reviewer", {"by": "reviewer", "person": person,
@@ -242,12 +260,13 @@ class ApprovalBroker:
                 expires = tx.now + spec.timeout_s
                 tx.set_state(verdict.request_id, "approved", expires=expires)
                 tx.append("approval.granted", verdict.request_id, {
-                    "approvers": approvers, "tool": row["tool"], "args_hash": row["args_hash"],
+                    "approvers": approvers, "tool": row["tool"], "args_hash": args_hash,
                     "policy_digest": row["policy_digest"], "expires": expires})
                 return VoteResult(verdict.request_id, True, "approved", "approved: quorum reached", "approved")
             progress = needs(spec, [*votes, {"person": person, "verdict": "approve", "groups": groups}]).progress()
-            return VoteResult(verdict.request_id, True, "pending", f"vote recorded: {progress}; more are needed",
-                              "recorded")
+            lead = ("arguments edited; the edited call needs more approvals: " if isinstance(edit, ProposedEdit)
+                    else "vote recorded: ")
+            return VoteResult(verdict.request_id, True, "pending", f"{lead}{progress}; more are needed", "recorded")
 
         result = await self.ledger.mutate_call(verdict.request_id, body)
         if not result.accepted:
@@ -255,7 +274,8 @@ class ApprovalBroker:
         await self.announce_change(verdict.request_id)
         if result.code == "approved":
             waiting = self.has_waiter(verdict.request_id)
-            result = VoteResult(result.request_id, True, "approved", "approved: quorum reached" + (
+            edited = "arguments edited and " if isinstance(edit, ProposedEdit) else ""
+            result = VoteResult(result.request_id, True, "approved", f"{edited}approved: quorum reached" + (
                 "; running it for the waiting agent" if waiting else
                 f"; {WAITING_FOR_AGENT} (it runs once when the agent repeats the call, before the request expires)"),
                 "approved")

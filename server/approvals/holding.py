@@ -1,6 +1,7 @@
 """A held call, from the agent's side: open its request (or rejoin the same call's request), wait while humans
 decide (progress while waiting, expiry, the caller leaving), and when approved, prove the approval from the chain
-and claim it (exactly one waiter wins), then run it through the gate's `run`. A retry of a call that ran gets
+and claim it (exactly one waiter wins), then run it through the gate's `run` (with the arguments a reviewer
+edited, when one did: `server.approvals.edits`). A retry of a call that ran gets
 that run's outcome, never a second run.
 """
 
@@ -11,11 +12,13 @@ import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Protocol
 
 import anyio
 import mcp_types as types
 
 from server.approvals.broker import ApprovalBroker
+from server.approvals.edits import ChainedEdit, chained_edit
 from server.approvals.proof import prove_approval
 from server.approvals.quorum import needs
 from server.classify import Redaction
@@ -30,8 +33,12 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[float, float | None, str | None], Awaitable[None]]
 """The caller's MCP progress channel: (progress, total, message)."""
 
-RunFn = Callable[[ToolCall], Awaitable[types.CallToolResult]]
-"""Runs the approved call (the gate's act and record), under the request's id."""
+class RunFn(Protocol):
+    """Runs the approved call (the gate's act and record), under the request's id; `edit` when a reviewer changed
+    its arguments (the call then carries the edited ones)."""
+
+    def __call__(self, call: ToolCall, *, edit: ChainedEdit | None = None) -> Awaitable[types.CallToolResult]: ...
+
 
 on_hold: ContextVar[Callable[[str], None] | None] = ContextVar("keyturn_on_hold", default=None)
 """Set by a caller that answers a held call with a task (`server.serving.tasks`): told the request's id once the
@@ -78,17 +85,24 @@ class Holding:
         with anyio.CancelScope(shield=True):
             # The tables said approved; only the chain can say so. A state flipped or a vote forged behind
             # keyturn's back runs nothing, and is recorded as a refusal.
-            problem = await prove_approval(self.ledger, request_id, args_hash=call.args_hash,
+            # A reviewer may have edited the arguments: what runs is then exactly the edited ones (from the chain).
+            events, broken = await self.ledger.call_chain(request_id)
+            edit = chained_edit(events) if broken is None else None
+            if isinstance(edit, str):
+                return await self._unproven(request_id, edit)
+            target = call if edit is None else call.model_copy(
+                update={"arguments": edit.arguments, "args_hash": edit.args_hash})
+            problem = await prove_approval(self.ledger, request_id, args_hash=target.args_hash,
                                            policy_digest=decision.policy_digest, directory=self.broker.directory)
             if problem is not None:
                 return await self._unproven(request_id, problem)
             # One conditional write: exactly one process (and one waiting call) wins the approval.
             claimed = await self.ledger.transition(
                 request_id, ("approved",), "running", "execution.started",
-                {"holder": self.broker.instance_id, "args_hash": call.args_hash}, holder=self.broker.instance_id,
+                {"holder": self.broker.instance_id, "args_hash": target.args_hash}, holder=self.broker.instance_id,
             )
             if claimed:
-                return await run(call.model_copy(update={"call_id": request_id}))
+                return await run(target.model_copy(update={"call_id": request_id}), edit=edit)
         # Another waiter (a retry, or another process) won it: this caller gets that run's outcome.
         return await self._outcome_for_retry(request_id, call, progress, gone)
 

@@ -7,13 +7,15 @@ chained events, with the stretch of the chain they span verified, and proves fro
 received with these arguments (their hash) and decided under this policy (its digest); distinct people, each
 eligible under the review the decision asked for and none of them the requester, voted to approve, enough to
 fill every group's quorum; nobody denied; and keyturn then recorded the approval for these arguments and this
-policy. Anything less runs nothing.
+policy. Anything less runs nothing. A request whose arguments a reviewer edited is proven for the edited
+arguments: the edit chained for them, and the votes after it filling the review the edit asked for.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from server.approvals.edits import chained_edit
 from server.approvals.quorum import ReviewerDirectory, quorum_met
 from server.ledger import Ledger
 from server.models import TERMINAL_EVENTS, Event, ReviewSpec
@@ -41,8 +43,11 @@ def approval_problem(events: Sequence[Event], *, args_hash: str, policy_digest: 
     def first(kind: str) -> Event | None:
         return by_kind[kind][0] if kind in by_kind else None
 
+    edit = chained_edit(events)
+    if isinstance(edit, str):
+        return edit
     received = first("call.received")
-    if received is None or received.payload.get("args_hash") != args_hash:
+    if received is None or received.payload.get("args_hash") != (edit.from_args_hash if edit else args_hash):
         return "no chained call.received event for these arguments"
     decision = first("decision")
     if decision is None or decision.payload.get("policy_digest") != policy_digest:
@@ -51,6 +56,19 @@ def approval_problem(events: Sequence[Event], *, args_hash: str, policy_digest: 
     if requested is None or not isinstance(requested.payload.get("review"), dict):
         return "no chained approval.requested event"
     spec = ReviewSpec.model_validate(requested.payload["review"])
+    edited_at = 0
+    if edit is not None:
+        # Approved as edited: the edit is for these arguments, under this policy, by a reviewer who is not the
+        # requester; the review it asked for is the one to fill, by votes cast after it.
+        edited = by_kind["arguments.edited"][0]
+        if edit.args_hash != args_hash or edited.payload.get("policy_digest") != policy_digest:
+            return "the chained edit is for other arguments or another policy"
+        if directory.person(edit.reviewer) != edit.person:
+            return f"event {edited.seq}: {edit.reviewer} is not the reviewer {edit.person} (as configured now)"
+        if not isinstance(edited.payload.get("review"), dict):
+            return f"event {edited.seq}: the edit names no review"
+        spec = ReviewSpec.model_validate(edited.payload["review"])
+        edited_at = edited.seq
     granted = by_kind.get("approval.granted") or []
     if len(granted) != 1:
         return "no chained approval.granted event" if not granted else "more than one approval.granted event"
@@ -60,8 +78,10 @@ def approval_problem(events: Sequence[Event], *, args_hash: str, policy_digest: 
     if ended := [e.kind for e in events if e.kind in TERMINAL_EVENTS or e.kind == "execution.started"]:
         return f"the request already {ended[0]}"
     requester = {received.payload.get("principal"), received.payload.get("on_behalf_of")} - {None}
+    if edit is not None and (edit.person in requester or edit.reviewer in requester or edited_at > grant.seq):
+        return f"event {edited_at}: not an edit keyturn records"
     approvers: list[str] = []
-    for vote in (e for e in events if e.kind == "vote" and e.seq < grant.seq):
+    for vote in (e for e in events if e.kind == "vote" and edited_at < e.seq < grant.seq):
         person, identity = vote.payload.get("person"), vote.payload.get("reviewer")
         if vote.payload.get("verdict") == "deny":
             return f"{person} denied this request"

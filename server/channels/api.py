@@ -1,4 +1,5 @@
-"""The reviewer HTTP API (JSON): list, show, approve, deny, and the audit reads. The CLI uses it.
+"""The reviewer HTTP API (JSON): list, show, approve (as sent, or with edited arguments), deny, and the audit
+reads. The CLI uses it. Every body is strict: a field keyturn does not know is a 400 naming it.
 
 Reviewers authenticate with bearer tokens that the config maps to `api:` identities. The API
 only reports verdicts with that verified identity; `ApprovalBroker.decide` judges them.
@@ -13,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from server.approvals.edits import EditRefused, ProposedEdit
 from server.approvals.quorum import needs
 from server.channels.bodies import BodyRefused, read_body
 from server.errors import LedgerError
@@ -37,16 +39,54 @@ def view_json(view: RequestView) -> dict[str, Any]:
 
 
 async def submit_verdict(
-    kt: Keyturn, request_id: str, identity: str, verdict: VerdictKind, reason: object, *, channel: str
+    kt: Keyturn, request_id: str, identity: str, verdict: VerdictKind, reason: object, *, channel: str,
+    arguments: object = None,
 ) -> VoteResult:
     """Report a verified reviewer's verdict to the broker, which alone judges it (`VoteResult.status` is the HTTP
-    status to answer with)."""
+    status to answer with). `arguments` (an approval only): the reviewer's edit of the call's arguments, judged by
+    the gate as a call of its own before the broker records it (`server.approvals.edits`)."""
     text = reason if isinstance(reason, str) else None
     if (reason is not None and text is None) or len(text or "") > MAX_REASON:
         return VoteResult(request_id, False, "", f"reason must be a string of at most {MAX_REASON} characters",
                           "bad_request")
+    edit: ProposedEdit | EditRefused | None = None
+    if arguments is not None:
+        if not isinstance(arguments, dict):
+            return VoteResult(request_id, False, "", "arguments must be a JSON object: the call's arguments as they "
+                              "are to run", "bad_request")
+        edit = await judge_edit(kt, request_id, arguments)
     return await kt.broker.decide(Verdict(
-        request_id=request_id, reviewer=identity, verdict=verdict, reason=text, channel=channel))
+        request_id=request_id, reviewer=identity, verdict=verdict, reason=text, channel=channel), edit)
+
+
+async def judge_edit(kt: Keyturn, request_id: str, arguments: dict[str, Any]) -> ProposedEdit | EditRefused | None:
+    """The edit judged against the request as stored now (the broker checks again, in its transaction, that the
+    request is still as judged); None when there is nothing to edit (no such request, or the same arguments)."""
+    view = await kt.ledger.get_call(request_id)
+    if view is None:
+        return None  # the broker answers: no such request
+    tool = kt.find_tool(view.tool)
+    if tool is None:
+        return EditRefused("tool_unavailable", f"this keyturn process does not serve {view.tool}, so it cannot judge "
+                                               "an edit of it; edit it where the tool is served")
+    edit = await kt.gate.judge_edit(tool, view, arguments)
+    if isinstance(edit, ProposedEdit) and edit.args_hash == view.args_hash:
+        return None  # the same arguments (once the tool has checked them): a plain approval
+    return edit
+
+
+BODY_FIELDS = {"approve": frozenset({"reason", "arguments"}), "deny": frozenset({"reason"})}
+"""What a reviewer's body may hold, by verdict: anything else is refused (400), never ignored."""
+
+
+def unknown_fields(body: dict[str, Any], verdict: str) -> JSONResponse | None:
+    """The 400 for a body with a field keyturn does not know (naming it), or None."""
+    unknown = sorted(set(body) - BODY_FIELDS[verdict])
+    if not unknown:
+        return None
+    allowed = " and ".join(f"`{f}`" for f in sorted(BODY_FIELDS[verdict]))
+    return JSONResponse({"error": f"unknown field(s) in the {verdict} body: {', '.join(unknown)} (it takes {allowed})",
+                         "code": "unknown_field", "fields": unknown}, status_code=400)
 
 
 def reviewer_identity(kt: Keyturn, request: Request) -> str | None:
@@ -103,9 +143,14 @@ def api_routes(kt: Keyturn) -> list[Route]:
             return _error(400, "the body must be JSON", "bad_request")
         if not isinstance(body, dict):
             return _error(400, "the body must be a JSON object", "bad_request")
+        if (refused := unknown_fields(body, verdict)) is not None:
+            return refused
+        if "arguments" in body and not isinstance(body["arguments"], dict):
+            return _error(400, "arguments must be a JSON object: the call's arguments as they are to run",
+                          "bad_request")
         request_id = request.path_params["request_id"]
         outcome = await submit_verdict(kt, request_id, identity, "approve" if verdict == "approve" else "deny",
-                                       body.get("reason"), channel="api")
+                                       body.get("reason"), channel="api", arguments=body.get("arguments"))
         if not outcome.accepted:
             return _error(outcome.status, outcome.message, outcome.code)
         return JSONResponse({"request_id": request_id, "state": outcome.state, "message": outcome.message})

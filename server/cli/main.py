@@ -365,7 +365,15 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_vote(args: argparse.Namespace) -> int:
-    data = _api(args, "POST", f"/api/requests/{urllib.parse.quote(args.id)}/{args.verdict}", {"reason": args.reason})
+    body: dict[str, Any] = {"reason": args.reason}
+    if getattr(args, "args", None) is not None:
+        try:
+            body["arguments"] = json.loads(args.args)
+        except json.JSONDecodeError as e:
+            raise KeyturnError(f"--args must be the call's arguments as a JSON object: {e}") from e
+        if not isinstance(body["arguments"], dict):
+            raise KeyturnError("--args must be the call's arguments as a JSON object")
+    data = _api(args, "POST", f"/api/requests/{urllib.parse.quote(args.id)}/{args.verdict}", body)
     print(f"{data['request_id']}: {data['message']} (state: {data['state']})")
     return 0
 
@@ -415,6 +423,9 @@ def _event_line(e: Any) -> str:
         detail = (f"by {by}: " if by else "") + str(p.get("reason") or "")
         if p.get("code"):
             detail += f" [{p['code']}]"
+    elif e.kind == "arguments.edited":
+        detail = (f"by {p.get('person')}: {p.get('reason') or ''} args_hash {str(p.get('from_args_hash'))[:12]} -> "
+                  f"{str(p.get('args_hash'))[:12]}")
     elif e.kind == "approval.granted":
         detail = f"approvers={p.get('approvers')} args_hash={str(p.get('args_hash'))[:12]}"
     return f"#{e.seq:<6} {_when(e.ts)} {e.kind:<18} {e.call_id or '-':<32} {detail}"
@@ -466,6 +477,10 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
         else:
             print(f"  arguments (redacted): {json.dumps(view.arguments, ensure_ascii=False)}")
         print(f"  arguments sha256: {view.args_hash or '(none: the arguments were not valid for the tool)'}")
+        for e in events:
+            if e.kind == "arguments.edited":
+                print(f"  edited by {e.payload.get('person')} ({e.payload.get('reason')}): the arguments above are the "
+                      f"edited ones, sha256 {e.payload.get('args_hash')}; the agent sent the sha256 above")
         if view.policy_digest is None:  # denied by keyturn before any policy was asked
             print(f"  decision: none: denied by keyturn before the policy was asked "
                   f"({view.outcome_reason or view.reason})")
@@ -556,6 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(verdict, parents=[reviewer], help=f"{verdict} a held request")
         p.add_argument("id")
         p.add_argument("--reason", required=(verdict == "deny"), help="why (recorded in the ledger)")
+        if verdict == "approve":
+            p.add_argument("--args", metavar="JSON",
+                           help="approve the call with these arguments instead (a JSON object: the whole arguments); "
+                                "the edited call is judged again and may need more approvals; needs --reason")
         p.set_defaults(func=cmd_vote, verdict=verdict)
 
     audit = sub.add_parser("audit", help="read the ledger").add_subparsers(dest="audit_command", required=True)

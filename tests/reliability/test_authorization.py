@@ -104,10 +104,17 @@ async def test_one_person_counts_once_whatever_channel_and_a_token_speaks_only_f
             for channel in ("slack", "teams", "web", "link"):
                 again = await world.vote(channel, "alice", request_id, "approve", "alice again")
                 assert (again.accepted, again.code) == (False, "duplicate"), (channel, again)
-            # alice's token, claiming in the body to be carol: the vote is alice's (and refused as her second).
-            forged = await world.vote("api", "alice", request_id, body={
-                "reason": "as carol", "reviewer": "api:carol", "person": "carol", "identity": "api:carol"})
+            # alice's token, claiming in the body to be carol: a body with fields keyturn does not know is refused,
+            # naming them, before anything is judged (never ignored); nothing is recorded for carol.
+            async with httpx2.AsyncClient(base_url=world.base, timeout=30) as http:
+                claim = await http.post(f"/api/requests/{request_id}/approve", json={
+                    "reason": "as carol", "reviewer": "api:carol", "person": "carol", "identity": "api:carol"},
+                    headers={"Authorization": f"Bearer {TOKENS['alice']}"})
+            assert claim.status_code == 400 and claim.json()["fields"] == ["identity", "person", "reviewer"]
+            # With a body keyturn knows, alice's token speaks for alice (refused as her second vote).
+            forged = await world.vote("api", "alice", request_id, "approve", "as carol")
             assert (forged.accepted, forged.payload["person"], forged.code) == (False, "alice", "duplicate")
+            assert not any(e["payload"].get("person") == "carol" for e in world.home.ledger_events(request_id))
             assert world.home.calls()[request_id] == "pending"
             second = await world.vote("link", "carol", request_id, "approve", "two")
             assert second.accepted

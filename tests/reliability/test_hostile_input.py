@@ -33,7 +33,7 @@ from server.policy import load_policy, parse_policy
 from server.runtime import Keyturn, running
 from tests.channels.slack.conftest import SLACK_USERS, slack_config, slack_env
 from tests.channels.slack.fake_slack import FakeSlack
-from tests.channels.slack.interactions import block_action, signed, view_submission
+from tests.channels.slack.interactions import block_action, edit_submission, signed, view_submission
 from tests.channels.teams.conftest import APP_PASSWORD, LINK_SECRET, OIDS, TENANT, FakeTeams, _handler, reviewers, teams_config
 from tests.conftest import TOKENS, agent_client
 from tests.helpers import eventually, outcome_of
@@ -401,7 +401,8 @@ def api_requests(draw: st.DrawFn) -> tuple[str, str, dict[str, str], dict[str, s
     token = TOKENS.get(who or "", "x" * draw(st.integers(1, 600))) if who else None
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     body = draw(st.one_of(st.none(), json_values.map(lambda v: json.dumps(v).encode()), st.binary(max_size=300),
-                          st.builds(lambda r: json.dumps({"reason": r}).encode(), json_values)))
+                          st.builds(lambda r: json.dumps({"reason": r}).encode(), json_values),
+                          st.builds(lambda a, r: json.dumps({"arguments": a, "reason": r}).encode(), json_values, text)))
     if body is not None:
         headers["Content-Type"] = draw(st.sampled_from(["application/json", "application/x-www-form-urlencoded",
                                                         "text/plain", "multipart/form-data; boundary=x"]))
@@ -457,10 +458,14 @@ slack_values = st.one_of(text, json_values, st.just("{target}"))
 def slack_payloads(draw: st.DrawFn) -> dict[str, Any]:
     user = draw(st.sampled_from(NOT_ELIGIBLE_SLACK))
     team = draw(st.sampled_from(["T0KEYTURN", "T0OTHER", "", "t0keyturn"]))
-    kind = draw(st.sampled_from(["approve", "deny", "modal", "junk"]))
+    kind = draw(st.sampled_from(["approve", "deny", "edit", "modal", "edit-modal", "junk"]))
     if kind == "modal":
         meta = draw(st.one_of(st.just(json.dumps({"r": "{target}", "v": "approve", "c": "C0OPS"})), text))
         payload = view_submission(meta, draw(text), user, team=team)
+    elif kind == "edit-modal":
+        meta = draw(st.one_of(st.just(json.dumps({"r": "{target}", "c": "C0OPS"})), text))
+        arguments = draw(st.one_of(text, json_values.map(json.dumps)))
+        payload = edit_submission(meta, arguments, draw(text), user, team=team)
     elif kind == "junk":
         payload = draw(st.dictionaries(text, json_values, max_size=5))
         payload["type"] = draw(st.sampled_from(["block_actions", "view_submission", "shortcut", "x"]))

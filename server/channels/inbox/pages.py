@@ -1,17 +1,20 @@
 """The reviewer's pages: sign-in and sign-out, the inbox of pending requests, one request's timeline, voting.
 
 A vote is reported to the broker with the session's verified identity and channel "web"; the
-broker alone judges it (eligibility, self-approval, quorum), exactly as for every other channel.
+broker alone judges it (eligibility, self-approval, quorum), exactly as for every other channel. A request's page
+offers to edit the arguments, then approve (`server.approvals.edits`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
+from server.approvals.edits import has_masked
 from server.channels.api import MAX_REASON, submit_verdict
 from server.channels.bodies import BodyRefused
 from server.channels.inbox.render import Card, card, timeline
@@ -32,6 +35,8 @@ from server.models import RequestView
 log = logging.getLogger(__name__)
 
 MAX_TOKEN = 512
+VOTE_FIELDS = frozenset({"csrf", "back", "reason", "verdict", "arguments"})
+"""What a vote form may hold; anything else is refused, never ignored."""
 INBOX_LIMIT = 200
 
 
@@ -126,14 +131,19 @@ class Pages:
     # -- one request ---------------------------------------------------------------------------
 
     async def request_page(self, request: Request, session: Session, *, status: int = 200,
-                           error: str | None = None, reason: str = "") -> Response:
+                           error: str | None = None, reason: str = "", arguments_text: str = "") -> Response:
         view = await self.kt.ledger.get_call(request.path_params["request_id"])
         if view is None:
             return self.site.page(request, "error.html", session, status=404, title="Not found",
                                   message="There is no request with that id.")
         events = await self.kt.ledger.events(view.id)
+        edit = next((e.payload for e in events if e.kind == "arguments.edited"), None)
+        # An edit is offered while nobody has voted, once, and only for arguments keyturn did not mask.
+        editable = (view.state == "pending" and not view.votes and edit is None and not has_masked(view.arguments)
+                    and self.kt.find_tool(view.tool) is not None)
         return self.site.page(request, "request.html", session, status=status, title=f"Request {view.id[:12]}",
-                              card=self._card(view, session), entries=timeline(events), error=error, reason=reason)
+                              card=self._card(view, session), entries=timeline(events), error=error, reason=reason,
+                              edit=edit, editable=editable, arguments_text=arguments_text)
 
     async def vote(self, request: Request, session: Session) -> Response:
         request_id = request.path_params["request_id"]
@@ -145,6 +155,10 @@ class Pages:
                 request, session, status=403, reason=text,
                 error="Refused: the form's security token is missing or wrong, or it came from another site. "
                       "Reload the page and try again."))
+        if unknown := sorted(set(form.keys()) - VOTE_FIELDS):
+            return await self.request_page(request, session, status=400, reason=text,
+                                           error=f"Refused: the form has field(s) keyturn does not know: "
+                                                 f"{', '.join(unknown)}.")
         verdict = form.get("verdict")
         if verdict not in ("approve", "deny"):
             return await self.request_page(request, session, status=400, reason=text,
@@ -152,10 +166,24 @@ class Pages:
         if len(text) > MAX_REASON:
             return await self.request_page(request, session, status=400, reason=text[:MAX_REASON],
                                            error=f"The reason can be at most {MAX_REASON} characters.")
+        edited = form.get("arguments")
+        edited_text = edited if isinstance(edited, str) else ""
+        arguments = None
+        if "arguments" in form:
+            try:
+                arguments = json.loads(edited_text)
+            except json.JSONDecodeError as e:
+                arguments = e
+            if not isinstance(arguments, dict) or verdict != "approve":
+                return await self.request_page(request, session, status=400, reason=text, arguments_text=edited_text,
+                                               error="The edited arguments must be a JSON object (the whole "
+                                                     "arguments, as they are to run).")
         outcome = await submit_verdict(self.kt, request_id, session.identity,
-                                       "approve" if verdict == "approve" else "deny", text or None, channel="web")
+                                       "approve" if verdict == "approve" else "deny", text or None, channel="web",
+                                       arguments=arguments)
         if not outcome.accepted:
             return await self.request_page(request, session, status=outcome.status, reason=text,
+                                           arguments_text=edited_text,
                                            error=f"Your vote was not counted: {outcome.message}")
         back = f"/inbox/requests/{request_id}" if form.get("back") == "request" else "/inbox"
         verb = "approved" if verdict == "approve" else "denied"

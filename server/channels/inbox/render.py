@@ -18,6 +18,7 @@ from typing import Any
 import jinja2
 from pydantic import ValidationError
 
+from server.approvals.edits import describe_diff
 from server.approvals.quorum import needs
 from server.models import Event, RequestView, ReviewSpec, state_label
 from server.records import UNCLASSIFIED
@@ -196,6 +197,10 @@ def describe(event: Event) -> Entry:
     if kind == "vote.refused":
         return Entry(event, f"Vote refused ({p.get('code')})",
                      [f"{p.get('verdict')} by {_who(p)} via {p.get('channel')}: {p.get('message')}"], "warn")
+    if kind == "arguments.edited":
+        lines = [f"via {p.get('channel')} as {p.get('reviewer')}", f"reason: {p.get('reason') or '—'}",
+                 *(describe_diff(p.get("diff") or []).splitlines())]
+        return Entry(event, f"{_who(p)} edited the arguments", lines, "warn", digest=p.get("args_hash"))
     if kind == "approval.granted":
         lines = [f"approvers: {', '.join(p.get('approvers') or [])}", f"bound to tool {p.get('tool')}, "
                  f"policy {p.get('policy_digest')}, until {utc(p.get('expires'))}"]

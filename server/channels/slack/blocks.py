@@ -16,7 +16,12 @@ from server.models import Event, RequestView, ReviewSpec
 
 APPROVE_ACTION = "keyturn_approve"
 DENY_ACTION = "keyturn_deny"
+EDIT_ACTION = "keyturn_edit"
 REASON_CALLBACK = "keyturn_reason"
+EDIT_CALLBACK = "keyturn_edit"
+ARGUMENTS_BLOCK = "arguments"
+ARGUMENTS_INPUT = "arguments"
+MAX_INPUT = 3000  # Slack's limit for a plain text input
 REASON_BLOCK = "reason"
 REASON_INPUT = "reason"
 MAX_REASON = 2000  # as the HTTP API
@@ -151,6 +156,8 @@ def request_message(view: RequestView, mentions: list[str] | None = None) -> tup
              "text": {"type": "plain_text", "text": "Approve"}},
             {"type": "button", "action_id": DENY_ACTION, "style": "danger", "value": view.id,
              "text": {"type": "plain_text", "text": "Deny"}},
+            {"type": "button", "action_id": EDIT_ACTION, "value": view.id,
+             "text": {"type": "plain_text", "text": "Edit & approve"}},
         ]})
     elif view.state == "approved":  # not run yet: a reviewer who approved may still deny (keyturn checks who)
         blocks.append({"type": "actions", "block_id": "keyturn_vote", "elements": [
@@ -168,6 +175,9 @@ def thread_line(event: Event) -> str | None:
     if event.kind == "vote" and p.get("verdict") == "approve":
         reason = f": {safe(str(p['reason']))}" if p.get("reason") else ""
         return f":white_check_mark: {safe(str(p.get('person')))} approved{reason}"
+    if event.kind == "arguments.edited":
+        return (f":pencil2: {safe(str(p.get('person')))} edited the arguments: {safe(str(p.get('reason') or ''))} "
+                f"(now sha256 `{str(p.get('args_hash'))[:16]}`)")
     if event.kind == "denied":
         who = safe(str(p.get("person") or p.get("by") or "keyturn"))
         changed = " (who had approved)" if p.get("changed_vote") else ""
@@ -204,5 +214,34 @@ def reason_modal(view: RequestView, verdict: str, metadata: dict[str, str]) -> d
                          "max_length": MAX_REASON,
                          "placeholder": {"type": "plain_text",
                                          "text": "Recorded in the ledger and shown to the agent"}}},
+        ],
+    }
+
+
+def edit_modal(view: RequestView, metadata: dict[str, str]) -> dict[str, Any] | None:
+    """The modal that edits a held call's arguments (JSON), then approves the edited call, with a required reason;
+    None when the arguments do not fit in Slack's input."""
+    current = json.dumps(view.arguments, indent=2, ensure_ascii=False)
+    if len(current) > MAX_INPUT:
+        return None
+    return {
+        "type": "modal",
+        "callback_id": EDIT_CALLBACK,
+        "private_metadata": json.dumps(metadata, separators=(",", ":")),
+        "title": {"type": "plain_text", "text": "Edit, then approve"},
+        "submit": {"type": "plain_text", "text": "Approve edited"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "blocks": [
+            _section(f"Edit the arguments of `{safe(view.tool)}` requested by {safe(view.principal)} (request "
+                     f"`{view.id}`), then approve the edited call. keyturn judges the edited call again: if it needs "
+                     "more approvals or other approvers, it waits for them; if the policy denies it, it is refused."),
+            {"type": "input", "block_id": ARGUMENTS_BLOCK, "label": {"type": "plain_text", "text": "Arguments (JSON)"},
+             "element": {"type": "plain_text_input", "action_id": ARGUMENTS_INPUT, "multiline": True,
+                         "max_length": MAX_INPUT, "initial_value": current}},
+            {"type": "input", "block_id": REASON_BLOCK, "label": {"type": "plain_text", "text": "Reason"},
+             "element": {"type": "plain_text_input", "action_id": REASON_INPUT, "multiline": True,
+                         "max_length": MAX_REASON,
+                         "placeholder": {"type": "plain_text",
+                                         "text": "Why you changed them: recorded in the ledger and shown to the agent"}}},
         ],
     }

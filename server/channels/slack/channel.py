@@ -1,4 +1,5 @@
-"""The Slack reviewer channel: a Block Kit message per held call, Approve/Deny buttons, a reason modal.
+"""The Slack reviewer channel: a Block Kit message per held call, Approve/Deny buttons, a reason modal, and an
+"Edit & approve" modal (the edited arguments are judged by the gate, `server.approvals.edits`).
 
 Slack only delivers and reports. A click becomes a `Verdict` for the Slack identity of the clicking
 user (`identity`); `ApprovalBroker.decide` alone judges it, and a refusal is explained to that
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -26,6 +28,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from server.approvals import ApprovalBroker
+from server.approvals.edits import EditRefused, ProposedEdit, has_masked
+from server.channels.api import judge_edit
 from server.channels.bodies import BodyRefused, read_body, replay
 from server.channels.slack import blocks as ui
 from server.channels.slack.config import SlackConfig, SlackSecrets, describe, load_slack, make_client
@@ -43,7 +47,9 @@ log = logging.getLogger(__name__)
 
 EVENTS_PATH = "/slack/events"
 MAX_EVENT_BYTES = 1024 * 1024  # Slack's interaction payloads are tens of KiB at most
-UPDATE_KINDS = frozenset({"vote", "approval.granted", "execution.started", *TERMINAL_STATES})
+UPDATE_KINDS = frozenset({"vote", "arguments.edited", "approval.granted", "execution.started", *TERMINAL_STATES})
+EditJudge = Callable[[str, dict[str, Any]], Awaitable[ProposedEdit | EditRefused | None]]
+"""Judges a reviewer's edited arguments for a request (`server.channels.api.judge_edit` with the runtime)."""
 
 
 class SlackChannel:
@@ -52,14 +58,17 @@ class SlackChannel:
     name = "slack"
 
     def __init__(self, *, ledger: Ledger, broker: ApprovalBroker, settings: Settings, config: SlackConfig,
-                 secrets: SlackSecrets, client: AsyncWebClient | None = None) -> None:
+                 secrets: SlackSecrets, client: AsyncWebClient | None = None, judge: EditJudge | None = None) -> None:
         self.ledger, self.broker, self.settings, self.config, self.secrets = ledger, broker, settings, config, secrets
+        self.judge = judge  # judges an edit's arguments (the runtime's gate); without it, edits are refused
         self.client = client or make_client(config, secrets)
         self.app = AsyncApp(name="keyturn", client=self.client, signing_secret=secrets.signing_secret or "",
                             request_verification_enabled=True, logger=log)
         self.app.action(ui.APPROVE_ACTION)(self._on_click)
         self.app.action(ui.DENY_ACTION)(self._on_click)
         self.app.view(ui.REASON_CALLBACK)(self._on_reason)
+        self.app.action(ui.EDIT_ACTION)(self._on_edit_click)
+        self.app.view(ui.EDIT_CALLBACK)(self._on_edit)
         self.identities = SlackIdentities(client=self.client, broker=broker, settings=settings,
                                           map_email=config.map_email, timeout_s=config.post_timeout_s)
         self._messages: dict[str, list[tuple[str, str]]] = {}  # request id -> [(slack channel id, ts)]
@@ -311,9 +320,62 @@ class SlackChannel:
         await self._vote(Verdict(request_id=str(meta.get("r", "")), reviewer=identity, verdict=verdict,
                                  reason=value.strip(), channel="slack"), user, str(meta.get("c") or ""))
 
-    async def _vote(self, verdict: Verdict, user: str, channel: str) -> None:
+    async def _on_edit_click(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        await ack()
+        request_id = str(body["actions"][0].get("value") or "")
+        channel = str((body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id") or "")
+        user, _ = await self.identities.identify(body)
+        view = await self.ledger.get_call(request_id)
+        if view is None or view.state != "pending":
+            await self._ephemeral(channel, user, f"keyturn request {ui.escape(request_id)} is not pending.")
+            return
+        if has_masked(view.arguments):
+            await self._ephemeral(channel, user, "This call's arguments hold values keyturn masks, so they cannot be "
+                                                 "edited; deny it with guidance instead.")
+            return
+        modal = ui.edit_modal(view, {"r": request_id, "c": channel})
+        if modal is None:
+            await self._ephemeral(channel, user, "These arguments are too long to edit in Slack; use the inbox or "
+                                                 f"`keyturn approve {ui.escape(request_id)} --args JSON`.")
+        elif not await self._call("views_open", trigger_id=body["trigger_id"], view=modal):
+            await self._ephemeral(channel, user, "keyturn could not open the edit dialog; please try again.")
+
+    async def _on_edit(self, ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
+        values = view["state"]["values"]
+        reason = values.get(ui.REASON_BLOCK, {}).get(ui.REASON_INPUT, {}).get("value") or ""
+        text = values.get(ui.ARGUMENTS_BLOCK, {}).get(ui.ARGUMENTS_INPUT, {}).get("value") or ""
+        if not reason.strip() or len(reason) > ui.MAX_REASON:
+            await ack(response_action="errors", errors={
+                ui.REASON_BLOCK: f"Please say why you changed the arguments (at most {ui.MAX_REASON} characters)."})
+            return
         try:
-            result = await self.broker.decide(verdict)
+            arguments = json.loads(text)
+            meta = json.loads(view.get("private_metadata") or "{}")
+        except ValueError:
+            arguments = meta = None
+        if not isinstance(arguments, dict):
+            await ack(response_action="errors", errors={
+                ui.ARGUMENTS_BLOCK: "The arguments must be a JSON object (the whole arguments, as they are to run)."})
+            return
+        if not isinstance(meta, dict) or self.judge is None:
+            await ack()
+            log.warning("slack: an edit submission without keyturn's metadata (or without a judge) was ignored")
+            return
+        request_id = str(meta.get("r", ""))
+        edit = await self.judge(request_id, arguments)
+        if isinstance(edit, EditRefused) and edit.code in ("invalid_arguments", "denied_by_policy", "masked_values"):
+            # What the reviewer can fix in the dialog is said there (and recorded as a refused vote below).
+            await ack(response_action="errors", errors={ui.ARGUMENTS_BLOCK: _clip_error(edit.message)})
+        else:
+            await ack()
+        user, identity = await self.identities.identify(body)
+        await self._vote(Verdict(request_id=request_id, reviewer=identity, verdict="approve", reason=reason.strip(),
+                                 channel="slack"), user, str(meta.get("c") or ""), edit)
+
+    async def _vote(self, verdict: Verdict, user: str, channel: str,
+                    edit: ProposedEdit | EditRefused | None = None) -> None:
+        try:
+            result = await self.broker.decide(verdict, edit)
             if result.code == "unknown":
                 await self._ephemeral(channel, user, f"keyturn has no request {ui.escape(verdict.request_id)}.")
             elif not result.accepted:
@@ -329,6 +391,11 @@ class SlackChannel:
             await self._call("chat_postEphemeral", channel=channel, user=user, text=text)
         else:
             await self._call("chat_postMessage", channel=user, text=text)
+
+def _clip_error(message: str, limit: int = 150) -> str:
+    """A modal's field error (Slack shows a short line)."""
+    return message if len(message) <= limit else message[: limit - 1] + "…"
+
 
 def _well_formed(body: bytes, content_type: str) -> bool:
     """A JSON object, or a form whose `payload` (if any) is a JSON object with a mapping `view` (if any)."""
@@ -358,7 +425,11 @@ def attach_slack(kt: Keyturn, env: dict[str, str]) -> list[BaseRoute]:
     if loaded is None:
         return []
     config, secrets = loaded
-    channel = SlackChannel(ledger=kt.ledger, broker=kt.broker, settings=kt.settings, config=config, secrets=secrets)
+    async def judge(request_id: str, arguments: dict[str, Any]) -> ProposedEdit | EditRefused | None:
+        return await judge_edit(kt, request_id, arguments)
+
+    channel = SlackChannel(ledger=kt.ledger, broker=kt.broker, settings=kt.settings, config=config, secrets=secrets,
+                           judge=judge)
     kt.add_notifier(channel)
     if kt.checkpointer is not None and config.default_channel:
         kt.checkpointer.add_notifier(channel)  # a daily checkpoint line in the reviewers' channel

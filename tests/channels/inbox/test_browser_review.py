@@ -248,3 +248,54 @@ async def test_quorum_progress_updates_live_as_reviewers_vote(home: Home, page: 
                 assert await page.evaluate("window.__sameDocument") is True
     assert not results[0].is_error
     assert home.rows("SELECT salary FROM payroll") == [(7,)]
+
+
+async def test_a_reviewer_edits_the_arguments_in_the_browser_and_the_edited_call_runs(home: Home, page: Any) -> None:
+    base = home.serve_http()
+    await sign_in(page, base, "alice")
+    results: list[Any] = []
+    async with agent_client(base) as client:
+        async def agent() -> None:
+            results.append(await client.call_tool("sql_execute", {"statement": "DELETE FROM orders"}))
+
+        with anyio.fail_after(90):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(agent)
+                card = page.locator("article.request")
+                await expect(card).to_have_count(1)
+                await card.get_by_role("link", name=re.compile("timeline")).click()
+                await page.get_by_text("Edit the arguments, then approve").click()
+                form = page.locator("form.edit-form")
+                edited = form.get_by_label("Arguments (JSON")
+                await expect(edited).to_have_value(re.compile(r'"statement": "DELETE FROM orders"'))
+                # Not JSON: refused with the text kept for another try, nothing recorded.
+                await edited.fill('{"statement": "DELETE FROM orders WHERE item = \'pear\'"')
+                await form.get_by_label("Why you changed them").fill("only the pear order")
+                await form.get_by_role("button", name="Approve the edited call").click()
+                await expect(page.locator(".notice.bad")).to_contain_text("JSON object")
+                # A call the policy denies: refused, the request still waits.
+                await expect(page.locator("details.edit")).to_have_attribute("open", "")  # kept open, and the text
+                await expect(edited).to_have_value(re.compile(r"WHERE item = 'pear'\"$"))
+                await edited.fill('{"statement": "DROP TABLE orders"}')
+                await form.get_by_label("Why you changed them").fill("drop it")
+                await form.get_by_role("button", name="Approve the edited call").click()
+                await expect(page.locator(".notice.bad")).to_contain_text("denied by policy")
+                assert home.rows("SELECT count(*) FROM orders") == [(3,)]
+                await edited.fill('{"statement": "DELETE FROM orders WHERE item = \'pear\'"}')
+                await form.get_by_label("Why you changed them").fill("only the pear order")
+                await form.get_by_role("button", name="Approve the edited call").click()
+                await expect(page.locator(".notice.good")).to_contain_text("arguments edited and approved")
+    assert not results[0].is_error, text(results[0])
+    assert "alice changed the arguments" in text(results[0]) and "only the pear order" in text(results[0])
+    assert home.rows("SELECT item FROM orders ORDER BY id") == [("apple",), ("plum",)]
+    request_id = page.url.rsplit("/", 1)[1]
+    await page.goto(f"{base}/inbox/requests/{request_id}")
+    await expect(page.locator("p.edited")).to_contain_text("edited by alice")
+    await expect(page.locator("ul.diff")).to_contain_text("/statement")
+    await expect(page.locator("details.edit")).to_have_count(0)  # ran: nothing left to edit
+    entry = page.locator("ol.events > li", has_text="edited the arguments")
+    await expect(entry).to_contain_text("only the pear order")
+    await expect(entry).to_contain_text("DELETE FROM orders WHERE item = 'pear'")
+    await screenshot(page, "request-edited")
+    refused = [e["payload"]["code"] for e in home.ledger_events(request_id) if e["kind"] == "vote.refused"]
+    assert refused == ["denied_by_policy"]

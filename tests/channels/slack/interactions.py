@@ -55,6 +55,15 @@ def view_submission(private_metadata: str, reason: str, user: str, *, team: str 
     }
 
 
+def edit_submission(private_metadata: str, arguments: str, reason: str, user: str, *, team: str = TEAM) -> dict[str, Any]:
+    """The "Edit & approve" modal, submitted."""
+    payload = view_submission(private_metadata, reason, user, team=team)
+    payload["view"]["callback_id"] = "keyturn_edit"
+    payload["view"]["title"] = {"type": "plain_text", "text": "Edit, then approve"}
+    payload["view"]["state"]["values"]["arguments"] = {"arguments": {"type": "plain_text_input", "value": arguments}}
+    return payload
+
+
 def signed(payload: dict[str, Any], *, secret: str = SIGNING_SECRET, timestamp: int | None = None,
            signature: str | None = None) -> tuple[str, dict[str, str]]:
     body = urllib.parse.urlencode({"payload": json.dumps(payload)})

@@ -14,7 +14,15 @@ import mcp_types as types
 
 from tests.channels.slack.conftest import slack_config
 from tests.channels.slack.fake_slack import FakeSlack
-from tests.channels.slack.interactions import action_values, block_action, message_text, post_signed, signed, view_submission
+from tests.channels.slack.interactions import (
+    action_values,
+    block_action,
+    edit_submission,
+    message_text,
+    post_signed,
+    signed,
+    view_submission,
+)
 from tests.conftest import TOKENS, Home, ReviewerAPI, agent_client, free_port
 from tests.helpers import eventually
 
@@ -328,3 +336,54 @@ async def test_an_approver_changes_their_mind_with_a_signed_deny_and_a_deny_stay
                                   and "not pending" in c.args["text"])
     assert [p["code"] for p in payloads(slack_home, request_id, "vote.refused")] == ["not_pending", "not_pending"]
     assert terminal_events(slack_home, request_id) == ["denied"]
+
+
+async def test_edit_and_approve_through_the_modal_runs_the_edited_call_and_the_agent_is_told(
+        slack_home: Home, fake_slack: FakeSlack) -> None:
+    base = slack_home.serve_http()
+    seen: dict[str, Any] = {}
+
+    async def alice_edits() -> None:
+        request_id, _ = await review_message(fake_slack, "DELETE FROM orders")
+        seen["id"] = request_id
+        r = await post_signed(base, block_action(request_id, "keyturn_edit", "UALICE", trigger_id="trig-edit"))
+        assert r.status_code == 200, r.text
+        opened = await fake_slack.wait_for("views.open", lambda c: c.args["trigger_id"] == "trig-edit")
+        modal = opened.args["view"]
+        assert modal["callback_id"] == "keyturn_edit"
+        assert '"statement": "DELETE FROM orders"' in modal["blocks"][1]["element"]["initial_value"]
+        meta = modal["private_metadata"]
+        # What the reviewer can fix is said in the dialog: not JSON, a call the policy denies.
+        bad = await post_signed(base, edit_submission(meta, "DELETE FROM orders WHERE", "narrow", "UALICE"))
+        assert bad.status_code == 200 and bad.json()["response_action"] == "errors"
+        assert "JSON object" in bad.json()["errors"]["arguments"]
+        drop = await post_signed(base, edit_submission(meta, '{"statement": "DROP TABLE orders"}', "drop", "UALICE"))
+        assert drop.json()["response_action"] == "errors" and "denied by policy" in drop.json()["errors"]["arguments"]
+        no_reason = await post_signed(base, edit_submission(meta, '{"statement": "DELETE FROM orders WHERE id = 2"}',
+                                                            " ", "UALICE"))
+        assert no_reason.json()["response_action"] == "errors" and "reason" in no_reason.json()["errors"]
+        assert slack_home.rows("SELECT count(*) FROM orders") == [(3,)]
+        ok = await post_signed(base, edit_submission(meta, '{"statement": "DELETE FROM orders WHERE id = 2"}',
+                                                     "only the pear order", "UALICE"))
+        assert ok.status_code == 200 and not ok.content, ok.text
+        # The same submission again (a replay) is refused: the request is no longer pending for it.
+        again = await post_signed(base, edit_submission(meta, '{"statement": "DELETE FROM orders WHERE id = 3"}',
+                                                        "and the plum", "UALICE"))
+        assert again.status_code == 200
+        await fake_slack.wait_for("chat.postEphemeral", lambda c: "not counted" in str(c.args.get("text")))
+
+    result = await held_call(base, TOKENS["agent-ci"], "DELETE FROM orders", alice_edits)
+    assert not result.is_error, text(result)
+    assert "alice changed the arguments" in text(result) and "only the pear order" in text(result)
+    assert slack_home.rows("SELECT item FROM orders ORDER BY id") == [("apple",), ("plum",)]
+    request_id = seen["id"]
+    edited = payloads(slack_home, request_id, "arguments.edited")
+    assert len(edited) == 1 and edited[0]["channel"] == "slack"
+    assert edited[0]["reviewer"] == "slack:T0KEYTURN/UALICE" and edited[0]["reason"] == "only the pear order"
+    assert edited[0]["arguments"] == {"statement": "DELETE FROM orders WHERE id = 2"}
+    refused = [p["code"] for p in payloads(slack_home, request_id, "vote.refused")]
+    assert refused == ["denied_by_policy", "not_pending"]
+    assert terminal_events(slack_home, request_id) == ["executed"]
+    await fake_slack.wait_for("chat.update", lambda c: "Approved and executed" in message_text(c.args))
+    await fake_slack.wait_for("chat.postMessage", lambda c: c.args.get("thread_ts") is not None
+                              and "alice edited the arguments: only the pear order" in c.args["text"])
