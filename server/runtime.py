@@ -204,14 +204,14 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
     # The policy before the ledger: a policy that cannot be loaded stops keyturn before anything is recorded.
     policy = LivePolicy(settings.policy_path(), groups=settings.groups, people=set(settings.people))
     compiled = policy.load()
-    for line in unreachable_rules(compiled, settings):  # on the console: its calls could only ever expire
-        log.warning("%s", line)
     traces = None
     if settings.telemetry.traces_exported(os.environ):
         from server import tracing
 
         traces = tracing.configure(os.environ)  # (before anything is recorded: a missing SDK is a user error)
     ledger = await Ledger(settings.db).open()
+    for line in unreachable_rules(compiled, settings):  # on the console (once keyturn can start): only expiry ahead
+        log.warning("%s", line)
     try:
         keyturn_paths = context.state_paths  # the ledger, policy, config and every pack's state (the secret store)
         urls = tuple(http_base_urls or ())

@@ -56,9 +56,9 @@ async def edited_request(gate: Gate, runs: Runs, ledger: Ledger) -> tuple[str, l
     tool = gate.tools["write_thing"]  # type: ignore[attr-defined]
     async with held_call(gate, tool, {"key": "everything"}, AGENT) as call:
         request = await call.request()
-        refused = gate.judge_edit(tool, request, {"key": "everything", "extra": 1})
+        refused = await gate.judge_edit(tool, request, {"key": "everything", "extra": 1})
         assert isinstance(refused, EditRefused) and refused.code == "invalid_arguments"  # the tool's schema
-        edit = gate.judge_edit(tool, request, {"key": "one"})
+        edit = await gate.judge_edit(tool, request, {"key": "one"})
         assert isinstance(edit, ProposedEdit)
         silent = await gate.broker.decide(Verdict(request_id=request.id, reviewer="api:alice", verdict="approve"),
                                              edit)
