@@ -196,8 +196,6 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
     # The policy before the ledger: a policy that cannot be loaded stops keyturn before anything is recorded.
     policy = LivePolicy(settings.policy_path(), groups=settings.groups, people=set(settings.people))
     compiled = policy.load()
-    for line in unreachable_rules(compiled, settings):  # on the console: its calls could only ever expire
-        log.warning("%s", line)
     ledger = await Ledger(settings.db).open()
     try:
         keyturn_paths = context.state_paths  # the ledger, policy, config and every pack's state (the secret store)
@@ -225,6 +223,8 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
         })
         for kind, payload in context.events:  # what the packs asked to record (a sandbox turned off ...)
             await ledger.append(kind, None, {**payload, "instance": broker.instance_id})
+        for line in unreachable_rules(compiled, settings):  # once started, on the console: such calls only expire
+            log.warning("%s", line)
         kt = Keyturn(settings=settings, ledger=ledger, policy=policy, broker=broker, registry=registry, gate=gate,
                      credentials=credentials, local_token=local_token, http_base_urls=list(urls),
                      checkpointer=_checkpointer(settings, ledger))
