@@ -210,8 +210,6 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
 
         traces = tracing.configure(os.environ)  # (before anything is recorded: a missing SDK is a user error)
     ledger = await Ledger(settings.db).open()
-    for line in unreachable_rules(compiled, settings):  # on the console (once keyturn can start): only expiry ahead
-        log.warning("%s", line)
     try:
         keyturn_paths = context.state_paths  # the ledger, policy, config and every pack's state (the secret store)
         urls = tuple(http_base_urls or ())
@@ -238,6 +236,8 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
         })
         for kind, payload in context.events:  # what the packs asked to record (a sandbox turned off ...)
             await ledger.append(kind, None, {**payload, "instance": broker.instance_id})
+        for line in unreachable_rules(compiled, settings):  # once started, on the console: such calls only expire
+            log.warning("%s", line)
         kt = Keyturn(settings=settings, ledger=ledger, policy=policy, broker=broker, registry=registry, gate=gate,
                      credentials=credentials, local_token=local_token, http_base_urls=list(urls),
                      checkpointer=_checkpointer(settings, ledger))

@@ -240,7 +240,9 @@ async def test_quorum_progress_updates_live_as_reviewers_vote(home: Home, page: 
                 await expect(page.locator(".notice.good")).to_contain_text("vote recorded")
                 await expect(card.locator(".quorum")).to_contain_text("1 of 2")
                 await expect(card.locator("p.voted")).to_contain_text("You approved")  # no second vote offered
-                await expect(card.locator("form.vote")).to_have_count(0)
+                await expect(card.locator("form.vote:not(.change)")).to_have_count(0)
+                await expect(card.get_by_role("button", name="Approve")).to_have_count(0)
+                await expect(card.get_by_role("button", name="Deny instead")).to_have_count(1)  # a change of mind
                 await page.evaluate("window.__sameDocument = true")
                 request_id = await card.get_attribute("data-id")
                 assert request_id and await _api_vote(base, request_id, "carol") == 200

@@ -307,3 +307,28 @@ async def test_signed_checkpoints_reach_the_reviewers_conversation_as_a_witness(
     out = teams_home.home.keyturn("audit", "verify", "--config", str(teams_home.home.config),
                                   "--checkpoint", str(witness), "--public-key", key)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+async def test_an_approver_changes_their_mind_in_teams_and_a_deny_stays_final(teams_home: TeamsHome) -> None:
+    th = teams_home
+    base = th.serve(agents=[agent_bob()])
+    results = []
+    async with agent_client(base, TOKENS["agent-bob"]) as client:
+        async def agent() -> None:
+            results.append(await client.call_tool("sql_execute", {"statement": "UPDATE payroll SET salary = 1"}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(agent)
+            request_id = request_id_of(await th.wait_card("sql_execute"))
+            first = card_text((await th.post(th.invoke(request_id, "approve", "alice", "ok"))).json()["value"])
+            assert "2 approvals from group:dba (different people) · 1 of 2 approvals" in first
+            changed = await th.post(th.invoke(request_id, "deny", "alice", "the raise is not signed off"))
+            assert "You denied: denied by alice, who had approved" in card_text(changed.json()["value"])
+            final = await th.post(th.invoke(request_id, "approve", "carol", "ok"))
+            assert "not counted" in card_text(final.json()["value"])  # a deny stays final
+    assert results[0].is_error and "the raise is not signed off" in text(results[0])
+    assert th.home.rows("SELECT salary FROM payroll") == [(100,)]
+    changes = [(v["verdict"], v.get("changed_from")) for v in votes(th, request_id) if "code" not in v]
+    assert changes == [("approve", None), ("deny", "approve")]
+    assert [v["code"] for v in votes(th, request_id) if "code" in v] == ["not_pending"]
+    assert terminal(th, request_id) == ["denied"]
