@@ -422,3 +422,20 @@ async def test_a_fresh_database_is_created_empty_by_its_first_read(
     result = await reg.get("sql_query").run({"query": "SELECT 1 AS one"})  # type: ignore[union-attr]
     assert result.structured_content == {"columns": ["one"], "rows": [[1]], "row_count": 1, "truncated": False}
     assert (tmp_path / "data.db").stat().st_size == 0  # an empty file is an empty database: nothing else was written
+
+
+@pytest.mark.parametrize(("present", "absent", "tool"), [
+    ("DELETE FROM orders", "DELETE FROM no_such_table", "sql_query"),
+    ("UPDATE orders SET total = 0 WHERE id = 1", "UPDATE no_such_table SET total = 0 WHERE id = 1", "sql_query"),
+    ("INSERT INTO orders(customer) SELECT customer FROM orders", "INSERT INTO nope(c) SELECT c FROM nope", "sql_query"),
+    ("ATTACH (SELECT customer FROM orders LIMIT 1) AS x", "ATTACH (SELECT c FROM no_such_table) AS x", "sql_query"),
+    ("ATTACH (SELECT customer FROM orders LIMIT 1) AS x", "ATTACH (SELECT c FROM no_such_table) AS x", "sql_execute"),
+])
+async def test_a_refusal_does_not_tell_whether_a_table_exists(
+        sql: dict[str, GuardedTool], present: str, absent: str, tool: str) -> None:
+    """The refusal is asked before the policy, which may deny this agent every read: what it says must not depend on
+    the schema, or it would answer what the policy refuses to."""
+    field = "statement" if tool == "sql_execute" else "query"
+    said = [await sql[tool].refusal(sql[tool].validate({field: q})) for q in (present, absent)]
+    assert said[0] and said[0] == said[1], said
+    assert "orders" not in said[0] and "no_such_table" not in said[0]
