@@ -86,10 +86,13 @@ def closed_result(view: RequestView) -> types.CallToolResult:
     """A held call that ended without running for this caller: denied, expired, cancelled, already run ..."""
     if view.state == "denied":
         deny = next((v for v in reversed(view.votes) if v["verdict"] == "deny"), None)
-        who = deny["person"] if deny else "keyturn"
-        return error_result(f"Denied by reviewer {who}: {deny['reason'] if deny else view.outcome_reason}",
+        if deny is None:  # keyturn ended it (its policy changed, its approval was not proven ...): nobody voted no
+            return error_result(f"Denied by keyturn: {view.outcome_reason or 'no reason recorded'}",
+                                outcome=OUTCOMES["denied_by_reviewer"].label, by="keyturn", request_id=view.id,
+                                reason=view.outcome_reason)
+        return error_result(f"Denied by reviewer {deny['person']}: {deny['reason']}",
                             outcome=OUTCOMES["denied_by_reviewer"].label, by="reviewer", request_id=view.id,
-                            reviewer=who, reason=deny["reason"] if deny else view.outcome_reason)
+                            reviewer=deny["person"], reason=deny["reason"])
     if view.state == "expired":
         return error_result(f"Request {view.id} expired: no reviewer decided in time; it did not run.",
                             outcome=OUTCOMES["expired"].label, request_id=view.id)

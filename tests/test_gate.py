@@ -326,3 +326,74 @@ async def test_a_short_secret_changes_nothing_the_policy_said(world: tuple[Gate,
     assert (decision.payload["outcome"], decision.payload["risk"]) == ("allow", "low")
     assert decision.payload["policy_digest"] == gate.policy.current.digest
     assert decision.payload["rules"] == [{"id": "reads", "outcome": "allow", "risk": "low", "reason": "reads run"}]
+
+
+# -- what the tool declares it would refuse ----------------------------------------------------------------------
+
+
+async def test_a_call_the_tool_would_refuse_is_denied_by_keyturn_before_the_policy(
+        world: tuple[Gate, Runs, Ledger]) -> None:
+    """Even under a rule that holds every write for a human: the tool's own refusal ends the call at once, with one
+    terminal event and nobody asked, and the agent is told the ledger's word for it."""
+    gate, runs, ledger = world
+    asked: list[dict[str, Any]] = []
+
+    @guarded_tool(name="write_refusing", classifiers={"key": "secret"})
+    async def write_refusing(key: str, note: str = "") -> str:
+        runs.count += 1
+        return "written"
+
+    @write_refusing.refuses
+    def _refuses(args: dict[str, Any]) -> str | None:
+        asked.append(args)
+        return "this store is read-only" if args["note"] == "write" else None
+
+    with anyio.fail_after(10):  # a held call would wait ten minutes
+        result = await gate.call(write_refusing, {"key": "sk-live-0123456789abcdef0123", "note": "write"}, AGENT)
+    meta = (result.meta or {})["io.keyturn/outcome"]
+    assert result.is_error and runs.count == 0 and asked == [{"key": "sk-live-0123456789abcdef0123", "note": "write"}]
+    assert meta["outcome"] == "denied" and meta["by"] == "keyturn" and meta["code"] == "tool_refuses", meta
+    assert result.content[0].text == "Denied by keyturn: write_refusing would refuse it: this store is read-only"  # type: ignore[union-attr]
+    events = await ledger.events(meta["call_id"])
+    assert [e.kind for e in events] == ["call.received", "denied"]
+    assert events[1].payload == {"by": "keyturn", "code": "tool_refuses", "reason": meta["reason"]}
+    assert events[0].payload["arguments"]["note"] == "write"
+    assert "sk-live-0123456789abcdef0123" not in str(events[0].payload)  # kept like any call's: redacted
+    view = await ledger.get_call(meta["call_id"])
+    assert view is not None and view.state == "denied" and view.policy_digest is None
+    assert not any(e.kind == "approval.requested" for e in await ledger.tail(100))
+
+
+async def test_a_refusal_check_that_fails_denies_and_a_refusal_of_nothing_goes_to_the_policy(
+        world: tuple[Gate, Runs, Ledger]) -> None:
+    gate, runs, ledger = world
+
+    @guarded_tool(name="read_checked")
+    async def read_checked(key: str) -> str:
+        runs.count += 1
+        return "read"
+
+    @read_checked.refuses
+    def _refuses(args: dict[str, Any]) -> str | None:
+        if args["key"] == "boom":
+            raise RuntimeError("the check broke")
+        return None
+
+    broken = await gate.call(read_checked, {"key": "boom"}, AGENT)
+    meta = (broken.meta or {})["io.keyturn/outcome"]
+    assert broken.is_error and runs.count == 0  # fail closed
+    assert meta["outcome"] == "denied" and meta["by"] == "keyturn" and meta["code"] == "error", meta
+    fine = await gate.call(read_checked, {"key": "a"}, AGENT)
+    assert not fine.is_error and runs.count == 1
+    assert await terminal_kinds(ledger) == ["denied", "executed"]
+
+
+async def test_invalid_arguments_end_as_denied_by_keyturn_in_the_ledger_and_to_the_agent(
+        world: tuple[Gate, Runs, Ledger]) -> None:
+    gate, runs, ledger = world
+    result = await gate.call(gate.tools["read_thing"], {"key": 7, "extra": 1}, AGENT)  # type: ignore[attr-defined]
+    meta = (result.meta or {})["io.keyturn/outcome"]
+    assert result.is_error and runs.count == 0
+    assert (meta["outcome"], meta["by"], meta["code"]) == ("denied", "keyturn", "invalid_arguments")
+    assert result.content[0].text.startswith("Denied by keyturn: invalid arguments: ")  # type: ignore[union-attr]
+    assert await terminal_kinds(ledger) == [meta["outcome"]]

@@ -42,3 +42,19 @@ def test_every_end_the_agent_reads_is_an_error_result_without_structured_content
         assert result.is_error and result.structured_content is None, outcome
         assert "structuredContent" not in wire(result), outcome
         assert outcome_of(result)["outcome"] == outcome
+
+
+def test_a_held_call_keyturn_denied_is_told_as_keyturns_not_a_reviewers() -> None:
+    from server.models import RequestView
+    from server.outcomes import closed_result
+
+    base = dict(id="r1", tool="t", principal="p", on_behalf_of=None, model=None, args_hash="h", arguments={},
+                state="denied", risk="high", reason="x", rules=[], review=None, created=0.0, expires=None)
+    unproven = closed_result(RequestView(**base, votes=[], outcome_reason="the approval is not proven by the chain"))
+    assert unproven.content[0].text == "Denied by keyturn: the approval is not proven by the chain"  # type: ignore[union-attr]
+    assert outcome_of(unproven) == {"outcome": "denied", "by": "keyturn", "request_id": "r1",
+                                    "reason": "the approval is not proven by the chain"}
+    vote = {"person": "carol", "verdict": "deny", "reason": "not today", "reviewer": "api:carol"}
+    denied = closed_result(RequestView(**base, votes=[vote]))
+    assert denied.content[0].text == "Denied by reviewer carol: not today"  # type: ignore[union-attr]
+    assert outcome_of(denied)["by"] == "reviewer" and outcome_of(denied)["reviewer"] == "carol"

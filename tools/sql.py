@@ -194,22 +194,24 @@ class Database:
             program = conn.execute("EXPLAIN " + sql).fetchall()
         except sqlite3.ProgrammingError as e:  # the driver's own refusal (a second statement, unbound parameters)
             return guard.refused or f"SQLite refuses it: {e}"
-        except sqlite3.Error as e:
-            if guard.refused:
-                return guard.refused
-            # Not compiled (no such table, a syntax the EXPLAIN prefix does not take): left to the run, which may meet
-            # another schema by then; but a read-only run of a statement that writes fails whatever the schema.
-            writes = _writing_kinds(sql) if read_only else []
-            if writes:
-                return f"this call runs read-only, and this {'/'.join(writes).upper()} writes (SQLite also says: {e})"
-            return None
+        except sqlite3.Error:
+            # A statement that compiles only where a table exists must not tell the agent whether it does (the
+            # policy may deny this agent any read): a write through a read-only tool, or an ATTACH/DETACH, is
+            # refused in the same words whether SQLite refused it or could not compile it (no such table). Anything
+            # else that did not compile is left to the policy and the run, which may meet another schema by then.
+            kinds = _parsed_kinds(sql)
+            if set(kinds) & _ALWAYS_REFUSED:
+                return _ATTACH_REFUSED
+            writes = [k for k in kinds if k in _WRITING] if read_only else []
+            if writes and (guard.refused_by_mode or not guard.refused):
+                return f"this call runs read-only, and this statement writes ({', '.join(writes)})"
+            return guard.refused or None
         finally:
             conn.close()
         # VACUUM attaches its target only when it runs: its program says whether it has one (P2, the INTO file).
         for op in program:
             if str(op[1]) == "Vacuum" and (read_only or op[3]):
-                return ("this call runs read-only: SQLite refused VACUUM" if read_only
-                        else "tools.sql refuses ATTACH, DETACH and VACUUM INTO on SQLite")
+                return "this call runs read-only: SQLite refused VACUUM" if read_only else _ATTACH_REFUSED
         return None
 
     def _refuse_state_file(self, path: Path) -> None:
@@ -301,12 +303,13 @@ class _SqliteGuard:
     def __init__(self, read_only: bool) -> None:
         self.read_only = read_only
         self.refused = ""
+        self.refused_by_mode = False  # the refusal is the read-only mode's (a write), not one made in every mode
 
     def __call__(self, action: int, arg1: str | None, arg2: str | None, *_: Any) -> int:
         if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
             if action == sqlite3.SQLITE_ATTACH and arg1 == "" and not self.read_only:
                 return sqlite3.SQLITE_OK  # a private temporary database: what a plain VACUUM attaches
-            return self._deny("tools.sql refuses ATTACH, DETACH and VACUUM INTO on SQLite" if not self.read_only
+            return self._deny(_ATTACH_REFUSED if not self.read_only
                               else "this call runs read-only: SQLite refused ATTACH/VACUUM")
         if action == sqlite3.SQLITE_PRAGMA:
             name = (arg1 or "").lower()
@@ -315,14 +318,15 @@ class _SqliteGuard:
             if not self.read_only or name in _READ_PRAGMAS or (arg2 is None and name in _READ_BARE_PRAGMAS):
                 return sqlite3.SQLITE_OK
             return self._deny(f"this call runs read-only: SQLite refused PRAGMA {name}"
-                              + ("" if arg2 is None else f" = {arg2}"))
+                              + ("" if arg2 is None else f" = {arg2}"), by_mode=True)
         if not self.read_only or action in _READ_ACTIONS:
             return sqlite3.SQLITE_OK
         return self._deny(f"this call runs read-only: SQLite refused {_ACTION_NAMES.get(action, 'a write')}"
-                          + (f" on {arg1}" if arg1 else ""))
+                          + (f" on {arg1}" if arg1 else ""), by_mode=True)
 
-    def _deny(self, why: str) -> int:
-        self.refused = self.refused or why
+    def _deny(self, why: str, *, by_mode: bool = False) -> int:
+        if not self.refused:
+            self.refused, self.refused_by_mode = why, by_mode
         return sqlite3.SQLITE_DENY
 
 
@@ -346,12 +350,15 @@ def _inodes(paths: Iterable[Path]) -> set[tuple[int, int]]:
     return found
 
 
-def _writing_kinds(sql: str) -> list[str]:
-    """The statement kinds of `sql` that write, from its parse tree ([] when it does not parse)."""
+_WRITING = WRITE_KINDS | DDL_KINDS | PRIVILEGE_KINDS
+_ALWAYS_REFUSED = frozenset({"attach", "detach"})
+_ATTACH_REFUSED = "tools.sql refuses ATTACH, DETACH and VACUUM INTO on SQLite"
+
+
+def _parsed_kinds(sql: str) -> list[str]:
+    """The statement kinds of `sql` from its parse tree ([] when it does not parse)."""
     facts = classify_sql([sql], "sqlite")
-    if facts["unparseable"]:
-        return []
-    return [k for k in facts["kinds"] if k in WRITE_KINDS or k in DDL_KINDS or k in PRIVILEGE_KINDS]
+    return [] if facts["unparseable"] else list(facts["kinds"])
 
 
 def create_empty(path: Path) -> None:

@@ -359,3 +359,83 @@ def test_postgres_without_the_extra_says_what_to_install() -> None:
 def test_mysql_without_the_extra_says_what_to_install() -> None:
     with pytest.raises(ConfigError, match=r"keyturn\[mysql\]"):
         load_pack("tools.sql", ToolRegistry(), {"database": "mysql://u@localhost/db"})
+
+
+# -- what the tools declare they would refuse, found without running anything ------------------------------------
+
+
+@pytest.mark.parametrize("statement", [
+    "DELETE FROM orders", "  /* all */ dElEtE FROM orders -- every row", "WITH x AS (SELECT 1) DELETE FROM orders",
+    "WITH gone AS (DELETE FROM orders RETURNING *) SELECT 1", "UPDATE orders SET total = 0", "pragma USER_VERSION = 9",
+    "VACUUM", "ATTACH 'other.db' AS other", "CREATE TEMP TABLE t(x)", "BEGIN", "DROP TABLE orders",
+    "INSERT INTO not_yet_a_table VALUES (1)",
+])
+async def test_the_read_only_tools_refuse_a_write_before_it_runs(
+        sql: dict[str, GuardedTool], tmp_path: Path, statement: str) -> None:
+    for tool, arguments in (("sql_query", {"query": statement}),
+                            ("sql_export", {"path": "out.csv", "query": statement})):
+        reason = await sql[tool].refusal(sql[tool].validate(arguments))
+        assert reason, (tool, statement)
+    assert rows(tmp_path / "shop.db", "SELECT count(*), sum(total) FROM orders") == [(25, 487.5)]
+    assert rows(tmp_path / "shop.db", "PRAGMA user_version") == [(0,)]
+    assert not (tmp_path / "other.db").exists() and not (tmp_path / "exports" / "out.csv").exists()
+
+
+@pytest.mark.parametrize("statement", [
+    "VACUUM INTO 'copy.db'", "vacuum main\ninto 'copy.db'", "ATTACH ('other' || '.db') AS o", "DETACH main",
+    "PRAGMA temp_store_directory = '/tmp'", "pragma Soft_Heap_Limit = 1",
+])
+async def test_sql_execute_refuses_what_it_never_runs_and_nothing_runs_to_find_out(
+        sql: dict[str, GuardedTool], tmp_path: Path, statement: str) -> None:
+    tool = sql["sql_execute"]
+    assert await tool.refusal(tool.validate({"statement": statement}))
+    assert not (tmp_path / "copy.db").exists() and not (tmp_path / "other.db").exists()
+
+
+@pytest.mark.parametrize("statement", [
+    "DELETE FROM orders WHERE id = 1", "UPDATE orders SET total = 0", "VACUUM", "CREATE TABLE notes(x)",
+    "DROP TABLE not_yet_a_table", "PRAGMA user_version = 3", "INSERT INTO not_yet_a_table VALUES (1)",
+])
+async def test_sql_execute_leaves_its_writes_to_the_policy_and_checking_them_writes_nothing(
+        sql: dict[str, GuardedTool], tmp_path: Path, statement: str) -> None:
+    tool = sql["sql_execute"]
+    assert await tool.refusal(tool.validate({"statement": statement})) is None
+    assert rows(tmp_path / "shop.db", "SELECT count(*), sum(total) FROM orders") == [(25, 487.5)]
+    assert rows(tmp_path / "shop.db", "PRAGMA user_version") == [(0,)]
+    assert rows(tmp_path / "shop.db", "SELECT count(*) FROM sqlite_master WHERE name = 'notes'") == [(0,)]
+
+
+@pytest.mark.parametrize("query", [
+    "SELECT * FROM orders", "EXPLAIN QUERY PLAN SELECT * FROM orders", "PRAGMA table_info(orders)",
+    "PRAGMA user_version", "WITH a AS (SELECT 1) SELECT * FROM a", "SELECT * FROM not_yet_a_table",
+])
+async def test_reads_are_not_refused(sql: dict[str, GuardedTool], query: str) -> None:
+    assert await sql["sql_query"].refusal(sql["sql_query"].validate({"query": query})) is None
+
+
+async def test_a_fresh_database_is_created_empty_by_its_first_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    reg = ToolRegistry()
+    load_pack("tools.sql", reg, {})
+    assert not (tmp_path / "data.db").exists()
+    result = await reg.get("sql_query").run({"query": "SELECT 1 AS one"})  # type: ignore[union-attr]
+    assert result.structured_content == {"columns": ["one"], "rows": [[1]], "row_count": 1, "truncated": False}
+    assert (tmp_path / "data.db").stat().st_size == 0  # an empty file is an empty database: nothing else was written
+
+
+@pytest.mark.parametrize(("present", "absent", "tool"), [
+    ("DELETE FROM orders", "DELETE FROM no_such_table", "sql_query"),
+    ("UPDATE orders SET total = 0 WHERE id = 1", "UPDATE no_such_table SET total = 0 WHERE id = 1", "sql_query"),
+    ("INSERT INTO orders(customer) SELECT customer FROM orders", "INSERT INTO nope(c) SELECT c FROM nope", "sql_query"),
+    ("ATTACH (SELECT customer FROM orders LIMIT 1) AS x", "ATTACH (SELECT c FROM no_such_table) AS x", "sql_query"),
+    ("ATTACH (SELECT customer FROM orders LIMIT 1) AS x", "ATTACH (SELECT c FROM no_such_table) AS x", "sql_execute"),
+])
+async def test_a_refusal_does_not_tell_whether_a_table_exists(
+        sql: dict[str, GuardedTool], present: str, absent: str, tool: str) -> None:
+    """The refusal is asked before the policy, which may deny this agent every read: what it says must not depend on
+    the schema, or it would answer what the policy refuses to."""
+    field = "statement" if tool == "sql_execute" else "query"
+    said = [await sql[tool].refusal(sql[tool].validate({field: q})) for q in (present, absent)]
+    assert said[0] and said[0] == said[1], said
+    assert "orders" not in said[0] and "no_such_table" not in said[0]
