@@ -111,8 +111,8 @@ class Holding:
         reason = f"the approval is not proven by the ledger's chain ({problem}); it did not run"
         await self.ledger.finish(request_id, "unproven",
                                  {"by": "keyturn", "code": "approval_not_proven", "reason": reason}, reason=reason)
-        return error_result(f"Request {request_id} was refused: {reason}.", outcome=OUTCOMES["unproven"].label,
-                            code="approval_not_proven", request_id=request_id)
+        return error_result(f"Denied by keyturn: request {request_id}: {reason}.", outcome=OUTCOMES["unproven"].label,
+                            by="keyturn", code="approval_not_proven", request_id=request_id)
 
     async def _wait_for_caller(
         self, request_id: str, through: tuple[str, ...], progress: ProgressFn | None, gone: anyio.Event | None,
