@@ -82,7 +82,7 @@ async def run_all(sections: tuple[str, ...], quick: bool, work: Path) -> dict[st
         elif name == "gate":
             results[name] = await gate_bench.run(work / "gate", 2000 if quick else 20_000)
         elif name == "held":
-            results[name] = await held.run(work / "held", 1000 if quick else 10_000)
+            results[name] = await held.run(work / "held", 500 if quick else 2000, paced=100 if quick else 200)
         elif name == "ledger":
             results[name] = await ledger_bench.run(
                 work / "ledger", appends=2000 if quick else 20_000, verify_events=50_000 if quick else 1_000_000)
