@@ -9,8 +9,9 @@ in front of the same plain server.
                  before and after each call (unbuffered writes, no fsync)
 
 A peer that cannot be installed or started here is skipped with its reason (`peer_<name>_skipped=<reason>`), never
-silently. The environments are kept under benchmarks/results/peers/ (git-ignored) and reused by later runs; the
-first run installs them from PyPI (a few minutes on a small machine).
+silently. The environments are kept outside the source tree, in `$KEYTURN_BENCH_PEERS` or else
+`~/.cache/keyturn/bench-peers/`, and reused by later runs; the first run installs them from PyPI (a few minutes on
+a small machine).
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ import venv
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-HOME = ROOT / "benchmarks" / "results" / "peers"
+HOME = Path(os.environ.get("KEYTURN_BENCH_PEERS") or Path.home() / ".cache" / "keyturn" / "bench-peers")
 INSTALL_TIMEOUT_S = 900
 
 

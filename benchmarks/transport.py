@@ -155,9 +155,9 @@ async def start_http(name: str, marker: str, home: Path, log: IO[bytes],
         peer_py = await anyio.to_thread.run_sync(peers.ensure, PEER["mcp_airlock"])
         policy = home / "airlock-policy.yaml"
         policy.write_text(yaml.safe_dump(AIRLOCK_POLICY), encoding="utf-8")
-        airlock = peer_py.parent / "mcp-airlock"
         env = {**env, "AIRLOCK_TRUST_PRINCIPAL_HEADER": "1"}
-        url = await launch(name, [str(airlock), "--policy", str(policy), "--upstream", upstream, "--env", "bench",
+        url = await launch(name, [str(peer_py), "-m", "mcp_airlock", "--policy", str(policy), "--upstream", upstream,
+                                  "--env", "bench",
                                   "--audit", str(home / "airlock-audit.jsonl"), "--host", "127.0.0.1",
                                   "--port", "{port}"], home, log, env, procs)
         headers = dict(PRINCIPAL_HEADER)
