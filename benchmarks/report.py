@@ -15,7 +15,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def _transport(t: dict[str, Any]) -> list[str]:
-    out = ["### Allow-path overhead: the same trivial tool, plain MCP server vs keyturn (policy allow, ledger on)", ""]
+    out = ["### Allow-path overhead: the same trivial tool, plain MCP server vs keyturn (policy allow, ledger on) "
+           "and the proxies", ""]
     rows = []
     for tr in ("stdio", "http"):
         for mode, label in (("sequential", "sequential"), ("concurrent_32", "32 concurrent")):
@@ -29,7 +30,10 @@ def _transport(t: dict[str, Any]) -> list[str]:
                              ratio(s["median_ms"], plain["median_ms"]), ratio(s["p99_ms"], plain["p99_ms"])])
     out += _table(["transport", "calls", "server", "median ms", "p99 ms", "calls/s", "server CPU ms/call",
                    "median ÷ plain", "p99 ÷ plain"], rows)
-    out.append("`proxy` is `keyturn proxy -- python benchmarks/plain_server.py`: its CPU includes the upstream's.")
+    out.append("`plain` runs on keyturn's stdio transport, `plain_sdk` on the SDK's default `stdio_server()`. `proxy` is "
+               "`keyturn proxy` (stdio: `-- python benchmarks/plain_server.py`; HTTP: `--upstream-url` of a plain server), "
+               "`fastmcp` fastmcp's `create_proxy`, `mcp_airlock` mcp-airlock, each in front of the plain server: a "
+               "proxy's CPU includes its upstream's.")
     out += [f"Note: {n}" for n in t.get("notes", [])]
     return [*out, ""]
 
