@@ -1,11 +1,15 @@
 """The baseline: a plain, unguarded MCP server (the SDK's low-level `Server`) with the same `echo` tool.
 
-    python benchmarks/plain_server.py                 # stdio
+    python benchmarks/plain_server.py                       # stdio, on keyturn's transport (the same as `keyturn serve`)
+    python benchmarks/plain_server.py --stdio sdk           # stdio, on the SDK's default `stdio_server()`
     python benchmarks/plain_server.py --http 127.0.0.1:PORT
 
 It lists the same tool definition keyturn serves (`bench_tools.echo`) and returns the same result
 (text content plus structured content), on the same SDK server class and transports keyturn uses,
-so the difference between the two is what keyturn adds.
+so the difference between the two is what keyturn adds. Over stdio it runs by default on the very transport
+`keyturn serve` uses (`server.serving.stdio.stdio_transport`: the SDK's `stdio_server` fed by the event loop's
+pipes), so the comparison is guard against no guard, not one transport against another; `--stdio sdk` is the
+plain server as its users run it (the SDK's `stdio_server()` with its worker threads).
 """
 
 from __future__ import annotations
@@ -48,11 +52,14 @@ def build() -> Server[Any]:
     return Server("plain-echo", version="1.0.0", on_list_tools=list_tools, on_call_tool=call_tool)
 
 
-async def serve_stdio() -> None:
-    from mcp.server.stdio import stdio_server
+async def serve_stdio(transport: str) -> None:
+    if transport == "sdk":
+        from mcp.server.stdio import stdio_server as stdio
+    else:
+        from server.serving.stdio import stdio_transport as stdio
 
     server = build()
-    async with stdio_server() as (read_stream, write_stream):
+    async with stdio() as (read_stream, write_stream):
         await server.run(read_stream, write_stream, server.create_initialization_options())
 
 
@@ -66,12 +73,14 @@ async def serve_http(host: str, port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--http", metavar="HOST:PORT")
+    parser.add_argument("--stdio", choices=("keyturn", "sdk"), default="keyturn",
+                        help="the stdio transport: keyturn's (as `keyturn serve` runs) or the SDK's default")
     opts = parser.parse_args()
     if opts.http:
         host, _, port = opts.http.rpartition(":")
         anyio.run(serve_http, host, int(port))
     else:
-        anyio.run(serve_stdio)
+        anyio.run(serve_stdio, opts.stdio)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def _transport(t: dict[str, Any]) -> list[str]:
-    out = ["### Allow-path overhead: the same trivial tool, plain MCP server vs keyturn (policy allow, ledger on)", ""]
+    out = ["### Allow-path overhead: the same trivial tool, plain MCP server vs keyturn (policy allow, ledger on) "
+           "and the proxies", ""]
     rows = []
     for tr in ("stdio", "http"):
         for mode, label in (("sequential", "sequential"), ("concurrent_32", "32 concurrent")):
@@ -29,7 +30,10 @@ def _transport(t: dict[str, Any]) -> list[str]:
                              ratio(s["median_ms"], plain["median_ms"]), ratio(s["p99_ms"], plain["p99_ms"])])
     out += _table(["transport", "calls", "server", "median ms", "p99 ms", "calls/s", "server CPU ms/call",
                    "median ÷ plain", "p99 ÷ plain"], rows)
-    out.append("`proxy` is `keyturn proxy -- python benchmarks/plain_server.py`: its CPU includes the upstream's.")
+    out.append("`plain` runs on keyturn's stdio transport, `plain_sdk` on the SDK's default `stdio_server()`. `proxy` is "
+               "`keyturn proxy` (stdio: `-- python benchmarks/plain_server.py`; HTTP: `--upstream-url` of a plain server), "
+               "`fastmcp` fastmcp's `create_proxy`, `mcp_airlock` mcp-airlock, each in front of the plain server: a "
+               "proxy's CPU includes its upstream's.")
     out += [f"Note: {n}" for n in t.get("notes", [])]
     return [*out, ""]
 
@@ -43,14 +47,17 @@ def _gate(g: dict[str, Any]) -> list[str]:
 
 
 def _held(h: dict[str, Any]) -> list[str]:
-    d = h["decision_to_tool_start"]
+    p, d = h["paced"], h["decision_to_tool_start"]
     rows = [
         ["calls held at once", h["held"]],
         ["time to hold them all (s)", h["hold_all_s"]],
         ["memory per held call (KiB, RSS delta)", h["rss_per_held_call_kib"]],
-        ["approvals recorded (sequential decide, per s)", h["decisions_per_s"]],
-        ["decision → tool start, median (ms)", d["median_ms"]],
-        ["decision → tool start, p99 (ms)", d["p99_ms"]],
+        [f"paced decisions ({p['decisions']:,}, one at a time): decision → tool start, median (ms)",
+         p["decision_to_tool_start"]["median_ms"]],
+        ["paced decisions: decision → tool start, p99 (ms)", p["decision_to_tool_start"]["p99_ms"]],
+        [f"back-to-back decisions ({h['back_to_back']:,}): approvals recorded per s", h["decisions_per_s"]],
+        ["back-to-back: calls run per s (first decision to the last call's end)", h["all_run_per_s"]],
+        ["back-to-back: decision → tool start, median (ms; the queue behind earlier decisions)", d["median_ms"]],
         ["tool runs (each call exactly once)", f"{h['tool_runs']:,} ({'yes' if h['ran_exactly_once'] else 'NO'})"],
         ["ledger `executed` events", h["ledger_executed_events"]],
         ["ledger chain verifies", f"{'yes' if h['chain_verifies'] else 'NO'} ({h['ledger_events']:,} events)"],
@@ -117,3 +124,56 @@ def markdown(r: dict[str, Any]) -> str:
     if "policy" in r:
         lines += _policy(r["policy"])
     return "\n".join(lines) + "\n"
+
+
+def _seq_ratio(t: dict[str, Any], transport: str, mode: str, side: str, base: str) -> float:
+    sides = t.get(transport, {}).get(mode, {})
+    return ratio(sides.get(side, {}).get("median_ms", math.nan), sides.get(base, {}).get("median_ms", math.nan))
+
+
+def figures(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """The run's `name=value` lines, in the order they are printed. Each ratio's name says what it compares:
+    `A ÷ B`, both measured in this run, alternating, on the same transport unless the name says otherwise."""
+    out: list[tuple[str, str]] = []
+    if "gate" in r:
+        call = r["gate"]["steps"]["guarded call (Gate.call)"]
+        out += [("guard_us_p50", f"{call['median_us']:.1f}"), ("guard_us_p99", f"{call['p99_us']:.1f}")]
+    if "transport" in r:
+        t = r["transport"]
+        for name, args in (
+            ("overhead_ratio_stdio_median", ("stdio", "sequential", "keyturn", "plain")),
+            ("overhead_ratio_stdio_vs_sdk_default_median", ("stdio", "sequential", "keyturn", "plain_sdk")),
+            ("overhead_ratio_http_median", ("http", "sequential", "keyturn", "plain")),
+            ("overhead_ratio_stdio_32_median", ("stdio", "concurrent_32", "keyturn", "plain")),
+            ("overhead_ratio_http_32_median", ("http", "concurrent_32", "keyturn", "plain")),
+            ("proxy_ratio_stdio_median", ("stdio", "sequential", "proxy", "plain")),
+            ("proxy_ratio_http_median", ("http", "sequential", "proxy", "plain")),
+        ):
+            out.append((name, f"{_seq_ratio(t, *args):.3f}"))
+        for peer, transport in (("fastmcp", "stdio"), ("mcp_airlock", "http")):
+            if peer in t.get("skipped", {}):
+                out.append((f"peer_{peer}_skipped", " ".join(t["skipped"][peer].split())[:300]))
+            elif peer in t.get(transport, {}).get("sequential", {}):
+                out.append((f"peer_{peer}_ratio_median", f"{_seq_ratio(t, transport, 'sequential', peer, 'plain'):.3f}"))
+    if "held" in r:
+        h = r["held"]
+        out += [("held_calls", str(h["held"])),
+                ("held_memory_kib_per_call", f"{h['rss_per_held_call_kib']:.2f}"),
+                ("held_decision_to_tool_start_median_ms", f"{h['paced']['decision_to_tool_start']['median_ms']:.3f}"),
+                ("held_decision_to_tool_start_p99_ms", f"{h['paced']['decision_to_tool_start']['p99_ms']:.3f}"),
+                ("held_decisions_back_to_back_per_s", f"{h['decisions_per_s']:.1f}"),
+                ("held_back_to_back_all_run_s", f"{h['approve_all_to_all_done_s']:.2f}"),
+                ("held_ran_exactly_once", "yes" if h["ran_exactly_once"] else "NO")]
+    if "ledger" in r:
+        g = r["ledger"]
+        out += [("ledger_append_per_s", f"{g['ledger_append_sequential_per_s']:.0f}"),
+                ("raw_sqlite_insert_per_commit_per_s", f"{g['raw_insert_per_commit_per_s']:.0f}"),
+                ("ledger_append_vs_raw_insert_ratio",
+                 f"{ratio(g['ledger_append_sequential_per_s'], g['raw_insert_per_commit_per_s']):.3f}"),
+                ("verify_events_per_s", f"{g['verify_events_per_s']:.0f}")]
+    if "checkpoints" in r:
+        cp = r["checkpoints"]
+        out += [("checkpoint_make_median_ms", f"{cp['checkpoint_make_ms']['median_ms']:.3f}"),
+                ("verify_with_checkpoints_s", f"{cp['verify_full_s']:.2f}"),
+                ("verify_with_checkpoints_events", str(cp["verify_events"]))]
+    return out

@@ -4,12 +4,12 @@
     python benchmarks/run.py --quick    # a reduced version, under a minute
     python benchmarks/run.py --only transport,ledger
 
-Writes benchmarks/results/<stamp>.json and .md (the Markdown tables) and ends with the lines
-`overhead_ratio_stdio_median=...` (keyturn / plain, sequential stdio calls) and `proxy_ratio_stdio_median=...`
-(through `keyturn proxy` / direct). Sections:
+Writes benchmarks/results/<stamp>.json and .md (the Markdown tables) and ends with one `name=value` line per
+figure (`benchmarks/report.py: figures`; what each compares is in docs/performance.md). Sections:
 
-    transport  allow-path overhead over stdio and streamable HTTP, sequential and 32 concurrent (transport.py),
-               and `keyturn proxy` in front of the plain server over stdio
+    transport  allow-path overhead over stdio and streamable HTTP, sequential and 32 concurrent (transport.py):
+               keyturn against the plain server on the same transport (and on the SDK's default stdio), and
+               `keyturn proxy` against the peer proxies (peers.py), all in front of the same plain server
     gate       the guard's own cost in-process, step by step, against the tool run bare (gate_bench.py)
     held       N calls held at once awaiting review, then all approved (held.py)
     ledger     events appended per second and verify speed, against raw SQLite (ledger_bench.py)
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sqlite3
@@ -38,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 import anyio  # noqa: E402
 
 from benchmarks import checkpoint_bench, gate_bench, held, ledger_bench, policy_bench, transport  # noqa: E402
-from benchmarks.report import markdown  # noqa: E402
-from benchmarks.stats import percentile, ratio  # noqa: E402
+from benchmarks.report import figures, markdown  # noqa: E402
+from benchmarks.stats import percentile  # noqa: E402
 
 SECTIONS = ("transport", "gate", "held", "ledger", "checkpoints", "policy")
 
@@ -83,7 +82,7 @@ async def run_all(sections: tuple[str, ...], quick: bool, work: Path) -> dict[st
         elif name == "gate":
             results[name] = await gate_bench.run(work / "gate", 2000 if quick else 20_000)
         elif name == "held":
-            results[name] = await held.run(work / "held", 1000 if quick else 10_000)
+            results[name] = await held.run(work / "held", 500 if quick else 2000, paced=100 if quick else 200)
         elif name == "ledger":
             results[name] = await ledger_bench.run(
                 work / "ledger", appends=2000 if quick else 20_000, verify_events=50_000 if quick else 1_000_000)
@@ -96,13 +95,6 @@ async def run_all(sections: tuple[str, ...], quick: bool, work: Path) -> dict[st
         print(f"[{name}] {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
     results["machine"]["load_at_end"] = os.getloadavg()
     return results
-
-
-def headline(results: dict[str, Any]) -> tuple[float, float]:
-    seq = results.get("transport", {}).get("stdio", {}).get("sequential", {})
-    plain = seq.get("plain", {}).get("median_ms", math.nan)
-    return (ratio(seq.get("keyturn", {}).get("median_ms", math.nan), plain),
-            ratio(seq.get("proxy", {}).get("median_ms", math.nan), plain))
 
 
 def main() -> None:
@@ -120,8 +112,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="keyturn-bench-") as work:
         results = anyio.run(run_all, sections, opts.quick, Path(work))
     results["total_seconds"] = round(time.perf_counter() - t, 1)
-    overhead, proxy = headline(results)
-    results["overhead_ratio_stdio_median"], results["proxy_ratio_stdio_median"] = overhead, proxy
+    lines = figures(results)
+    results["figures"] = dict(lines)
 
     opts.out.mkdir(parents=True, exist_ok=True)
     stem = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if opts.quick else "") + (f"-{opts.label}" if opts.label else "")
@@ -130,13 +122,8 @@ def main() -> None:
     (opts.out / f"{stem}.md").write_text(table, encoding="utf-8")
     print(table)
     print(f"results: {opts.out / stem}.json, .md ({results['total_seconds']} s)")
-    print(f"overhead_ratio_stdio_median={overhead:.3f}")
-    print(f"proxy_ratio_stdio_median={proxy:.3f}")
-    if "checkpoints" in results:
-        cp = results["checkpoints"]
-        print(f"checkpoint_make_median_ms={cp['checkpoint_make_ms']['median_ms']:.3f}")
-        print(f"verify_with_checkpoints_s={cp['verify_full_s']:.2f}")
-        print(f"verify_with_checkpoints_events={cp['verify_events']}")
+    for name, value in lines:
+        print(f"{name}={value}")
 
 
 if __name__ == "__main__":

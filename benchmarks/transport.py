@@ -2,9 +2,17 @@
 
 Sides (each a separate server process, all started by this module):
 
-    plain    benchmarks/plain_server.py (the SDK's low-level Server, unguarded)
-    keyturn  `keyturn serve` with benchmarks.bench_tools (policy allow, ledger on)
-    proxy    `keyturn proxy -- python benchmarks/plain_server.py` (stdio only; policy allow, ledger on)
+    plain        benchmarks/plain_server.py (the SDK's low-level Server, unguarded), over stdio on the same
+                 transport as `keyturn serve` (keyturn's `stdio_transport`)
+    plain_sdk    the same server on the SDK's default `stdio_server()` (stdio only): the plain server as its
+                 users run it
+    keyturn      `keyturn serve` with benchmarks.bench_tools (policy allow, ledger on)
+    proxy        `keyturn proxy` (policy allow, ledger on) in front of the plain server: `-- python
+                 benchmarks/plain_server.py` over stdio, `--upstream-url` of a plain server over HTTP
+    fastmcp      fastmcp's `create_proxy` in front of the plain server, over stdio (benchmarks/peers.py)
+    mcp_airlock  mcp-airlock in front of a plain server, over streamable HTTP (benchmarks/peers.py)
+
+A proxy's figures include its upstream: its CPU time counts the plain server behind it.
 
 Sequential calls rotate the order of the sides every round, so machine noise lands on all of them;
 concurrent runs alternate whole blocks of calls between the sides. Warm-up calls are not counted.
@@ -29,13 +37,17 @@ import httpx2
 import yaml
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import create_mcp_http_client, streamable_http_client
 
+from benchmarks import peers
 from benchmarks.stats import summary
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAIN = ROOT / "benchmarks" / "plain_server.py"
 POLICY = ROOT / "benchmarks" / "bench-policy.yaml"
+PEER_FASTMCP = ROOT / "benchmarks" / "peer_fastmcp_proxy.py"
 PAYLOAD = {"text": "hello from the benchmark"}
+PEER = {p.name: p for p in peers.PEERS}
 
 
 @dataclass
@@ -90,64 +102,122 @@ def write_home(dir: Path, name: str, *, tools: bool = True) -> Path:
     return path
 
 
+AIRLOCK_POLICY = {"version": 1, "environment": "bench", "tools": {"echo": {"tiers": {"bench": "L0"}}}}
+PRINCIPAL_HEADER = {"X-Airlock-Principal": "bench-agent"}
+
+
 def stdio_params(name: str, marker: str, home: Path) -> StdioServerParameters:
     py = sys.executable
+    env = server_env(marker)
     if name == "plain":
-        return StdioServerParameters(command=py, args=[str(PLAIN)], env=server_env(marker), cwd=str(home))
+        return StdioServerParameters(command=py, args=[str(PLAIN)], env=env, cwd=str(home))
+    if name == "plain_sdk":
+        return StdioServerParameters(command=py, args=[str(PLAIN), "--stdio", "sdk"], env=env, cwd=str(home))
     if name == "keyturn":
         config = write_home(home, marker)
         return StdioServerParameters(command=py, args=["-m", "server.cli", "serve", "--config", str(config)],
-                                     env=server_env(marker), cwd=str(home))
+                                     env=env, cwd=str(home))
     if name == "proxy":
         config = write_home(home, marker, tools=False)
         return StdioServerParameters(
-            command=py, args=["-m", "server.cli", "proxy", "--config", str(config), "--", py, str(PLAIN)],
-            env=server_env(marker), cwd=str(home))
+            # The upstream runs in keyturn's sandbox: shown keyturn's package read-only, for the transport it shares.
+            command=py, args=["-m", "server.cli", "proxy", "--config", str(config), "--mount", str(ROOT / "server"),
+                              "--", py, str(PLAIN)],
+            env=env, cwd=str(home))
+    if name == "fastmcp":
+        peer_py = peers.ensure(PEER["fastmcp"])
+        return StdioServerParameters(command=str(peer_py), args=[str(PEER_FASTMCP), "--", py, str(PLAIN)],
+                                     env=env, cwd=str(home))
     raise ValueError(name)
 
 
-async def start_http(name: str, marker: str, home: Path, log: IO[bytes]) -> tuple[anyio.abc.Process, str]:
-    port = free_port()
+async def start_http(name: str, marker: str, home: Path, log: IO[bytes],
+                     procs: list[anyio.abc.Process]) -> tuple[str, dict[str, str]]:
+    """Start the named side over streamable HTTP (and, for a proxy, the plain server behind it, under the same
+    marker so its CPU counts); its processes go into `procs`. Returns its MCP URL and the headers a client sends."""
     py = sys.executable
+    headers: dict[str, str] = {}
+    env = {**os.environ, **server_env(marker)}
+    upstream = ""
+    if name in ("proxy", "mcp_airlock"):
+        upstream = await launch(f"{name}'s upstream", [py, str(PLAIN), "--http", "127.0.0.1:{port}"], home, log, env,
+                                procs)
     if name == "plain":
-        cmd = [py, str(PLAIN), "--http", f"127.0.0.1:{port}"]
+        url = await launch(name, [py, str(PLAIN), "--http", "127.0.0.1:{port}"], home, log, env, procs)
     elif name == "keyturn":
-        cmd = [py, "-m", "server.cli", "serve", "--http", f"127.0.0.1:{port}", "--config", str(write_home(home, marker))]
+        url = await launch(name, [py, "-m", "server.cli", "serve", "--http", "127.0.0.1:{port}",
+                                  "--config", str(write_home(home, marker))], home, log, env, procs)
+    elif name == "proxy":
+        url = await launch(name, [py, "-m", "server.cli", "proxy", "--http", "127.0.0.1:{port}", "--config",
+                                  str(write_home(home, marker, tools=False)), "--upstream-url", upstream],
+                           home, log, env, procs)
+    elif name == "mcp_airlock":
+        peer_py = await anyio.to_thread.run_sync(peers.ensure, PEER["mcp_airlock"])
+        policy = home / "airlock-policy.yaml"
+        policy.write_text(yaml.safe_dump(AIRLOCK_POLICY), encoding="utf-8")
+        env = {**env, "AIRLOCK_TRUST_PRINCIPAL_HEADER": "1"}
+        url = await launch(name, [str(peer_py), "-m", "mcp_airlock", "--policy", str(policy), "--upstream", upstream,
+                                  "--env", "bench",
+                                  "--audit", str(home / "airlock-audit.jsonl"), "--host", "127.0.0.1",
+                                  "--port", "{port}"], home, log, env, procs)
+        headers = dict(PRINCIPAL_HEADER)
     else:
         raise ValueError(name)
-    proc = await anyio.open_process(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=home,
-                                    env={**os.environ, **server_env(marker)})
+    return url, headers
+
+
+async def launch(name: str, cmd: list[str], home: Path, log: IO[bytes], env: dict[str, str],
+                 procs: list[anyio.abc.Process]) -> str:
+    """Start `cmd` (with `{port}` filled in) and wait until it answers HTTP; returns its MCP URL."""
+    port = free_port()
+    proc = await anyio.open_process([c.replace("{port}", str(port)) for c in cmd], stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=home, env=env)
+    procs.append(proc)
     # Up once it answers HTTP (any status: the plain server has no health route).
     async with httpx2.AsyncClient(timeout=1) as http:
         with anyio.move_on_after(60):
             while proc.returncode is None:
                 try:
                     await http.get(f"http://127.0.0.1:{port}/healthz")
-                    return proc, f"http://127.0.0.1:{port}/mcp"
+                    return f"http://127.0.0.1:{port}/mcp"
                 except httpx2.TransportError:
                     await anyio.sleep(0.1)
     if proc.returncode is not None:
         raise RuntimeError(f"{name} --http exited with {proc.returncode}; see {log.name}")
-    proc.kill()
     raise RuntimeError(f"{name} --http did not start in 60 s")
 
 
+OPTIONAL = ("proxy", "fastmcp", "mcp_airlock")
+"""Sides whose failure to start drops them from the run with a note (or a skip reason, for a peer), not the run."""
+
+
 @asynccontextmanager
-async def stdio_sides(names: Sequence[str], home: Path) -> AsyncIterator[list[Side]]:
-    """Start each named server over stdio (one connection each); yield the sides; stop them."""
+async def stdio_sides(names: Sequence[str], home: Path, skipped: dict[str, str]) -> AsyncIterator[list[Side]]:
+    """Start each named server over stdio (one connection each); yield the sides that answered a first call; stop
+    them. An optional side that cannot start or answer is left out, with its reason in `skipped`."""
     async with AsyncExitStack() as stack:
         sides = []
         for name in names:
             marker = f"{name}-stdio-{os.getpid()}"
-            errlog = stack.enter_context(open(home / f"{marker}.log", "w"))  # noqa: ASYNC230 (a local log file)
-            client = await stack.enter_async_context(Client(stdio_client(stdio_params(name, marker, home), errlog=errlog)))
+            try:
+                params = await anyio.to_thread.run_sync(stdio_params, name, marker, home)
+                errlog = stack.enter_context(open(home / f"{marker}.log", "w"))  # noqa: ASYNC230 (a local log file)
+                client = await stack.enter_async_context(Client(stdio_client(params, errlog=errlog)))
+                await call_once(client)
+            except Exception as e:
+                if name not in OPTIONAL:
+                    raise
+                skipped[name] = f"stdio: {type(e).__name__}: {e} (see {home / marker}.log)"
+                continue
             sides.append(Side(name, "stdio", [client], marker))
         yield sides
 
 
 @asynccontextmanager
-async def http_sides(names: Sequence[str], home: Path, clients: int) -> AsyncIterator[list[Side]]:
-    """Start each named server over streamable HTTP with `clients` client sessions each."""
+async def http_sides(names: Sequence[str], home: Path, clients: int,
+                     skipped: dict[str, str]) -> AsyncIterator[list[Side]]:
+    """Start each named server over streamable HTTP with `clients` client sessions each (an optional side that
+    cannot start or answer is left out, with its reason in `skipped`)."""
     procs: list[anyio.abc.Process] = []
     try:
         async with AsyncExitStack() as stack:
@@ -155,15 +225,26 @@ async def http_sides(names: Sequence[str], home: Path, clients: int) -> AsyncIte
             for name in names:
                 marker = f"{name}-http-{os.getpid()}"
                 log = stack.enter_context(open(home / f"{marker}.log", "wb"))  # noqa: ASYNC230 (a local log file)
-                proc, url = await start_http(name, marker, home, log)
-                procs.append(proc)
-                conns = [await stack.enter_async_context(Client(url)) for _ in range(clients)]
+                try:
+                    url, headers = await start_http(name, marker, home, log, procs)
+                    conns = []
+                    for _ in range(clients):
+                        http = await stack.enter_async_context(create_mcp_http_client(headers=headers))
+                        conns.append(await stack.enter_async_context(
+                            Client(streamable_http_client(url, http_client=http))))
+                    await call_once(conns[0])
+                except Exception as e:
+                    if name not in OPTIONAL:
+                        raise
+                    skipped[name] = f"http: {type(e).__name__}: {e} (see {log.name})"
+                    continue
                 sides.append(Side(name, "http", conns, marker))
             yield sides
     finally:
         with anyio.CancelScope(shield=True):
             for proc in procs:
-                proc.terminate()
+                if proc.returncode is None:
+                    proc.terminate()
                 with anyio.move_on_after(10):
                     await proc.wait()
                 if proc.returncode is None:
@@ -240,32 +321,29 @@ async def concurrent(sides: Sequence[Side], workers: int, per_worker: int, block
     return m.report(sides)
 
 
-async def run(home: Path, *, quick: bool, with_proxy: bool = True) -> dict[str, Any]:
-    """Every transport benchmark; the result is keyed transport -> mode -> side."""
-    seq_calls, warmup = (250, 30) if quick else (3000, 200)
+async def run(home: Path, *, quick: bool, with_peers: bool = True) -> dict[str, Any]:
+    """Every transport benchmark; the result is keyed transport -> mode -> side, with `skipped` (side -> reason)."""
+    seq_calls, warmup = (150, 20) if quick else (3000, 200)
     per_worker, blocks = (3, 2) if quick else (20, 6)
     await anyio.Path(home).mkdir(parents=True, exist_ok=True)
-    out: dict[str, Any] = {"stdio": {}, "http": {}, "notes": []}
-    names = ["plain", "keyturn", *(["proxy"] if with_proxy else [])]
-    try:
-        async with stdio_sides(names, home) as sides:
-            progress(f"stdio: {', '.join(names)} started")
-            out["stdio"]["sequential"] = await sequential(sides, seq_calls, warmup)
-            progress("stdio: sequential done")
-            out["stdio"]["concurrent_32"] = await concurrent(sides, 32, per_worker, blocks)
-    except Exception as e:
-        if not with_proxy:
-            raise
-        out["notes"].append(f"the proxy side failed ({type(e).__name__}: {e}), so stdio was measured without it")
-        async with stdio_sides(["plain", "keyturn"], home) as sides:
-            out["stdio"]["sequential"] = await sequential(sides, seq_calls, warmup)
-            out["stdio"]["concurrent_32"] = await concurrent(sides, 32, per_worker, blocks)
+    skipped: dict[str, str] = {}
+    out: dict[str, Any] = {"stdio": {}, "http": {}, "notes": [], "skipped": skipped,
+                           "peers": {p.name: p.requirement for p in peers.PEERS}}
+    stdio_names = ["plain", "plain_sdk", "keyturn", "proxy", *(["fastmcp"] if with_peers else [])]
+    async with stdio_sides(stdio_names, home, skipped) as sides:
+        progress(f"stdio: {', '.join(s.name for s in sides)} started")
+        out["stdio"]["sequential"] = await sequential(sides, seq_calls, warmup)
+        progress("stdio: sequential done")
+        out["stdio"]["concurrent_32"] = await concurrent(sides, 32, per_worker, blocks)
     progress("stdio: done")
-    async with http_sides(["plain", "keyturn"], home, clients=32) as sides:
-        progress("http: started, 32 sessions each")
+    http_names = ["plain", "keyturn", "proxy", *(["mcp_airlock"] if with_peers else [])]
+    async with http_sides(http_names, home, 32, skipped) as sides:
+        progress(f"http: {', '.join(s.name for s in sides)} started, 32 sessions each")
         out["http"]["sequential"] = await sequential(sides, seq_calls, warmup)
         out["http"]["concurrent_32"] = await concurrent(sides, 32, per_worker, blocks)
     progress("http: done")
+    for name, reason in skipped.items():
+        out["notes"].append(f"{name} was left out: {reason}")
     return out
 
 
