@@ -28,7 +28,7 @@ from server.classify import ClassifyContext, Redaction, extract_facts
 from server.errors import InvalidArguments, LedgerError
 from server.execution import limits_from_facts, running_under
 from server.guarded import SECRET_RESULT_META
-from server.ledger import Ledger
+from server.ledger import Store
 from server.models import Decision, ToolCall
 from server.outcomes import OUTCOMES, error_result, unrecorded_result
 from server.policy import LivePolicy
@@ -89,7 +89,7 @@ class Refusal:
 
 @dataclass
 class Gate:
-    ledger: Ledger
+    ledger: Store
     broker: ApprovalBroker
     policy: LivePolicy
     classify_context: ClassifyContext

@@ -24,8 +24,9 @@ from server.errors import ConfigError, LedgerError
 from server.execution import PackContext
 from server.gate import Gate, Runnable
 from server.guarded import ToolRegistry, load_pack, pack_state_paths
-from server.ledger import Ledger
+from server.ledger import Store
 from server.ledger.checkpoints import CheckpointError, signing_key
+from server.ledger.opening import store_for
 from server.ledger.witnesses import Checkpointer, configured_witnesses
 from server.policy import LivePolicy
 from server.secret_files import ensure_secret_file, reviewer_token_path
@@ -105,7 +106,7 @@ class Keyturn:
     """Everything one keyturn process runs. Use `async with running(settings) as kt:`."""
 
     settings: Settings
-    ledger: Ledger
+    ledger: Store
     policy: LivePolicy
     broker: ApprovalBroker
     registry: ToolRegistry
@@ -185,7 +186,8 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
     # The policy before the ledger: a policy that cannot be loaded stops keyturn before anything is recorded.
     policy = LivePolicy(settings.policy_path(), groups=settings.groups, people=set(settings.people))
     compiled = policy.load()
-    ledger = await Ledger(settings.db).open()
+    ledger = store_for(settings)
+    await ledger.open()
     try:
         keyturn_paths = context.state_paths  # the ledger, policy, config and every pack's state (the secret store)
         urls = tuple(http_base_urls or ())
@@ -235,7 +237,7 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
             await ledger.close()
 
 
-def _checkpointer(settings: Settings, ledger: Ledger) -> Checkpointer | None:
+def _checkpointer(settings: Settings, ledger: Store) -> Checkpointer | None:
     cfg = settings.checkpoints
     if not cfg.enabled:
         return None

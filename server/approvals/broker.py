@@ -27,7 +27,7 @@ import anyio
 from server.approvals.kept import KeptResults
 from server.approvals.quorum import ReviewerDirectory, quorum_met
 from server.errors import LedgerError
-from server.ledger import Ledger, Row, Subscription, Tx
+from server.ledger import Row, Store, Subscription, Tx
 from server.models import Event, RequestView, ReviewSpec, Verdict, VoteResult
 from server.outcomes import OPEN_STATES
 
@@ -61,7 +61,7 @@ def _instance_id() -> str:
 
 @dataclass
 class ApprovalBroker:
-    ledger: Ledger
+    ledger: Store
     directory: ReviewerDirectory
     poll_interval_s: float = 0.25
     notifiers: list[Notifier] = field(default_factory=list)
@@ -125,7 +125,13 @@ class ApprovalBroker:
         last poll (the calls with a decision or an end among the new events), so a poll costs what changed, not
         how many calls wait. The first poll with waiters, and one that fell far behind, reads their states."""
         while True:
-            await anyio.sleep(self.poll_interval_s)
+            # Woken at once by another instance's commit where the store announces them (PostgreSQL's NOTIFY);
+            # else, or while those announcements are down, every poll interval.
+            interval = self.ledger.wake_interval(self.poll_interval_s)
+            if interval > self.poll_interval_s:
+                await self.feed.wait(interval)
+            else:
+                await anyio.sleep(interval)
             if not self._waiters:
                 continue
             try:

@@ -19,7 +19,7 @@ from server.approvals.broker import ApprovalBroker
 from server.approvals.proof import prove_approval
 from server.classify import Redaction
 from server.errors import LedgerError
-from server.ledger import Ledger
+from server.ledger import Store
 from server.models import Decision, RequestView, ToolCall
 from server.outcomes import OUTCOMES, closed_result, error_result, left_result, ran_before_result, waiting_message
 from server.records import open_call
@@ -39,7 +39,7 @@ call is held, before it waits for the decision."""
 
 @dataclass
 class Holding:
-    ledger: Ledger
+    ledger: Store
     broker: ApprovalBroker
     progress_interval_s: float = 10.0
 

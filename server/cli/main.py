@@ -118,6 +118,7 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
             app = build_http_app(kt, server, host, extra_routes)
             config = server_config(app, host, port, args.log_level.lower())
             where = _reviewer_options(base, kt.settings.db if kt.local_token else None)
+            ledger = kt.settings.ledger_name if kt.settings.database_url else kt.settings.db.resolve()
             token_note = (f"the reviewer token is in {reviewer_token_path(kt.settings.db)}" if kt.local_token
                           else "reviewers use their configured tokens (KEYTURN_TOKEN)")
             print(
@@ -125,7 +126,7 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
                 f"  MCP endpoint (streamable HTTP): {base}/mcp\n"
                 f"  reviewer API:                   {base}/api/requests\n"
                 f"  reviewer inbox and audit (web): {base}/inbox   {base}/audit\n"
-                f"  ledger: {kt.settings.db.resolve()}   policy: {kt.settings.policy_path()}\n"
+                f"  ledger: {ledger}   policy: {kt.settings.policy_path()}\n"
                 f"  tools: {', '.join(t.name for t in kt.tools())}\n"
                 f"Review held calls from another terminal:\n"
                 f"  keyturn pending{where}\n  keyturn approve REQUEST_ID{where} --reason '...'   "
@@ -149,7 +150,7 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
         # Chat channels announce the calls this process holds; their clicks arrive at whichever
         # process serves HTTP (or Socket Mode), and reach this one through the shared database.
         await build_channels(kt, dict(os.environ))
-        print(f"keyturn (stdio) serving {len(kt.tools())} guarded tools; ledger {kt.settings.db}",
+        print(f"keyturn (stdio) serving {len(kt.tools())} guarded tools; ledger {kt.settings.ledger_name}",
               file=sys.stderr, flush=True)
         proxied = attach is not None  # (an upstream's tool, prompt and resource lists may change)
         options = server.create_initialization_options(
@@ -249,7 +250,9 @@ def _api(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] 
     if not token:
         from server.secret_files import reviewer_token_path
 
-        db = Path(args.db or os.environ.get("KEYTURN_DB") or "keyturn.db")
+        named = args.db or os.environ.get("KEYTURN_DB") or "keyturn.db"
+        # (a PostgreSQL ledger keeps its files in ./keyturn.db.*; the reviewer commands load no config module)
+        db = Path("keyturn.db" if named.startswith(("postgresql://", "postgres://")) else named)
         token_file = reviewer_token_path(db)
         source = f"the token file {token_file}"
         if token_file.exists():
@@ -326,14 +329,14 @@ def cmd_vote(args: argparse.Namespace) -> int:
 # -- auditor commands (ledger file) ----------------------------------------------------------------
 
 async def _with_ledger(args: argparse.Namespace, fn: Any) -> int:
-    from server.ledger import Ledger
+    from server.ledger.opening import open_existing
 
-    settings = _settings(args)
-    if not settings.db.exists():
-        raise KeyturnError(f"no ledger at {settings.db}")
-    async with Ledger(settings.db) as ledger:
+    ledger = await open_existing(_settings(args))
+    try:
         result: int = await fn(ledger)
         return result
+    finally:
+        await ledger.close()
 
 
 def _event_line(e: Any) -> str:
@@ -428,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"keyturn {_version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="config file (YAML); default $KEYTURN_CONFIG")
-    common.add_argument("--db", help="ledger database file (default ./keyturn.db)")
+    common.add_argument("--db", help="ledger: a SQLite file (default ./keyturn.db) or a postgresql:// URL")
     reviewer = argparse.ArgumentParser(add_help=False, parents=[common])
     reviewer.add_argument("--url", help=f"reviewer API base URL (default $KEYTURN_URL or http://{DEFAULT_HTTP})")
     reviewer.add_argument("--token", help="reviewer bearer token (default $KEYTURN_TOKEN, or the local token file)")
@@ -540,7 +543,7 @@ def _policy_replay(args: argparse.Namespace) -> int:
     from server.policy.replay import cmd_replay
 
     settings = _settings(args)
-    if not settings.db.exists():
+    if settings.database_url is None and not settings.db.exists():
         raise KeyturnError(f"no ledger at {settings.db}")
     return int(anyio.run(cmd_replay, Path(args.file), settings, args.limit))
 

@@ -15,40 +15,18 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
 
+from server.config import safe_url
 from server.errors import LedgerError
 
 if TYPE_CHECKING:
     import psycopg
 
 T = TypeVar("T")
-
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
-
-
-def is_postgres_url(value: object) -> bool:
-    return isinstance(value, str) and value.startswith(POSTGRES_SCHEMES)
-
-
-def safe_url(url: str) -> str:
-    """The URL with any password replaced by `***`: what banners, logs and errors show."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "postgresql://***"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
 
 def import_psycopg() -> Any:
     """psycopg, or a one-line error saying how to install it."""

@@ -18,7 +18,8 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
-from server.ledger.pg_db import db_error, import_psycopg, safe_url
+from server.config import safe_url
+from server.ledger.pg_db import db_error, import_psycopg
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,14 @@ import anyio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from server.canonical import canonical_json
+from server.config import safe_url
 from server.errors import LedgerError
 from server.ledger import audit as audit_module
 from server.ledger import bundle, chain, queries
 from server.ledger.audit import AuditResult
 from server.ledger.checkpoints import Checkpoint, unique
 from server.ledger.feed import Listener, Subscription
-from server.ledger.pg_db import PgConnection, Pool, db_error, import_psycopg, safe_url
+from server.ledger.pg_db import PgConnection, Pool, db_error, import_psycopg
 from server.ledger.pg_listen import NotifyListener
 from server.ledger.pg_schema import CHAIN_LOCK, NOTIFY_CHANNEL, migrate
 from server.ledger.queries import CALL_STATES_CHUNK, CallFilter, Row, row_to_event

@@ -32,7 +32,7 @@ from server.channels.slack.config import SlackConfig, SlackSecrets, describe, lo
 from server.channels.slack.identity import SlackIdentities
 from server.config import Settings
 from server.errors import ChannelError, LedgerError
-from server.ledger import Ledger
+from server.ledger import Store
 from server.ledger.checkpoints import Checkpoint, checkpoint_line
 from server.models import TERMINAL_STATES, Event, RequestView, ReviewSpec, Verdict, VerdictKind
 
@@ -51,7 +51,7 @@ class SlackChannel:
 
     name = "slack"
 
-    def __init__(self, *, ledger: Ledger, broker: ApprovalBroker, settings: Settings, config: SlackConfig,
+    def __init__(self, *, ledger: Store, broker: ApprovalBroker, settings: Settings, config: SlackConfig,
                  secrets: SlackSecrets, client: AsyncWebClient | None = None) -> None:
         self.ledger, self.broker, self.settings, self.config, self.secrets = ledger, broker, settings, config, secrets
         self.client = client or make_client(config, secrets)
