@@ -151,6 +151,9 @@ class Settings(_Strict):
     tools: tuple[ToolPack, ...] = (ToolPack(module="tools.sql"),)
     progress_interval_s: float = 10.0
     poll_interval_s: float = 0.25
+    rejoin_window_s: float | None = Field(default=None, ge=0)
+    """How long a held call whose keyturn instance died stays open for the agent's retry on another instance. None:
+    0 on SQLite (a process on this machine is known dead at once), 120 s on PostgreSQL (by leases)."""
     reviewer_api_url: str | None = None  # where the CLI reaches the reviewer API
     allowed_hosts: tuple[str, ...] = ()  # extra Host header values accepted on the HTTP app
     slack: SlackConfig | None = None  # None: no `slack:` section (tokens in the environment may still turn Slack on)

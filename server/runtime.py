@@ -198,8 +198,10 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
             await ledger.append(kind, None, dict(payload))
 
         policy.on_event = on_policy_event
+        window = settings.rejoin_window_s
         broker = ApprovalBroker(ledger=ledger, directory=build_directory(settings),
-                                poll_interval_s=settings.poll_interval_s)
+                                poll_interval_s=settings.poll_interval_s,
+                                rejoin_window_s=window if window is not None else 120.0 if settings.database_url else 0.0)
         gate = Gate(ledger=ledger, broker=broker, policy=policy,
                     classify_context=ClassifyContext(keyturn_paths=keyturn_paths, keyturn_urls=urls),
                     progress_interval_s=settings.progress_interval_s)

@@ -66,6 +66,9 @@ class ApprovalBroker:
     poll_interval_s: float = 0.25
     notifiers: list[Notifier] = field(default_factory=list)
     instance_id: str = field(default_factory=_instance_id)
+    rejoin_window_s: float = 0.0
+    """How long a call whose holding process died stays open for the agent to call again (on any instance) before
+    it is `abandoned`: where liveness is a lease in the database (PostgreSQL), from the end of the holder's lease."""
     _waiters: dict[str, anyio.Event] = field(default_factory=dict)
     _watching: dict[str, int] = field(default_factory=dict)  # request id -> calls waiting on it now
 
@@ -307,7 +310,11 @@ class ApprovalBroker:
         return count
 
     async def abandon_orphans(self, alive: Callable[[Row], Awaitable[bool]] | None = None) -> list[str]:
-        """Mark `abandoned` every open call whose holding process is gone (run at start-up)."""
+        """Mark `abandoned` every open call whose holding process is gone (run at start-up, and now and then).
+
+        Where the store keeps leases (PostgreSQL: an `alive` column), a holder is alive while its lease runs, and its
+        calls are kept open for `rejoin_window_s` after the lease ended, for the agent to call again on any instance
+        (`rejoin`); elsewhere, by the process id on this host, or a heartbeat within 30 s."""
         instances = {row["id"]: row for row in await self.ledger.instances()}
         host = socket.gethostname()
 
@@ -319,6 +326,8 @@ class ApprovalBroker:
                 return False
             if alive is not None:
                 return await alive(row)
+            if "alive" in row:  # a lease, on the database's clock; then the rejoin window
+                return bool(row["alive"]) or float(row["dead_for"]) < self.rejoin_window_s
             if row["host"] == host:
                 return _pid_alive(int(row["pid"]))
             return bool(time.time() - row["heartbeat"] < 30.0)

@@ -380,23 +380,34 @@ class PostgresStore:
 
     # -- processes: liveness by leases in the database ------------------------------------------------
 
+    # An instance is alive while its lease runs. Leases are counted on the database's clock, the one clock every
+    # instance shares (theirs may differ by seconds), and renewed by each heartbeat (every 2 s).
+
     async def register_instance(self, instance_id: str, host: str, pid: int) -> None:
         def body(tx: Tx) -> None:
             tx.register_instance(instance_id, host, pid)
-            tx.conn.execute("UPDATE instances SET lease_until = ? WHERE id = ?", (tx.now + LEASE_S, instance_id))
+            tx.conn.execute(_RENEW_LEASE, (LEASE_S, instance_id))
 
         await self.transaction(body)
 
     async def heartbeat(self, instance_id: str) -> None:
-        """Renew the instance's lease (and re-register it if a sweep removed it while it was cut off)."""
+        """Renew the instance's lease."""
         def body(tx: Tx) -> None:
             tx.heartbeat(instance_id)
-            tx.conn.execute("UPDATE instances SET lease_until = ? WHERE id = ?", (tx.now + LEASE_S, instance_id))
+            tx.conn.execute(_RENEW_LEASE, (LEASE_S, instance_id))
 
         await self.transaction(body)
 
     async def instances(self) -> list[Row]:
-        return await self._read(queries.instances)
+        """The instances, each with `alive` (its lease runs now) and `dead_for` (seconds since its lease ended; 0
+        while alive), by the database's clock."""
+        def read(conn: sqlite3.Connection) -> list[Row]:
+            return [queries.as_row(r) for r in conn.execute(
+                "SELECT *, coalesce(lease_until > extract(epoch FROM clock_timestamp())::float8, false) AS alive,"
+                " greatest(0, extract(epoch FROM clock_timestamp())::float8 - coalesce(lease_until, 0)) AS dead_for"
+                " FROM instances")]
+
+        return await self._read(read)
 
     async def remove_instance(self, instance_id: str) -> None:
         await self.transaction(lambda tx: tx.remove_instance(instance_id))
@@ -415,6 +426,8 @@ class PostgresStore:
     async def revoke_web_session(self, id_sha256: str) -> None:
         await self.transaction(lambda tx: tx.revoke_web_session(id_sha256))
 
+
+_RENEW_LEASE = "UPDATE instances SET lease_until = extract(epoch FROM clock_timestamp())::float8 + ? WHERE id = ?"
 
 if TYPE_CHECKING:
     _implements: Store = PostgresStore("postgresql://")  # mypy holds the PostgreSQL store to the interface
