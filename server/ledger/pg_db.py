@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
@@ -92,8 +93,10 @@ class PgConnection:
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.raw = conn
+        self.statements = 0  # sent in the current unit
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
+        self.statements += 1
         cursor = self.raw.cursor()
         if params:
             cursor.execute(translate(sql, isinstance(params, Mapping)), params)
@@ -137,9 +140,17 @@ def db_error(e: BaseException, url: str) -> str:
     return message
 
 
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 5.0
+
+
 class Pool:
     """Up to `size` connections to `url`, each used by one unit at a time in a worker thread. A connection that
-    broke (the server restarted, the network dropped) is closed and replaced by a new one at the next unit."""
+    broke (the server restarted, the network dropped) is closed and replaced by a new one at the next unit.
+
+    While the database cannot be reached, units fail at once with the connection's error (the caller fails closed;
+    nothing is retried on its behalf) and a new connection is tried only after a pause, doubling from 0.1 s to 5 s,
+    so a database that is down is not hammered by every waiting call."""
 
     def __init__(self, url: str, size: int = 8, connect_timeout_s: float = 10.0) -> None:
         self.url = url
@@ -150,6 +161,7 @@ class Pool:
         self._lock = threading.Lock()
         self._limiter: anyio.CapacityLimiter | None = None
         self.closed = False
+        self._down: tuple[float, float, str] | None = None  # (retry after, pause, why) while unreachable
 
     async def run(self, fn: Callable[[PgConnection], T]) -> T:
         """`fn(conn)` in a worker thread on a pooled connection. Not abandoned when cancelled: a unit that began
@@ -161,21 +173,45 @@ class Pool:
         return await anyio.to_thread.run_sync(self._in_thread, fn, limiter=self._limiter)
 
     def _in_thread(self, fn: Callable[[PgConnection], T]) -> T:
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            idle = conn is not None
+            if conn is None:
+                conn = self._connect()
+            conn.statements = 0
+            try:
+                return fn(conn)
+            except Exception:
+                # An idle connection found broken at the unit's first statement (a read, or BEGIN): nothing was
+                # done, so the unit runs again on a new one. Past that, the failure is the caller's (fail closed).
+                if idle and conn.broken and conn.statements <= 1:
+                    continue
+                raise
+            finally:
+                with self._lock:
+                    if conn.broken or self.closed:
+                        self._all.discard(conn)
+                        conn.close()
+                    else:
+                        self._idle.append(conn)
+
+    def _connect(self) -> PgConnection:
         with self._lock:
-            conn = self._idle.pop() if self._idle else None
-        if conn is None:
-            conn = connect(self.url, connect_timeout_s=self.connect_timeout_s)
-            with self._lock:
-                self._all.add(conn)
+            down = self._down
+        if down is not None and time.monotonic() < down[0]:
+            raise LedgerError(down[2])
         try:
-            return fn(conn)
-        finally:
+            conn = connect(self.url, connect_timeout_s=self.connect_timeout_s)
+        except LedgerError as e:
+            pause = min(down[1] * 2, BACKOFF_MAX_S) if down is not None else BACKOFF_FIRST_S
             with self._lock:
-                if conn.broken or self.closed:
-                    self._all.discard(conn)
-                    conn.close()
-                else:
-                    self._idle.append(conn)
+                self._down = (time.monotonic() + pause, pause, str(e))
+            raise
+        with self._lock:
+            self._down = None
+            self._all.add(conn)
+        return conn
 
     async def close(self) -> None:
         self.closed = True

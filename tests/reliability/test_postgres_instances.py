@@ -103,3 +103,38 @@ async def test_three_instances_one_ledger_a_killed_holder_and_a_thousand_calls(r
     assert len(ends) == CALLS + 1 and all(n == 1 for _, n in ends)
     rhome.stop_all()
     rhome.verify()
+
+
+async def test_losing_the_database_fails_calls_closed_and_the_instance_reconnects(rhome: RelHome,
+                                                                                 postgres: Cluster) -> None:
+    """The database refuses connections and drops the instance's: a call fails closed with a clear error, nothing
+    runs and nobody retries it; once the database is back the instance reconnects by itself (with backoff), the
+    next call runs once, and the chain verifies with no event lost or written twice."""
+    database = f"k_{uuid.uuid4().hex[:16]}"
+    url = postgres.create_database(database)
+    rhome.configure(db=url)
+    base = rhome.serve_http()
+    async with agent_client(base) as client:
+        assert not (await client.call_tool("probe_run", {"tag": "allow-before"})).is_error
+        before = ledger_rows(url, "SELECT seq, hash FROM events ORDER BY seq")
+        postgres.psql(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        postgres.psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'")
+        down = await client.call_tool("probe_run", {"tag": "allow-while-down"})
+        assert down.is_error and "did not run" in text(down), text(down)
+        assert "ledger" in text(down)
+        postgres.psql(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+
+        async def runs_again() -> bool:
+            result = await client.call_tool("probe_run", {"tag": "allow-after"})
+            return not result.is_error
+
+        await eventually(runs_again, within=60, every=0.5)
+    tags = Counter(r["tag"] for r in rhome.runs())
+    assert tags == Counter({"allow-before": 1, "allow-after": 1})  # the refused call never ran, nor was retried
+    after = ledger_rows(url, "SELECT seq, hash FROM events ORDER BY seq")
+    assert after[:len(before)] == before
+    received = [p for (p,) in ledger_rows(url, "SELECT payload FROM events WHERE kind = 'call.received'")]
+    assert not any("allow-while-down" in p for p in received)
+    rhome.stop_all()
+    rhome.verify()
+    assert "s3cret" not in rhome.log_text()
