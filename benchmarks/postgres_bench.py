@@ -6,6 +6,8 @@
     decision to resume   instance A holds a request (its broker waits on it); instance B records the approval;
                          the time from B's `decide` starting to A's waiter waking, on PostgreSQL (LISTEN/NOTIFY)
                          and, for comparison, on one SQLite file (the 0.25 s poll)
+    instances            1, 2 and 3 `keyturn serve --http` processes on one PostgreSQL ledger, 4 MCP client
+                         sessions each calling the allowed `echo` tool: calls per second over all of them
 
 Run: `python benchmarks/postgres_bench.py [--quick] [--url postgresql://...]`. Without `--url`, a throwaway cluster
 is started (tests/pg.py: PostgreSQL's server binaries must be installed). Prints a JSON summary.
@@ -15,14 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
+import yaml
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -106,6 +115,75 @@ async def decision_to_resume(holder_store: Store, decider_store: Store, rounds: 
     return summary(samples)
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_instances(n: int, config: Path, tmp: Path, env: dict[str, str]) -> tuple[list[subprocess.Popen[bytes]],
+                                                                                 list[str]]:
+    procs, bases = [], []
+    for _ in range(n):
+        port = free_port()
+        with open(tmp / f"serve-{port}.log", "wb") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "server.cli", "serve", "--http", f"127.0.0.1:{port}", "--config", str(config)],
+                stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=env))
+        bases.append(f"http://127.0.0.1:{port}")
+    return procs, bases
+
+
+async def instances_throughput(url_for: Callable[[], str], counts: tuple[int, ...], calls: int,
+                               clients_each: int = 4) -> dict[str, Any]:
+    """`counts` instances at a time on a fresh database each, `clients_each` sessions per instance."""
+    out: dict[str, Any] = {}
+    for n in counts:
+        with tempfile.TemporaryDirectory() as tmp:
+            config = Path(tmp) / "keyturn.yaml"
+            config.write_text(yaml.safe_dump({"db": url_for(), "policy": str(ROOT / "benchmarks" / "bench-policy.yaml"),
+                                              "tools": [{"module": "benchmarks.bench_tools"}]}))
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+            procs, bases = start_instances(n, config, Path(tmp), env)
+            try:
+                async with httpx2.AsyncClient(timeout=1) as http:
+                    for base in bases:
+                        with anyio.fail_after(60):
+                            while True:
+                                try:
+                                    await http.get(base + "/healthz")
+                                    break
+                                except httpx2.TransportError:
+                                    await anyio.sleep(0.1)
+                samples: list[float] = []
+                sessions = n * clients_each
+
+                async def client(base: str, count: int, samples: list[float] = samples) -> None:
+                    async with httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=300)) as http:
+                        async with Client(streamable_http_client(f"{base}/mcp", http_client=http)) as c:
+                            for i in range(count):
+                                t = time.perf_counter()
+                                result = await c.call_tool("echo", {"text": f"x{i}"})
+                                samples.append(time.perf_counter() - t)
+                                assert not result.is_error, result
+
+                start = time.perf_counter()
+                async with anyio.create_task_group() as tg:
+                    for k in range(sessions):
+                        tg.start_soon(client, bases[k % n], calls // sessions)
+                out[f"{n}_instances"] = summary(samples, wall_s=time.perf_counter() - start)
+            finally:
+                for proc in procs:
+                    proc.terminate()
+                    proc.wait(30)
+    return out
+
+
 async def main(url: str | None, quick: bool) -> dict[str, Any]:
     cluster = None
     if url is None:
@@ -143,6 +221,7 @@ async def main(url: str | None, quick: bool) -> dict[str, Any]:
                 report["decision_to_resume_postgres_notify"] = await decision_to_resume(a, b, rounds, 0.25)
             async with SqliteStore(Path(tmp) / "resume.db") as a, SqliteStore(Path(tmp) / "resume.db") as b:
                 report["decision_to_resume_sqlite_poll_0.25s"] = await decision_to_resume(a, b, rounds, 0.25)
+        report["instances_echo"] = await instances_throughput(new_url, (1, 2, 3), 240 if quick else 1200)
     finally:
         if cluster is not None:
             cluster.stop()

@@ -139,17 +139,19 @@ class PostgresStore:
         token = self._token
 
         def unit(conn: PgConnection) -> tuple[T, list[Event]]:
-            conn.execute("BEGIN")
+            # One round trip each for BEGIN with the lock, and for the NOTIFY with the COMMIT (client-side binding
+            # sends several statements as one query).
             committing = False
             try:
-                conn.execute("SELECT pg_advisory_xact_lock(?)", (CHAIN_LOCK,))
+                conn.execute("BEGIN; SELECT pg_advisory_xact_lock(?)", (CHAIN_LOCK,))
                 tx = Tx(conn=_sql(conn), now=time.time())
                 result = body(tx)
                 tx.write_head()
-                if tx.appended:
-                    conn.execute("SELECT pg_notify(?, ?)", (NOTIFY_CHANNEL, f"{token}:{tx.appended[-1].seq}"))
                 committing = True
-                conn.execute("COMMIT")
+                if tx.appended:
+                    conn.execute("SELECT pg_notify(?, ?); COMMIT", (NOTIFY_CHANNEL, f"{token}:{tx.appended[-1].seq}"))
+                else:
+                    conn.execute("COMMIT")
             except BaseException as e:
                 if committing and conn.broken:
                     raise CommitUnknown(result, tx.appended) from e

@@ -91,8 +91,8 @@ async def test_a_connection_lost_during_commit_writes_nothing_and_fails_closed(p
             def cut_when_committing() -> None:
                 deadline = time.monotonic() + 20
                 while time.monotonic() < deadline:
-                    rows = admin.execute("SELECT pid FROM pg_stat_activity WHERE query LIKE 'COMMIT%%'"
-                                         " AND wait_event = 'PgSleep'").fetchall()
+                    rows = admin.execute("SELECT pid FROM pg_stat_activity WHERE query LIKE '%COMMIT'"
+                                         " AND wait_event = 'PgSleep' AND pid <> pg_backend_pid()").fetchall()
                     if rows:
                         admin.execute("SELECT pg_terminate_backend(%s)", (rows[0][0],))
                         return
