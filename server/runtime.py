@@ -170,7 +170,7 @@ def pack_context(settings: Settings, environ: Mapping[str, str] | None = None) -
     secret_env = {name for name in environ if name.startswith("KEYTURN_")}
     secret_env |= {a.token_env for a in settings.agents if a.token_env}
     secret_env |= {r.token_env for r in settings.reviewers if r.token_env}
-    return PackContext.for_state(paths, ledger=settings.db, secret_env=secret_env)
+    return PackContext.for_state(paths, ledger=settings.db, secret_env=secret_env, ledger_url=settings.database_url)
 
 
 @asynccontextmanager

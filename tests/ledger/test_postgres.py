@@ -147,3 +147,26 @@ async def test_serve_audit_and_replay_on_postgres(home: Home, postgres: Cluster)
         assert "s3cret" not in out.stdout + out.stderr
     settings = load_settings(home.config)
     assert settings.database_url == url
+
+
+@pytest.mark.parametrize("spelling", [
+    "postgresql://postgres@127.0.0.1:{port}/{db}",
+    "postgresql://agent@localhost:{port}/{db}",
+    "postgres://postgres@localhost.:{port}/{db}?sslmode=disable",
+    "postgresql://postgres@[::1]:{port}/{db}",
+])
+def test_the_sql_pack_may_not_connect_to_the_ledger_s_database(postgres: Cluster, spelling: str) -> None:
+    """An agent's SQL tool pointed at keyturn's own PostgreSQL ledger (by any spelling of the same server and
+    database) is refused at load, as a SQLite ledger file is."""
+    from server.errors import ConfigError
+    from server.execution import PackContext
+    from server.guarded import ToolRegistry, load_pack
+
+    database = f"k_{uuid.uuid4().hex[:16]}"
+    ledger = postgres.create_database(database)
+    context = PackContext.for_state([], ledger_url=ledger)
+    url = spelling.format(port=postgres.port, db=database)
+    with pytest.raises(ConfigError, match="keyturn's own ledger database"):
+        load_pack("tools.sql", ToolRegistry(), {"database": url}, context)
+    other = postgres.create_database(f"k_{uuid.uuid4().hex[:16]}")
+    load_pack("tools.sql", ToolRegistry(), {"database": other}, context)  # another database is the agent's to use
