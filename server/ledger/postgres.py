@@ -73,6 +73,10 @@ class PostgresStore:
         self._token = secrets.token_hex(8)  # this store's own NOTIFYs, which its listener skips
         self._listen = listen
         self._notify: NotifyListener | None = None
+        # This instance's writes go to the database one at a time, in the order they were asked for (as on SQLite):
+        # the chain's advisory lock lets only one write through at a time anyway, and none waits on it holding a
+        # pooled connection that reads could use.
+        self._write_turn = anyio.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -162,7 +166,8 @@ class PostgresStore:
 
         psycopg = import_psycopg()
         try:
-            result, events = await self._pool.run(unit)
+            async with self._write_turn:
+                result, events = await self._pool.run(unit)
         except CommitUnknown as unknown:
             # Committed or not, by what the database holds: never written twice, never reported unwritten when it
             # is there. No event, or a database still away: its fate is unknown, and the write fails closed.
