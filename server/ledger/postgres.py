@@ -174,7 +174,7 @@ class PostgresStore:
             result, events = unknown.args
             if not events or not await self._was_committed(events[-1]):
                 raise LedgerError(f"ledger write failed: the connection to {self.where} was lost during the "
-                                  "commit") from None
+                                  "commit (its events are not in the chain, or could not be checked)") from None
         except psycopg.Error as e:
             raise LedgerError(f"ledger write failed: {db_error(e, self.url)}") from None
         if events:
