@@ -15,6 +15,7 @@ import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -250,6 +251,10 @@ class Settings(_Strict):
     """Everything a keyturn process needs, resolved. Built by `load_settings` or directly in code."""
 
     db: Path = Path("keyturn.db")
+    """The SQLite ledger file; with a PostgreSQL ledger, where the files kept beside a ledger live (the local reviewer
+    token, the checkpoint key): `keyturn.db.*` in the working directory."""
+    database_url: str | None = Field(default=None, repr=False)
+    """A `postgresql://` ledger (`db: postgresql://...`, `--db` or `KEYTURN_DB`); None: the SQLite file `db`."""
     policy: Path | None = None  # None: the shipped policies/default.yaml
     config_file: Path | None = None
     people: dict[str, Person] = Field(default_factory=dict)
@@ -259,6 +264,9 @@ class Settings(_Strict):
     tools: tuple[ToolPack, ...] = (ToolPack(module="tools.sql"),)
     progress_interval_s: float = 10.0
     poll_interval_s: float = 0.25
+    rejoin_window_s: float | None = Field(default=None, ge=0)
+    """How long a held call whose keyturn instance died stays open for the agent's retry on another instance. None:
+    0 on SQLite (a process on this machine is known dead at once), 120 s on PostgreSQL (by leases)."""
     reviewer_api_url: str | None = None  # the reviewer API as reviewers reach it: Teams links, a trusted origin, a self-target
     allowed_hosts: tuple[str, ...] = ()  # extra Host header values accepted on the HTTP app
     slack: SlackConfig | None = None  # None: no `slack:` section (tokens in the environment may still turn Slack on)
@@ -270,6 +278,19 @@ class Settings(_Strict):
     metrics: MetricsConfig = MetricsConfig()
     oauth: OAuthConfig | None = None  # None: agents use static tokens only
     sso: SsoConfig | None = None  # None: reviewers sign in to the inbox with their reviewer token
+
+    @model_validator(mode="before")
+    @classmethod
+    def _postgres_url(cls, data: Any) -> Any:
+        # `db: postgresql://...` selects the PostgreSQL store; `db` then names only where the files beside it live.
+        if isinstance(data, dict) and isinstance(data.get("db"), str) and data["db"].startswith(POSTGRES_SCHEMES):
+            data = {**data, "database_url": data["db"], "db": "keyturn.db"}
+        return data
+
+    @property
+    def ledger_name(self) -> str:
+        """The ledger as a banner or an error shows it (a PostgreSQL URL without its password)."""
+        return safe_url(self.database_url) if self.database_url else str(self.db)
 
     @field_validator("slack", "teams", mode="before")
     @classmethod
@@ -299,6 +320,29 @@ class Settings(_Strict):
 
     def policy_path(self) -> Path:
         return self.policy if self.policy is not None else default_policy_path()
+
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres_url(value: object) -> bool:
+    return isinstance(value, str) and value.startswith(POSTGRES_SCHEMES)
+
+
+def safe_url(url: str) -> str:
+    """A database URL with its password replaced by `***`: what banners, logs and errors show."""
+    try:
+        parts = urlsplit(url)
+        password, port = parts.password, parts.port
+    except ValueError:
+        return url.split("://", 1)[0] + "://***"
+    if password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{port}" if port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def default_policy_path() -> Path:
@@ -339,7 +383,7 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
         data.update(raw)
         base = Path(path).resolve().parent
         for key in ("db", "policy"):
-            if isinstance(data.get(key), str) and not os.path.isabs(data[key]):
+            if isinstance(data.get(key), str) and not os.path.isabs(data[key]) and not is_postgres_url(data[key]):
                 data[key] = str(base / data[key])
         cps = data.get("checkpoints")
         if isinstance(cps, dict):

@@ -73,15 +73,16 @@ class PackContext:
 
     state_paths: tuple[Path, ...] = ()
     ledger_path: Path | None = None
+    ledger_url: str | None = None  # a PostgreSQL ledger: no tool may connect to its database
     secret_env: frozenset[str] = frozenset()
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     @classmethod
     def for_state(cls, paths: Iterable[str | os.PathLike[str]], *, ledger: str | os.PathLike[str] | None = None,
-                  secret_env: Iterable[str] = ()) -> PackContext:
+                  secret_env: Iterable[str] = (), ledger_url: str | None = None) -> PackContext:
         real = tuple(dict.fromkeys(_real(p) for p in paths))
         return cls(state_paths=real, ledger_path=_real(ledger) if ledger is not None else None,
-                   secret_env=frozenset(secret_env))
+                   secret_env=frozenset(secret_env), ledger_url=ledger_url)
 
     def record(self, kind: str, payload: dict[str, Any]) -> None:
         """Ask for a ledger event when keyturn starts (a pack loads before the ledger opens)."""

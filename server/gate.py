@@ -29,7 +29,7 @@ from server.classify import ClassifyContext, Redaction, extract_facts
 from server.errors import InvalidArguments, LedgerError
 from server.execution import limits_from_facts, running_under
 from server.guarded import SECRET_RESULT_META
-from server.ledger import Ledger
+from server.ledger import Store
 from server.logs import current_call
 from server.models import Decision, RequestView, ToolCall
 from server.outcomes import OUTCOMES, REFUSALS, error_result, unrecorded_result
@@ -94,7 +94,7 @@ class Refusal:
 
 @dataclass
 class Gate:
-    ledger: Ledger
+    ledger: Store
     broker: ApprovalBroker
     policy: LivePolicy
     classify_context: ClassifyContext

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.ledger import Ledger
+from server.ledger import Store
 from server.models import Decision, ToolCall
 from server.policy.engine import compact_facts
 
@@ -40,7 +40,7 @@ def received_payload(call: ToolCall, redacted: dict[str, Any]) -> dict[str, Any]
 
 
 async def open_call(
-    ledger: Ledger, call: ToolCall, redacted: dict[str, Any], decision: Decision | None, *, state: str, holder: str,
+    ledger: Store, call: ToolCall, redacted: dict[str, Any], decision: Decision | None, *, state: str, holder: str,
     extra: list[tuple[str, dict[str, Any]]] | None = None, expires: float | None = None,
     finish: tuple[str, dict[str, Any]] | None = None, outcome_reason: str | None = None,
 ) -> None:

@@ -25,8 +25,9 @@ from server.errors import ConfigError, LedgerError
 from server.execution import PackContext
 from server.gate import Gate, Runnable
 from server.guarded import ToolRegistry, load_pack, pack_state_paths
-from server.ledger import Ledger
+from server.ledger import Store
 from server.ledger.checkpoints import CheckpointError, signing_key
+from server.ledger.opening import store_for
 from server.ledger.witnesses import Checkpointer, configured_witnesses
 from server.policy import CompiledPolicy, LivePolicy
 from server.secret_files import ensure_secret_file, reviewer_token_path
@@ -109,7 +110,7 @@ class Keyturn:
     """Everything one keyturn process runs. Use `async with running(settings) as kt:`."""
 
     settings: Settings
-    ledger: Ledger
+    ledger: Store
     policy: LivePolicy
     broker: ApprovalBroker
     registry: ToolRegistry
@@ -188,7 +189,7 @@ def pack_context(settings: Settings, environ: Mapping[str, str] | None = None) -
     secret_env = {name for name in environ if name.startswith("KEYTURN_")}
     secret_env |= {a.token_env for a in settings.agents if a.token_env}
     secret_env |= {r.token_env for r in settings.reviewers if r.token_env}
-    return PackContext.for_state(paths, ledger=settings.db, secret_env=secret_env)
+    return PackContext.for_state(paths, ledger=settings.db, secret_env=secret_env, ledger_url=settings.database_url)
 
 
 @asynccontextmanager
@@ -209,7 +210,8 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
         from server import tracing
 
         traces = tracing.configure(os.environ)  # (before anything is recorded: a missing SDK is a user error)
-    ledger = await Ledger(settings.db).open()
+    ledger = store_for(settings)
+    await ledger.open()
     try:
         keyturn_paths = context.state_paths  # the ledger, policy, config and every pack's state (the secret store)
         urls = tuple(http_base_urls or ())
@@ -223,8 +225,10 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
                     log.warning("%s", line)
 
         policy.on_event = on_policy_event
+        window = settings.rejoin_window_s
         broker = ApprovalBroker(ledger=ledger, directory=build_directory(settings),
-                                poll_interval_s=settings.poll_interval_s)
+                                poll_interval_s=settings.poll_interval_s,
+                                rejoin_window_s=window if window is not None else 120.0 if settings.database_url else 0.0)
         gate = Gate(ledger=ledger, broker=broker, policy=policy,
                     classify_context=ClassifyContext(keyturn_paths=keyturn_paths, keyturn_urls=urls),
                     progress_interval_s=settings.progress_interval_s)
@@ -284,7 +288,7 @@ async def running(settings: Settings, *, http_base_urls: list[str] | None = None
             await anyio.to_thread.run_sync(tracing.shutdown, traces)
 
 
-def _checkpointer(settings: Settings, ledger: Ledger) -> Checkpointer | None:
+def _checkpointer(settings: Settings, ledger: Store) -> Checkpointer | None:
     cfg = settings.checkpoints
     if not cfg.enabled:
         return None

@@ -25,6 +25,8 @@ from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
 from server.canonical import sha256_hex
+from tests.pg import Cluster, find_bindir, start_cluster
+from tests.stores import Stores
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -132,6 +134,27 @@ class Home:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Cluster]:
+    """One throwaway PostgreSQL cluster for the whole run (see tests/pg.py), stopped and removed at the end."""
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL's server (initdb) is not installed; scripts/test-deps installs Debian's postgresql")
+    cluster = start_cluster(bindir)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Stores:
+    """The ledger stores a test runs against, once each: SQLite files, then PostgreSQL databases."""
+    if request.param == "postgres":
+        return Stores("postgres", tmp_path, request.getfixturevalue("postgres"))
+    return Stores("sqlite", tmp_path)
 
 
 @pytest.fixture

@@ -16,10 +16,11 @@ from server.approvals import broker as approvals
 from server.classify import ClassifyContext
 from server.gate import Gate, Identity
 from server.guarded import guarded_tool
-from server.ledger import Ledger
+from server.ledger import Store
 from server.models import Event, RequestView, Verdict
 from server.policy import LivePolicy
 from tests.helpers import agent, held_call, ledger_until, left_pending, until_event
+from tests.stores import Stores
 
 POLICY = """
 version: 1
@@ -61,7 +62,7 @@ class FakeTool:
 
 
 @pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[tuple[Gate, Runs, Ledger]]:
+async def world(tmp_path: Path, stores: Stores) -> AsyncIterator[tuple[Gate, Runs, Store]]:
     runs = Runs()
 
     @guarded_tool(name="read_thing")
@@ -78,7 +79,7 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[Gate, Runs, Ledger]]:
     policy_file.write_text(POLICY)
     policy = LivePolicy(policy_file)
     policy.load()
-    async with Ledger(tmp_path / "ledger.db") as ledger:
+    async with stores.new() as ledger:
         broker = ApprovalBroker(ledger=ledger, directory=ReviewerDirectory(
             identities={"api:alice": "alice"}, groups_of={"alice": frozenset()}), poll_interval_s=0.05)
         gate = Gate(ledger=ledger, broker=broker, policy=policy, classify_context=ClassifyContext(),
@@ -90,19 +91,19 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[Gate, Runs, Ledger]]:
 AGENT = Identity(principal="agent")
 
 
-async def terminal_kinds(ledger: Ledger) -> list[str]:
+async def terminal_kinds(ledger: Store) -> list[str]:
     terminal = {"executed", "failed", "denied", "expired", "cancelled", "abandoned"}
     return [e.kind for e in await ledger.tail(1000) if e.kind in terminal]
 
 
-async def test_an_allowed_call_runs(world: tuple[Gate, Runs, Ledger]) -> None:
+async def test_an_allowed_call_runs(world: tuple[Gate, Runs, Store]) -> None:
     gate, runs, ledger = world
     result = await gate.call(gate.tools["read_thing"], {"key": "a"}, AGENT)  # type: ignore[attr-defined]
     assert not result.is_error and runs.count == 1
     assert await terminal_kinds(ledger) == ["executed"]
 
 
-async def test_a_classifier_failure_denies_and_never_runs(world: tuple[Gate, Runs, Ledger]) -> None:
+async def test_a_classifier_failure_denies_and_never_runs(world: tuple[Gate, Runs, Store]) -> None:
     gate, runs, ledger = world
 
     # An upstream tool whose configured classifier kind does not exist.
@@ -113,14 +114,14 @@ async def test_a_classifier_failure_denies_and_never_runs(world: tuple[Gate, Run
     assert await terminal_kinds(ledger) == ["denied"]
 
 
-async def test_arguments_that_are_not_plain_json_are_refused(world: tuple[Gate, Runs, Ledger]) -> None:
+async def test_arguments_that_are_not_plain_json_are_refused(world: tuple[Gate, Runs, Store]) -> None:
     gate, runs, _ = world
     result = await gate.call(gate.tools["read_thing"], {"key": float("nan")}, AGENT)  # type: ignore[attr-defined]
     assert result.is_error and runs.count == 0
 
 
 async def test_an_argument_check_that_breaks_its_contract_denies_and_is_recorded(
-        world: tuple[Gate, Runs, Ledger]) -> None:
+        world: tuple[Gate, Runs, Store]) -> None:
     """A tool's `validate` may raise only `InvalidArguments`; anything else still ends the call, recorded."""
     gate, runs, ledger = world
 
@@ -137,7 +138,7 @@ async def test_an_argument_check_that_breaks_its_contract_denies_and_is_recorded
 
 
 async def test_a_result_that_cannot_be_recorded_is_withheld_and_the_run_still_ends_in_one_terminal_event(
-        world: tuple[Gate, Runs, Ledger]) -> None:
+        world: tuple[Gate, Runs, Store]) -> None:
     gate, runs, ledger = world
 
     # A broken tool: what it returns is not a result.
@@ -149,15 +150,15 @@ async def test_a_result_that_cannot_be_recorded_is_withheld_and_the_run_still_en
     assert view.state == "failed"
 
 
-async def test_a_ledger_that_cannot_write_stops_the_call(world: tuple[Gate, Runs, Ledger]) -> None:
+async def test_a_ledger_that_cannot_write_stops_the_call(world: tuple[Gate, Runs, Store], stores: Stores) -> None:
     gate, runs, ledger = world
-    await ledger._run(lambda conn: conn.execute("PRAGMA query_only = ON"))
+    await stores.refuse_writes(ledger)
     result = await gate.call(gate.tools["read_thing"], {"key": "a"}, AGENT)  # type: ignore[attr-defined]
     assert result.is_error and "did not run" in result.content[0].text  # type: ignore[union-attr]
     assert runs.count == 0
 
 
-async def test_a_failing_channel_neither_blocks_nor_approves(world: tuple[Gate, Runs, Ledger]) -> None:
+async def test_a_failing_channel_neither_blocks_nor_approves(world: tuple[Gate, Runs, Store]) -> None:
     gate, runs, ledger = world
 
     class BrokenChannel:
@@ -181,7 +182,7 @@ async def test_a_failing_channel_neither_blocks_nor_approves(world: tuple[Gate, 
     assert await terminal_kinds(ledger) == ["executed"]
 
 
-async def test_the_requester_identity_can_never_approve(world: tuple[Gate, Runs, Ledger]) -> None:
+async def test_the_requester_identity_can_never_approve(world: tuple[Gate, Runs, Store]) -> None:
     gate, runs, ledger = world
     alice_agent = Identity(principal="alice-bot", on_behalf_of="alice")
     async with held_call(gate, gate.tools["write_thing"], {"key": "k"}, alice_agent) as call:  # type: ignore[attr-defined]
@@ -193,7 +194,7 @@ async def test_the_requester_identity_can_never_approve(world: tuple[Gate, Runs,
     assert await terminal_kinds(ledger) == ["cancelled"]
 
 
-async def test_an_approval_is_bound_to_its_arguments_and_consumed_by_the_run(world: tuple[Gate, Runs, Ledger]) -> None:
+async def test_an_approval_is_bound_to_its_arguments_and_consumed_by_the_run(world: tuple[Gate, Runs, Store]) -> None:
     gate, runs, ledger = world
     write = gate.tools["write_thing"]  # type: ignore[attr-defined]
     request = await left_pending(gate, write, {"key": "approved-one"}, AGENT)
@@ -215,11 +216,11 @@ async def test_an_approval_is_bound_to_its_arguments_and_consumed_by_the_run(wor
     assert [e.kind for e in await ledger.events(request.id)][-2:] == ["call.rejoined", "result.delivered"]
 
 
-async def test_two_processes_waiting_on_one_approval_run_it_once(world: tuple[Gate, Runs, Ledger],
-                                                                  tmp_path: Path) -> None:
+async def test_two_processes_waiting_on_one_approval_run_it_once(world: tuple[Gate, Runs, Store],
+                                                                  stores: Stores) -> None:
     gate, runs, ledger = world
     # A second "process": its own connection, broker and gate on the same database file.
-    async with Ledger(ledger.path) as other_ledger:
+    async with stores.new() as other_ledger:
         other_broker = ApprovalBroker(ledger=other_ledger, directory=gate.broker.directory, poll_interval_s=0.05)
         other = Gate(ledger=other_ledger, broker=other_broker, policy=gate.policy,
                      classify_context=ClassifyContext(), progress_interval_s=0.2)
@@ -242,13 +243,13 @@ async def test_two_processes_waiting_on_one_approval_run_it_once(world: tuple[Ga
 
 @pytest.mark.parametrize("rescan", [False, True])
 async def test_a_decision_made_by_another_process_wakes_the_waiting_call_at_the_next_poll(
-        world: tuple[Gate, Runs, Ledger], monkeypatch: pytest.MonkeyPatch, rescan: bool) -> None:
+        world: tuple[Gate, Runs, Store], monkeypatch: pytest.MonkeyPatch, rescan: bool, stores: Stores) -> None:
     """The waiting process hears of it from the store (a poll), not only at its next progress round (a minute here);
     a poll reads what was appended since the last one, or the waiters' states when it fell far behind."""
     gate, runs, ledger = world
     if rescan:
         monkeypatch.setattr(approvals, "POLL_RESCAN_EVENTS", 0)
-    async with Ledger(ledger.path) as other_ledger:
+    async with stores.new() as other_ledger:
         other_broker = ApprovalBroker(ledger=other_ledger, directory=gate.broker.directory, poll_interval_s=0.05)
         other = Gate(ledger=other_ledger, broker=other_broker, policy=gate.policy,
                      classify_context=ClassifyContext(), progress_interval_s=60)
@@ -278,7 +279,7 @@ async def test_a_decision_made_by_another_process_wakes_the_waiting_call_at_the_
     assert runs.count == 1  # the third still waits (and was never woken into running)
 
 
-async def test_a_tool_error_quoting_a_declared_secret_is_masked_everywhere(world: tuple[Gate, Runs, Ledger]) -> None:
+async def test_a_tool_error_quoting_a_declared_secret_is_masked_everywhere(world: tuple[Gate, Runs, Store]) -> None:
     gate, _, ledger = world
     token = "hunter2"
 
@@ -294,7 +295,7 @@ async def test_a_tool_error_quoting_a_declared_secret_is_masked_everywhere(world
     assert any(e.kind == "failed" for e in events)
 
 
-async def test_a_secret_quoted_by_another_argument_is_masked_there_too(world: tuple[Gate, Runs, Ledger]) -> None:
+async def test_a_secret_quoted_by_another_argument_is_masked_there_too(world: tuple[Gate, Runs, Store]) -> None:
     gate, runs, ledger = world
 
     @guarded_tool(name="read_db")
@@ -310,7 +311,7 @@ async def test_a_secret_quoted_by_another_argument_is_masked_there_too(world: tu
     assert view is not None and view.arguments == {"password": "«redacted»", "command": "mysql -p«redacted» -e 'select 1'"}
 
 
-async def test_a_short_secret_changes_nothing_the_policy_said(world: tuple[Gate, Runs, Ledger]) -> None:
+async def test_a_short_secret_changes_nothing_the_policy_said(world: tuple[Gate, Runs, Store]) -> None:
     """A secret is masked in the decision's reasons and facts; the outcome, risk, rules and digest are the policy's."""
     gate, runs, ledger = world
 
@@ -332,7 +333,7 @@ async def test_a_short_secret_changes_nothing_the_policy_said(world: tuple[Gate,
 
 
 async def test_a_call_the_tool_would_refuse_is_denied_by_keyturn_before_the_policy(
-        world: tuple[Gate, Runs, Ledger]) -> None:
+        world: tuple[Gate, Runs, Store]) -> None:
     """Even under a rule that holds every write for a human: the tool's own refusal ends the call at once, with one
     terminal event and nobody asked, and the agent is told the ledger's word for it."""
     gate, runs, ledger = world
@@ -365,7 +366,7 @@ async def test_a_call_the_tool_would_refuse_is_denied_by_keyturn_before_the_poli
 
 
 async def test_a_refusal_check_that_fails_denies_and_a_refusal_of_nothing_goes_to_the_policy(
-        world: tuple[Gate, Runs, Ledger]) -> None:
+        world: tuple[Gate, Runs, Store]) -> None:
     gate, runs, ledger = world
 
     @guarded_tool(name="read_checked")
@@ -389,7 +390,7 @@ async def test_a_refusal_check_that_fails_denies_and_a_refusal_of_nothing_goes_t
 
 
 async def test_invalid_arguments_end_as_denied_by_keyturn_in_the_ledger_and_to_the_agent(
-        world: tuple[Gate, Runs, Ledger]) -> None:
+        world: tuple[Gate, Runs, Store]) -> None:
     gate, runs, ledger = world
     result = await gate.call(gate.tools["read_thing"], {"key": 7, "extra": 1}, AGENT)  # type: ignore[attr-defined]
     meta = (result.meta or {})["io.keyturn/outcome"]

@@ -33,6 +33,7 @@ import importlib
 import json
 import os
 import re
+import socket
 import sqlite3
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -46,6 +47,7 @@ from pydantic import Field
 from typing_extensions import TypedDict
 
 from server.classify.sql import DDL_KINDS, PRIVILEGE_KINDS, WRITE_KINDS, classify_sql
+from server.config import safe_url
 from server.errors import ConfigError, InvalidArguments
 from server.execution import PackContext, current_limits
 from server.guarded import GuardedTool, ToolRegistry, guarded_tool
@@ -112,6 +114,8 @@ class Database:
         except ImportError as e:
             extra = "postgres" if driver == "psycopg" else "mysql"
             raise ConfigError(f"tool pack {PACK!r}: {driver} is missing; install keyturn[{extra}]") from e
+        if driver == "psycopg" and context is not None and context.ledger_url is not None:
+            refuse_ledger_database(value, context.ledger_url)
         return cls("postgres" if driver == "psycopg" else "mysql", value, timeout)
 
     def quote(self, table: str) -> str:
@@ -366,6 +370,31 @@ def create_empty(path: Path) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, flags, 0o644))
+
+
+def _pg_target(url: str) -> tuple[set[str], int, str]:
+    """(the addresses the host resolves to, port, database) of a postgresql:// URL; local spellings are one."""
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "localhost").rstrip(".").lower()
+    try:
+        port = parts.port or 5432
+    except ValueError:
+        port = 5432
+    database = urllib.parse.unquote(parts.path.lstrip("/")) or urllib.parse.unquote(parts.username or "")
+    try:
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, port)}
+    except (OSError, UnicodeError):
+        addresses = {host}
+    local = {"127.0.0.1", "::1", "localhost"}
+    return ({"local"} if addresses & local or host.startswith("/") else addresses), port, database
+
+
+def refuse_ledger_database(spelled: str, ledger_url: str) -> None:
+    """A `ConfigError` if the PostgreSQL database `spelled` names is keyturn's ledger (same server and database)."""
+    mine, theirs = _pg_target(spelled), _pg_target(ledger_url)
+    if mine[0] & theirs[0] and mine[1:] == theirs[1:]:
+        raise ConfigError(f"tool pack {PACK!r}: database {safe_url(spelled)!r} is keyturn's own ledger database; "
+                          "a tool may not connect to it")
 
 
 def refuse_state(spelled: str, real: Path, context: PackContext) -> None:

@@ -28,7 +28,7 @@ from server.approvals.edits import EditRefused, ProposedEdit, approved_hash, edi
 from server.approvals.kept import KeptResults
 from server.approvals.quorum import ReviewerDirectory, needs, quorum_met
 from server.errors import LedgerError
-from server.ledger import Ledger, Row, Subscription, Tx
+from server.ledger import Row, Store, Subscription, Tx
 from server.models import Event, RequestView, ReviewSpec, Verdict, VoteResult
 from server.outcomes import OPEN_STATES
 
@@ -62,11 +62,14 @@ def _instance_id() -> str:
 
 @dataclass
 class ApprovalBroker:
-    ledger: Ledger
+    ledger: Store
     directory: ReviewerDirectory
     poll_interval_s: float = 0.25
     notifiers: list[Notifier] = field(default_factory=list)
     instance_id: str = field(default_factory=_instance_id)
+    rejoin_window_s: float = 0.0
+    """How long a call whose holding process died stays open for the agent to call again (on any instance) before
+    it is `abandoned`: where liveness is a lease in the database (PostgreSQL), from the end of the holder's lease."""
     _waiters: dict[str, anyio.Event] = field(default_factory=dict)
     _watching: dict[str, int] = field(default_factory=dict)  # request id -> calls waiting on it now
 
@@ -131,7 +134,13 @@ class ApprovalBroker:
         last poll (the calls with a decision or an end among the new events), so a poll costs what changed, not
         how many calls wait. The first poll with waiters, and one that fell far behind, reads their states."""
         while True:
-            await anyio.sleep(self.poll_interval_s)
+            # Woken at once by another instance's commit where the store announces them (PostgreSQL's NOTIFY);
+            # else, or while those announcements are down, every poll interval.
+            interval = self.ledger.wake_interval(self.poll_interval_s)
+            if interval > self.poll_interval_s:
+                await self.feed.wait(interval)
+            else:
+                await anyio.sleep(interval)
             if not self._waiters:
                 continue
             try:
@@ -352,7 +361,11 @@ class ApprovalBroker:
         return count
 
     async def abandon_orphans(self, alive: Callable[[Row], Awaitable[bool]] | None = None) -> list[str]:
-        """Mark `abandoned` every open call whose holding process is gone (run at start-up)."""
+        """Mark `abandoned` every open call whose holding process is gone (run at start-up, and now and then).
+
+        Where the store keeps leases (PostgreSQL: an `alive` column), a holder is alive while its lease runs, and its
+        calls are kept open for `rejoin_window_s` after the lease ended, for the agent to call again on any instance
+        (`rejoin`); elsewhere, by the process id on this host, or a heartbeat within 30 s."""
         instances = {row["id"]: row for row in await self.ledger.instances()}
         host = socket.gethostname()
 
@@ -364,6 +377,8 @@ class ApprovalBroker:
                 return False
             if alive is not None:
                 return await alive(row)
+            if "alive" in row:  # a lease, on the database's clock; then the rejoin window
+                return bool(row["alive"]) or float(row["dead_for"]) < self.rejoin_window_s
             if row["host"] == host:
                 return _pid_alive(int(row["pid"]))
             return bool(time.time() - row["heartbeat"] < 30.0)

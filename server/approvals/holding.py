@@ -23,7 +23,7 @@ from server.approvals.proof import prove_approval
 from server.approvals.quorum import needs
 from server.classify import Redaction
 from server.errors import LedgerError
-from server.ledger import Ledger
+from server.ledger import Store
 from server.models import Decision, RequestView, ToolCall
 from server.outcomes import OUTCOMES, closed_result, error_result, left_result, ran_before_result
 from server.records import open_call
@@ -47,7 +47,7 @@ call is held, before it waits for the decision."""
 
 @dataclass
 class Holding:
-    ledger: Ledger
+    ledger: Store
     broker: ApprovalBroker
     progress_interval_s: float = 10.0
 

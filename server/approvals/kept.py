@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from server.canonical import sha256_hex
-from server.ledger import Ledger
+from server.ledger import Store
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class Delivery:
 
 @dataclass
 class KeptResults:
-    ledger: Ledger
+    ledger: Store
     _kept: dict[str, tuple[str, str, float]] = field(default_factory=dict)  # request -> (result, digest, expires)
     _kept_bytes: int = 0
 

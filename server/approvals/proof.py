@@ -17,13 +17,13 @@ from collections.abc import Sequence
 
 from server.approvals.edits import chained_edit
 from server.approvals.quorum import ReviewerDirectory, quorum_met
-from server.ledger import Ledger
+from server.ledger import Store
 from server.models import TERMINAL_EVENTS, Event, ReviewSpec
 
 __all__ = ["approval_problem", "prove_approval"]
 
 
-async def prove_approval(ledger: Ledger, request_id: str, *, args_hash: str, policy_digest: str,
+async def prove_approval(ledger: Store, request_id: str, *, args_hash: str, policy_digest: str,
                          directory: ReviewerDirectory) -> str | None:
     """None when the chain proves that `request_id` was approved for `args_hash` under `policy_digest`; otherwise
     what is missing or wrong."""

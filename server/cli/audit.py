@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from server.config import Settings
 from server.errors import KeyturnError
-from server.ledger import Ledger
+from server.ledger import Store
 from server.ledger.audit import AuditResult
 from server.ledger.bundle import verify_bundle
 from server.ledger.checkpoints import (
@@ -37,17 +37,19 @@ from server.ledger.checkpoints import (
     signing_key,
     unique,
 )
+from server.ledger.opening import open_existing
 from server.ledger.witnesses import Checkpointer, FileWitness, Witness, configured_witnesses
 
 SettingsFn = Callable[[argparse.Namespace], Settings]
 
 
-def _run(settings: Settings, fn: Callable[[Ledger], Awaitable[int]]) -> int:
+def _run(settings: Settings, fn: Callable[[Store], Awaitable[int]]) -> int:
     async def main() -> int:
-        if not settings.db.exists():
-            raise KeyturnError(f"no ledger at {settings.db}")
-        async with Ledger(settings.db) as ledger:
+        ledger = await open_existing(settings)
+        try:
             return await fn(ledger)
+        finally:
+            await ledger.close()
 
     return int(anyio.run(main))
 
@@ -96,7 +98,7 @@ def cmd_verify(args: argparse.Namespace, settings_of: SettingsFn) -> int:
         raise KeyturnError("checkpoints need a public key to be checked: pass --public-key")
     mine = key_id(key) if key is not None else None
 
-    async def run(ledger: Ledger) -> int:
+    async def run(ledger: Store) -> int:
         # The ledger's own copies: those by other keys (before a key change) are not this key's to check.
         result, _ = await ledger.audit(given, key, own_key_id=mine)
         if result.ok and key is None:
@@ -120,7 +122,7 @@ def cmd_key(args: argparse.Namespace, settings_of: SettingsFn) -> int:
     return 0
 
 
-def _checkpointer(ledger: Ledger, settings: Settings, out: str | None) -> Checkpointer:
+def _checkpointer(ledger: Store, settings: Settings, out: str | None) -> Checkpointer:
     witnesses: list[Witness] = list(configured_witnesses(settings))
     if out and Path(out) != settings.checkpoints.witness_file:
         witnesses.append(FileWitness(Path(out)))
@@ -132,7 +134,7 @@ def _checkpointer(ledger: Ledger, settings: Settings, out: str | None) -> Checkp
 def cmd_checkpoint(args: argparse.Namespace, settings_of: SettingsFn) -> int:
     settings = settings_of(args)
 
-    async def run(ledger: Ledger) -> int:
+    async def run(ledger: Store) -> int:
         checkpointer = _checkpointer(ledger, settings, args.out)
         checkpoint = await checkpointer.make(force=True)
         assert checkpoint is not None
@@ -152,7 +154,7 @@ def cmd_export(args: argparse.Namespace, settings_of: SettingsFn) -> int:
     files = [settings.checkpoints.witness_file] if settings.checkpoints.witness_file else []
     given = [c for f in files if f is not None and f.exists() for c in read_checkpoint_file(f)]
 
-    async def run(ledger: Ledger) -> int:
+    async def run(ledger: Store) -> int:
         result, known = await ledger.audit(given, key, own_key_id=mine)
         if not result.ok:
             print("the ledger does not verify, so nothing was exported")

@@ -149,6 +149,7 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
             config = server_config(app, host, port, args.log_level.lower(),
                                    own_log_format=getattr(args, "log_format", "text") == "json")
             where = _reviewer_options(base, kt.settings.db if kt.local_token else None)
+            ledger = kt.settings.ledger_name if kt.settings.database_url else kt.settings.db.resolve()
             token_note = (f"the reviewer token is in {reviewer_token_path(kt.settings.db)}" if kt.local_token
                           else "reviewers use their configured tokens (KEYTURN_TOKEN)")
             if getattr(args, "log_format", "text") == "json":  # a pipeline reads stderr: the banner is a line too
@@ -156,7 +157,7 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
                     "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "level": "info", "logger": "keyturn",
                     "message": "keyturn is running", "call_id": None,
                     "mcp_endpoint": f"{base}/mcp", "reviewer_api": f"{base}/api/requests", "inbox": f"{base}/inbox",
-                    "ledger": str(kt.settings.db.resolve()), "policy": str(kt.settings.policy_path()),
+                    "ledger": str(ledger), "policy": str(kt.settings.policy_path()),
                     "tools": [t.name for t in kt.tools()]}), file=sys.stderr, flush=True)
             else:
                 print(
@@ -164,7 +165,7 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
                     f"  MCP endpoint (streamable HTTP): {base}/mcp\n"
                     f"  reviewer API:                   {base}/api/requests\n"
                     f"  reviewer inbox and audit (web): {base}/inbox   {base}/audit\n"
-                    f"  ledger: {kt.settings.db.resolve()}   policy: {kt.settings.policy_path()}\n"
+                    f"  ledger: {ledger}   policy: {kt.settings.policy_path()}\n"
                     f"  tools: {', '.join(t.name for t in kt.tools())}\n"
                     f"Review held calls from another terminal:\n"
                     f"  keyturn pending{where}\n  keyturn approve REQUEST_ID{where} --reason '...'   "
@@ -191,10 +192,10 @@ async def _serve(args: argparse.Namespace, settings: Settings | None = None, att
         if getattr(args, "log_format", "text") == "json":
             print(json.dumps({"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "level": "info",
                               "logger": "keyturn", "message": "keyturn (stdio) is running", "call_id": None,
-                              "ledger": str(kt.settings.db), "tools": [t.name for t in kt.tools()]}),
+                              "ledger": kt.settings.ledger_name, "tools": [t.name for t in kt.tools()]}),
                   file=sys.stderr, flush=True)
         else:
-            print(f"keyturn (stdio) serving {len(kt.tools())} guarded tools; ledger {kt.settings.db}",
+            print(f"keyturn (stdio) serving {len(kt.tools())} guarded tools; ledger {kt.settings.ledger_name}",
                   file=sys.stderr, flush=True)
         proxied = attach is not None  # (an upstream's tool, prompt and resource lists may change)
         options = server.create_initialization_options(
@@ -294,7 +295,9 @@ def _api(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] 
     if not token:
         from server.secret_files import reviewer_token_path
 
-        db = Path(args.db or os.environ.get("KEYTURN_DB") or "keyturn.db")
+        named = args.db or os.environ.get("KEYTURN_DB") or "keyturn.db"
+        # (a PostgreSQL ledger keeps its files in ./keyturn.db.*; the reviewer commands load no config module)
+        db = Path("keyturn.db" if named.startswith(("postgresql://", "postgres://")) else named)
         token_file = reviewer_token_path(db)
         source = f"the token file {token_file}"
         if token_file.exists():
@@ -381,14 +384,14 @@ def cmd_vote(args: argparse.Namespace) -> int:
 # -- auditor commands (ledger file) ----------------------------------------------------------------
 
 async def _with_ledger(args: argparse.Namespace, fn: Any) -> int:
-    from server.ledger import Ledger
+    from server.ledger.opening import open_existing
 
-    settings = _settings(args)
-    if not settings.db.exists():
-        raise KeyturnError(f"no ledger at {settings.db}")
-    async with Ledger(settings.db) as ledger:
+    ledger = await open_existing(_settings(args))
+    try:
         result: int = await fn(ledger)
         return result
+    finally:
+        await ledger.close()
 
 
 def _event_line(e: Any) -> str:
@@ -516,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"keyturn {_version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="config file (YAML); default $KEYTURN_CONFIG")
-    common.add_argument("--db", help="ledger database file (default ./keyturn.db)")
+    common.add_argument("--db", help="ledger: a SQLite file (default ./keyturn.db) or a postgresql:// URL")
     reviewer = argparse.ArgumentParser(add_help=False, parents=[common])
     reviewer.add_argument("--url", help=f"reviewer API base URL (default $KEYTURN_URL or http://{DEFAULT_HTTP})")
     reviewer.add_argument("--token", help="reviewer bearer token (default $KEYTURN_TOKEN, or the local token file)")
@@ -642,7 +645,7 @@ def _policy_replay(args: argparse.Namespace) -> int:
     from server.policy.replay import cmd_replay
 
     settings = _settings(args)
-    if not settings.db.exists():
+    if settings.database_url is None and not settings.db.exists():
         raise KeyturnError(f"no ledger at {settings.db}")
     return int(anyio.run(cmd_replay, Path(args.file), settings, args.limit))
 

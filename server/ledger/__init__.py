@@ -8,6 +8,9 @@ after their commit, and a write returns only once committed.
 The room, one concern a module:
   store.py    the interface the rest of keyturn uses (`Store`, `Transaction`): every operation, named for what it does
   sqlite.py   `SqliteStore`, the SQLite implementation (`Ledger` is its name here)
+  postgres.py `PostgresStore`, the PostgreSQL implementation (several instances, one chain), with pg_db.py (pooled
+              connections speaking the same SQL), pg_schema.py (its migrations) and pg_listen.py (LISTEN/NOTIFY)
+  opening.py  which store a process opens (`db: postgresql://...` or a SQLite file)
   db.py       the SQLite connections, their threads, transactions' retries and WAL checkpoints
   schema.py   the tables, by numbered migrations
   tx.py       a write transaction in progress (`Tx`)

@@ -81,6 +81,11 @@ class SqliteStore:
         reading what any process appended."""
         return Subscription(self, kinds, on_local)
 
+    def wake_interval(self, poll_interval_s: float) -> float:
+        """How long a follower waits before looking for other processes' appends: the poll interval (nothing
+        wakes it for them on SQLite)."""
+        return poll_interval_s
+
     # -- the one write path ------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:

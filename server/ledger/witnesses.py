@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from server.config import Settings
 from server.errors import LedgerError
-from server.ledger import Ledger
 from server.ledger.checkpoints import Checkpoint, CheckpointError, key_id, public_key_text, sign
+from server.ledger.store import Store
 from server.models import Event
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def last_in_file(path: Path) -> Checkpoint | None:
 
 @dataclass
 class Checkpointer:
-    ledger: Ledger
+    ledger: Store
     key: Ed25519PrivateKey
     witnesses: list[Witness] = field(default_factory=list)
     every_events: int = 1000

@@ -67,7 +67,7 @@ def summarise(changes: list[dict[str, Any]], total: int) -> str:
 
 async def cmd_replay(path: Path, settings: Settings, limit: int = 10_000, *, out: TextIO | None = None) -> int:
     """`keyturn policy replay FILE`: the last `limit` decided calls in the ledger, re-decided under FILE."""
-    from server.ledger import Ledger  # only this command needs the store
+    from server.ledger.opening import store_for  # only this command needs the store
 
     out = out or sys.stdout
     try:
@@ -79,7 +79,8 @@ async def cmd_replay(path: Path, settings: Settings, limit: int = 10_000, *, out
     items: deque[ReplayItem] = deque(maxlen=max(1, limit))
     received: dict[str, dict[str, Any]] = {}
     try:
-        ledger = await Ledger(settings.db).open()
+        ledger = store_for(settings)
+        await ledger.open()
     except KeyturnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

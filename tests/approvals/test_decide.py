@@ -15,10 +15,11 @@ from server.approvals import ApprovalBroker, ReviewerDirectory, directory_from
 from server.classify import ClassifyContext
 from server.gate import Gate, Identity
 from server.guarded import guarded_tool
-from server.ledger import Ledger
+from server.ledger import Store
 from server.models import RequestView, Verdict
 from server.policy import LivePolicy
 from tests.helpers import agent, held_call, left_pending
+from tests.stores import Stores
 
 POLICY = """
 version: 1
@@ -60,7 +61,7 @@ def tool(name: str) -> Any:
 
 
 @pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[tuple[Gate, Ledger]]:
+async def world(tmp_path: Path, stores: Stores) -> AsyncIterator[tuple[Gate, Store]]:
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(POLICY)
     policy = LivePolicy(policy_file)
@@ -69,7 +70,7 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[Gate, Ledger]]:
         [("api:alice", "alice"), ("api:carol", "carol"), ("api:sam", "sam"), ("api:olive", "olive"),
          ("api:agent-1", "agent-1")],
         {"alice": ["dba"], "carol": ["dba"], "sam": ["security"]})
-    async with Ledger(tmp_path / "ledger.db") as ledger:
+    async with stores.new() as ledger:
         broker = ApprovalBroker(ledger=ledger, directory=directory, poll_interval_s=0.05)
         gate = Gate(ledger=ledger, broker=broker, policy=policy, classify_context=ClassifyContext(),
                     progress_interval_s=0.2)
@@ -77,7 +78,7 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[Gate, Ledger]]:
         yield gate, ledger
 
 
-async def held(gate: Gate, ledger: Ledger, name: str, key: str = "k") -> RequestView:
+async def held(gate: Gate, ledger: Store, name: str, key: str = "k") -> RequestView:
     """A request for `name` left pending: the agent's call is held, then the agent stops waiting."""
     request = await left_pending(gate, gate.tools[name], {"key": key}, AGENT)  # type: ignore[attr-defined]
     (view,) = [v for v in await ledger.list_calls(("pending",)) if v.tool == name and v.arguments == {"key": key}]
@@ -96,11 +97,11 @@ async def refused(gate: Gate, verdict: Verdict) -> str:
     return result.code
 
 
-async def kinds(ledger: Ledger, request: RequestView) -> list[str]:
+async def kinds(ledger: Store, request: RequestView) -> list[str]:
     return [e.kind for e in await ledger.events(request.id)]
 
 
-async def test_an_unknown_request_is_an_error_and_records_nothing(world: tuple[Gate, Ledger]) -> None:
+async def test_an_unknown_request_is_an_error_and_records_nothing(world: tuple[Gate, Store]) -> None:
     gate, ledger = world
     head = len(await ledger.tail(1000))
     result = await gate.broker.decide(Verdict(request_id="no-such-request", reviewer="api:alice", verdict="approve"))
@@ -108,7 +109,7 @@ async def test_an_unknown_request_is_an_error_and_records_nothing(world: tuple[G
     assert len(await ledger.tail(1000)) == head
 
 
-async def test_one_approval_from_any_reviewer_approves_and_binds_the_call(world: tuple[Gate, Ledger]) -> None:
+async def test_one_approval_from_any_reviewer_approves_and_binds_the_call(world: tuple[Gate, Store]) -> None:
     gate, ledger = world
     request = await held(gate, ledger, "write_any")
     result = await gate.broker.decide(vote(request, "api:alice"))
@@ -125,7 +126,7 @@ async def test_one_approval_from_any_reviewer_approves_and_binds_the_call(world:
     assert view is not None and view.state == "approved"
 
 
-async def test_the_requester_cannot_decide_its_own_request(world: tuple[Gate, Ledger]) -> None:
+async def test_the_requester_cannot_decide_its_own_request(world: tuple[Gate, Store]) -> None:
     gate, ledger = world
     request = await held(gate, ledger, "write_any")
     # The agent's principal, the person it acts for, either verdict: all refused and recorded as such.
@@ -137,7 +138,7 @@ async def test_the_requester_cannot_decide_its_own_request(world: tuple[Gate, Le
     assert view is not None and view.state == "pending" and view.votes == []
 
 
-async def test_someone_who_is_not_a_reviewer_is_refused(world: tuple[Gate, Ledger]) -> None:
+async def test_someone_who_is_not_a_reviewer_is_refused(world: tuple[Gate, Store]) -> None:
     gate, ledger = world
     request = await held(gate, ledger, "write_any")
     assert await refused(gate, vote(request, "slack:U-STRANGER")) == "unknown_reviewer"
@@ -145,7 +146,7 @@ async def test_someone_who_is_not_a_reviewer_is_refused(world: tuple[Gate, Ledge
     assert refusal.payload["code"] == "unknown_reviewer" and refusal.payload["person"] is None
 
 
-async def test_two_of_a_group_needs_two_distinct_members(world: tuple[Gate, Ledger]) -> None:
+async def test_two_of_a_group_needs_two_distinct_members(world: tuple[Gate, Store]) -> None:
     gate, ledger = world
     request = await held(gate, ledger, "write_db")
     assert await refused(gate, vote(request, "api:sam")) == "not_eligible"  # not a DBA
@@ -160,7 +161,7 @@ async def test_two_of_a_group_needs_two_distinct_members(world: tuple[Gate, Ledg
     assert sorted(granted.payload["approvers"]) == ["alice", "carol"]
 
 
-async def test_every_group_must_be_filled(world: tuple[Gate, Ledger]) -> None:
+async def test_every_group_must_be_filled(world: tuple[Gate, Store]) -> None:
     gate, ledger = world
     request = await held(gate, ledger, "write_both")
     assert (await gate.broker.decide(vote(request, "api:alice"))).state == "pending"
@@ -168,7 +169,7 @@ async def test_every_group_must_be_filled(world: tuple[Gate, Ledger]) -> None:
     assert (await gate.broker.decide(vote(request, "api:sam"))).state == "approved"
 
 
-async def test_a_denial_needs_a_reason_and_ends_the_request(world: tuple[Gate, Ledger]) -> None:
+async def test_a_denial_needs_a_reason_and_ends_the_request(world: tuple[Gate, Store]) -> None:
     gate, ledger = world
     request = await held(gate, ledger, "write_db")
     assert await refused(gate, vote(request, "api:alice", "deny")) == "reason_required"
@@ -183,7 +184,7 @@ async def test_a_denial_needs_a_reason_and_ends_the_request(world: tuple[Gate, L
     assert view is not None and view.state == "denied"
 
 
-async def test_a_policy_can_require_a_reason_with_every_approval(world: tuple[Gate, Ledger]) -> None:
+async def test_a_policy_can_require_a_reason_with_every_approval(world: tuple[Gate, Store]) -> None:
     gate, ledger = world
     request = await held(gate, ledger, "write_reason")
     assert await refused(gate, vote(request, "api:alice")) == "reason_required"
@@ -193,7 +194,7 @@ async def test_a_policy_can_require_a_reason_with_every_approval(world: tuple[Ga
     assert approved.payload["reason"] == "ticket OPS-12" and approved.payload["verdict"] == "approve"
 
 
-async def test_a_decided_request_takes_no_more_votes(world: tuple[Gate, Ledger]) -> None:
+async def test_a_decided_request_takes_no_more_votes(world: tuple[Gate, Store]) -> None:
     gate, ledger = world
     request = await held(gate, ledger, "write_any")
     await gate.broker.decide(vote(request, "api:alice"))
@@ -203,7 +204,7 @@ async def test_a_decided_request_takes_no_more_votes(world: tuple[Gate, Ledger])
     assert view is not None and view.state == "approved" and [v["person"] for v in view.votes] == ["alice"]
 
 
-async def test_an_expired_request_takes_no_votes(world: tuple[Gate, Ledger]) -> None:
+async def test_an_expired_request_takes_no_votes(world: tuple[Gate, Store]) -> None:
     gate, ledger = world
     request = await held(gate, ledger, "write_short")
     assert request.expires is not None
@@ -226,7 +227,7 @@ async def test_a_reviewer_directory_maps_identities_to_people() -> None:
 # -- an approver changes their mind ------------------------------------------------------------------------
 
 
-async def test_an_approver_may_deny_while_the_request_waits_for_more_votes(world: tuple[Gate, Ledger]) -> None:
+async def test_an_approver_may_deny_while_the_request_waits_for_more_votes(world: tuple[Gate, Store]) -> None:
     gate, ledger = world
     request = await held(gate, ledger, "write_db")
     assert (await gate.broker.decide(vote(request, "api:alice"))).state == "pending"
@@ -247,7 +248,7 @@ async def test_an_approver_may_deny_while_the_request_waits_for_more_votes(world
     assert (await kinds(ledger, request)).count("denied") == 1
 
 
-async def test_an_approval_can_be_taken_back_until_the_call_is_claimed(world: tuple[Gate, Ledger]) -> None:
+async def test_an_approval_can_be_taken_back_until_the_call_is_claimed(world: tuple[Gate, Store]) -> None:
     gate, ledger = world
     request = await held(gate, ledger, "write_any")
     assert (await gate.broker.decide(vote(request, "api:alice"))).state == "approved"
@@ -276,7 +277,7 @@ async def test_an_approval_can_be_taken_back_until_the_call_is_claimed(world: tu
     assert result.ok, result.message
 
 
-async def test_once_the_call_is_claimed_to_run_an_approval_stands(world: tuple[Gate, Ledger]) -> None:
+async def test_once_the_call_is_claimed_to_run_an_approval_stands(world: tuple[Gate, Store]) -> None:
     gate, ledger = world
     running, release = anyio.Event(), anyio.Event()
 
@@ -299,7 +300,7 @@ async def test_once_the_call_is_claimed_to_run_an_approval_stands(world: tuple[G
     assert view is not None and view.state == "executed" and view.votes[0]["verdict"] == "approve"
 
 
-async def test_a_denial_and_the_claim_to_run_race_and_exactly_one_wins(world: tuple[Gate, Ledger]) -> None:
+async def test_a_denial_and_the_claim_to_run_race_and_exactly_one_wins(world: tuple[Gate, Store]) -> None:
     gate, ledger = world
     for key in ("first", "second"):
         request = await held(gate, ledger, "write_any", key)

@@ -5,38 +5,39 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from server.approvals import ApprovalBroker, ReviewerDirectory
 from server.approvals import broker as approvals
-from server.ledger import Ledger
+from server.ledger import Store
+from server.ledger import postgres as postgres_module
 from server.ledger import sqlite as ledger_module
+from tests.stores import Stores
 
 DIRECTORY = ReviewerDirectory(identities={}, groups_of={})
 
 
 @pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
-    async with Ledger(tmp_path / "ledger.db") as ledger:
+async def ledger(stores: Stores) -> AsyncIterator[Store]:
+    async with stores.new() as ledger:
         yield ledger
 
 
-async def open_call(ledger: Ledger, call_id: str, *, state: str = "pending", expires: float | None = None,
+async def open_call(ledger: Store, call_id: str, *, state: str = "pending", expires: float | None = None,
                     holder: str | None = None) -> None:
     await ledger.open_call(call_id=call_id, tool="write_thing", principal="agent", on_behalf_of=None, model=None,
                            args_hash=f"hash-{call_id}", redacted_arguments={"key": call_id}, state=state,
                            holder=holder, events=[("call.received", {})], expires=expires)
 
 
-async def states(ledger: Ledger, *ids: str) -> list[str]:
+async def states(ledger: Store, *ids: str) -> list[str]:
     found = await ledger.call_states(list(ids))
     return [found[i] for i in ids]
 
 
 async def test_expired_requests_are_expired_longest_expired_first_a_batch_a_round(
-        ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+        ledger: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(approvals, "SWEEP_BATCH", 2)
     broker = ApprovalBroker(ledger=ledger, directory=DIRECTORY)
     now = time.time()
@@ -58,7 +59,7 @@ async def test_expired_requests_are_expired_longest_expired_first_a_batch_a_roun
     assert kinds.count("expired") == 1
 
 
-async def test_orphans_of_a_stopped_process_are_abandoned_and_live_ones_kept(ledger: Ledger) -> None:
+async def test_orphans_of_a_stopped_process_are_abandoned_and_live_ones_kept(ledger: Store) -> None:
     broker = ApprovalBroker(ledger=ledger, directory=DIRECTORY)
     await ledger.register_instance(broker.instance_id, "here", 1)
     await ledger.register_instance("alive", "there", 2)
@@ -83,8 +84,9 @@ async def test_orphans_of_a_stopped_process_are_abandoned_and_live_ones_kept(led
 
 
 async def test_the_states_of_many_calls_are_all_read_a_chunk_at_a_time(
-        ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+        ledger: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ledger_module, "CALL_STATES_CHUNK", 2)
+    monkeypatch.setattr(postgres_module, "CALL_STATES_CHUNK", 2)
     for i in range(5):
         await open_call(ledger, f"c{i}", state="pending" if i % 2 else "approved")
     assert await ledger.call_states(["c0", "c1", "c2", "c3", "c4", "missing"]) == {

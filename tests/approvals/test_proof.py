@@ -5,50 +5,52 @@ and the refusal is recorded."""
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable
 
 import pytest
 
 from server.gate import Gate
-from server.ledger import Ledger
+from server.ledger import Store
 from server.models import Verdict
 from tests.helpers import held_call
+from tests.stores import Stores
 from tests.test_gate import AGENT, Runs, terminal_kinds, world  # noqa: F401 (a fixture)
 
 
-def flip_to_approved(db: str, request_id: str) -> None:
-    with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE calls SET state = 'approved' WHERE id = ?", (request_id,))
+def _quoted(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
-def forge_vote_and_flip(db: str, request_id: str) -> None:
-    with sqlite3.connect(db) as conn:
-        conn.execute("INSERT INTO votes(call_id, person, reviewer, verdict, reason, groups, ts) "
-                     "VALUES (?, 'alice', 'api:alice', 'approve', 'forged', '[]', 0)", (request_id,))
-        conn.execute("UPDATE calls SET state = 'approved' WHERE id = ?", (request_id,))
+def flip_to_approved(stores: Stores, request_id: str) -> None:
+    stores.tamper(f"UPDATE calls SET state = 'approved' WHERE id = {_quoted(request_id)}")
 
 
-def edit_a_chained_vote(db: str, request_id: str) -> None:
+def forge_vote_and_flip(stores: Stores, request_id: str) -> None:
+    stores.tamper("INSERT INTO votes(call_id, person, reviewer, verdict, reason, groups, ts) "
+                  f"VALUES ({_quoted(request_id)}, 'alice', 'api:alice', 'approve', 'forged', '[]', 0);"
+                  f"UPDATE calls SET state = 'approved' WHERE id = {_quoted(request_id)}")
+
+
+def edit_a_chained_vote(stores: Stores, request_id: str) -> None:
     """A real vote by someone the requester controls... rewritten in the chain to name an eligible reviewer."""
-    with sqlite3.connect(db) as conn:
-        seq, payload = conn.execute("SELECT seq, payload FROM events WHERE call_id = ? AND kind = 'vote.refused'",
-                                    (request_id,)).fetchone()
-        forged = {**json.loads(payload), "person": "alice", "reviewer": "api:alice", "verdict": "approve"}
-        conn.execute("UPDATE events SET kind = 'vote', payload = ? WHERE seq = ?", (json.dumps(forged), seq))
-        conn.execute("UPDATE calls SET state = 'approved' WHERE id = ?", (request_id,))
+    [(seq, payload)] = stores.tamper(
+        f"SELECT seq, payload FROM events WHERE call_id = {_quoted(request_id)} AND kind = 'vote.refused'")
+    forged = {**json.loads(payload), "person": "alice", "reviewer": "api:alice", "verdict": "approve"}
+    stores.tamper(f"UPDATE events SET kind = 'vote', payload = {_quoted(json.dumps(forged))} WHERE seq = {int(seq)};"
+                  f"UPDATE calls SET state = 'approved' WHERE id = {_quoted(request_id)}")
 
 
 @pytest.mark.parametrize("tamper", [flip_to_approved, forge_vote_and_flip, edit_a_chained_vote])
-async def test_an_approval_only_the_tables_show_runs_nothing(world: tuple[Gate, Runs, Ledger],  # noqa: F811
-                                                              tamper: Callable[[str, str], None]) -> None:
+async def test_an_approval_only_the_tables_show_runs_nothing(world: tuple[Gate, Runs, Store],  # noqa: F811
+                                                              tamper: Callable[[Stores, str], None],
+                                                              stores: Stores) -> None:
     gate, runs, ledger = world
     async with held_call(gate, gate.tools["write_thing"], {"key": "k"}, AGENT) as call:  # type: ignore[attr-defined]
         request = await call.request()
         if tamper is edit_a_chained_vote:  # a vote the broker refused: chained, but not an approval
             refused = await gate.broker.decide(Verdict(request_id=request.id, reviewer="api:mallory", verdict="approve"))
             assert not refused.accepted, refused
-        tamper(str(ledger.path), request.id)
+        tamper(stores, request.id)
         result = await call.result(timeout=20)  # the waiting call reads its state again at its next round
     assert result.is_error and "not proven by the ledger's chain" in str(result.content), result
     assert runs.count == 0
@@ -58,7 +60,7 @@ async def test_an_approval_only_the_tables_show_runs_nothing(world: tuple[Gate, 
     assert "execution.started" not in [e.kind for e in await ledger.events(request.id)]
 
 
-async def test_a_real_approval_is_proven_and_runs(world: tuple[Gate, Runs, Ledger]) -> None:  # noqa: F811
+async def test_a_real_approval_is_proven_and_runs(world: tuple[Gate, Runs, Store]) -> None:  # noqa: F811
     gate, runs, ledger = world
     async with held_call(gate, gate.tools["write_thing"], {"key": "k"}, AGENT) as call:  # type: ignore[attr-defined]
         request = await call.request()

@@ -1,6 +1,9 @@
 """Signed checkpoints and `keyturn audit verify`: every way of changing the ledger file behind keyturn's back is
 detected and named (exit 1), an untouched ledger verifies (exit 0), checkpoints reach a file and an HTTP witness,
-and an exported bundle verifies offline with only the public key, and fails once edited."""
+and an exported bundle verifies offline with only the public key, and fails once edited.
+
+SQLite only: the attacks copy, swap and truncate the ledger file itself (on PostgreSQL, the edits to rows are in
+test_ledger.py and approvals/test_proof.py, and `audit verify` on a postgresql:// ledger in test_postgres.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """Where the ledger's work runs: at once on the loop, in the database thread while another process holds the
 lock (the loop never waits), long reads on a read-only connection of their own, and WAL checkpoints on their
-own thread."""
+own thread.
+
+SQLite only: these are the SQLite store's threads, locks and WAL (the PostgreSQL store's are in test_postgres.py)."""
 
 from __future__ import annotations
 

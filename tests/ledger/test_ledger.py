@@ -15,14 +15,15 @@ from server.errors import LedgerError
 from server.ledger import Ledger
 from server.models import TERMINAL_EVENTS, TERMINAL_STATES
 from server.outcomes import OUTCOMES
+from tests.stores import Stores
 
 
 async def open_ledger(path: Path) -> Ledger:
     return await Ledger(path).open()
 
 
-async def test_events_chain_and_verify(tmp_path: Path) -> None:
-    async with Ledger(tmp_path / "l.db") as ledger:
+async def test_events_chain_and_verify(stores: Stores) -> None:
+    async with stores.new() as ledger:
         for i in range(5):
             await ledger.append("process.started", None, {"i": i})
         result = await ledger.verify()
@@ -32,26 +33,23 @@ async def test_events_chain_and_verify(tmp_path: Path) -> None:
         assert all(events[i].prev_hash == events[i - 1].hash for i in range(1, 5))
 
 
-async def test_verify_names_the_first_altered_or_missing_event(tmp_path: Path) -> None:
-    db = tmp_path / "l.db"
-    async with Ledger(db) as ledger:
+async def test_verify_names_the_first_altered_or_missing_event(stores: Stores) -> None:
+    async with stores.new() as ledger:
         for i in range(6):
             await ledger.append("process.started", None, {"i": i})
-    with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE events SET payload = '{\"i\":99}' WHERE seq = 3")
-    async with Ledger(db) as ledger:
+    stores.tamper("UPDATE events SET payload = '{\"i\":99}' WHERE seq = 3")
+    async with stores.new() as ledger:
         result = await ledger.verify()
     assert not result.ok and result.first_bad_seq == 3
-    with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE events SET payload = '{\"i\":2}' WHERE seq = 3")
-        conn.execute("DELETE FROM events WHERE seq = 6")  # the newest: only the head record notices
-    async with Ledger(db) as ledger:
+    stores.tamper("UPDATE events SET payload = '{\"i\":2}' WHERE seq = 3;"
+                  "DELETE FROM events WHERE seq = 6")  # the newest: only the head record notices
+    async with stores.new() as ledger:
         result = await ledger.verify()
     assert not result.ok and result.first_bad_seq == 6
 
 
-async def test_transition_is_won_once_and_terminal_states_never_move(tmp_path: Path) -> None:
-    async with Ledger(tmp_path / "l.db") as ledger:
+async def test_transition_is_won_once_and_terminal_states_never_move(stores: Stores) -> None:
+    async with stores.new() as ledger:
         await ledger.open_call(call_id="c1", tool="t", principal="p", on_behalf_of=None, model=None, args_hash="h",
                                redacted_arguments={}, state="approved", holder="me", events=[("call.received", {})])
         results = []
@@ -70,11 +68,11 @@ async def test_transition_is_won_once_and_terminal_states_never_move(tmp_path: P
 
 
 @pytest.mark.parametrize("outcome", sorted(OUTCOMES))
-async def test_finish_ends_a_call_once_as_its_outcome_says(tmp_path: Path, outcome: str) -> None:
+async def test_finish_ends_a_call_once_as_its_outcome_says(stores: Stores, outcome: str) -> None:
     """Every way a call ends is one row of the outcomes table, written by `finish` alone: the call's final state and
     its one terminal event, in one transaction; a second end of any kind, concurrent or later, writes nothing."""
     end = OUTCOMES[outcome]
-    async with Ledger(tmp_path / "l.db") as ledger:
+    async with stores.new() as ledger:
         await ledger.open_call(call_id="c1", tool="t", principal="p", on_behalf_of=None, model=None, args_hash="h",
                                redacted_arguments={}, state=end.ends[0], holder="me", events=[("call.received", {})])
         results: list[bool] = []
@@ -95,8 +93,8 @@ async def test_finish_ends_a_call_once_as_its_outcome_says(tmp_path: Path, outco
         assert all(OUTCOMES[o].state in TERMINAL_STATES for o in OUTCOMES)
 
 
-async def test_nothing_but_finish_writes_a_call_s_end(tmp_path: Path) -> None:
-    async with Ledger(tmp_path / "l.db") as ledger:
+async def test_nothing_but_finish_writes_a_call_s_end(stores: Stores) -> None:
+    async with stores.new() as ledger:
         await ledger.open_call(call_id="c1", tool="t", principal="p", on_behalf_of=None, model=None, args_hash="h",
                                redacted_arguments={}, state="running", holder="me", events=[("call.received", {})])
         with pytest.raises(LedgerError, match="finish"):
@@ -112,14 +110,15 @@ async def test_nothing_but_finish_writes_a_call_s_end(tmp_path: Path) -> None:
         assert await ledger.finish("c1", "failed", {})
 
 
-def test_two_processes_appending_keep_one_chain(tmp_path: Path) -> None:
-    db = tmp_path / "shared.db"
+def test_two_processes_appending_keep_one_chain(stores: Stores) -> None:
+    db = stores.where("shared")
     script = textwrap.dedent(f"""
         import anyio, sys
         sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
-        from server.ledger import Ledger
+        from server.config import Settings
+        from server.ledger.opening import store_for
         async def main():
-            async with Ledger({str(db)!r}) as ledger:
+            async with store_for(Settings(db={db!r})) as ledger:
                 for i in range(200):
                     await ledger.append("process.started", None, {{"writer": sys.argv[1], "i": i}})
         anyio.run(main)
@@ -128,7 +127,7 @@ def test_two_processes_appending_keep_one_chain(tmp_path: Path) -> None:
     assert all(p.wait(60) == 0 for p in procs)
 
     async def check() -> None:
-        async with Ledger(db) as ledger:
+        async with stores.new("shared") as ledger:
             result = await ledger.verify()
             assert result.ok and result.count == 600, result.message
 
@@ -136,6 +135,7 @@ def test_two_processes_appending_keep_one_chain(tmp_path: Path) -> None:
 
 
 async def test_a_read_only_database_fails_closed_with_a_ledger_error(tmp_path: Path) -> None:
+    # SQLite only: it turns on SQLite's query_only on the store's own connection (PostgreSQL: tests/ledger/test_postgres.py).
     db = tmp_path / "l.db"
     async with Ledger(db) as ledger:
         await ledger.append("process.started", None, {})
@@ -162,6 +162,7 @@ def test_the_chain_link_is_the_canonical_json_of_the_event() -> None:
 
 
 async def test_a_version_1_ledger_is_migrated_and_open_requests_are_found_by_their_own_index(tmp_path: Path) -> None:
+    # SQLite only: SQLite's own migrations and query plans (PostgreSQL's: tests/ledger/test_postgres.py).
     from server.ledger import MIGRATIONS
 
     db = tmp_path / "l.db"

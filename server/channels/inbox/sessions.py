@@ -33,7 +33,7 @@ from starlette.responses import Response
 from server.canonical import sha256_hex
 
 if TYPE_CHECKING:
-    from server.ledger import Ledger
+    from server.ledger import Store
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Response)
@@ -97,7 +97,7 @@ class Sessions:
 
     def __init__(
         self,
-        ledger: Ledger,
+        ledger: Store,
         reviewer_digests: Callable[[], Iterable[tuple[str, str]]],
         *,
         trusted_origins: Iterable[str] = (),

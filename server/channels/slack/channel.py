@@ -36,7 +36,7 @@ from server.channels.slack.config import SlackConfig, SlackSecrets, describe, lo
 from server.channels.slack.identity import SlackIdentities
 from server.config import Settings
 from server.errors import ChannelError, LedgerError
-from server.ledger import Ledger
+from server.ledger import Store
 from server.ledger.checkpoints import Checkpoint, checkpoint_line
 from server.models import TERMINAL_STATES, Event, RequestView, ReviewSpec, Verdict, VerdictKind
 
@@ -57,7 +57,7 @@ class SlackChannel:
 
     name = "slack"
 
-    def __init__(self, *, ledger: Ledger, broker: ApprovalBroker, settings: Settings, config: SlackConfig,
+    def __init__(self, *, ledger: Store, broker: ApprovalBroker, settings: Settings, config: SlackConfig,
                  secrets: SlackSecrets, client: AsyncWebClient | None = None, judge: EditJudge | None = None) -> None:
         self.ledger, self.broker, self.settings, self.config, self.secrets = ledger, broker, settings, config, secrets
         self.judge = judge  # judges an edit's arguments (the runtime's gate); without it, edits are refused

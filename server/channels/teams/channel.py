@@ -41,7 +41,7 @@ from server.channels.teams.connector import BotConnector, BotToken, RetryPolicy,
 from server.channels.teams.decision_link import LinkSigner, ensure_link_secret
 from server.channels.teams.decision_page import decision_routes
 from server.errors import AuthError, ChannelError, ConfigError, LedgerError
-from server.ledger import Ledger
+from server.ledger import Store
 from server.ledger.checkpoints import Checkpoint, checkpoint_line
 from server.models import TERMINAL_STATES, Event, RequestView
 
@@ -62,7 +62,7 @@ class TeamsChannel:
 
     name = "teams"
 
-    def __init__(self, *, ledger: Ledger, kt: Keyturn, config: TeamsConfig, secrets: TeamsSecrets,
+    def __init__(self, *, ledger: Store, kt: Keyturn, config: TeamsConfig, secrets: TeamsSecrets,
                  signer: LinkSigner | None = None, link_base: str | None = None) -> None:
         self.kt, self.ledger, self.config = kt, ledger, config
         self.retry = RetryPolicy(attempts=config.retries, backoff_s=config.retry_backoff_s)

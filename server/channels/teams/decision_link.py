@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from server.errors import AuthError
-from server.ledger import Ledger, Row, Tx
+from server.ledger import Row, Store, Tx
 from server.secret_files import beside, ensure_secret_file
 
 LINK_USED = "link.used"
@@ -126,11 +126,11 @@ def _link_history(events: Iterable[tuple[str, dict[str, Any]]], link: Link) -> t
     return used > 0, nonces
 
 
-async def link_consumed(ledger: Ledger, link: Link) -> bool:
+async def link_consumed(ledger: Store, link: Link) -> bool:
     return _link_history(((e.kind, e.payload) for e in await ledger.events(link.request_id)), link)[0]
 
 
-async def consume(ledger: Ledger, link: Link, nonce_id: str, reviewer: str) -> str | None:
+async def consume(ledger: Store, link: Link, nonce_id: str, reviewer: str) -> str | None:
     """Record the link's use atomically. None when consumed now, else why not: unknown, used, nonce_used."""
 
     def body(tx: Tx, row: Row | None) -> str | None:
@@ -148,6 +148,6 @@ async def consume(ledger: Ledger, link: Link, nonce_id: str, reviewer: str) -> s
     return await ledger.mutate_call(link.request_id, body)
 
 
-async def release(ledger: Ledger, link: Link, code: str) -> None:
+async def release(ledger: Store, link: Link, code: str) -> None:
     """Give the link back after the broker refused the vote it carried (nothing was decided)."""
     await ledger.append(LINK_RELEASED, link.request_id, {"link": link.link_id, "code": code})

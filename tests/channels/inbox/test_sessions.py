@@ -3,10 +3,8 @@ CSRF tokens bound to the session, same-origin, and nothing a file holds that ope
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from starlette.requests import Request
@@ -14,7 +12,8 @@ from starlette.requests import Request
 from server.canonical import sha256_hex
 from server.channels.inbox.sessions import FLASH_COOKIE, SESSION_COOKIE, Sessions, session_key
 from server.channels.inbox.site import safe_next
-from server.ledger import Ledger
+from server.ledger import Store
+from tests.stores import Stores
 
 
 def request(cookie: str | None = None, *, origin: str | None = None, referer: str | None = None,
@@ -33,18 +32,18 @@ def request(cookie: str | None = None, *, origin: str | None = None, referer: st
 
 
 @pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
-    async with Ledger(tmp_path / "ledger.db") as opened:
+async def ledger(stores: Stores) -> AsyncIterator[Store]:
+    async with stores.new() as opened:
         yield opened
 
 
-def make(ledger: Ledger, reviewers: dict[str, str] | None = None,
+def make(ledger: Store, reviewers: dict[str, str] | None = None,
          **kwargs: object) -> tuple[Sessions, dict[str, str]]:
     table = reviewers if reviewers is not None else {sha256_hex("tok-alice"): "api:alice"}
     return Sessions(ledger, lambda: table.items(), **kwargs), table  # type: ignore[arg-type]
 
 
-async def test_a_session_reads_back_and_a_changed_or_unknown_cookie_does_not(ledger: Ledger) -> None:
+async def test_a_session_reads_back_and_a_changed_or_unknown_cookie_does_not(ledger: Store, stores: Stores) -> None:
     sessions, _ = make(ledger)
     session, cookie = await sessions.open("api:alice", "tok-alice")
     assert len(cookie) == 43 and await sessions.read(request(cookie)) == session
@@ -52,8 +51,7 @@ async def test_a_session_reads_back_and_a_changed_or_unknown_cookie_does_not(led
     assert await sessions.read(request(cookie + "x")) is None
     assert await sessions.read(request("")) is None
     # the database holds only the id's sha256: what it holds is no cookie
-    with sqlite3.connect(ledger.path) as conn:
-        (stored,) = conn.execute("SELECT id_sha256 FROM web_sessions").fetchone()
+    [(stored,)] = stores.tamper("SELECT id_sha256 FROM web_sessions")
     assert stored == session_key(cookie) and cookie not in stored
     assert await sessions.read(request(stored)) is None
     # a second Sessions on the same database (another process's view) knows the session
@@ -61,7 +59,7 @@ async def test_a_session_reads_back_and_a_changed_or_unknown_cookie_does_not(led
     assert await again.read(request(cookie)) == session
 
 
-async def test_expiry_rotation_removal_and_sign_out_end_a_session(ledger: Ledger) -> None:
+async def test_expiry_rotation_removal_and_sign_out_end_a_session(ledger: Store) -> None:
     sessions, table = make(ledger, ttl_s=-1)
     _, cookie = await sessions.open("api:alice", "tok-alice")
     assert await sessions.read(request(cookie)) is None  # expired
@@ -77,23 +75,20 @@ async def test_expiry_rotation_removal_and_sign_out_end_a_session(ledger: Ledger
     assert await make(ledger)[0].read(request(cookie)) is None  # everywhere
 
 
-async def test_last_seen_is_written_now_and_then_and_expired_rows_are_forgotten(ledger: Ledger) -> None:
+async def test_last_seen_is_written_now_and_then_and_expired_rows_are_forgotten(ledger: Store, stores: Stores) -> None:
     sessions, _ = make(ledger, touch_every_s=0)
     _, cookie = await sessions.open("api:alice", "tok-alice")
-    with sqlite3.connect(ledger.path) as conn:
-        (before,) = conn.execute("SELECT last_seen FROM web_sessions").fetchone()
+    [(before,)] = stores.tamper("SELECT last_seen FROM web_sessions")
     assert await sessions.read(request(cookie)) is not None
-    with sqlite3.connect(ledger.path) as conn:
-        (after,) = conn.execute("SELECT last_seen FROM web_sessions").fetchone()
-        conn.execute("UPDATE web_sessions SET expires = 0")
+    [(after,)] = stores.tamper("SELECT last_seen FROM web_sessions")
+    stores.tamper("UPDATE web_sessions SET expires = 0")
     assert after >= before
     await sessions.open("api:alice", "tok-alice")
-    with sqlite3.connect(ledger.path) as conn:
-        assert conn.execute("SELECT count(*) FROM web_sessions").fetchone() == (1,)
+    assert stores.tamper("SELECT count(*) FROM web_sessions") == [(1,)]
     assert (await ledger.verify()).count == 0  # sessions are not chained events
 
 
-async def test_csrf_needs_the_sessions_token_and_the_same_origin(ledger: Ledger) -> None:
+async def test_csrf_needs_the_sessions_token_and_the_same_origin(ledger: Store) -> None:
     sessions, _ = make(ledger, trusted_origins=["https://keyturn.example.com"])
     session, cookie = await sessions.open("api:alice", "tok-alice")
     other, _ = await sessions.open("api:alice", "tok-alice")
@@ -114,7 +109,7 @@ async def test_csrf_needs_the_sessions_token_and_the_same_origin(ledger: Ledger)
     assert token != sessions.csrf_token(other)
 
 
-async def test_login_tokens_are_bound_to_their_form_cookie(ledger: Ledger) -> None:
+async def test_login_tokens_are_bound_to_their_form_cookie(ledger: Store) -> None:
     sessions, _ = make(ledger)
     nonce, token = sessions.login_nonce()
     own = "http://127.0.0.1:8765"
@@ -134,7 +129,7 @@ async def test_login_tokens_are_bound_to_their_form_cookie(ledger: Ledger) -> No
     assert not sessions.check_login(login_request(nonce), sessions.csrf_token(session))
 
 
-async def test_a_flash_message_reads_back_only_with_its_session(ledger: Ledger) -> None:
+async def test_a_flash_message_reads_back_only_with_its_session(ledger: Store) -> None:
     sessions, _ = make(ledger)
     session, cookie = await sessions.open("api:alice", "tok-alice")
     other, _ = await sessions.open("api:alice", "tok-alice")
@@ -154,7 +149,7 @@ def test_after_sign_in_only_our_own_pages_are_a_destination(target: str | None, 
     assert safe_next(target) == expected
 
 
-async def test_a_session_cookie_is_small_and_expires_in_hours(ledger: Ledger) -> None:
+async def test_a_session_cookie_is_small_and_expires_in_hours(ledger: Store) -> None:
     sessions, _ = make(ledger)
     session, cookie = await sessions.open("api:alice", "tok-alice")
     assert len(cookie) < 400 and 3600 < session.expires - time.time() <= 24 * 3600
