@@ -175,6 +175,7 @@ async def test_a_replayed_code_is_refused_by_the_provider(sso_home: Home, keytur
     await page.context.add_cookies(cookies)
     r = await page.goto(callback)
     assert r is not None and r.status == 200  # signed in
+    await expect(page).to_have_url(re.compile(re.escape(base) + r"/inbox$"))  # (its page moves on by itself: let it)
     await page.context.add_cookies(cookies)
     r = await page.goto(callback)
     assert r is not None and r.status == 401
