@@ -136,6 +136,15 @@ class Telemetry(_Strict):
                     or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip())
 
 
+def https_or_loopback(url: str) -> str:
+    """`url` when it is https:// (or http:// to a loopback host), else `ValueError`: identity providers' keys,
+    tokens and metadata never travel in clear."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if url.startswith("https://") or (url.startswith("http://") and host in ("localhost", "127.0.0.1", "::1")):
+        return url
+    raise ValueError(f"{url!r} must be an https:// URL (http:// only on loopback)")
+
+
 class OAuthConfig(_Strict):
     """Agents authenticated by OAuth 2.1 access tokens (JWTs), keyturn being the resource server of the MCP
     authorization spec. A token must be signed by a key of the issuer's JWKS (fetched over HTTPS, cached, fetched
@@ -160,13 +169,7 @@ class OAuthConfig(_Strict):
     @field_validator("issuer", "resource", "jwks_uri")
     @classmethod
     def _https(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        host = urllib.parse.urlsplit(v).hostname or ""
-        loopback = host in ("localhost", "127.0.0.1", "::1")
-        if not (v.startswith("https://") or (v.startswith("http://") and loopback)):
-            raise ValueError(f"{v!r} must be an https:// URL (http:// only on loopback)")
-        return v
+        return None if v is None else https_or_loopback(v)
 
     @field_validator("algorithms")
     @classmethod
@@ -198,7 +201,7 @@ class SsoConfig(_Strict):
     @field_validator("issuer", "redirect_url")
     @classmethod
     def _https(cls, v: str) -> str:
-        return OAuthConfig._https(v) or v
+        return https_or_loopback(v)
 
     @field_validator("algorithms")
     @classmethod

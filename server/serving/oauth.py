@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,7 +23,7 @@ from mcp.server.auth.settings import AuthSettings
 from pydantic import AnyHttpUrl
 
 from server.canonical import sha256_hex
-from server.config import OAuthConfig
+from server.config import OAuthConfig, https_or_loopback
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ class Jwks:
             meta = await issuer_metadata(self.issuer)
             if not isinstance(meta.get("jwks_uri"), str):
                 raise ValueError(f"the issuer {self.issuer} publishes no jwks_uri")
-            self.uri = checked_url(meta["jwks_uri"])
+            self.uri = https_or_loopback(meta["jwks_uri"])
         data = await get_json(self.uri)
         keys: dict[str, jwt.PyJWK] = {}
         for entry in data.get("keys", []) if isinstance(data, dict) else []:
@@ -81,24 +80,21 @@ class Jwks:
             return self._keys.get(kid)
 
 
-def checked_url(url: str) -> str:
-    """`url` when it is https (or http on loopback), else `ValueError`: keys and tokens never travel in clear."""
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if url.startswith("https://") or (url.startswith("http://") and host in ("localhost", "127.0.0.1", "::1")):
-        return url
-    raise ValueError(f"{url!r} is not an https:// URL")
-
-
-async def get_json(url: str, *, data: Mapping[str, str] | None = None, auth: tuple[str, str] | None = None) -> Any:
-    """GET (or, with `data`, POST a form to) `url` and read its JSON answer, bounded in size; no redirects."""
+async def get_json(url: str, *, data: Mapping[str, str] | None = None, auth: tuple[str, str] | None = None,
+                   bearer: str | None = None) -> Any:
+    """GET (or, with `data`, POST a form to) `url` and read its JSON answer, bounded in size; no redirects.
+    `bearer`: an access token to send (a provider's UserInfo endpoint)."""
     import httpx2
 
     async with httpx2.AsyncClient(timeout=10, follow_redirects=False) as http:
         if data is None:
-            r = await http.get(checked_url(url), headers={"Accept": "application/json"})
+            headers = {"Accept": "application/json"}
+            if bearer is not None:
+                headers["Authorization"] = f"Bearer {bearer}"
+            r = await http.get(https_or_loopback(url), headers=headers)
         else:
             extra: dict[str, Any] = {"auth": auth} if auth is not None else {}
-            r = await http.post(checked_url(url), data=dict(data), headers={"Accept": "application/json"}, **extra)
+            r = await http.post(https_or_loopback(url), data=dict(data), headers={"Accept": "application/json"}, **extra)
     if len(r.content) > JWKS_MAX_BYTES:
         raise ValueError(f"{url} sent more than {JWKS_MAX_BYTES} bytes")
     if r.status_code != 200:

@@ -40,9 +40,9 @@ from server.channels.inbox.sessions import (
     set_cookie,
 )
 from server.channels.inbox.site import Site, safe_next
-from server.config import SsoConfig
+from server.config import SsoConfig, https_or_loopback
 from server.errors import ConfigError, LedgerError
-from server.serving.oauth import Jwks, checked_url, get_json, issuer_metadata
+from server.serving.oauth import Jwks, get_json, issuer_metadata
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class SingleSignOn:
             for key in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
                 if not isinstance(meta.get(key), str):
                     raise ValueError(f"the provider's metadata has no {key}")
-                checked_url(meta[key])
+                https_or_loopback(meta[key])
             self.jwks.uri = meta["jwks_uri"]
             self._meta = meta
         return self._meta
@@ -176,7 +176,7 @@ class SingleSignOn:
 
     async def _userinfo(self, url: str, access_token: str) -> dict[str, Any]:
         try:
-            info = await _userinfo_json(url, access_token)
+            info = await get_json(url, bearer=access_token)
         except Exception as e:
             raise _Refused(f"The provider's account details could not be read ({type(e).__name__}).") from None
         if not isinstance(info, dict):
@@ -229,17 +229,6 @@ class SingleSignOn:
         if not isinstance(value, str) or not value or len(value) > 320:
             raise _Refused(f"The ID token carries no {self.config.claim}.")
         return f"oidc:{value}"
-
-
-async def _userinfo_json(url: str, access_token: str) -> Any:
-    import httpx2
-
-    async with httpx2.AsyncClient(timeout=10, follow_redirects=False) as http:
-        r = await http.get(checked_url(url), headers={"Authorization": f"Bearer {access_token}",
-                                                      "Accept": "application/json"})
-    if r.status_code != 200 or len(r.content) > 64 * 1024:
-        raise ValueError(f"HTTP {r.status_code}")
-    return r.json()
 
 
 class _Refused(Exception):
