@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from server.errors import ConfigError
 from server.models import Event
 
 if TYPE_CHECKING:
@@ -69,8 +70,6 @@ class AuditSink:
         if config.token_env:
             token = env.get(config.token_env)
             if not token:
-                from server.errors import ConfigError
-
                 raise ConfigError(f"audit_sink.token_env names {config.token_env}, which is not set")
             self.headers["Authorization"] = f"Bearer {token}"
         self.delivered: int | None = None  # the last seq the collector took (None: nothing yet, and no cursor)
@@ -83,13 +82,9 @@ class AuditSink:
         try:
             seq = int(text)
         except ValueError:
-            from server.errors import ConfigError
-
             raise ConfigError(f"the audit sink's cursor file {self.cursor_file} does not hold a sequence number; "
                               "remove it to start again from the sink's `start`") from None
         if seq < 0:
-            from server.errors import ConfigError
-
             raise ConfigError(f"the audit sink's cursor file {self.cursor_file} holds a negative sequence number")
         return seq
 

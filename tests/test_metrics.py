@@ -112,3 +112,32 @@ async def test_metrics_can_be_switched_off(home: Home) -> None:
     home.write_config(metrics={"enabled": False})
     base = home.serve_http()
     assert (await scrape(base + "/metrics")).status_code == 404
+
+
+def _serve_everywhere(home: Home, port: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--http", f"0.0.0.0:{port}", "--config",
+                             str(home.config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=home.env(), cwd=home.dir)
+    home.procs.append(proc)  # type: ignore[arg-type]
+    return proc
+
+
+async def test_the_agent_port_off_loopback_serves_no_metrics_without_a_scraper_token(home: Home) -> None:
+    """The same rule as for a port of their own: off loopback only a scraper with the token reads them."""
+    import hashlib
+
+    home.write_config(agents=[{"name": "ci-bot", "token_sha256": hashlib.sha256(b"agent-token-6a").hexdigest()}])
+    port = free_port()
+    proc = _serve_everywhere(home, port)
+
+    async def healthy() -> bool:
+        try:
+            return (await scrape(f"http://127.0.0.1:{port}/healthz")).status_code == 200
+        except httpx2.HTTPError:
+            return False
+
+    await eventually(healthy, within=60)
+    assert (await scrape(f"http://127.0.0.1:{port}/metrics")).status_code == 404
+    proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert "metrics are not served on 0.0.0.0" in err

@@ -8,6 +8,7 @@ tokens configured, keyturn only listens on loopback and calls the client `local`
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from server.channels.api import api_routes
 from server.errors import ConfigError
 from server.runtime import Keyturn
 from server.serving.mcp import CLIENT_GONE_SCOPE_KEY, PRINCIPAL_SCOPE_KEY
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import uvicorn
@@ -187,7 +190,10 @@ def build_http_app(kt: Keyturn, server: Server[Any], host: str, extra_routes: li
 
     routes: list[Any] = [Route("/healthz", health), Route("/", home), *api_routes(kt), *(extra_routes or [])]
     if kt.metrics is not None and kt.settings.metrics.listen is None:
-        routes.append(metrics_route(kt))
+        if is_loopback(host) or kt.settings.metrics.token_env:
+            routes.append(metrics_route(kt))
+        else:  # as for a port of their own: off loopback, only a scraper with the token reads them
+            log.warning("metrics are not served on %s: off loopback they need metrics.token_env", host)
     oauth: dict[str, Any] = {}
     if kt.settings.oauth is not None:  # agents' OAuth access tokens, checked by the SDK's public auth support
         from server.serving.oauth import KeyturnTokenVerifier, auth_settings
