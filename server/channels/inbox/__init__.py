@@ -72,7 +72,7 @@ def inbox_routes(kt: Keyturn) -> list[BaseRoute]:
     if kt.settings.sso is not None:
         from server.channels.inbox.sso import SSO_PATH, SingleSignOn
 
-        sso = SingleSignOn(site, kt.settings.sso)
+        sso = SingleSignOn(site, kt.settings.sso, pages.login_page)
         sso_routes = [Route(SSO_PATH, sso.start, methods=["GET"]),
                       Route(SSO_PATH + "/callback", sso.callback, methods=["GET"])]
     return [*sso_routes,

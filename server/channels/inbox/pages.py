@@ -47,7 +47,7 @@ class Pages:
 
     # -- sign-in -------------------------------------------------------------------------------
 
-    def _login_page(self, request: Request, *, status: int = 200, error: str | None = None,
+    def login_page(self, request: Request, *, status: int = 200, error: str | None = None,
                     next_url: str = "/inbox") -> Response:
         nonce, token = self.site.sessions.login_nonce()
         response = self.site.page(request, "login.html", None, status=status, title="Sign in", error=error,
@@ -68,7 +68,7 @@ class Pages:
             return self._unavailable(request, e)
         if signed_in:
             return self.site.redirect(request, safe_next(request.query_params.get("next")))
-        return self._login_page(request, next_url=request.query_params.get("next") or "/inbox")
+        return self.login_page(request, next_url=request.query_params.get("next") or "/inbox")
 
     async def login(self, request: Request) -> Response:
         try:
@@ -77,14 +77,14 @@ class Pages:
             return harden(e.response())
         next_url = safe_next(str(form.get("next") or ""))
         if not self.site.sessions.check_login(request, form.get("csrf")):
-            return self._login_page(request, status=403, next_url=next_url,
+            return self.login_page(request, status=403, next_url=next_url,
                                     error="This sign-in form expired or came from another site. Please try again.")
         token = form.get("token")
         token_text = token.strip() if isinstance(token, str) else ""
         identity = self.kt.credentials.reviewer(token_text) if 0 < len(token_text) <= MAX_TOKEN else None
         if identity is None:
             log.warning("web sign-in refused: not a reviewer token (from %s)", request.client)
-            return self._login_page(request, status=401, next_url=next_url,
+            return self.login_page(request, status=401, next_url=next_url,
                                     error="That is not a reviewer token. Agent tokens cannot sign in.")
         try:
             _, cookie = await self.site.sessions.open(identity, token_text)

@@ -20,7 +20,7 @@ import hmac
 import logging
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -30,8 +30,6 @@ from starlette.responses import RedirectResponse, Response
 
 from server.canonical import sha256_hex
 from server.channels.inbox.sessions import (
-    LOGIN_COOKIE,
-    LOGIN_TTL_S,
     SESSION_COOKIE,
     SESSION_TTL_S,
     harden,
@@ -75,9 +73,10 @@ def _challenge(verifier: str) -> str:
 
 
 class SingleSignOn:
-    def __init__(self, site: Site, config: SsoConfig, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, site: Site, config: SsoConfig, login_page: Callable[..., Response],
+                 environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
-        self.site, self.config = site, config
+        self.site, self.config, self.login_page = site, config, login_page
         self.client_secret: str | None = None
         if config.client_secret_env:
             self.client_secret = env.get(config.client_secret_env) or None
@@ -98,11 +97,7 @@ class SingleSignOn:
         return self._meta
 
     def _refuse(self, request: Request, status: int, error: str) -> Response:
-        nonce, form_token = self.site.sessions.login_nonce()
-        response = self.site.page(request, "login.html", None, status=status, title="Sign in", error=error,
-                                  login_csrf=form_token, next_url="/inbox",
-                                  local_token=self.site.kt.local_token is not None, sso_label=self.config.label)
-        set_cookie(response, request, LOGIN_COOKIE, nonce, LOGIN_TTL_S, path="/login")
+        response = self.login_page(request, status=status, error=error)  # the sign-in page, with why
         self._clear(response, request)
         return response
 
