@@ -259,12 +259,32 @@ def witness_endpoint() -> Iterator[tuple[str, list[dict[str, Any]], list[int]]]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    http = LocalHTTP(Handler)
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/checkpoints", received, fail_first
+        yield f"{http.url}/checkpoints", received, fail_first
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+        http.close()
+
+
+class LocalHTTP:
+    """A real HTTP server on 127.0.0.1, in a thread, for a local fake of someone else's web endpoints (an identity
+    provider, a SIEM's or a trace collector). `handler` is an `http.server` request handler class; `close()` stops it."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def send_json(handler: BaseHTTPRequestHandler, body: Any, status: int = 200) -> None:
+    """Answer an `http.server` request with `body` as JSON."""
+    data = json.dumps(body).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import pytest
 from server.config import load_settings
 from server.errors import ConfigError
 from tests.conftest import Home, agent_client
-from tests.helpers import eventually
+from tests.helpers import LocalHTTP, eventually
 
 TOKEN = "sink-token-5e1f"
 
@@ -58,9 +58,8 @@ class Collector:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ingest"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.http = LocalHTTP(Handler)
+        self.url = self.http.url + "/ingest"
 
     def seqs(self) -> list[int]:
         with self.lock:
@@ -71,8 +70,7 @@ class Collector:
 def collector() -> Iterator[Collector]:
     c = Collector()
     yield c
-    c.server.shutdown()
-    c.server.server_close()
+    c.http.close()
 
 
 def ledger_head(home: Home) -> int:

@@ -8,10 +8,9 @@ agent as their principal, and a flood of made-up key ids. Each is refused before
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import anyio
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from server.canonical import sha256_hex
 from tests.conftest import Home, agent_client, free_port
+from tests.helpers import LocalHTTP, send_json
 
 SCOPE = "keyturn:call"
 
@@ -46,19 +46,13 @@ class Issuer:
                     self.send_response(404)
                     self.end_headers()
                     return
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, body)
 
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.http = LocalHTTP(Handler)
+        self.url = self.http.url
 
     def jwk(self, kid: str) -> dict[str, Any]:
         key = self.keys[kid]
@@ -79,8 +73,7 @@ class Issuer:
 def issuer() -> Iterator[Issuer]:
     i = Issuer()
     yield i
-    i.server.shutdown()
-    i.server.server_close()
+    i.http.close()
 
 
 STATIC = "static-agent-token-4c1d"

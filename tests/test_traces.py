@@ -4,9 +4,8 @@ for each step of a call, under the `mcp` SDK's span for the request, naming the 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import anyio
@@ -14,7 +13,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from tests.conftest import Home, ReviewerAPI, agent_client
-from tests.helpers import eventually
+from tests.helpers import LocalHTTP, eventually
 
 SECRET_ARGUMENT = "canary-argument-8f3e"
 
@@ -45,17 +44,15 @@ class Collector:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.http = LocalHTTP(Handler)
+        self.url = self.http.url
 
 
 @pytest.fixture
 def collector() -> Iterator[Collector]:
     c = Collector()
     yield c
-    c.server.shutdown()
-    c.server.server_close()
+    c.http.close()
 
 
 async def test_each_step_of_a_call_is_a_span_under_the_sdks_request_span(

@@ -6,11 +6,10 @@ are in test_browser_sso.py.)"""
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx2
@@ -19,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.conftest import Home, free_port
+from tests.helpers import LocalHTTP, send_json
 
 CLIENT_ID = "keyturn-inbox"
 
@@ -32,23 +32,15 @@ class FakeProvider:
         p = self
 
         class Handler(BaseHTTPRequestHandler):
-            def _json(self, body: Any) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
             def do_GET(self) -> None:
                 url = urllib.parse.urlsplit(self.path)
                 q = dict(urllib.parse.parse_qsl(url.query))
                 if url.path == "/.well-known/openid-configuration":
-                    self._json({"issuer": p.url, "authorization_endpoint": p.url + "/authorize",
+                    send_json(self, {"issuer": p.url, "authorization_endpoint": p.url + "/authorize",
                                 "token_endpoint": p.url + "/token", "jwks_uri": p.url + "/jwks"})
                 elif url.path == "/jwks":
                     key = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(p.key.public_key()))
-                    self._json({"keys": [{**key, "kid": "k1", "use": "sig"}]})
+                    send_json(self, {"keys": [{**key, "kid": "k1", "use": "sig"}]})
                 elif url.path == "/authorize":
                     assert q["code_challenge_method"] == "S256" and q["client_id"] == CLIENT_ID
                     p.nonce = q["nonce"]
@@ -63,14 +55,13 @@ class FakeProvider:
             def do_POST(self) -> None:
                 form = dict(urllib.parse.parse_qsl(self.rfile.read(int(self.headers["Content-Length"])).decode()))
                 p.verifier_seen = form.get("code_verifier")
-                self._json({"id_token": p.id_token(), "token_type": "Bearer"})
+                send_json(self, {"id_token": p.id_token(), "token_type": "Bearer"})
 
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.http = LocalHTTP(Handler)
+        self.url = self.http.url
 
     def id_token(self) -> str:
         now = int(time.time())
@@ -102,8 +93,7 @@ class FakeProvider:
 def fake() -> Iterator[FakeProvider]:
     f = FakeProvider()
     yield f
-    f.server.shutdown()
-    f.server.server_close()
+    f.http.close()
 
 
 async def sign_in(base: str) -> httpx2.Response:
