@@ -15,6 +15,7 @@ event is neither lost nor written twice, and nobody retries a call on its own.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 import weakref
@@ -183,7 +184,8 @@ class PostgresStore:
         if self.write_timers:
             took = time.perf_counter() - started
             for timer in self.write_timers:
-                timer(took)
+                with contextlib.suppress(Exception):  # committed: a metric's failure must not read as the write's
+                    timer(took)
         if events:
             for listener in list(self._listeners):
                 listener(events)

@@ -10,6 +10,7 @@ of work runs (mostly at once on the event loop's thread, never waiting for a loc
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -124,7 +125,8 @@ class SqliteStore:
         if self.write_timers:
             took = time.perf_counter() - started
             for timer in self.write_timers:
-                timer(took)
+                with contextlib.suppress(Exception):  # committed: a metric's failure must not read as the write's
+                    timer(took)
         if events:
             for listener in list(self._listeners):
                 listener(events)
