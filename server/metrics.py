@@ -134,7 +134,7 @@ class Metrics:
 
     async def refresh(self) -> None:
         """What only the ledger knows: requests pending in every process, the latest checkpoint."""
-        self.pending.set(len(await self.ledger.list_calls(("pending",), limit=PENDING_COUNTED_MAX)))
+        self.pending.set(await self.ledger.count_calls(("pending",), limit=PENDING_COUNTED_MAX))
         for cp in await self.ledger.stored_checkpoints(after_seq=self._checkpoint_seq):
             if cp.seq >= self._checkpoint_seq:
                 self._checkpoint_seq, self._checkpoint_time = cp.seq, cp.time

@@ -326,6 +326,10 @@ class PostgresStore:
         wanted = list(states)
         return await self._read(lambda conn: queries.list_calls(conn, wanted, limit))
 
+    async def count_calls(self, states: Iterable[str] = ("pending",), limit: int = 100_000) -> int:
+        wanted = list(states)
+        return await self._read(lambda conn: queries.count_calls(conn, wanted, limit))
+
     async def find_open(self, principal: str, tool: str, args_hash: str) -> RequestView | None:
         return await self._read(lambda conn: queries.find_open(conn, principal, tool, args_hash))
 

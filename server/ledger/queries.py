@@ -98,6 +98,13 @@ def list_calls(conn: sqlite3.Connection, states: Iterable[str], limit: int) -> l
     return with_votes(conn, list(conn.execute(sql, [*wanted, int(limit)])))
 
 
+def count_calls(conn: sqlite3.Connection, states: Iterable[str], limit: int) -> int:
+    """How many calls are in `states`, counting at most `limit` (the count reads ids only, through the state index)."""
+    wanted = list(states)
+    sql = (f"SELECT count(*) FROM (SELECT 1 FROM calls WHERE state IN ({','.join('?' * len(wanted))}) LIMIT ?) AS counted")
+    return int(conn.execute(sql, [*wanted, int(limit)]).fetchone()[0])
+
+
 def find_open(conn: sqlite3.Connection, principal: str, tool: str, args_hash: str) -> RequestView | None:
     row = conn.execute(
         "SELECT * FROM calls WHERE principal = ? AND tool = ? AND args_hash = ?"

@@ -265,6 +265,11 @@ class SqliteStore:
         wanted = list(states)
         return await self._read(lambda conn: queries.list_calls(conn, wanted, limit), long=True)
 
+    async def count_calls(self, states: Iterable[str] = ("pending",), limit: int = 100_000) -> int:
+        """How many calls are in `states` (at most `limit`), without reading them."""
+        wanted = list(states)
+        return await self._read(lambda conn: queries.count_calls(conn, wanted, limit))
+
     async def find_open(self, principal: str, tool: str, args_hash: str) -> RequestView | None:
         """An open (pending or approved) request for the same principal, tool and arguments, if any."""
         return await self._read(lambda conn: queries.find_open(conn, principal, tool, args_hash))

@@ -67,6 +67,19 @@ async def test_transition_is_won_once_and_terminal_states_never_move(stores: Sto
         assert kinds == ["call.received", "execution.started", "executed"]
 
 
+async def test_calls_are_counted_by_state_up_to_a_cap_without_reading_them(stores: Stores) -> None:
+    async with stores.new() as ledger:
+        for i, state in enumerate(["pending", "pending", "pending", "approved", "executed"]):
+            await ledger.open_call(call_id=f"c{i}", tool="t", principal="p", on_behalf_of=None, model=None,
+                                   args_hash=f"h{i}", redacted_arguments={}, state=state, holder="me",
+                                   events=[("call.received", {})])
+        assert await ledger.count_calls(("pending",)) == 3
+        assert await ledger.count_calls(("pending", "approved")) == 4
+        assert await ledger.count_calls(("pending",), limit=2) == 2
+        assert await ledger.count_calls(("denied",)) == 0
+        assert await ledger.count_calls(("pending",)) == len(await ledger.list_calls(("pending",)))
+
+
 @pytest.mark.parametrize("outcome", sorted(OUTCOMES))
 async def test_finish_ends_a_call_once_as_its_outcome_says(stores: Stores, outcome: str) -> None:
     """Every way a call ends is one row of the outcomes table, written by `finish` alone: the call's final state and
