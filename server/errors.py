@@ -50,7 +50,14 @@ class ClassifierError(KeyturnError):
 
 
 class LedgerError(KeyturnError):
-    """The ledger could not record an event; nothing may run."""
+    """The ledger could not record an event; nothing may run.
+
+    The message is the operator's (it may name the ledger's file or database server); `public` is what an agent
+    may read of it: the cause without where the ledger lives."""
+
+    def __init__(self, message: str, *, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = public or "its ledger is unavailable"
 
 
 class ChannelError(KeyturnError):

@@ -142,7 +142,9 @@ class Gate:
                     return await self.holding.hold(call, redaction, decision, act, progress, gone)
         except LedgerError as e:
             log.error("ledger failure on %s: %s", call.call_id, e)
-            return error_result(f"keyturn could not record this call, so it did not run: {e}", outcome="error")
+            # The cause, not where the ledger lives (its path, its database's address): that is the log's.
+            return error_result(f"keyturn could not record this call, so it did not run: {e.public}",
+                                outcome="error", call_id=call.call_id)
 
     # -- the steps -------------------------------------------------------------------------------
 
@@ -336,7 +338,7 @@ class Gate:
             await self.ledger.finish(call_id, kind, payload, reason=reason)
         except LedgerError as e:
             log.error("the tool ran but its outcome could not be recorded for %s (kept to retry): %s", call_id, e)
-            self._unrecorded[call_id] = (kind, payload, reason, str(e))
+            self._unrecorded[call_id] = (kind, payload, reason, e.public)
             return False
         return True
 

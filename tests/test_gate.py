@@ -154,8 +154,35 @@ async def test_a_ledger_that_cannot_write_stops_the_call(world: tuple[Gate, Runs
     gate, runs, ledger = world
     await stores.refuse_writes(ledger)
     result = await gate.call(gate.tools["read_thing"], {"key": "a"}, AGENT)  # type: ignore[attr-defined]
-    assert result.is_error and "did not run" in result.content[0].text  # type: ignore[union-attr]
+    said = result.content[0].text  # type: ignore[union-attr]
+    assert result.is_error and "did not run" in said
     assert runs.count == 0
+    assert_ledger_not_named(said, stores)
+    if stores.postgres:  # the database cannot be reached at all: the agent is not told where it lives either
+        database = stores.where().rsplit("/", 1)[1]
+        assert stores.cluster is not None
+        stores.cluster.psql(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        stores.cluster.psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'"
+                            " AND pid <> pg_backend_pid()")
+        try:
+            result = await gate.call(gate.tools["read_thing"], {"key": "b"}, AGENT)  # type: ignore[attr-defined]
+        finally:
+            stores.cluster.psql(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        said = result.content[0].text  # type: ignore[union-attr]
+        assert result.is_error and "did not run" in said and "cannot be reached" in said, said
+        assert_ledger_not_named(said, stores)
+        assert runs.count == 0
+
+
+def assert_ledger_not_named(said: str, stores: Stores) -> None:
+    """What an agent reads of a ledger failure names the cause, never where the ledger lives."""
+    where = stores.where()
+    if stores.postgres:
+        assert stores.cluster is not None
+        for part in (where.rsplit("/", 1)[1], "127.0.0.1", str(stores.cluster.port), "postgres"):
+            assert part not in said, (part, said)
+    else:
+        assert where not in said and str(stores.dir) not in said, said
 
 
 async def test_a_failing_channel_neither_blocks_nor_approves(world: tuple[Gate, Runs, Store]) -> None:

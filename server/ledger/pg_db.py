@@ -60,6 +60,10 @@ def translate(sql: str, named: bool) -> str:
     return sql.replace("SELECT value FROM json_each(%s)", "SELECT jsonb_array_elements_text(%s::jsonb)")
 
 
+UNREACHABLE = "its ledger's database cannot be reached"
+"""What an agent reads of a connection failure (the operator's message names the server)."""
+
+
 class PgRow:
     """A row by position and by column name, as `sqlite3.Row` (what the shared SQL functions read)."""
 
@@ -122,7 +126,8 @@ def connect(url: str, *, connect_timeout_s: float = 10.0) -> PgConnection:
                               cursor_factory=psycopg.ClientCursor, row_factory=_row_factory,
                               application_name="keyturn")
     except psycopg.Error as e:
-        raise LedgerError(f"cannot connect to the ledger at {safe_url(url)}: {_first_line(e)}") from None
+        raise LedgerError(f"cannot connect to the ledger at {safe_url(url)}: {_first_line(e)}",
+                          public=UNREACHABLE) from None
     return PgConnection(raw)
 
 
@@ -200,7 +205,7 @@ class Pool:
         with self._lock:
             down = self._down
         if down is not None and time.monotonic() < down[0]:
-            raise LedgerError(down[2])
+            raise LedgerError(down[2], public=UNREACHABLE)
         try:
             conn = connect(self.url, connect_timeout_s=self.connect_timeout_s)
         except LedgerError as e:

@@ -178,9 +178,11 @@ class PostgresStore:
             result, events = unknown.args
             if not events or not await self._was_committed(events[-1]):
                 raise LedgerError(f"ledger write failed: the connection to {self.where} was lost during the "
-                                  "commit (its events are not in the chain, or could not be checked)") from None
+                                  "commit (its events are not in the chain, or could not be checked)",
+                                  public="the connection to its ledger's database was lost during the write") from None
         except psycopg.Error as e:
-            raise LedgerError(f"ledger write failed: {db_error(e, self.url)}") from None
+            raise LedgerError(f"ledger write failed: {db_error(e, self.url)}",
+                              public="its ledger's database refused the write") from None
         if self.write_timers:
             took = time.perf_counter() - started
             for timer in self.write_timers:
@@ -295,7 +297,8 @@ class PostgresStore:
         try:
             return await self._pool.run(unit)
         except psycopg.Error as e:
-            raise LedgerError(f"cannot read ledger: {db_error(e, self.url)}") from None
+            raise LedgerError(f"cannot read ledger: {db_error(e, self.url)}",
+                              public="its ledger's database cannot be read") from None
 
     async def get_call(self, call_id: str) -> RequestView | None:
         return await self._read(lambda conn: queries.get_call(conn, call_id))

@@ -120,7 +120,7 @@ class SqliteStore:
         try:
             result, events = await self._unit(unit)
         except (sqlite3.Error, OSError) as e:
-            raise LedgerError(f"ledger write failed: {e}") from e
+            raise LedgerError(f"ledger write failed: {e}", public=f"its ledger refused the write ({e})") from e
         self._db.committed()
         if self.write_timers:
             took = time.perf_counter() - started
@@ -222,7 +222,7 @@ class SqliteStore:
         try:
             return await (self._db.read(fn) if long else self._unit(fn))
         except sqlite3.Error as e:
-            raise LedgerError(f"cannot read ledger: {e}") from e
+            raise LedgerError(f"cannot read ledger: {e}", public=f"its ledger cannot be read ({e})") from e
 
 
     async def get_call(self, call_id: str) -> RequestView | None:
