@@ -186,7 +186,10 @@ class SsoConfig(_Strict):
     PKCE). The ID token's `claim` (`email`, verified, by default; or `sub`) gives the identity `oidc:<value>`,
     which `reviewers:` maps to a person like any other identity. `client_secret_env` names the environment variable
     holding the client's secret (a confidential client); without it keyturn is a public client (PKCE alone).
-    `redirect_url` is keyturn's callback as browsers reach it: `https://keyturn.example.com/login/sso/callback`."""
+    `redirect_url` is keyturn's callback as browsers reach it: `https://keyturn.example.com/login/sso/callback`.
+    Signing out of keyturn signs out at the provider too when it offers RP-initiated logout (`end_session_endpoint`),
+    coming back to `post_logout_redirect_url` (keyturn's `/login` beside `redirect_url` by default; register it at
+    the provider); `provider_logout: false` ends keyturn's session only."""
 
     issuer: str
     client_id: str
@@ -197,11 +200,21 @@ class SsoConfig(_Strict):
     algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "EdDSA")
     leeway_s: float = Field(default=30.0, ge=0, le=300)
     label: str = "single sign-on"  # the sign-in button says "Sign in with <label>"
+    provider_logout: bool = True
+    post_logout_redirect_url: str | None = None
 
-    @field_validator("issuer", "redirect_url")
+    @property
+    def after_logout_url(self) -> str:
+        """Where the provider sends the browser back after signing out: keyturn's sign-in page."""
+        if self.post_logout_redirect_url:
+            return self.post_logout_redirect_url
+        parts = urllib.parse.urlsplit(self.redirect_url)
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/login", "", ""))
+
+    @field_validator("issuer", "redirect_url", "post_logout_redirect_url")
     @classmethod
-    def _https(cls, v: str) -> str:
-        return https_or_loopback(v)
+    def _https(cls, v: str | None) -> str | None:
+        return None if v is None else https_or_loopback(v)
 
     @field_validator("algorithms")
     @classmethod

@@ -8,6 +8,7 @@ only reports verdicts with that verified identity; `ApprovalBroker.decide` judge
 from __future__ import annotations
 
 import json
+import logging
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -22,6 +23,8 @@ from server.models import RequestView, Verdict, VerdictKind, VoteResult, state_l
 
 if TYPE_CHECKING:
     from server.runtime import Keyturn
+
+log = logging.getLogger(__name__)
 
 MAX_REASON = 2000
 MAX_BODY_BYTES = 64 * 1024
@@ -107,8 +110,9 @@ def api_routes(kt: Keyturn) -> list[Route]:
             try:
                 result: JSONResponse = await handler(request, identity)
                 return result
-            except LedgerError as e:
-                return _error(503, f"the ledger is unavailable: {e}", "ledger_unavailable")
+            except LedgerError as e:  # the cause, not where the ledger lives (the log has that)
+                log.error("the reviewer API could not use the ledger: %s", e)
+                return _error(503, f"keyturn cannot decide now: {e.public}", "ledger_unavailable")
 
         return endpoint
 

@@ -98,9 +98,11 @@ async def test_disk_full_fails_calls_closed_with_a_clear_error_and_keyturn_recov
                     assert "Traceback" not in said
                 full = text(await client.call_tool("probe_run", {"tag": "allow-full-2"}))
                 assert "database or disk is full" in full, full
+                assert str(rhome.db) not in full and str(rhome.dir) not in full  # the cause, never where it lives
                 refused = await api.vote(held["id"], "approve", "alice", "while the disk is full")
                 assert refused.status_code == 503 and refused.json()["code"] == "ledger_unavailable", refused.text
                 assert "database or disk is full" in refused.json()["error"]
+                assert str(rhome.dir) not in refused.text
                 assert (await api.pending())[0]["id"] == held["id"]  # reads still work, nothing was decided
                 rhome.open_gate("allow-running")  # the running tool finishes while nothing can be recorded
                 await eventually(lambda: "allow-running" in results)
@@ -168,6 +170,7 @@ async def test_a_ledger_locked_by_another_process_fails_calls_closed_and_keyturn
                     result = await client.call_tool("probe_run", {"tag": tag})
                     assert result.is_error and "could not record this call, so it did not run" in text(result)
                     assert "database is locked" in text(result) and "Traceback" not in text(result)
+                    assert str(rhome.dir) not in text(result)
                 refused = await api.vote(held["id"], "approve", "alice", "while locked")
                 assert refused.status_code == 503 and "database is locked" in refused.json()["error"]
                 listing = await api.pending()  # reads are not blocked by a writer in WAL mode

@@ -73,6 +73,7 @@ def inbox_routes(kt: Keyturn) -> list[BaseRoute]:
         from server.channels.inbox.sso import SSO_PATH, SingleSignOn
 
         sso = SingleSignOn(site, kt.settings.sso, pages.login_page)
+        pages.provider_logout = sso.logout_url
         sso_routes = [Route(SSO_PATH, sso.start, methods=["GET"]),
                       Route(SSO_PATH + "/callback", sso.callback, methods=["GET"])]
     return [*sso_routes,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from starlette.requests import Request
@@ -44,6 +45,7 @@ class Pages:
     def __init__(self, site: Site) -> None:
         self.site = site
         self.kt = site.kt
+        self.provider_logout: Callable[[], Awaitable[str | None]] | None = None  # single sign-on's, when configured
 
     # -- sign-in -------------------------------------------------------------------------------
 
@@ -58,8 +60,9 @@ class Pages:
         return response
 
     def _unavailable(self, request: Request, e: LedgerError) -> Response:
+        log.error("the inbox could not read or write the ledger: %s", e)  # where it lives is the operator's to read
         return self.site.page(request, "error.html", None, status=503, title="Ledger unavailable",
-                              message=f"The ledger is unavailable: {e}")
+                              message=f"keyturn cannot serve this page now: {e.public}.")
 
     async def login_form(self, request: Request) -> Response:
         try:
@@ -101,7 +104,16 @@ class Pages:
             return self.site.page(request, "error.html", session, status=403, title="Refused",
                                   message="Sign-out refused: the form's security token is missing or wrong.")
         await self.site.sessions.revoke(session)
-        response = self.site.redirect(request, "/login")
+        provider_url, sso = None, self.kt.settings.sso
+        if session.identity.startswith("oidc:") and self.provider_logout is not None:
+            provider_url = await self.provider_logout()
+        if provider_url is not None and sso is not None:
+            # Then the provider's own session (RP-initiated logout), which sends the browser back to /login. A page
+            # that moves on, not a redirect: the CSP's form-action 'self' stops a form's redirect to another origin.
+            response: Response = self.site.page(request, "signed_out.html", None, title="Signed out",
+                                                provider_url=provider_url, label=sso.label)
+        else:
+            response = self.site.redirect(request, "/login")
         clear_cookie(response, request, SESSION_COOKIE)
         return response
 

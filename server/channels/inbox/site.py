@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,8 @@ from server.channels.bodies import BodyRefused, read_body, replay
 from server.channels.inbox.render import environment
 from server.channels.inbox.sessions import FLASH_COOKIE, Session, Sessions, clear_cookie, harden, set_cookie
 from server.errors import LedgerError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from server.runtime import Keyturn
@@ -81,8 +84,10 @@ class Site:
         async def endpoint(request: Request) -> Response:
             try:
                 session = await self.sessions.read(request)
-            except LedgerError as e:
-                return harden(Response(f"the ledger is unavailable: {e}", status_code=503, media_type="text/plain"))
+            except LedgerError as e:  # the cause, not where the ledger lives (the log has that)
+                log.error("the inbox could not read its sessions from the ledger: %s", e)
+                return harden(Response(f"keyturn cannot serve this page now: {e.public}", status_code=503,
+                                       media_type="text/plain"))
             if session is None:
                 if api:
                     return harden(Response("sign in first", status_code=401, media_type="text/plain"))
@@ -93,7 +98,8 @@ class Site:
             except BodyRefused as e:
                 return harden(e.response())
             except LedgerError as e:
+                log.error("the inbox could not use the ledger: %s", e)
                 return self.page(request, "error.html", session, status=503, title="Ledger unavailable",
-                                 message=f"The ledger is unavailable: {e}")
+                                 message=f"keyturn cannot serve this page now: {e.public}.")
 
         return endpoint

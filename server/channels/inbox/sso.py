@@ -128,6 +128,27 @@ class SingleSignOn:
                             secure=is_https(request), httponly=True, samesite="lax")
         return harden(response)
 
+    # -- POST /logout (after keyturn's own session has ended) ----------------------------------------
+
+    async def logout_url(self) -> str | None:
+        """Where to send a browser whose single-sign-on session keyturn just ended, so that the provider's session
+        ends too (OpenID Connect RP-Initiated Logout): otherwise the next "Sign in with ..." on a shared computer
+        signs the same person in again without a password. None when the provider offers no logout, or cannot be
+        reached now (keyturn's session is over either way)."""
+        if not self.config.provider_logout:
+            return None
+        try:
+            endpoint = (await self._metadata()).get("end_session_endpoint")
+            if not isinstance(endpoint, str):
+                return None
+            https_or_loopback(endpoint)
+        except Exception as e:
+            log.warning("single sign-on: could not sign out at the provider %s: %s", self.config.issuer, e)
+            return None
+        query = urlencode({"client_id": self.config.client_id,
+                           "post_logout_redirect_uri": self.config.after_logout_url})
+        return f"{endpoint}{'&' if '?' in endpoint else '?'}{query}"
+
     # -- GET /login/sso/callback ---------------------------------------------------------------------
 
     async def callback(self, request: Request) -> Response:
@@ -161,7 +182,9 @@ class SingleSignOn:
         try:
             _, sid = await self.site.sessions.open(identity, sso_token(identity))
         except LedgerError as e:
-            return harden(Response(f"the ledger is unavailable: {e}", status_code=503, media_type="text/plain"))
+            log.error("single sign-on: no session could be opened for %s: %s", identity, e)
+            return harden(Response(f"keyturn {e.public}; try again shortly.", status_code=503,
+                                   media_type="text/plain"))
         # A page of our own that moves on, rather than a redirect: the session cookie is SameSite=Strict, and the
         # redirect chain began at the provider, so the browser would not send it to the next page yet.
         response = self.site.page(request, "continue.html", None, title="Signed in", next_url=next_url)

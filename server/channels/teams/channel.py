@@ -241,8 +241,9 @@ class TeamsChannel:
             return JSONResponse(ui.invoke_error(400, "not an Adaptive Card action keyturn understands"))
         try:
             return JSONResponse(await self._on_action(invoke))
-        except LedgerError as e:
-            return JSONResponse(ui.invoke_error(500, f"the ledger is unavailable, nothing was decided: {e}"))
+        except LedgerError as e:  # the cause, not where the ledger lives (the log has that)
+            log.error("a Teams action could not use the ledger: %s", e)
+            return JSONResponse(ui.invoke_error(500, f"nothing was decided: keyturn {e.public}"))
 
     async def _on_action(self, invoke: AdaptiveCardInvokeActivity) -> dict[str, Any]:
         """Report the click as a verdict with the verified identity; answer with the card redrawn for the clicker."""

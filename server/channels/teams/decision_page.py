@@ -8,6 +8,7 @@ identity of the reviewer token typed into the form; the broker alone judges it.
 from __future__ import annotations
 
 import html
+import logging
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING
@@ -23,6 +24,8 @@ from server.channels.teams.cards import MAX_REASON, arguments_text, outcome_text
 from server.channels.teams.decision_link import Link, LinkExpired, LinkSigner, consume, link_consumed, release
 from server.errors import AuthError, LedgerError
 from server.models import RequestView
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from server.runtime import Keyturn
@@ -97,8 +100,9 @@ def decision_routes(kt: Keyturn, signer: LinkSigner) -> list[Route]:
                 if view is None:
                     return render(404, None, notice=f"no request {link.request_id}")
                 return await handler(request, link, view)
-            except LedgerError as e:
-                return render(503, None, notice=f"the ledger is unavailable, nothing was decided: {e}")
+            except LedgerError as e:  # the cause, not where the ledger lives (the log has that)
+                log.error("a decision link could not use the ledger: %s", e)
+                return render(503, None, notice=f"nothing was decided: keyturn {e.public}")
 
         return endpoint
 

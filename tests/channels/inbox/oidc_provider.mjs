@@ -15,6 +15,7 @@ const provider = new Provider(`http://127.0.0.1:${port}`, {
     client_id: clientId,
     client_secret: clientSecret,
     redirect_uris: [redirectUri],
+    post_logout_redirect_uris: [new URL('/login', redirectUri).href],
     response_types: ['code'],
     grant_types: ['authorization_code'],
     token_endpoint_auth_method: 'client_secret_basic',

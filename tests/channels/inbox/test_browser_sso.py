@@ -92,7 +92,7 @@ def sso_home(home: Home, provider: Provider, keyturn_port: int, monkeypatch: pyt
 
 
 async def test_sign_in_through_the_provider_approve_and_sign_out(sso_home: Home, keyturn_port: int,
-                                                                  page: Any) -> None:
+                                                                  provider: Provider, page: Any) -> None:
     home = sso_home
     base = home.serve_http(keyturn_port)
     await page.goto(base + "/inbox")
@@ -117,9 +117,17 @@ async def test_sign_in_through_the_provider_approve_and_sign_out(sso_home: Home,
     votes = [e["payload"] for e in home.ledger_events() if e["kind"] == "vote"]
     assert [(v["person"], v["reviewer"], v["channel"]) for v in votes] == [("alice", "oidc:alice@example.com", "web")]
     await page.get_by_role("button", name="Sign out").click()
-    await expect(page).to_have_url(re.compile(r"/login"))
+    # keyturn's session is over, and the browser is sent to the provider to end its session there too (RP-initiated
+    # logout): the provider asks, then sends the browser back to keyturn's sign-in page.
+    await expect(page).to_have_url(re.compile(re.escape(provider.url) + r"/session/end"))
+    await page.locator("button[autofocus], button[type=submit]").first.click()
+    await expect(page).to_have_url(re.compile(re.escape(base) + r"/login$"))
     await page.goto(base + "/inbox")
     await expect(page).to_have_url(re.compile(r"/login"))  # the session is over
+    # Signing in again asks for the password: the provider's own session ended too (a shared computer's next
+    # user is not signed in as alice by one click).
+    await page.get_by_role("link", name="Sign in with Example SSO").click()
+    await expect(page.locator("input[name=login]")).to_be_visible()
 
 
 async def _callback_url(page: Any, base: str, login: str) -> tuple[str, list[Any]]:
