@@ -241,20 +241,6 @@ class ApprovalBroker:
                 return self._change(tx, verdict, row, person, reason, groups)
             if verdict.verdict == "approve" and spec.require_reason and not reason:
                 return refuse("this policy requires a reason with every approval", "reason_required")
-            args_hash = approved_hash(tx, row)  # the edited arguments' once a reviewer edited them
-            if edit is not None:
-                refused = edit if isinstance(edit, EditRefused) else edit_refusal(row, votes, edit, tx)
-                if verdict.verdict != "approve":
-                    refused = EditRefused("bad_request", "only an approval can edit the arguments")
-                if refused is None and not reason:
-                    refused = EditRefused("reason_required", "an edit needs a reason (the agent reads it)")
-                if refused is not None:
-                    return refuse(refused.message, refused.code)
-                assert isinstance(edit, ProposedEdit)
-                spec = record_edit(tx, row, edit, reviewer=verdict.reviewer, person=person, reason=reason,
-                                   channel=verdict.channel)
-                groups = [g.name for g in spec.groups if self.directory.eligible(person, g)]
-                args_hash = edit.args_hash
             consents: list[dict[str, Any]] = []
             if grant is not None:
                 refused_grant = grant if isinstance(grant, GrantRefused) else None
@@ -277,6 +263,20 @@ class ApprovalBroker:
                                   "call only: approve it without a grant", "grant_not_agreed")
                 consents.append(consent(grant))
 
+            args_hash = approved_hash(tx, row)  # the edited arguments' once a reviewer edited them
+            if edit is not None:
+                refused = edit if isinstance(edit, EditRefused) else edit_refusal(row, votes, edit, tx)
+                if verdict.verdict != "approve":
+                    refused = EditRefused("bad_request", "only an approval can edit the arguments")
+                if refused is None and not reason:
+                    refused = EditRefused("reason_required", "an edit needs a reason (the agent reads it)")
+                if refused is not None:
+                    return refuse(refused.message, refused.code)
+                assert isinstance(edit, ProposedEdit)
+                spec = record_edit(tx, row, edit, reviewer=verdict.reviewer, person=person, reason=reason,
+                                   channel=verdict.channel)
+                groups = [g.name for g in spec.groups if self.directory.eligible(person, g)]
+                args_hash = edit.args_hash
             tx.add_vote(verdict.request_id, person, verdict.reviewer, verdict.verdict, reason, groups)
             vote_payload: dict[str, Any] = {"reviewer": verdict.reviewer, "person": person, "verdict": verdict.verdict,
                             "reason": reason, "channel": verdict.channel, "groups": groups}
