@@ -132,11 +132,11 @@ def _parse(
     )
 
 
-def grant_limits(given: schema.GrantLimits | bool | None) -> GrantLimits | None:
+def grant_limits(given: schema.GrantLimits | None) -> GrantLimits | None:
     """The policy's bounds on standing grants; None when it forbids them (`review: {grants: false}`)."""
-    if given is False:
+    spec = given if given is not None else schema.GrantLimits.model_validate({})
+    if not spec.enabled:
         return None
-    spec = given if isinstance(given, schema.GrantLimits) else schema.GrantLimits.model_validate({})
     return GrantLimits(max_for_s=spec.max_for, max_uses=spec.max_uses)
 
 

@@ -84,6 +84,7 @@ class GrantLimits(_Strict):
     """The bounds of every standing grant (`review: {grants: {max_for: 8h, max_uses: 100}}`): a reviewer asking for
     more is refused, never clamped. `review: {grants: false}` forbids grants under the whole policy."""
 
+    enabled: bool = True
     max_for: Duration = 8 * 3600.0
     max_uses: int = Field(100, ge=1, le=100_000)
 
@@ -103,7 +104,8 @@ class ReviewBlock(_Strict):
     require_reason: bool | None = None
     channels: tuple[str, ...] | None = None
     escalation: tuple[EscalationStep, ...] | str | None = None
-    grants: GrantLimits | bool | None = None
+    grants: Annotated[GrantLimits | None, BeforeValidator(
+        lambda v: {"enabled": v} if isinstance(v, bool) else v)] = None
     """Policy level only: the bounds of standing grants, or false to forbid them (a rule says `grants: false`)."""
 
     @field_validator("approvers")
