@@ -46,7 +46,8 @@ from server.records import decision_payload, received_payload, rules_payload
 
 __all__ = [
     "GRANT_KINDS", "GRANT_META_KEY", "GrantRefused", "GrantSpec", "ProposedGrant", "UsedGrant", "expire_due",
-    "find_cover", "grant_json", "grant_note", "parse_spec", "prepare_grant", "propose", "revoke", "use_grant",
+    "find_cover", "grant_json", "grant_note", "parse_spec", "prepare_grant", "proposal_for", "propose", "revoke",
+    "use_grant",
 ]
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,15 @@ def _decision_of(events: Sequence[Event]) -> Decision | None:
                     rules=tuple(MatchedRule.model_validate(r) for r in p.get("rules") or ()),
                     review=ReviewSpec.model_validate(review) if isinstance(review, dict) else None,
                     policy_digest=str(p.get("policy_digest") or ""), facts=complete_facts(p.get("facts") or {}))
+
+
+def proposal_for(view: RequestView, events: Sequence[Event]) -> str | None:
+    """The condition keyturn would propose for a grant from this request (for a reviewer to read), or None when it
+    cannot become one (its arguments were edited, or hold masked values)."""
+    decision = _decision_of(events)
+    if decision is None or has_masked(view.arguments) or any(e.kind == "arguments.edited" for e in events):
+        return None
+    return propose(view.arguments, decision.facts)
 
 
 def prepare_grant(policy: CompiledPolicy, view: RequestView, events: Sequence[Event],
