@@ -143,7 +143,7 @@ class Gate:
                     # A live standing grant covers it: its use is taken and the call recorded before it runs, at once.
                     with anyio.CancelScope(shield=True):
                         used = await use_grant(self.ledger, cover, call, redaction.arguments, decision,
-                                               self.broker.instance_id)
+                                               self.broker.instance_id, self.broker.directory)
                         if used is not None:
                             ran = await act(call, decision=decision.model_copy(update={"outcome": "allow"}))
                             return grant_note(ran, used)

@@ -34,6 +34,7 @@ import cel
 import mcp_types as types
 
 from server.approvals.edits import has_masked
+from server.approvals.quorum import ReviewerDirectory, quorum_met
 from server.canonical import canonical_json
 from server.durations import parse_duration
 from server.errors import LedgerError
@@ -349,11 +350,49 @@ def _chain_problem(tx: Tx, row: Row) -> str | None:
     return None
 
 
+def grant_problem(spec: Mapping[str, Any], request: Sequence[Event], directory: ReviewerDirectory) -> str | None:
+    """What the chained events of the request a grant came from fail to prove, or None: the call was received from
+    the grant's agent for its tool, approved once by exactly the grant's approvers (each a configured reviewer, not
+    the requester, each voting to approve with their agreement to a grant), filling the review it asked for."""
+    received = next((e for e in request if e.kind == "call.received"), None)
+    requested = next((e for e in request if e.kind == "approval.requested"), None)
+    granted = [e for e in request if e.kind == "approval.granted"]
+    if received is None or requested is None or len(granted) != 1:
+        return "its request's chain holds no single approval"
+    p = received.payload
+    if (p.get("principal"), p.get("on_behalf_of"), p.get("tool")) != (
+            spec.get("principal"), spec.get("on_behalf_of"), spec.get("tool")):
+        return "its request was another agent's or another tool's"
+    approvers = list(spec.get("approvers") or ())
+    if granted[0].payload.get("approvers") != approvers or \
+            granted[0].payload.get("policy_digest") != spec.get("policy_digest"):
+        return "its request's approval names other approvers or another policy"
+    requester = {p.get("principal"), p.get("on_behalf_of")} - {None}
+    agreed = []
+    for vote in (e for e in request if e.kind == "vote" and e.seq < granted[0].seq):
+        person, identity = vote.payload.get("person"), vote.payload.get("reviewer")
+        if vote.payload.get("verdict") != "approve" or not isinstance(vote.payload.get("grant"), dict):
+            return f"event {vote.seq} is not an approval agreeing to a grant"
+        if directory.person(str(identity)) != person or person in requester or identity in requester:
+            return f"event {vote.seq}: {identity} is not a reviewer who may approve this request"
+        agreed.append(str(person))
+    review = requested.payload.get("review")
+    if agreed != approvers or not isinstance(review, dict) or \
+            not quorum_met(ReviewSpec.model_validate(review), agreed, directory):
+        return "its request's votes do not make this grant"
+    return None
+
+
 async def use_grant(ledger: Store, row: Row, call: ToolCall, redacted: dict[str, Any], decision: Decision,
-                    holder: str) -> UsedGrant | None:
+                    holder: str, directory: ReviewerDirectory) -> UsedGrant | None:
     """Take one use of the grant `row` for `call` and record the call as running under it, in one transaction;
-    None when the grant is no longer usable (ended, raced for its last use, or its row and chain disagree)."""
+    None when the grant is no longer usable (ended, raced for its last use, its row and chain disagree, or the chain
+    of the request it came from does not prove it)."""
     grant_id = row["id"]
+    request, broken = await ledger.call_chain(str(row["request_id"]))
+    if broken is not None or (problem := grant_problem(_spec(row), request, directory)) is not None:
+        log.error("grant %s is not used: %s", grant_id, broken or problem)
+        return None
 
     def body(tx: Tx) -> UsedGrant | None:
         now_row = tx.grant_row(grant_id)

@@ -502,14 +502,35 @@ def cmd_audit_follow(args: argparse.Namespace) -> int:
     return anyio.run(_with_ledger, args, run)
 
 
+def _show_grant(row: dict[str, Any], events: list[Any], *, as_json: bool) -> int:
+    from server.approvals.grants import grant_json
+
+    shown = grant_json(row)
+    if as_json:
+        print(json.dumps({"grant": shown, "events": [e.model_dump(mode="json") for e in events]}, indent=2))
+        return 0
+    print(f"grant {shown['id']}: {shown['tool']} for {shown['principal']}"
+          + (f" on behalf of {shown['on_behalf_of']}" if shown["on_behalf_of"] else "")
+          + f", made by {', '.join(shown['approvers'] or [])} approving request {shown['request_id']}")
+    print(f"  when: {shown['when']}")
+    print(f"  rules: {', '.join(shown['rules'] or [])}; {shown['used']} of {shown['uses']} uses; until "
+          f"{_when(shown['expires'])}")
+    print(f"  state: {shown['state']}" + (f" ({shown['end_reason']})" if shown["end_reason"] else ""))
+    for e in events:
+        print("  " + _event_line(e) + f"  hash {e.hash[:16]}")
+    return 0
+
+
 def cmd_audit_show(args: argparse.Namespace) -> int:
     from server.models import state_label
     from server.records import UNCLASSIFIED
 
     async def run(ledger: Any) -> int:
         view = await ledger.get_call(args.id)
+        if view is None and (grant := await ledger.grant(args.id)) is not None:
+            return _show_grant(grant, await ledger.events(args.id), as_json=args.json)
         if view is None:
-            raise KeyturnError(f"no request {args.id} in the ledger")
+            raise KeyturnError(f"no request or grant {args.id} in the ledger")
         events = await ledger.events(args.id)
         if args.json:
             print(json.dumps({"request": view.model_dump(mode="json"),

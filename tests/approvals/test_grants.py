@@ -17,9 +17,11 @@ from server.approvals.grants import (
     GrantRefused,
     GrantSpec,
     ProposedGrant,
+    consent,
     covers,
     expire_due,
     find_cover,
+    make_grant,
     parse_spec,
     prepare_grant,
     propose,
@@ -122,7 +124,8 @@ async def test_the_last_use_raced_by_two_processes_is_won_once(world: tuple[Gate
     won: list[Any] = []
     async with stores.new() as other:  # a second keyturn process on the same ledger
         async def use(store: Store, call: ToolCall) -> None:
-            won.append(await use_grant(store, row, call, dict(call.arguments), decided(gate, call), "proc"))
+            won.append(await use_grant(store, row, call, dict(call.arguments), decided(gate, call), "proc",
+                                       gate.broker.directory))
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(use, ledger, calls[0])
@@ -190,7 +193,8 @@ async def test_revoked_expired_or_tampered_grants_are_not_used(world: tuple[Gate
     # A row changed behind keyturn's back (more uses, a later expiry) is not used: the chain disagrees.
     stores.tamper(f"UPDATE grants SET uses = 50 WHERE id = '{grant_id}'")
     tampered = await ledger.grant(grant_id)
-    assert await use_grant(ledger, tampered, call, dict(call.arguments), decided(gate, call), "p") is None  # type: ignore[arg-type]
+    assert await use_grant(ledger, tampered, call, dict(call.arguments), decided(gate, call), "p",
+                            gate.broker.directory) is None  # type: ignore[arg-type]
     stores.tamper(f"UPDATE grants SET uses = 5 WHERE id = '{grant_id}'")
     # A grant forged as a row alone (no chained grant.created) is never used.
     stores.tamper("INSERT INTO grants(id, request_id, principal, on_behalf_of, tool, spec, created, expires, uses, "
@@ -198,7 +202,8 @@ async def test_revoked_expired_or_tampered_grants_are_not_used(world: tuple[Gate
                   f"expires + 1000, 100, 0, 'live' FROM grants WHERE id = '{grant_id}'")
     forged = await ledger.grant("gforged")
     assert forged is not None
-    assert await use_grant(ledger, forged, call, dict(call.arguments), decided(gate, call), "p") is None
+    assert await use_grant(ledger, forged, call, dict(call.arguments), decided(gate, call), "p",
+                            gate.broker.directory) is None
     stores.tamper("DELETE FROM grants WHERE id = 'gforged'")
 
     assert await revoke(ledger, grant_id, person="carol", reviewer="api:carol", reason="done", channel="api") is None
@@ -210,7 +215,8 @@ async def test_revoked_expired_or_tampered_grants_are_not_used(world: tuple[Gate
     # Reviving the revoked row by hand does not revive the grant.
     stores.tamper(f"UPDATE grants SET state = 'live' WHERE id = '{grant_id}'")
     revived = await ledger.grant(grant_id)
-    assert await use_grant(ledger, revived, call, dict(call.arguments), decided(gate, call), "p") is None  # type: ignore[arg-type]
+    assert await use_grant(ledger, revived, call, dict(call.arguments), decided(gate, call), "p",
+                            gate.broker.directory) is None  # type: ignore[arg-type]
     stores.tamper(f"UPDATE grants SET state = 'revoked' WHERE id = '{grant_id}'")
 
     # Expiry by time, at housekeeping.
@@ -298,3 +304,29 @@ def test_grants_in_the_policy_file_are_checked(tmp_path: Path) -> None:
         f.write_text(f"version: 1\n{text}\n")
         with pytest.raises(PolicyError, match=fragment):
             load_policy(f)
+
+
+async def test_a_grant_chained_without_the_approvals_that_make_one_is_never_used(
+        world: tuple[Gate, Store, Stores]) -> None:
+    """Someone who can write the ledger appends a well-hashed grant.created (and its row) for a request nobody
+    approved, or approved without agreeing to a grant: the chain of that request does not prove it, so it runs
+    nothing."""
+    gate, ledger, _ = world
+    view = await held(gate, ledger, "write_any")
+    proposed = await judged(gate, ledger, view, GrantSpec(for_s=600, uses=5))
+    assert isinstance(proposed, ProposedGrant)
+    row = await ledger.transaction(lambda tx: tx.call_row(view.id))
+    forged = await ledger.transaction(lambda tx: make_grant(tx, row, proposed, [consent(proposed)], ["alice"],
+                                                            person="alice", reviewer="api:alice", reason=None,
+                                                            channel="api"))
+    call = later_call()
+    grant_row = await ledger.grant(forged)
+    assert grant_row is not None and covers(grant_row, call, decided(gate, call), grant_row["created"] + 1)
+    assert await use_grant(ledger, grant_row, call, dict(call.arguments), decided(gate, call), "p",
+                           gate.broker.directory) is None
+    # Approved for the call alone, then a grant chained beside it: still not proven.
+    result = await gate.broker.decide(Verdict(request_id=view.id, reviewer="api:alice", verdict="approve"))
+    assert result.accepted and "standing grant" not in result.message
+    assert await use_grant(ledger, grant_row, call, dict(call.arguments), decided(gate, call), "p",
+                           gate.broker.directory) is None
+    assert not [e for e in await ledger.events(forged) if e.kind == "grant.used"]
