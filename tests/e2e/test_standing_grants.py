@@ -169,6 +169,10 @@ async def test_revoked_and_expired_grants_cover_nothing_and_revoking_needs_a_rea
     tail = home.keyturn("audit", "tail", "-n", "200", "--config", str(home.config))
     assert "grant.revoked" in tail.stdout and "the migration is done" in tail.stdout
     assert "under grant" in tail.stdout and "grant.expired" in tail.stdout
+    story = home.keyturn("audit", "show", grant_id, "--config", str(home.config))
+    assert story.returncode == 0, story.stderr
+    assert f"grant {grant_id}: sql_execute for agent-ci" in story.stdout and "made by alice" in story.stdout
+    assert "state: revoked (the migration is done)" in story.stdout and "grant.used" in story.stdout
     verify = home.keyturn("audit", "verify", "--config", str(home.config))
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
