@@ -345,7 +345,7 @@ def _chain_problem(tx: Tx, row: Row) -> str | None:
     spec = created[0]
     if used != row["used"] or row["uses"] != spec.get("uses") or row["expires"] != spec.get("expires") \
             or row["principal"] != spec.get("principal") or row["tool"] != spec.get("tool") \
-            or row["on_behalf_of"] != spec.get("on_behalf_of"):
+            or row["on_behalf_of"] != spec.get("on_behalf_of") or row["request_id"] != spec.get("request_id"):
         return "its row differs from its chained events"
     return None
 
@@ -389,7 +389,7 @@ async def use_grant(ledger: Store, row: Row, call: ToolCall, redacted: dict[str,
     None when the grant is no longer usable (ended, raced for its last use, its row and chain disagree, or the chain
     of the request it came from does not prove it)."""
     grant_id = row["id"]
-    request, broken = await ledger.call_chain(str(row["request_id"]))
+    request, broken = await ledger.call_chain(str(_spec(row).get("request_id")))
     if broken is not None or (problem := grant_problem(_spec(row), request, directory)) is not None:
         log.error("grant %s is not used: %s", grant_id, broken or problem)
         return None
