@@ -47,7 +47,7 @@ from server.records import decision_payload, received_payload, rules_payload
 
 __all__ = [
     "GRANT_KINDS", "GRANT_META_KEY", "GrantRefused", "GrantSpec", "ProposedGrant", "UsedGrant", "expire_due",
-    "find_cover", "grant_json", "grant_note", "parse_spec", "prepare_grant", "proposal_for", "propose", "revoke",
+    "find_cover", "grant_json", "grant_note", "offer", "parse_spec", "prepare_grant", "proposal_for", "propose", "revoke",
     "use_grant",
 ]
 
@@ -217,6 +217,20 @@ def proposal_for(view: RequestView, events: Sequence[Event]) -> str | None:
     if decision is None or has_masked(view.arguments) or any(e.kind == "arguments.edited" for e in events):
         return None
     return propose(view.arguments, decision.facts)
+
+
+def offer(policy: CompiledPolicy, view: RequestView, events: Sequence[Event]) -> dict[str, Any]:
+    """What a reviewer is offered for a grant from this request: whether the policy allows one (and why not), its
+    bounds, and the condition keyturn proposes (`GET /api/requests/{id}`'s `grant`, `keyturn show`)."""
+    decision = _decision_of(events)
+    proposed = proposal_for(view, events)
+    why = ("the request is not pending" if view.state != "pending" else
+           "a call whose arguments were edited or hold masked values cannot become a grant" if proposed is None else
+           "the policy changed since this request was made" if decision is None or decision.policy_digest !=
+           policy.digest else policy.grant_refusal(decision))
+    limits = policy.grant_limits
+    return {"allowed": why is None, "why_not": why, "proposed": proposed,
+            "max_for_s": limits.max_for_s if limits else None, "max_uses": limits.max_uses if limits else None}
 
 
 def prepare_grant(policy: CompiledPolicy, view: RequestView, events: Sequence[Event],

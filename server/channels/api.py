@@ -15,7 +15,15 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from server.approvals.edits import EditRefused, ProposedEdit
-from server.approvals.grants import GrantRefused, ProposedGrant, grant_json, parse_spec, prepare_grant, revoke
+from server.approvals.grants import (
+    GrantRefused,
+    ProposedGrant,
+    grant_json,
+    offer,
+    parse_spec,
+    prepare_grant,
+    revoke,
+)
 from server.approvals.quorum import needs
 from server.channels.bodies import BodyRefused, read_body
 from server.errors import LedgerError
@@ -169,7 +177,8 @@ def api_routes(kt: Keyturn) -> list[Route]:
         if view is None:
             return _error(404, "no such request", "unknown")
         events = await kt.ledger.events(view.id)
-        return JSONResponse({"request": view_json(view), "events": [e.model_dump(mode="json") for e in events]})
+        return JSONResponse({"request": view_json(view), "events": [e.model_dump(mode="json") for e in events],
+                             "grant": offer(kt.policy.current, view, events)})
 
     async def vote(request: Request, identity: str, verdict: str) -> JSONResponse:
         body = await _json_body(request)

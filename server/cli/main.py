@@ -363,6 +363,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     _print_request(data["request"])
+    grant = data.get("grant") or {}
+    if grant.get("allowed"):
+        print(f"    grant: may be made (--for, --uses); keyturn proposes: {grant['proposed']}")
+    elif data["request"]["state"] == "pending" and grant.get("why_not"):
+        print(f"    grant: not offered: {grant['why_not']}")
     for e in data["events"]:
         print(f"    #{e['seq']} {_when(e['ts'])} {e['kind']}")
     return 0

@@ -184,6 +184,8 @@ async def test_grants_are_refused_where_the_policy_forbids_them_and_never_broade
         # sql-mass-change is critical (grants: false in the shipped policy): refused, and the request stays pending.
         async with client_call(client, "sql_execute", {"statement": "DELETE FROM orders"}) as call:
             req = await api.wait_pending("sql_execute")
+            offered = (await api.request("GET", f"/api/requests/{req['id']}", "alice")).json()["grant"]
+            assert not offered["allowed"] and "sql-mass-change" in offered["why_not"]
             refused = await approve(api, req["id"], "alice", {"for": "1h", "uses": 1})
             assert refused.status_code == 400 and refused.json()["code"] == "grants_forbidden"
             assert "sql-mass-change" in refused.json()["error"]
@@ -195,6 +197,11 @@ async def test_grants_are_refused_where_the_policy_forbids_them_and_never_broade
         async with client_call(client, "sql_execute", {"statement": "UPDATE orders SET qty = 1 WHERE id = 1"}) as call:
             req = await api.wait_pending("sql_execute")
             rid = req["id"]
+            offered = (await api.request("GET", f"/api/requests/{rid}", "alice")).json()["grant"]
+            assert offered["allowed"] and offered["max_for_s"] == 8 * 3600 and offered["max_uses"] == 100
+            assert offered["proposed"] == 'facts.sql.tables == ["orders"] && facts.sql.kinds == ["update"]'
+            shown = home.keyturn("show", rid, token=TOKENS["alice"], url=base)
+            assert "keyturn proposes: facts.sql.tables" in shown.stdout, shown.stderr
             # Over the policy's caps: refused naming the cap, never clamped.
             long = await approve(api, rid, "alice", {"for": "9h", "uses": 1})
             assert long.status_code == 400 and "max_for" in long.json()["error"]
