@@ -70,7 +70,8 @@ async def world(tmp_path: Path, stores: Stores) -> AsyncIterator[tuple[Gate, Sto
     policy_file.write_text(POLICY)
     policy = LivePolicy(policy_file)
     policy.load()
-    directory = directory_from([("api:alice", "alice"), ("api:carol", "carol"), ("api:olive", "olive")], {})
+    directory = directory_from([("api:alice", "alice"), ("api:carol", "carol"), ("api:olive", "olive"),
+                                ("api:agent-1", "agent-1")], {})  # an agent principal that is also a reviewer
     async with stores.new() as ledger:
         broker = ApprovalBroker(ledger=ledger, directory=directory, poll_interval_s=0.05)
         gate = Gate(ledger=ledger, broker=broker, policy=policy, classify_context=ClassifyContext(),
@@ -266,6 +267,9 @@ async def test_what_the_policy_forbids_or_caps_is_refused_and_the_request_stays_
     selfie = await gate.broker.decide(Verdict(request_id=view.id, reviewer="api:olive", verdict="approve"),
                                       grant=proposed)
     assert not selfie.accepted and selfie.code == "self_approval"
+    itself = await gate.broker.decide(Verdict(request_id=view.id, reviewer="api:agent-1", verdict="approve"),
+                                      grant=proposed)
+    assert not itself.accepted and itself.code == "self_approval"
     assert await ledger.grants(live_only=False) == []
 
 
