@@ -46,9 +46,9 @@ from server.policy.engine import CompiledPolicy, complete_facts
 from server.records import decision_payload, received_payload, rules_payload
 
 __all__ = [
-    "GRANT_KINDS", "GRANT_META_KEY", "GrantRefused", "GrantSpec", "ProposedGrant", "UsedGrant", "expire_due",
-    "find_cover", "grant_json", "grant_note", "offer", "parse_spec", "prepare_grant", "proposal_for", "propose", "revoke",
-    "use_grant",
+    "GRANT_KINDS", "GRANT_META_KEY", "GrantRefused", "GrantSpec", "ProposedGrant", "UsedGrant", "consent", "covers",
+    "expire_due", "find_cover", "grant_json", "grant_note", "grant_problem", "make_grant", "offer", "parse_spec",
+    "prepare_grant", "proposal_for", "propose", "revoke", "use_grant",
 ]
 
 log = logging.getLogger(__name__)
