@@ -36,7 +36,7 @@ async def test_approve_with_a_grant_in_the_browser_then_revoke_it_on_the_grants_
                 await page.goto(f"{base}/inbox/requests/{req['id']}")
                 await page.get_by_text("Approve, and let calls like this one run without asking").click()
                 form = page.locator("form.grant-form")
-                await form.get_by_label("Reason").fill("routine")
+                await form.get_by_label("Why calls like this may run without asking").fill("routine")
                 await form.get_by_role("button", name="Approve with a standing grant").click()
                 await expect(page.locator(".notice.bad")).to_contain_text("forbids standing grants")
                 assert (await api.request("GET", f"/api/requests/{req['id']}", "alice")).json()[
