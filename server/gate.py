@@ -22,6 +22,7 @@ import mcp_types as types
 
 from server.approvals import ApprovalBroker
 from server.approvals.edits import ChainedEdit, EditRefused, ProposedEdit, arguments_diff, edit_note, has_masked
+from server.approvals.grants import find_cover, grant_note, use_grant
 from server.approvals.holding import Holding, ProgressFn
 from server.cancelling import CallerCancel, unwatched, watching_cancel
 from server.canonical import args_hash, canonical_json, sha256_hex
@@ -138,6 +139,14 @@ class Gate:
                             await open_call(self.ledger, call, redaction.arguments, decision, state="allowed",
                                             holder=self.broker.instance_id)
                         return await act(call)
+                if (cover := await find_cover(self.ledger, call, decision)) is not None:
+                    # A live standing grant covers it: its use is taken and the call recorded before it runs, at once.
+                    with anyio.CancelScope(shield=True):
+                        used = await use_grant(self.ledger, cover, call, redaction.arguments, decision,
+                                               self.broker.instance_id, self.broker.directory)
+                        if used is not None:
+                            ran = await act(call, decision=decision.model_copy(update={"outcome": "allow"}))
+                            return grant_note(ran, used)
                 with span("hold", call.call_id, tool.name):
                     return await self.holding.hold(call, redaction, decision, act, progress, gone)
         except LedgerError as e:

@@ -2,7 +2,8 @@
 
 What they answer: are reviewers keeping up (`keyturn_held_calls`, `keyturn_pending_requests`,
 `keyturn_time_to_decision_seconds`, `keyturn_votes_total` by channel), is keyturn slowing agents
-(`keyturn_ledger_write_seconds`, `keyturn_calls_total` by outcome), is the ledger's evidence fresh
+(`keyturn_ledger_write_seconds`, `keyturn_calls_total` by outcome), how often standing grants spare a
+reviewer (`keyturn_grant_uses_total` by tool), is the ledger's evidence fresh
 (`keyturn_checkpoint_age_seconds`), are the upstreams up (`keyturn_upstream_up`, proxy mode).
 
 Counters count what this process recorded (its ledger commits): with several processes on one ledger, sum them
@@ -58,6 +59,8 @@ class Metrics:
                              "first rule that matched", ["tool", "outcome", "rule"], registry=r)
         self.votes = Counter("keyturn_votes", "Reviewers' votes, by channel and verdict", ["channel", "verdict"],
                              registry=r)
+        self.grant_uses = Counter("keyturn_grant_uses", "Calls that ran under a standing grant without waiting for a "
+                                  "reviewer (grant.used), by tool", ["tool"], registry=r)
         self.decisions = Counter("keyturn_decisions", "Held calls decided, by how (approved, denied, expired)",
                                  ["decision"], registry=r)
         self.time_to_decision = Histogram(
@@ -109,6 +112,9 @@ class Metrics:
         p, call_id = e.payload, e.call_id
         if e.kind == "vote":
             self.votes.labels(str(p.get("channel") or "unknown"), str(p.get("verdict") or "unknown")).inc()
+        elif e.kind == "grant.used":
+            self.grant_uses.labels(str(p.get("tool") or "unknown")).inc()
+            return
         if call_id is None:
             return
         if e.kind == "call.received":

@@ -55,6 +55,11 @@ EventKind = Literal[
     "upstream.sandboxed",  # proxy mode: an upstream command's sandbox (network, mounts), recorded at every start
     "link.used",  # a signed single-use decision link was consumed (Teams webhook fallback)
     "link.released",  # ... and given back because the broker refused the vote
+    # standing grants, chained under the grant's id (server.approvals.grants)
+    "grant.created",  # an approval that lasts: its terms, approvers and the request it came from
+    "grant.used",  # a call ran under it without waiting (the call's id); the call's execution.started names it
+    "grant.revoked",  # a reviewer ended it (who, why)
+    "grant.expired",  # its time passed or its uses ran out
     # terminal kinds: exactly one per call
     "executed",
     "failed",
@@ -152,7 +157,9 @@ class Verdict(_Frozen):
 
 REFUSAL_STATUS = {"unknown": 404, "bad_request": 400, "reason_required": 400, "not_pending": 409, "expired": 409,
                   "duplicate": 409, "invalid_arguments": 400, "masked_values": 400, "already_edited": 409,
-                  "already_voted": 409, "policy_changed": 409, "tool_unavailable": 409}
+                  "already_voted": 409, "policy_changed": 409, "tool_unavailable": 409, "unknown_field": 400,
+                  "grants_forbidden": 400, "over_limit": 400, "invalid_condition": 400, "too_large": 400,
+                  "grant_after_edit": 409, "grant_not_agreed": 409, "not_live": 409}
 """The HTTP status of a refused vote, by its code (any other refusal: 403)."""
 
 

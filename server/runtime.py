@@ -17,6 +17,7 @@ import anyio.abc
 import mcp_types as types
 
 from server.approvals import ApprovalBroker, Notifier, ReviewerDirectory
+from server.approvals.grants import expire_due
 from server.approvals.quorum import unsatisfiable
 from server.canonical import sha256_hex
 from server.classify import ClassifyContext
@@ -337,6 +338,7 @@ async def _housekeeping(kt: Keyturn) -> None:
             await kt.gate.record_pending_outcomes()
             await kt.ledger.heartbeat(kt.broker.instance_id)
             await kt.broker.sweep_expired()
+            await expire_due(kt.ledger)  # standing grants whose time passed or whose uses ran out
             if rounds % ORPHAN_SWEEP_EVERY == 0 and (abandoned := await kt.broker.abandon_orphans()):
                 log.warning("abandoned %d call(s) held by a keyturn process that stopped", len(abandoned))
         except LedgerError as e:

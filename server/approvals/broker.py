@@ -20,11 +20,12 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 
 from server.approvals.edits import EditRefused, ProposedEdit, approved_hash, edit_refusal, record_edit
+from server.approvals.grants import GrantRefused, ProposedGrant, consent, make_grant
 from server.approvals.kept import KeptResults
 from server.approvals.quorum import ReviewerDirectory, needs, quorum_met
 from server.errors import LedgerError
@@ -187,10 +188,13 @@ class ApprovalBroker:
 
     # -- the one place a verdict is judged ------------------------------------------------------
 
-    async def decide(self, verdict: Verdict, edit: ProposedEdit | EditRefused | None = None) -> VoteResult:
+    async def decide(self, verdict: Verdict, edit: ProposedEdit | EditRefused | None = None,
+                     grant: ProposedGrant | GrantRefused | None = None) -> VoteResult:
         """Judge and record one reviewer's verdict: accepted, or refused (a refusal of a known request is recorded
         as `vote.refused`). With `edit` (an approval only): the reviewer's changed arguments, judged by the gate
-        (`server.approvals.edits`); the approval is then for the edited call, which needs what its review says."""
+        (`server.approvals.edits`); the approval is then for the edited call, which needs what its review says.
+        With `grant` (an approval only, judged by `server.approvals.grants.prepare_grant`): the vote agrees to a
+        standing grant; the vote that completes the quorum makes it, when every approver agreed to one."""
         person = self.directory.person(verdict.reviewer)
         reason = (verdict.reason or "").strip() or None
 
@@ -237,6 +241,28 @@ class ApprovalBroker:
                 return self._change(tx, verdict, row, person, reason, groups)
             if verdict.verdict == "approve" and spec.require_reason and not reason:
                 return refuse("this policy requires a reason with every approval", "reason_required")
+            consents: list[dict[str, Any]] = []
+            if grant is not None:
+                refused_grant = grant if isinstance(grant, GrantRefused) else None
+                if verdict.verdict != "approve" or edit is not None:
+                    refused_grant = GrantRefused("bad_request", "a grant is made by a plain approval (not a denial, "
+                                                                "not with edited arguments)")
+                elif refused_grant is None and tx.call_events(verdict.request_id, ("arguments.edited",)):
+                    refused_grant = GrantRefused("grant_after_edit", "a call whose arguments a reviewer edited cannot "
+                                                                     "become a grant")
+                elif refused_grant is None and isinstance(grant, ProposedGrant) and \
+                        grant.policy_digest != row["policy_digest"]:
+                    refused_grant = GrantRefused("policy_changed", "the policy changed since this request was made")
+                if refused_grant is not None:
+                    return refuse(refused_grant.message, refused_grant.code)
+                assert isinstance(grant, ProposedGrant)
+                consents = [p["grant"] for kind, p in tx.call_events(verdict.request_id, ("vote",))
+                            if p.get("verdict") == "approve" and isinstance(p.get("grant"), dict)]
+                if len(consents) != sum(1 for v in votes if v["verdict"] == "approve"):
+                    return refuse("a grant needs every approver's agreement, and an earlier approver approved this "
+                                  "call only: approve it without a grant", "grant_not_agreed")
+                consents.append(consent(grant))
+
             args_hash = approved_hash(tx, row)  # the edited arguments' once a reviewer edited them
             if edit is not None:
                 refused = edit if isinstance(edit, EditRefused) else edit_refusal(row, votes, edit, tx)
@@ -251,12 +277,13 @@ class ApprovalBroker:
                                    channel=verdict.channel)
                 groups = [g.name for g in spec.groups if self.directory.eligible(person, g)]
                 args_hash = edit.args_hash
-
             tx.add_vote(verdict.request_id, person, verdict.reviewer, verdict.verdict, reason, groups)
-            vote_payload = {"reviewer": verdict.reviewer, "person": person, "verdict": verdict.verdict,
+            vote_payload: dict[str, Any] = {"reviewer": verdict.reviewer, "person": person, "verdict": verdict.verdict,
                             "reason": reason, "channel": verdict.channel, "groups": groups}
             if args_hash != row["args_hash"]:
                 vote_payload["args_hash"] = args_hash  # a vote for the edited call
+            if consents:
+                vote_payload["grant"] = consents[-1]  # this approver agrees to a standing grant on these terms
             tx.append("vote", verdict.request_id, vote_payload)
             if verdict.verdict == "deny":
                 tx.finish(verdict.request_id, "denied_by_reviewer", {"by": "reviewer", "person": person,
@@ -271,9 +298,16 @@ class ApprovalBroker:
                 tx.append("approval.granted", verdict.request_id, {
                     "approvers": approvers, "tool": row["tool"], "args_hash": args_hash,
                     "policy_digest": row["policy_digest"], "expires": expires})
+                if consents:
+                    assert isinstance(grant, ProposedGrant)
+                    grant_id = make_grant(tx, row, grant, consents, approvers, person=person,
+                                          reviewer=verdict.reviewer, reason=reason, channel=verdict.channel)
+                    return VoteResult(verdict.request_id, True, "approved",
+                                      f"approved: quorum reached; standing grant {grant_id} made", "approved")
                 return VoteResult(verdict.request_id, True, "approved", "approved: quorum reached", "approved")
             progress = needs(spec, [*votes, {"person": person, "verdict": "approve", "groups": groups}]).progress()
             lead = ("arguments edited; the edited call needs more approvals: " if isinstance(edit, ProposedEdit)
+                    else "vote recorded (agreeing to a grant, made once every approver agrees): " if consents
                     else "vote recorded: ")
             return VoteResult(verdict.request_id, True, "pending", f"{lead}{progress}; more are needed", "recorded")
 
@@ -284,7 +318,9 @@ class ApprovalBroker:
         if result.code == "approved":
             waiting = self.has_waiter(verdict.request_id)
             edited = "arguments edited and " if isinstance(edit, ProposedEdit) else ""
-            result = VoteResult(result.request_id, True, "approved", f"{edited}approved: quorum reached" + (
+            made = result.message.partition("; standing grant ")[2]
+            made = f"; standing grant {made}" if made else ""
+            result = VoteResult(result.request_id, True, "approved", f"{edited}approved: quorum reached{made}" + (
                 "; running it for the waiting agent" if waiting else
                 f"; {WAITING_FOR_AGENT} (it runs once when the agent repeats the call, before the request expires)"),
                 "approved")

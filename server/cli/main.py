@@ -3,6 +3,7 @@
 serve            run the MCP server (stdio, or --http HOST:PORT with the reviewer API)
 proxy            guard an existing MCP server: keyturn proxy [--http HOST:PORT] -- COMMAND ARGS...
 pending / show / approve / deny    reviewer commands, through the HTTP reviewer API
+grants / revoke                   standing grants: list them, end one
 audit tail / follow / show / verify / key / checkpoint / export   auditor commands (server/cli/audit.py)
 policy check / explain / test / replay   policy author commands
 """
@@ -362,6 +363,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     _print_request(data["request"])
+    grant = data.get("grant") or {}
+    if grant.get("allowed"):
+        print(f"    grant: may be made (--for, --uses); keyturn proposes: {grant['proposed']}")
+    elif data["request"]["state"] == "pending" and grant.get("why_not"):
+        print(f"    grant: not offered: {grant['why_not']}")
     for e in data["events"]:
         print(f"    #{e['seq']} {_when(e['ts'])} {e['kind']}")
     return 0
@@ -369,6 +375,12 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_vote(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"reason": args.reason}
+    grant = {k: v for k, v in (("for", getattr(args, "grant_for", None)), ("uses", getattr(args, "uses", None)),
+                               ("when", getattr(args, "when", None))) if v is not None}
+    if grant:
+        if "for" not in grant or "uses" not in grant:
+            raise KeyturnError("a standing grant needs both --for (e.g. 1h) and --uses (e.g. 5)")
+        body["grant"] = grant
     if getattr(args, "args", None) is not None:
         try:
             body["arguments"] = json.loads(args.args)
@@ -431,7 +443,43 @@ def _event_line(e: Any) -> str:
                   f"{str(p.get('args_hash'))[:12]}")
     elif e.kind == "approval.granted":
         detail = f"approvers={p.get('approvers')} args_hash={str(p.get('args_hash'))[:12]}"
+    elif e.kind == "grant.created":
+        detail = (f"{p.get('tool')} for {p.get('principal')} by {p.get('approvers')} from request {p.get('request_id')}"
+                  f": {p.get('uses')} use(s) until {_when(p.get('expires'))} when {' && '.join(p.get('conditions') or [])}")
+    elif e.kind == "grant.used":
+        detail = f"use {p.get('use')} of {p.get('uses')} by call {p.get('call_id')} ({p.get('tool')})"
+    elif e.kind == "grant.revoked":
+        detail = f"by {p.get('person')} via {p.get('channel')}: {p.get('reason') or ''}"
+    elif e.kind == "grant.expired":
+        detail = f"{p.get('reason')} ({p.get('used')} used)"
+    elif e.kind == "execution.started" and isinstance(p.get("grant"), dict):
+        g = p["grant"]
+        detail = f"under grant {g.get('id')} (use {g.get('use')} of {g.get('uses')}, request {g.get('request_id')})"
     return f"#{e.seq:<6} {_when(e.ts)} {e.kind:<18} {e.call_id or '-':<32} {detail}"
+
+
+def cmd_grants(args: argparse.Namespace) -> int:
+    data = _api(args, "GET", "/api/grants" + ("?all=1" if args.all else ""))
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    if not data["grants"]:
+        print("no live grants" if not args.all else "no grants")
+    for g in data["grants"]:
+        print(f"{g['id']}  {g['state']:<8} {g['tool']}  for {g['principal']}"
+              + (f" on behalf of {g['on_behalf_of']}" if g.get("on_behalf_of") else "")
+              + f"  {g['used']}/{g['uses']} used  until {_when(g['expires'])}")
+        print(f"    when: {g['when']}")
+        print(f"    approved by {', '.join(g['approvers'] or [])} on request {g['request_id']}: {g['reason'] or ''}")
+        if g.get("ended"):
+            print(f"    ended {_when(g['ended'])}: {g['end_reason']}")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    data = _api(args, "POST", f"/api/grants/{urllib.parse.quote(args.id)}/revoke", {"reason": args.reason})
+    print(f"{data['grant']}: {data['message']}")
+    return 0
 
 
 def cmd_audit_tail(args: argparse.Namespace) -> int:
@@ -459,14 +507,35 @@ def cmd_audit_follow(args: argparse.Namespace) -> int:
     return anyio.run(_with_ledger, args, run)
 
 
+def _show_grant(row: dict[str, Any], events: list[Any], *, as_json: bool) -> int:
+    from server.approvals.grants import grant_json
+
+    shown = grant_json(row)
+    if as_json:
+        print(json.dumps({"grant": shown, "events": [e.model_dump(mode="json") for e in events]}, indent=2))
+        return 0
+    print(f"grant {shown['id']}: {shown['tool']} for {shown['principal']}"
+          + (f" on behalf of {shown['on_behalf_of']}" if shown["on_behalf_of"] else "")
+          + f", made by {', '.join(shown['approvers'] or [])} approving request {shown['request_id']}")
+    print(f"  when: {shown['when']}")
+    print(f"  rules: {', '.join(shown['rules'] or [])}; {shown['used']} of {shown['uses']} uses; until "
+          f"{_when(shown['expires'])}")
+    print(f"  state: {shown['state']}" + (f" ({shown['end_reason']})" if shown["end_reason"] else ""))
+    for e in events:
+        print("  " + _event_line(e) + f"  hash {e.hash[:16]}")
+    return 0
+
+
 def cmd_audit_show(args: argparse.Namespace) -> int:
     from server.models import state_label
     from server.records import UNCLASSIFIED
 
     async def run(ledger: Any) -> int:
         view = await ledger.get_call(args.id)
+        if view is None and (grant := await ledger.grant(args.id)) is not None:
+            return _show_grant(grant, await ledger.events(args.id), as_json=args.json)
         if view is None:
-            raise KeyturnError(f"no request {args.id} in the ledger")
+            raise KeyturnError(f"no request or grant {args.id} in the ledger")
         events = await ledger.events(args.id)
         if args.json:
             print(json.dumps({"request": view.model_dump(mode="json"),
@@ -575,10 +644,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("id")
         p.add_argument("--reason", required=(verdict == "deny"), help="why (recorded in the ledger)")
         if verdict == "approve":
+            p.add_argument("--for", dest="grant_for", metavar="DURATION",
+                           help="also make a standing grant for calls like this one, lasting this long (e.g. 1h)")
+            p.add_argument("--uses", type=int, metavar="N", help="the grant covers at most N calls")
+            p.add_argument("--when", metavar="CEL",
+                           help="narrow the grant further (CEL over args and facts; ANDed with keyturn's proposal)")
             p.add_argument("--args", metavar="JSON",
                            help="approve the call with these arguments instead (a JSON object: the whole arguments); "
                                 "the edited call is judged again and may need more approvals; needs --reason")
         p.set_defaults(func=cmd_vote, verdict=verdict)
+    grants = sub.add_parser("grants", parents=[reviewer], help="list standing grants (live ones unless --all)")
+    grants.add_argument("--all", action="store_true", help="also the revoked and expired ones")
+    grants.set_defaults(func=cmd_grants)
+    revoke = sub.add_parser("revoke", parents=[reviewer], help="revoke a standing grant now")
+    revoke.add_argument("id", metavar="GRANT_ID")
+    revoke.add_argument("--reason", required=True, help="why (recorded in the ledger)")
+    revoke.set_defaults(func=cmd_revoke)
 
     audit = sub.add_parser("audit", help="read the ledger").add_subparsers(dest="audit_command", required=True)
     tail = audit.add_parser("tail", parents=[common], help="the latest events")

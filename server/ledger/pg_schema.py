@@ -112,6 +112,25 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE instances ADD COLUMN lease_until DOUBLE PRECISION
     """,
+    # 8: standing grants (server.approvals.grants), as SQLite's migration 7
+    """
+    CREATE TABLE grants (
+        id TEXT PRIMARY KEY,
+        request_id TEXT NOT NULL,
+        principal TEXT NOT NULL,
+        on_behalf_of TEXT,
+        tool TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        expires DOUBLE PRECISION NOT NULL,
+        uses INTEGER NOT NULL,
+        used INTEGER NOT NULL DEFAULT 0,
+        state TEXT NOT NULL,
+        ended DOUBLE PRECISION,
+        end_reason TEXT
+    );
+    CREATE INDEX grants_live ON grants(principal, tool) WHERE state = 'live'
+    """,
 )
 
 

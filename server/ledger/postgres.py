@@ -401,6 +401,20 @@ class PostgresStore:
                             key: Ed25519PublicKey) -> dict[str, Any]:
         return await self._read(lambda conn: bundle.export(conn, first, last, cover, known, key), long=True)
 
+    # -- standing grants (see server.approvals.grants) ------------------------------------------------
+
+    async def grants(self, *, live_only: bool = True, limit: int = 500) -> list[Row]:
+        return await self._read(lambda conn: queries.grants(conn, live_only, limit), long=True)
+
+    async def live_grants(self, principal: str, tool: str) -> list[Row]:
+        return await self._read(lambda conn: queries.live_grants(conn, principal, tool))
+
+    async def grant(self, grant_id: str) -> Row | None:
+        return await self._read(lambda conn: queries.grant(conn, grant_id))
+
+    async def grants_due(self, now: float, limit: int = 1000) -> list[str]:
+        return await self._read(lambda conn: queries.grants_due(conn, now, limit))
+
     # -- processes: liveness by leases in the database ------------------------------------------------
 
     # An instance is alive while its lease runs. Leases are counted on the database's clock, the one clock every

@@ -233,3 +233,28 @@ def row_to_view(row: sqlite3.Row, votes: Iterable[sqlite3.Row] = ()) -> RequestV
         ],
         outcome_reason=row["outcome_reason"], policy_digest=row["policy_digest"],
     )
+
+
+def grants(conn: sqlite3.Connection, live_only: bool, limit: int) -> list[Row]:
+    """Standing grants, newest first (only the live ones when `live_only`)."""
+    where = "WHERE state = 'live' " if live_only else ""
+    return [as_row(r) for r in conn.execute(f"SELECT * FROM grants {where}ORDER BY created DESC, id LIMIT ?", (limit,))]
+
+
+def grant(conn: sqlite3.Connection, grant_id: str) -> Row | None:
+    row = conn.execute("SELECT * FROM grants WHERE id = ?", (grant_id,)).fetchone()
+    return as_row(row) if row is not None else None
+
+
+def grants_due(conn: sqlite3.Connection, now: float, limit: int) -> list[str]:
+    """Live grants whose time has passed or whose uses have run out: what housekeeping ends as expired."""
+    return [r[0] for r in conn.execute(
+        "SELECT id FROM grants WHERE state = 'live' AND (expires <= ? OR used >= uses) ORDER BY expires LIMIT ?",
+        (now, limit))]
+
+
+def live_grants(conn: sqlite3.Connection, principal: str, tool: str) -> list[Row]:
+    """The live grants for this principal and tool, oldest first."""
+    return [as_row(r) for r in conn.execute(
+        "SELECT * FROM grants WHERE principal = ? AND tool = ? AND state = 'live' ORDER BY created, id",
+        (principal, tool))]

@@ -108,6 +108,26 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX calls_held_same ON calls(principal, tool, args_hash, created) WHERE expires IS NOT NULL;
     """,
+    # 7: standing grants (server.approvals.grants): an index of the grant.* events, chained under the grant's id. A
+    #    use is one conditional update here plus its chained event, in one transaction: the last use is won once.
+    """
+    CREATE TABLE grants (
+        id TEXT PRIMARY KEY,
+        request_id TEXT NOT NULL,
+        principal TEXT NOT NULL,
+        on_behalf_of TEXT,
+        tool TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        created REAL NOT NULL,
+        expires REAL NOT NULL,
+        uses INTEGER NOT NULL,
+        used INTEGER NOT NULL DEFAULT 0,
+        state TEXT NOT NULL,
+        ended REAL,
+        end_reason TEXT
+    );
+    CREATE INDEX grants_live ON grants(principal, tool) WHERE state = 'live';
+    """,
 )
 
 

@@ -359,6 +359,20 @@ class SqliteStore:
         """The audit bundle of events `first`..`cover.seq` (see `bundle.export`)."""
         return await self._read(lambda conn: bundle.export(conn, first, last, cover, known, key), long=True)
 
+    # -- standing grants (see server.approvals.grants) ------------------------------------------------
+
+    async def grants(self, *, live_only: bool = True, limit: int = 500) -> list[Row]:
+        return await self._read(lambda conn: queries.grants(conn, live_only, limit), long=True)
+
+    async def live_grants(self, principal: str, tool: str) -> list[Row]:
+        return await self._read(lambda conn: queries.live_grants(conn, principal, tool))
+
+    async def grant(self, grant_id: str) -> Row | None:
+        return await self._read(lambda conn: queries.grant(conn, grant_id))
+
+    async def grants_due(self, now: float, limit: int = 1000) -> list[str]:
+        return await self._read(lambda conn: queries.grants_due(conn, now, limit))
+
     # -- processes ---------------------------------------------------------------------------------
 
     async def register_instance(self, instance_id: str, host: str, pid: int) -> None:

@@ -146,6 +146,32 @@ class Tx:
             (checkpoint.seq, checkpoint.key_id, checkpoint.hash, checkpoint.chain, checkpoint.time, checkpoint.sig))
         return cur.rowcount == 1
 
+    # -- standing grants (an index of the chained grant.* events; see server.approvals.grants) ---------------------
+
+    def insert_grant(self, grant_id: str, columns: Mapping[str, Any]) -> None:
+        values = {**columns, "id": grant_id, "created": self.now, "used": 0, "state": "live"}
+        names = tuple(values)
+        self.conn.execute(f"INSERT INTO grants({', '.join(names)}) VALUES ({','.join('?' * len(names))})",
+                          tuple(values.values()))
+
+    def grant_row(self, grant_id: str) -> Row | None:
+        row = self.conn.execute("SELECT * FROM grants WHERE id = ?", (grant_id,)).fetchone()
+        return as_row(row) if row is not None else None
+
+    def use_grant(self, grant_id: str) -> bool:
+        """Take one use of a live, unexpired grant with uses left: one conditional update, so the last use is
+        taken once whoever races for it. False when there is nothing left to take."""
+        cur = self.conn.execute(
+            "UPDATE grants SET used = used + 1 WHERE id = ? AND state = 'live' AND used < uses AND expires > ?",
+            (grant_id, self.now))
+        return cur.rowcount == 1
+
+    def end_grant(self, grant_id: str, state: str, reason: str) -> bool:
+        """Move a live grant to `state` (revoked, expired); False when it was not live (someone ended it first)."""
+        cur = self.conn.execute("UPDATE grants SET state = ?, ended = ?, end_reason = ? WHERE id = ? AND state = 'live'",
+                                (state, self.now, reason, grant_id))
+        return cur.rowcount == 1
+
     # -- processes and reviewers' web sessions (outside the chain) -----------------------------------
 
     def register_instance(self, instance_id: str, host: str, pid: int) -> None:

@@ -60,6 +60,7 @@ class CompiledRule:
     reason: Template
     review: ReviewSpec | None  # resolved against the policy's defaults; only for outcome review
     enabled: bool = True
+    grants: bool = False  # a reviewer may turn an approval under it into a standing grant (review rules only)
 
     def matches_tool(self, tool: str) -> bool:
         return any(fnmatch.fnmatchcase(tool, g) for g in self.tools)
@@ -77,6 +78,17 @@ class CompiledRule:
 
 def _any_glob(value: str, globs: tuple[str, ...]) -> bool:
     return any(g == "*" or fnmatch.fnmatchcase(value, g) for g in globs)
+
+
+@dataclass(frozen=True)
+class GrantLimits:
+    """The policy's bounds on every standing grant (`review: {grants: {max_for, max_uses}}`)."""
+
+    max_for_s: float = 8 * 3600.0
+    max_uses: int = 100
+
+
+DEFAULT_GRANT_LIMITS = GrantLimits()
 
 
 @dataclass
@@ -100,8 +112,11 @@ class CompiledPolicy:
         digest: str,
         path: Path | None,
         source: str = "<string>",
+        grant_limits: GrantLimits | None = DEFAULT_GRANT_LIMITS,
     ) -> None:
         self.rules = rules
+        self.grant_limits = grant_limits
+        """The bounds on standing grants; None: this policy forbids them."""
         self.default_outcome: Outcome = default_outcome
         self.default_risk: RiskLevel = default_risk
         self.default_review = default_review
@@ -134,6 +149,29 @@ class CompiledPolicy:
         """(rule id, review) of every enabled review rule, and ("default", review) when the default is review."""
         out = [(r.id, r.review or self.default_review) for r in self.rules if r.enabled and r.outcome == "review"]
         return out + ([("default", self.default_review)] if self.default_outcome == "review" else [])
+
+    def grant_refusal(self, decision: Decision) -> str | None:
+        """Why a reviewer may not turn an approval of a call decided as `decision` into a standing grant, or None.
+        Every review rule that carried the decision must allow grants (`grants:`, by default every risk but
+        critical); a call no rule matched follows the policy's default risk."""
+        if self.grant_limits is None:
+            return "this policy forbids standing grants (review: {grants: false})"
+        if decision.outcome != "review" or decision.policy_digest != self.digest:
+            return "only a held call under the policy in force can become a grant"
+        if decision.facts.get("condition_errors"):
+            return "a rule's condition failed on this call, so it cannot become a grant"
+        by_id = {r.id: r for r in self.rules}
+        winning = [r.id for r in decision.rules if r.outcome == "review"]
+        if not winning:
+            if self.default_risk == "critical" or decision.risk == "critical":
+                return "critical calls cannot become grants"
+            return None
+        for rule_id in winning:
+            rule = by_id.get(rule_id)
+            if rule is None or not rule.grants:
+                return f"rule {rule_id!r} forbids standing grants" + (
+                    " (grants: false; the default for critical risk)" if rule is not None else "")
+        return None
 
     def candidates(self, tool: str) -> tuple[CompiledRule, ...]:
         """The enabled rules whose tool globs match `tool`, in file order (cached per tool name)."""

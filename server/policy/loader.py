@@ -25,7 +25,7 @@ from server.errors import PolicyError, problem_text
 from server.models import ApproverGroup, Escalation, ReviewSpec
 from server.policy import schema
 from server.policy.conditions import ConditionError, Template, compile_condition
-from server.policy.engine import CompiledPolicy, CompiledRule
+from server.policy.engine import CompiledPolicy, CompiledRule, GrantLimits
 
 Loc = tuple[str | int, ...]
 _MAX_NODES = 200_000
@@ -40,6 +40,7 @@ _ALL_FIELDS = sorted(
             schema.ReviewBlock,
             schema.ApproverSpec,
             schema.EscalationStep,
+            schema.GrantLimits,
         )
         for name, f in model.model_fields.items()
     }
@@ -124,10 +125,19 @@ def _parse(
         default_risk=spec.default_risk,
         default_review=builder.default_review,
         variables=spec.vars,
+        grant_limits=grant_limits(spec.review.grants),
         digest=sha256_hex(data),
         path=path,
         source=source,
     )
+
+
+def grant_limits(given: schema.GrantLimits | None) -> GrantLimits | None:
+    """The policy's bounds on standing grants; None when it forbids them (`review: {grants: false}`)."""
+    spec = given if given is not None else schema.GrantLimits.model_validate({})
+    if not spec.enabled:
+        return None
+    return GrantLimits(max_for_s=spec.max_for, max_uses=spec.max_uses)
 
 
 def _check_raw_rules(raw: dict[str, Any], problem: Callable[[str, Loc], None]) -> None:
@@ -209,6 +219,8 @@ class _Builder:
                     reason=reason,
                     review=review,
                     enabled=r.enabled,
+                    grants=(r.grants if r.grants is not None else (r.risk or self.spec.default_risk) != "critical")
+                    if r.outcome == "review" else False,
                 )
             )
         return tuple(out)

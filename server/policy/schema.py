@@ -80,6 +80,22 @@ class EscalationStep(_Strict):
         return self
 
 
+class GrantLimits(_Strict):
+    """The bounds of every standing grant (`review: {grants: {max_for: 8h, max_uses: 100}}`): a reviewer asking for
+    more is refused, never clamped. `review: {grants: false}` forbids grants under the whole policy."""
+
+    enabled: bool = True
+    max_for: Duration = 8 * 3600.0
+    max_uses: int = Field(100, ge=1, le=100_000)
+
+    @field_validator("max_for")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("max_for must be a positive duration")
+        return v
+
+
 class ReviewBlock(_Strict):
     """Review settings; a rule's block overrides the policy's `review:` defaults field by field."""
 
@@ -88,6 +104,9 @@ class ReviewBlock(_Strict):
     require_reason: bool | None = None
     channels: tuple[str, ...] | None = None
     escalation: tuple[EscalationStep, ...] | str | None = None
+    grants: Annotated[GrantLimits | None, BeforeValidator(
+        lambda v: {"enabled": v} if isinstance(v, bool) else v)] = None
+    """Policy level only: the bounds of standing grants, or false to forbid them (a rule says `grants: false`)."""
 
     @field_validator("approvers")
     @classmethod
@@ -116,6 +135,9 @@ class RuleSpec(_Strict):
     risk: RiskLevel | None = None  # None: the policy's default_risk
     reason: str | None = None
     review: ReviewBlock | None = None
+    grants: bool | None = None
+    """Whether a reviewer may turn an approval under this rule into a standing grant (None: yes, unless the rule's
+    risk is critical)."""
     enabled: bool = True
 
     @field_validator("id")
@@ -145,6 +167,11 @@ class RuleSpec(_Strict):
     def _review_only_for_review(self) -> RuleSpec:
         if self.review is not None and self.outcome != "review":
             raise ValueError(f"review: settings only apply to outcome review (this rule's outcome is {self.outcome})")
+        if self.grants is not None and self.outcome != "review":
+            raise ValueError(f"grants: only applies to outcome review (this rule's outcome is {self.outcome})")
+        if self.review is not None and self.review.grants is not None:
+            raise ValueError("review.grants (the bounds of grants) is set in the policy's top-level review: block; "
+                             "a rule forbids grants with grants: false")
         return self
 
 

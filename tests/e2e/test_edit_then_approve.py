@@ -150,9 +150,14 @@ async def test_reviewer_bodies_are_strict_and_bad_edits_are_refused_without_chan
         async with client_call(client, "sql_execute", sent) as call:
             req = await api.wait_pending("sql_execute")
             path = f"/api/requests/{req['id']}"
-            # A field keyturn does not know is refused, naming it, never ignored (a standing grant is not yet one).
-            grant = await api.request("POST", path + "/approve", "alice", {"reason": "ok", "grant": {"for": "1h"}})
-            assert grant.status_code == 400 and grant.json()["fields"] == ["grant"] and "grant" in grant.json()["error"]
+            # A field keyturn does not know is refused, naming it, never ignored: at the top and inside a grant.
+            grants = await api.request("POST", path + "/approve", "alice", {"reason": "ok", "grants": {"for": "1h"}})
+            assert grants.status_code == 400 and grants.json()["fields"] == ["grants"]
+            assert "grants" in grants.json()["error"]
+            grant = await api.request("POST", path + "/approve", "alice",
+                                      {"reason": "ok", "grant": {"for": "1h", "uses": 1, "scope": "all"}})
+            assert grant.status_code == 400 and grant.json()["fields"] == ["grant.scope"]
+            assert "scope" in grant.json()["error"]
             tool = await edit(api, req["id"], "alice", {"statement": "SELECT 1"}, tool="sql_query")
             assert tool.status_code == 400 and tool.json()["fields"] == ["tool"]
             deny = await api.request("POST", path + "/deny", "alice", {"reason": "no", "arguments": sent})

@@ -86,6 +86,8 @@ def inbox_routes(kt: Keyturn) -> list[BaseRoute]:
         Route("/inbox/events", site.signed_in(live.events, api=True), methods=["GET"]),
         Route("/inbox/requests/{request_id}", site.signed_in(pages.request_page), methods=["GET"]),
         Route("/inbox/requests/{request_id}/vote", site.signed_in(pages.vote), methods=["POST"]),
+        Route("/inbox/grants", site.signed_in(pages.grants_page), methods=["GET"]),
+        Route("/inbox/grants/{grant_id}/revoke", site.signed_in(pages.revoke_grant), methods=["POST"]),
         Route("/audit", site.signed_in(audit.page), methods=["GET"]),
         Route("/audit/export.{fmt}", site.signed_in(audit.export), methods=["GET"]),
     ]

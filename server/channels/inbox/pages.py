@@ -2,7 +2,8 @@
 
 A vote is reported to the broker with the session's verified identity and channel "web"; the
 broker alone judges it (eligibility, self-approval, quorum), exactly as for every other channel. A request's page
-offers to edit the arguments, then approve (`server.approvals.edits`).
+offers to edit the arguments, then approve (`server.approvals.edits`), and to approve with a standing grant for
+calls like it (`server.approvals.grants`); the grants page lists the live grants, each with a revoke form.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from server.approvals.edits import has_masked
+from server.approvals.grants import grant_json, proposal_for, revoke
 from server.channels.api import MAX_REASON, submit_verdict
 from server.channels.bodies import BodyRefused
 from server.channels.inbox.render import Card, card, timeline
@@ -36,8 +38,9 @@ from server.models import RequestView
 log = logging.getLogger(__name__)
 
 MAX_TOKEN = 512
-VOTE_FIELDS = frozenset({"csrf", "back", "reason", "verdict", "arguments"})
+VOTE_FIELDS = frozenset({"csrf", "back", "reason", "verdict", "arguments", "grant_for", "grant_uses", "grant_when"})
 """What a vote form may hold; anything else is refused, never ignored."""
+REVOKE_FIELDS = frozenset({"csrf", "reason"})
 INBOX_LIMIT = 200
 
 
@@ -143,7 +146,8 @@ class Pages:
     # -- one request ---------------------------------------------------------------------------
 
     async def request_page(self, request: Request, session: Session, *, status: int = 200,
-                           error: str | None = None, reason: str = "", arguments_text: str = "") -> Response:
+                           error: str | None = None, reason: str = "", arguments_text: str = "",
+                           grant: dict[str, str] | None = None) -> Response:
         view = await self.kt.ledger.get_call(request.path_params["request_id"])
         if view is None:
             return self.site.page(request, "error.html", session, status=404, title="Not found",
@@ -153,9 +157,12 @@ class Pages:
         # An edit is offered while nobody has voted, once, and only for arguments keyturn did not mask.
         editable = (view.state == "pending" and not view.votes and edit is None and not has_masked(view.arguments)
                     and self.kt.find_tool(view.tool) is not None)
+        # A grant is offered while the request is pending and was not edited (the policy's word is the broker's).
+        proposal = proposal_for(view, events) if view.state == "pending" else None
         return self.site.page(request, "request.html", session, status=status, title=f"Request {view.id[:12]}",
                               card=self._card(view, session), entries=timeline(events), error=error, reason=reason,
-                              edit=edit, editable=editable, arguments_text=arguments_text)
+                              edit=edit, editable=editable, arguments_text=arguments_text, proposal=proposal,
+                              grant=grant or {})
 
     async def vote(self, request: Request, session: Session) -> Response:
         request_id = request.path_params["request_id"]
@@ -190,14 +197,61 @@ class Pages:
                 return await self.request_page(request, session, status=400, reason=text, arguments_text=edited_text,
                                                error="The edited arguments must be a JSON object (the whole "
                                                      "arguments, as they are to run).")
+        grant_form = {k: v.strip() for k in ("grant_for", "grant_uses", "grant_when")
+                      if isinstance(v := form.get(k), str)}
+        grant: dict[str, object] | None = None
+        if grant_form:
+            uses = grant_form.get("grant_uses", "")
+            if verdict != "approve" or not uses.isdigit() or len(uses) > 9 or not grant_form.get("grant_for"):
+                return await self.request_page(request, session, status=400, reason=text, grant=grant_form,
+                                               error="A standing grant needs how long it lasts (e.g. 1h) and how "
+                                                     "many calls it covers (a whole number), with an approval.")
+            grant = {"for": grant_form["grant_for"], "uses": int(uses)}
+            if grant_form.get("grant_when"):
+                grant["when"] = grant_form["grant_when"]
         outcome = await submit_verdict(self.kt, request_id, session.identity,
                                        "approve" if verdict == "approve" else "deny", text or None, channel="web",
-                                       arguments=arguments)
+                                       arguments=arguments, grant=grant)
         if not outcome.accepted:
             return await self.request_page(request, session, status=outcome.status, reason=text,
-                                           arguments_text=edited_text,
+                                           arguments_text=edited_text, grant=grant_form,
                                            error=f"Your vote was not counted: {outcome.message}")
         back = f"/inbox/requests/{request_id}" if form.get("back") == "request" else "/inbox"
         verb = "approved" if verdict == "approve" else "denied"
         return self.site.redirect(request, back, flash=f"You {verb} request {request_id[:12]}: {outcome.message}.",
                                   session=session)
+
+    # -- standing grants -----------------------------------------------------------------------
+
+    async def grants_page(self, request: Request, session: Session, *, status: int = 200,
+                          error: str | None = None) -> Response:
+        grants = [grant_json(g) for g in await self.kt.ledger.grants(live_only=True)]
+        return self.site.page(request, "grants.html", session, status=status, title="Standing grants", grants=grants,
+                              error=error)
+
+    async def revoke_grant(self, request: Request, session: Session) -> Response:
+        grant_id = request.path_params["grant_id"]
+        form = await read_form(request)
+        if not self.site.sessions.check_csrf(request, session, form.get("csrf")):
+            return harden(await self.grants_page(
+                request, session, status=403,
+                error="Refused: the form's security token is missing or wrong, or it came from another site."))
+        if unknown := sorted(set(form.keys()) - REVOKE_FIELDS):
+            return await self.grants_page(request, session, status=400, error=f"Refused: the form has field(s) "
+                                                                              f"keyturn does not know: "
+                                                                              f"{', '.join(unknown)}.")
+        reason = form.get("reason")
+        text = reason.strip() if isinstance(reason, str) else ""
+        if not text or len(text) > MAX_REASON:
+            return await self.grants_page(request, session, status=400,
+                                          error=f"Write why you revoke the grant (at most {MAX_REASON} characters).")
+        person = self.site.person(session)
+        if person is None:
+            return await self.grants_page(request, session, status=403,
+                                          error=f"{session.identity} is not a configured reviewer.")
+        refused = await revoke(self.kt.ledger, grant_id, person=person, reviewer=session.identity, reason=text,
+                               channel="web")
+        if refused is not None:
+            return await self.grants_page(request, session, status=404 if refused.code == "unknown" else 409,
+                                          error=f"Not revoked: {refused.message}")
+        return self.site.redirect(request, "/inbox/grants", flash=f"You revoked grant {grant_id}.", session=session)

@@ -19,6 +19,8 @@ DENY_ACTION = "keyturn_deny"
 EDIT_ACTION = "keyturn_edit"
 REASON_CALLBACK = "keyturn_reason"
 EDIT_CALLBACK = "keyturn_edit"
+REVOKE_ACTION = "keyturn_revoke_grant"
+REVOKE_CALLBACK = "keyturn_revoke_grant"
 ARGUMENTS_BLOCK = "arguments"
 ARGUMENTS_INPUT = "arguments"
 MAX_INPUT = 3000  # Slack's limit for a plain text input
@@ -195,6 +197,45 @@ def thread_line(event: Event) -> str | None:
     if event.kind == "abandoned":
         return f":ghost: Abandoned: {safe(str(p.get('reason') or ''))}"
     return None
+
+
+def grant_message(grant_id: str, p: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """A thread reply announcing a standing grant made from the request (`grant.created`'s payload), with a Revoke
+    button: (fallback text, blocks)."""
+    who = safe(str(p.get("principal"))) + (f" on behalf of *{safe(str(p['on_behalf_of']))}*"
+                                           if p.get("on_behalf_of") else "")
+    conditions = " && ".join(f"({c})" for c in p.get("conditions") or [])
+    text = (f":repeat: Standing grant `{safe(grant_id)}` by {', '.join(safe(str(a)) for a in p.get('approvers', []))}: "
+            f"up to {int(p.get('uses') or 0)} more call(s) of `{safe(str(p.get('tool')))}` by {who} like this one run "
+            f"without asking, until {_date(p.get('expires'))}.")
+    blocks: list[dict[str, Any]] = [
+        _section(text),
+        _section("*When*\n" + _code(_clip(mask(conditions), 1200))),
+        {"type": "actions", "block_id": "keyturn_grant", "elements": [
+            {"type": "button", "action_id": REVOKE_ACTION, "style": "danger", "value": grant_id,
+             "text": {"type": "plain_text", "text": "Revoke"}},
+        ]},
+    ]
+    return f"keyturn: standing grant {grant_id} made", blocks
+
+
+def revoke_modal(grant_id: str, metadata: dict[str, str]) -> dict[str, Any]:
+    """The modal that asks why a standing grant is revoked (a reason is required)."""
+    return {
+        "type": "modal",
+        "callback_id": REVOKE_CALLBACK,
+        "private_metadata": json.dumps(metadata, separators=(",", ":")),
+        "title": {"type": "plain_text", "text": "Revoke grant"},
+        "submit": {"type": "plain_text", "text": "Revoke"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "blocks": [
+            _section(f"Revoke standing grant `{safe(grant_id)}`? Later calls it would cover wait for a reviewer again."),
+            {"type": "input", "block_id": REASON_BLOCK, "label": {"type": "plain_text", "text": "Reason"},
+             "element": {"type": "plain_text_input", "action_id": REASON_INPUT, "multiline": True,
+                         "max_length": MAX_REASON,
+                         "placeholder": {"type": "plain_text", "text": "Recorded in the ledger"}}},
+        ],
+    }
 
 
 def reason_modal(view: RequestView, verdict: str, metadata: dict[str, str]) -> dict[str, Any]:

@@ -1,5 +1,7 @@
-"""The Slack reviewer channel: a Block Kit message per held call, Approve/Deny buttons, a reason modal, and an
-"Edit & approve" modal (the edited arguments are judged by the gate, `server.approvals.edits`).
+"""The Slack reviewer channel: a Block Kit message per held call, Approve/Deny buttons, a reason modal, an
+"Edit & approve" modal (the edited arguments are judged by the gate, `server.approvals.edits`), and, in the thread
+of a request an approval made a standing grant from, a message announcing the grant with a Revoke button
+(`server.approvals.grants`).
 
 Slack only delivers and reports. A click becomes a `Verdict` for the Slack identity of the clicking
 user (`identity`); `ApprovalBroker.decide` alone judges it, and a refusal is explained to that
@@ -29,6 +31,7 @@ from starlette.routing import BaseRoute, Route
 
 from server.approvals import ApprovalBroker
 from server.approvals.edits import EditRefused, ProposedEdit, has_masked
+from server.approvals.grants import revoke
 from server.channels.api import judge_edit
 from server.channels.bodies import BodyRefused, read_body, replay
 from server.channels.slack import blocks as ui
@@ -69,13 +72,15 @@ class SlackChannel:
         self.app.view(ui.REASON_CALLBACK)(self._on_reason)
         self.app.action(ui.EDIT_ACTION)(self._on_edit_click)
         self.app.view(ui.EDIT_CALLBACK)(self._on_edit)
+        self.app.action(ui.REVOKE_ACTION)(self._on_revoke_click)
+        self.app.view(ui.REVOKE_CALLBACK)(self._on_revoke)
         self.identities = SlackIdentities(client=self.client, broker=broker, settings=settings,
                                           map_email=config.map_email, timeout_s=config.post_timeout_s)
         self._messages: dict[str, list[tuple[str, str]]] = {}  # request id -> [(slack channel id, ts)]
         self._sent: dict[tuple[str, str], str] = {}  # (channel, ts) -> digest of what it shows
         self._posted: set[tuple[str, str]] = set()  # messages this process posted: it alone replies in their threads
         self._retry: dict[str, int] = {}
-        self._feed = ledger.follow(UPDATE_KINDS | {"notified"})
+        self._feed = ledger.follow(UPDATE_KINDS | {"notified", "grant.created"})
 
     # -- wiring ----------------------------------------------------------------------------------
 
@@ -212,6 +217,9 @@ class SlackChannel:
         for e in events:
             if e.call_id is None:
                 continue
+            if e.kind == "grant.created":
+                await self._announce_grant(e.call_id, e.payload)
+                continue
             if e.kind == "notified" and e.payload.get("channel") == "slack" and e.payload.get("ts"):
                 known = self._messages.get(e.call_id)
                 msg = (str(e.payload["slack_channel"]), str(e.payload["ts"]))
@@ -262,6 +270,16 @@ class SlackChannel:
                     self._posted.discard(msg)
         else:
             self._retry[request_id] = attempts
+
+    async def _announce_grant(self, grant_id: str, payload: dict[str, Any]) -> None:
+        """In the thread of each message of the request the grant came from (posted by this process: one reply), a
+        message announcing the grant, with a Revoke button."""
+        request_id = str(payload.get("request_id") or "")
+        text, blocks = ui.grant_message(grant_id, payload)
+        for channel, ts in await self._find_messages(request_id):
+            if (channel, ts) in self._posted:
+                await self._call("chat_postMessage", channel=channel, thread_ts=ts, text=text, blocks=blocks,
+                                 unfurl_links=False, unfurl_media=False)
 
     async def checkpoint_digest(self, checkpoint: Checkpoint, public_key: str) -> None:
         """A quiet line in the default channel with the latest signed checkpoint (a witness: once posted, a rewrite
@@ -371,6 +389,48 @@ class SlackChannel:
         user, identity = await self.identities.identify(body)
         await self._vote(Verdict(request_id=request_id, reviewer=identity, verdict="approve", reason=reason.strip(),
                                  channel="slack"), user, str(meta.get("c") or ""), edit)
+
+    async def _on_revoke_click(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        await ack()
+        grant_id = str(body["actions"][0].get("value") or "")
+        channel = str((body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id") or "")
+        modal = ui.revoke_modal(grant_id, {"g": grant_id, "c": channel})
+        if not await self._call("views_open", trigger_id=body["trigger_id"], view=modal):
+            user, _ = await self.identities.identify(body)
+            await self._ephemeral(channel, user, "keyturn could not open the revoke dialog; please try again.")
+
+    async def _on_revoke(self, ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
+        value = view["state"]["values"].get(ui.REASON_BLOCK, {}).get(ui.REASON_INPUT, {}).get("value") or ""
+        if not value.strip() or len(value) > ui.MAX_REASON:
+            await ack(response_action="errors",
+                      errors={ui.REASON_BLOCK: f"Please say why (at most {ui.MAX_REASON} characters)."})
+            return
+        await ack()
+        try:
+            meta = json.loads(view.get("private_metadata") or "{}")
+        except (TypeError, ValueError):
+            meta = None
+        if not isinstance(meta, dict):
+            log.warning("slack: a revoke submission without keyturn's metadata was ignored")
+            return
+        user, identity = await self.identities.identify(body)
+        channel, grant_id = str(meta.get("c") or ""), str(meta.get("g") or "")
+        person = self.broker.directory.person(identity)
+        if person is None:
+            await self._ephemeral(channel, user, ":no_entry_sign: Not revoked: you are not a configured reviewer.")
+            return
+        try:
+            refused = await revoke(self.ledger, grant_id, person=person, reviewer=identity, reason=value.strip(),
+                                   channel="slack")
+        except LedgerError:
+            log.exception("slack: ledger failure while revoking a grant")
+            await self._ephemeral(channel, user, "keyturn could not record the revocation (ledger unavailable); the "
+                                                 "grant still stands. Please try again.")
+            return
+        if refused is not None:
+            await self._ephemeral(channel, user, f":no_entry_sign: Not revoked: {ui.escape(refused.message)}")
+        else:
+            await self._ephemeral(channel, user, f":wastebasket: Grant `{ui.escape(grant_id)}` revoked.")
 
     async def _vote(self, verdict: Verdict, user: str, channel: str,
                     edit: ProposedEdit | EditRefused | None = None) -> None:

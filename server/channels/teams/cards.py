@@ -33,6 +33,7 @@ from server.models import RequestView
 
 APPROVE_VERB = "keyturn.approve"
 DENY_VERB = "keyturn.deny"
+REVOKE_VERB = "keyturn.revokeGrant"
 REASON_INPUT = "reason"
 MAX_ARGUMENTS_CHARS = 3000
 MAX_REASON = 2000
@@ -162,6 +163,33 @@ def request_card(view: RequestView, *, notice: str | None = None, notice_ok: boo
         actions = [OpenUrlAction(title="Open", url=open_url)]
     return AdaptiveCard(version="1.5", body=body, actions=list(actions) or None,
                         fallback_text=f"keyturn: {title}: {view.tool} ({view.id})")
+
+
+def grant_card(grant_id: str, p: dict[str, Any], *, notice: str | None = None, notice_ok: bool = False,
+               live: bool = True) -> AdaptiveCard:
+    """The card announcing a standing grant (`grant.created`'s payload `p`), with a reason input and **Revoke**
+    while `live`. Everything from the agent side or a reviewer goes into `TextRun`s."""
+    who = str(p.get("principal")) + (f" on behalf of {p['on_behalf_of']}" if p.get("on_behalf_of") else "")
+    body: list[CardElement] = [
+        TextBlock(text="keyturn: standing grant" + ("" if live else " (ended)"), weight="Bolder", size="Medium",
+                  wrap=True, color="Good" if live else "Default"),
+    ]
+    if notice:
+        body.append(_runs(TextRun(text=notice, color="Good" if notice_ok else "Attention")))
+    body += [_fact("Grant", grant_id), _fact("Tool", str(p.get("tool"))), _fact("Agent", who),
+             _fact("Approved by", ", ".join(str(a) for a in p.get("approvers") or [])),
+             _fact("From request", str(p.get("request_id"))),
+             _fact("Covers", f"up to {int(p.get('uses') or 0)} call(s) until {format_time(p.get('expires'))}"),
+             TextBlock(text="When", weight="Bolder", spacing="Medium", wrap=True),
+             _runs(TextRun(text=" && ".join(f"({c})" for c in p.get("conditions") or [])[:MAX_ARGUMENTS_CHARS],
+                           font_type="Monospace"))]
+    actions: list[ExecuteAction] = []
+    if live:
+        body.append(TextInput(id=REASON_INPUT, label="Reason (required to revoke)", is_multiline=True,
+                              max_length=MAX_REASON, placeholder="Why this grant should end now"))
+        actions = [ExecuteAction(title="Revoke", verb=REVOKE_VERB, data={"grant_id": grant_id}, style="destructive")]
+    return AdaptiveCard(version="1.5", body=body, actions=list(actions) or None,
+                        fallback_text=f"keyturn: standing grant {grant_id} for {p.get('tool')}")
 
 
 def checkpoint_card(line: str) -> AdaptiveCard:

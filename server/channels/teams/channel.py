@@ -8,6 +8,10 @@ outcome. Each sent card's activity id is recorded in the ledger (a `notified` ev
 re-renders the cards of every request that changes, whichever keyturn process changed it (expired,
 executed, failed, a vote through another channel), so Teams slowness never holds up a decision.
 
+A standing grant made from a request whose card this process sent is announced by a card of its own, with
+**Revoke** (an `Action.Execute` too; a reason is required; `server.approvals.grants.revoke` judges nothing but that
+the grant is live: any configured reviewer may end one).
+
 Without a bot, an incoming webhook gets a card whose "Open" link leads to a signed, single-use
 decision page (`decision_link`, `decision_page`).
 """
@@ -32,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from server.approvals.grants import revoke
 from server.channels.api import submit_verdict
 from server.channels.bodies import BodyRefused, read_body
 from server.channels.teams import cards as ui
@@ -81,7 +86,8 @@ class TeamsChannel:
         self._sent: dict[str, str] = {}  # request id -> digest of the card last sent
         self._local: dict[int, Event] = {}  # changes made in this process (webhook follow-ups)
         self._retry: dict[str, int] = {}  # request id -> failed card updates so far (tried again next round)
-        self._feed = ledger.follow(UPDATE_KINDS)
+        self._posted: set[str] = set()  # requests whose card this process sent: it alone announces their grants
+        self._feed = ledger.follow(UPDATE_KINDS | {"grant.created"})
 
     # -- outbound (Notifier) ---------------------------------------------------------------------
 
@@ -102,6 +108,7 @@ class TeamsChannel:
             else:
                 self._cards[request.id] = (self.config.conversation_id, activity_id)
                 self._sent[request.id] = _digest(card)
+                self._posted.add(request.id)
                 await self.ledger.append("notified", request.id, {
                     "channel": "teams", "conversation_id": self.config.conversation_id, "activity_id": activity_id})
         if self.config.webhook_url:
@@ -145,7 +152,9 @@ class TeamsChannel:
         events = await self._feed.read()
         touched: dict[str, list[Event]] = {}
         for e in events:
-            if e.call_id is not None:
+            if e.kind == "grant.created" and e.call_id is not None:
+                await self._announce_grant(e.call_id, e.payload)
+            elif e.call_id is not None:
                 touched.setdefault(e.call_id, []).append(e)
         for e in list(self._local.values()):  # reported after this follower had already passed them
             if e.call_id is not None and e.seq <= (self._feed.last_seq or 0):
@@ -154,6 +163,15 @@ class TeamsChannel:
             touched.setdefault(request_id, [])
         for request_id, changes in touched.items():
             await self._refresh(request_id, changes)
+
+    async def _announce_grant(self, grant_id: str, payload: dict[str, Any]) -> None:
+        request_id = str(payload.get("request_id") or "")
+        if self.connector is None or not self.config.conversation_id or request_id not in self._posted:
+            return
+        try:
+            await self.connector.send_card(self.config.conversation_id, ui.grant_card(grant_id, payload))
+        except (ChannelError, ValueError, KeyError) as e:
+            log.warning("teams: could not announce grant %s: %s", grant_id, e)
 
     async def _find_card(self, request_id: str) -> tuple[str, str] | None:
         if request_id not in self._cards:
@@ -248,6 +266,8 @@ class TeamsChannel:
     async def _on_action(self, invoke: AdaptiveCardInvokeActivity) -> dict[str, Any]:
         """Report the click as a verdict with the verified identity; answer with the card redrawn for the clicker."""
         data = invoke.value.action.data
+        if invoke.value.action.verb == ui.REVOKE_VERB:
+            return await self._on_revoke(invoke, data)
         verdict = {ui.APPROVE_VERB: "approve", ui.DENY_VERB: "deny"}.get(invoke.value.action.verb or "")
         request_id, reason = data.get("request_id"), data.get(ui.REASON_INPUT)
         if verdict is None or not isinstance(request_id, str):
@@ -264,6 +284,32 @@ class TeamsChannel:
         notice = (f"You {'approved' if verdict == 'approve' else 'denied'}: {outcome.message}." if outcome.accepted
                   else f"Your vote was not counted: {outcome.message}")
         return ui.invoke_card(ui.request_card(view, notice=notice, notice_ok=outcome.accepted))
+
+
+    async def _on_revoke(self, invoke: AdaptiveCardInvokeActivity, data: dict[str, Any]) -> dict[str, Any]:
+        """Revoke a standing grant for the verified reviewer; answer with the grant's card redrawn for them."""
+        grant_id, reason = data.get("grant_id"), data.get(ui.REASON_INPUT)
+        row = await self.ledger.grant(grant_id) if isinstance(grant_id, str) else None
+        if row is None or not isinstance(grant_id, str):
+            return ui.invoke_error(404, f"keyturn has no grant {grant_id}")
+        spec = json.loads(row["spec"])
+        identity = reviewer_identity(invoke)
+        person = self.kt.broker.directory.person(identity) if identity is not None else None
+        text = reason.strip() if isinstance(reason, str) else ""
+        if person is None or identity is None:
+            notice = "Not revoked: you are not a configured reviewer (or Teams did not say who you are)."
+        elif not text or len(text) > ui.MAX_REASON:
+            notice = f"Not revoked: write why (at most {ui.MAX_REASON} characters)."
+        else:
+            refused = await revoke(self.ledger, grant_id, person=person, reviewer=identity, reason=text,
+                                   channel="teams")
+            if refused is None:
+                return ui.invoke_card(ui.grant_card(grant_id, spec, notice=f"You revoked this grant: {text}",
+                                                    notice_ok=True, live=False))
+            notice = f"Not revoked: {refused.message}"
+        now = await self.ledger.grant(grant_id)
+        return ui.invoke_card(ui.grant_card(grant_id, spec, notice=notice,
+                                            live=now is not None and now["state"] == "live"))
 
 
 def _digest(card: AdaptiveCard) -> str:

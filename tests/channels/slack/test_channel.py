@@ -15,6 +15,7 @@ import pytest
 from starlette.applications import Starlette
 
 from server.approvals import ApprovalBroker, ReviewerDirectory
+from server.approvals.grants import GrantSpec, ProposedGrant
 from server.channels.slack.channel import SlackChannel
 from server.channels.slack.config import SlackConfig, SlackSecrets
 from server.config import Person, Reviewer, Settings
@@ -284,3 +285,52 @@ async def test_socket_mode_receives_clicks_without_a_public_url(tmp_path: Path, 
             socket.stop()
     assert socket.acks[0]["envelope_id"] == "env-1"
     assert fake_slack.of("apps.connections.open")[0].token == APP_TOKEN
+
+
+def revoke_submission(metadata: str, reason: str, user: str) -> dict[str, Any]:
+    payload = view_submission(metadata, reason, user)
+    payload["view"]["callback_id"] = "keyturn_revoke_grant"
+    return payload
+
+
+async def test_a_grant_is_announced_in_its_requests_thread_and_revoked_with_its_button(rig: Rig) -> None:
+    await rig.hold("r1")
+    message = next(e.payload for e in await rig.ledger.events("r1") if e.payload.get("ts"))
+    grant = ProposedGrant(spec=GrantSpec(600, 3), conditions=('args == {"statement": "DELETE FROM orders"}',),
+                          rules=("writes",), risk="high", review=ReviewSpec().model_dump(mode="json"),
+                          policy_digest="p" * 64)
+    result = await rig.broker.decide(Verdict(request_id="r1", reviewer=f"slack:{TEAM}/UALICE", verdict="approve"),
+                                     grant=grant)
+    assert result.accepted and "standing grant" in result.message, result
+    (row,) = await rig.ledger.grants()
+    await rig.channel.catch_up()
+    reply = await rig.fake.wait_for("chat.postMessage", lambda c: c.args.get("thread_ts") == message["ts"]
+                                    and "keyturn_revoke_grant" in message_text(c.args))
+    shown = message_text(reply.args)
+    assert row["id"] in shown and "alice" in shown and "up to 3 more call(s)" in shown
+    assert reply.args["channel"] == message["slack_channel"]
+
+    # A forged click revokes nothing; a signed one opens the reason dialog; a blank reason is refused there.
+    forged = await rig.click(block_action(row["id"], "keyturn_revoke_grant", "UCAROL"), secret="not-the-secret")
+    assert forged.status_code == 401
+    await rig.click(block_action(row["id"], "keyturn_revoke_grant", "UCAROL", trigger_id="trig-9"))
+    opened = await rig.fake.wait_for("views.open", lambda c: c.args["trigger_id"] == "trig-9")
+    assert opened.args["view"]["callback_id"] == "keyturn_revoke_grant"
+    metadata = opened.args["view"]["private_metadata"]
+    blank = await rig.click(revoke_submission(metadata, "  ", "UCAROL"))
+    assert blank.json()["response_action"] == "errors"
+    assert (await rig.ledger.grant(row["id"]))["state"] == "live"  # type: ignore[index]
+    # Someone who is not a reviewer cannot revoke; a reviewer can, and it is chained with who and why.
+    await rig.click(revoke_submission(metadata, "mine now", "UNOBODY"))
+    await rig.fake.wait_for("chat.postEphemeral", lambda c: c.args["user"] == "UNOBODY")
+    ok = await rig.click(revoke_submission(metadata, "the migration is done", "UCAROL"))
+    assert ok.status_code == 200
+    events = await until_event(rig.ledger, row["id"], "grant.revoked")
+    revoked = next(e.payload for e in events if e.kind == "grant.revoked")
+    assert (revoked["person"], revoked["reviewer"], revoked["channel"], revoked["reason"]) == (
+        "carol", f"slack:{TEAM}/UCAROL", "slack", "the migration is done")
+    await rig.fake.wait_for("chat.postEphemeral", lambda c: c.args["user"] == "UCAROL" and "revoked" in c.args["text"])
+    again = await rig.click(revoke_submission(metadata, "twice", "UCAROL"))
+    assert again.status_code == 200
+    await rig.fake.wait_for("chat.postEphemeral", lambda c: "not live" in c.args["text"])
+    assert [e.kind for e in await rig.ledger.events(row["id"])] == ["grant.created", "grant.revoked"]

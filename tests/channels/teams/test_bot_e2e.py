@@ -4,6 +4,7 @@ Connector receiving the card, and reviewers clicking Approve / Deny as signed `a
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from typing import Any
 
@@ -13,7 +14,7 @@ from mcp import Client
 
 from tests.channels.teams.conftest import APP_PASSWORD, LINK_SECRET, OIDS, TENANT, TeamsHome, card_text, new_key, request_id_of
 from tests.conftest import TOKENS, ReviewerAPI, agent_client
-from tests.helpers import eventually
+from tests.helpers import client_call, eventually
 
 TERMINAL = {"executed", "failed", "denied", "expired", "cancelled", "abandoned"}
 
@@ -332,3 +333,60 @@ async def test_an_approver_changes_their_mind_in_teams_and_a_deny_stays_final(te
     assert changes == [("approve", None), ("deny", "approve")]
     assert [v["code"] for v in votes(th, request_id) if "code" in v] == ["not_pending"]
     assert terminal(th, request_id) == ["denied"]
+
+
+def revoke_invoke(th: TeamsHome, grant_id: str, person: str | None, reason: str | None) -> dict[str, Any]:
+    activity = th.invoke("unused", "revokeGrant", person, reason)
+    data = activity["value"]["action"]["data"]
+    del data["request_id"]
+    data["grant_id"] = grant_id
+    return activity
+
+
+async def test_a_grant_made_from_a_request_gets_a_card_whose_revoke_ends_it(teams_home: TeamsHome) -> None:
+    th = teams_home
+    base = th.serve()
+    api = ReviewerAPI(base)
+    async with agent_client(base) as client:
+        async with client_call(client, "sql_execute", {"statement": "UPDATE orders SET qty = 1 WHERE id = 1"}) as call:
+            request_id = request_id_of(await th.wait_card("sql_execute"))
+            r = await api.request("POST", f"/api/requests/{request_id}/approve", "alice",
+                                  {"reason": "qty fixes", "grant": {"for": "1h", "uses": 3}})
+            assert r.status_code == 200, r.text
+        assert not (await call.result()).is_error
+        announced = await eventually(lambda: next(
+            (c for c in th.fake.cards_sent() if "standing grant" in card_text(c)), None))
+        grant_id = announced["actions"][0]["data"]["grant_id"]
+        assert [a["verb"] for a in announced["actions"]] == ["keyturn.revokeGrant"]
+        shown = card_text(announced)
+        assert grant_id in shown and "alice" in shown and request_id in shown and "up to 3 call(s)" in shown
+        ran = await client.call_tool("sql_execute", {"statement": "UPDATE orders SET qty = 2 WHERE id = 1"})
+        assert not ran.is_error and grant_id in text(ran)
+
+        # Unauthenticated, unknown people and blank reasons revoke nothing.
+        assert (await th.post(revoke_invoke(th, grant_id, "carol", "x"), token=None)).status_code == 401
+        stranger = (await th.post(revoke_invoke(th, grant_id, "mallory", "mine"))).json()
+        assert "Not revoked" in card_text(stranger["value"])
+        blank = (await th.post(revoke_invoke(th, grant_id, "carol", "  "))).json()
+        assert "Not revoked" in card_text(blank["value"]) and blank["value"]["actions"]
+        assert not any(e["kind"] == "grant.revoked" for e in th.home.ledger_events(grant_id))
+        r = await th.post(revoke_invoke(th, grant_id, "carol", "the migration is done"))
+        body = r.json()
+        assert body["statusCode"] == 200 and "You revoked this grant" in card_text(body["value"])
+        assert not body["value"].get("actions")
+        again = (await th.post(revoke_invoke(th, grant_id, "carol", "twice"))).json()
+        assert "not live" in card_text(again["value"])
+        revoked = [e["payload"] for e in th.home.ledger_events(grant_id) if e["kind"] == "grant.revoked"]
+        assert [(p["person"], p["channel"], p["reason"]) for p in revoked] == [
+            ("carol", "teams", "the migration is done")]
+
+        # Revoked: the next call like it waits for a reviewer again.
+        async with client_call(client, "sql_execute", {"statement": "UPDATE orders SET qty = 3 WHERE id = 1"}) as call:
+            def second_request_card() -> dict[str, Any] | None:
+                cards = [c for c in th.fake.cards_sent() if "request_id" in json.dumps(c.get("actions"))]
+                return cards[1] if len(cards) > 1 else None
+
+            held = request_id_of(await eventually(second_request_card))
+            assert (await api.vote(held, "deny", "alice", "revoked")).status_code == 200
+        assert (await call.result()).is_error
+    assert th.home.rows("SELECT qty FROM orders WHERE id = 1") == [(2,)]
