@@ -70,6 +70,7 @@ class PostgresStore:
         self.where = safe_url(url)
         self._pool = Pool(url, pool_size, connect_timeout_s)
         self._listeners: list[Listener] = []
+        self._chain_watch = chain.ChainWatch()
         self.write_timers: list[Callable[[float], None]] = []
         """Each called with a committed write's duration in seconds, waiting for its turn included (metrics)."""
         self._followers: weakref.WeakSet[Subscription] = weakref.WeakSet()
@@ -353,7 +354,7 @@ class PostgresStore:
         return await self._read(queries.head_seq)
 
     async def call_chain(self, call_id: str) -> tuple[list[Event], str | None]:
-        rows, broken = await self._read(lambda conn: chain.call_chain(conn, call_id), long=True)
+        rows, broken = await self._read(lambda conn: self._chain_watch.call_chain(conn, call_id), long=True)
         return [row_to_event(r) for r in rows], broken
 
     async def verify(self) -> chain.VerifyResult:

@@ -49,6 +49,7 @@ class SqliteStore:
         self.path = Path(path)
         self._db = Database(self.path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms)
         self._listeners: list[Listener] = []
+        self._chain_watch = chain.ChainWatch()
         self.write_timers: list[Callable[[float], None]] = []
         """Each called with a committed write's duration in seconds, queueing for the writer included (metrics)."""
 
@@ -298,9 +299,10 @@ class SqliteStore:
         return await self._read(queries.head_seq)
 
     async def call_chain(self, call_id: str) -> tuple[list[Event], str | None]:
-        """The chained events of `call_id`, read with the whole stretch of the chain they span checked (see
-        `chain.call_chain`). Returns (events, None), or ([], the first break)."""
-        rows, broken = await self._read(lambda conn: chain.call_chain(conn, call_id), long=True)
+        """The chained events of `call_id`, read with the chain they span checked (see `chain.ChainWatch`: what was
+        appended since the last proof, and the call's own events against the hashes they were verified with).
+        Returns (events, None), or ([], the first break)."""
+        rows, broken = await self._read(lambda conn: self._chain_watch.call_chain(conn, call_id), long=True)
         return [row_to_event(r) for r in rows], broken
 
     async def verify(self) -> chain.VerifyResult:

@@ -184,3 +184,34 @@ async def test_a_version_1_ledger_is_migrated_and_open_requests_are_found_by_the
         assert max(r[0] for r in conn.execute("SELECT version FROM schema_version")) == len(MIGRATIONS)
     assert "calls_open_same" in indexes and "calls_same" not in indexes and "events_kind" not in indexes
     assert "calls_open_same" in plan
+
+
+async def test_a_call_s_chain_is_proven_against_what_this_process_verified(stores: Stores) -> None:
+    """`call_chain` verifies what was appended since its last proof, and checks the call's own events against the
+    hashes they had when verified: an event changed later, even with its own hash recomputed, or removed, is named,
+    at every proof that meets it."""
+    from server.canonical import canonical_json
+    from server.ledger.chain import event_hash
+
+    async with stores.new() as ledger:
+        for i in range(3):
+            await ledger.append("call.received", "a", {"i": i})
+            await ledger.append("vote", "b", {"i": i})
+        events, broken = await ledger.call_chain("a")
+        assert broken is None and [e.seq for e in events] == [1, 3, 5]
+        await ledger.append("vote", "b", {"i": 3})
+        events, broken = await ledger.call_chain("b")
+        assert broken is None and [e.seq for e in events] == [2, 4, 6, 7]
+
+        [(prev, ts)] = stores.tamper("SELECT prev_hash, ts FROM events WHERE seq = 4")
+        forged = canonical_json({"i": 99})
+        stores.tamper(f"UPDATE events SET payload = '{forged}', "
+                      f"hash = '{event_hash(prev, 4, float(ts), 'vote', 'b', forged)}' WHERE seq = 4")
+        for _ in range(2):
+            assert await ledger.call_chain("b") == ([], "event 4 (vote) changed after it was verified")
+        stores.tamper("DELETE FROM events WHERE seq = 3")
+        assert await ledger.call_chain("a") == ([], "event 3 is missing from the chain")
+        assert await ledger.call_chain("a") == ([], "event 3 is missing from the chain")
+        await ledger.append("vote", "c", {})  # a call whose own stretch is whole is still proven
+        events, broken = await ledger.call_chain("c")
+        assert broken is None and [e.seq for e in events] == [8]
