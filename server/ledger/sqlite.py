@@ -29,7 +29,7 @@ from server.ledger.db import Database
 from server.ledger.feed import Listener, Subscription
 from server.ledger.queries import CALL_STATES_CHUNK, CallFilter, Row, row_to_event
 from server.ledger.schema import migrate
-from server.ledger.tx import Tx
+from server.ledger.tx import StaleHead, Tx
 from server.models import Event, RequestView, ReviewSpec
 
 if TYPE_CHECKING:
@@ -50,6 +50,7 @@ class SqliteStore:
         self._db = Database(self.path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms)
         self._listeners: list[Listener] = []
         self._chain_watch = chain.ChainWatch()
+        self._head: tuple[int, str] | None = None  # the chain's head as this process's last append committed it
         self.write_timers: list[Callable[[float], None]] = []
         """Each called with a committed write's duration in seconds, queueing for the writer included (metrics)."""
 
@@ -104,8 +105,8 @@ class SqliteStore:
         Any failure rolls back and raises `LedgerError`; callers treat that as "nothing may run".
         """
 
-        def unit(conn: sqlite3.Connection) -> tuple[T, list[Event]]:
-            tx = Tx(conn=conn, now=time.time())
+        def attempt(conn: sqlite3.Connection, known_head: tuple[int, str] | None) -> tuple[T, list[Event]]:
+            tx = Tx(conn=conn, now=time.time(), known_head=known_head)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = body(tx)
@@ -115,7 +116,17 @@ class SqliteStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            if tx.head is not None:
+                self._head = tx.head
             return result, tx.appended
+
+        def unit(conn: sqlite3.Connection) -> tuple[T, list[Event]]:
+            # The head this connection committed last saves reading it, unless another process appended since.
+            try:
+                return attempt(conn, self._head)
+            except StaleHead:
+                self._head = None
+                return attempt(conn, None)
 
         started = time.perf_counter()
         try:

@@ -24,12 +24,23 @@ if TYPE_CHECKING:
     from server.ledger.checkpoints import Checkpoint
 
 
+class StaleHead(Exception):
+    """The head a transaction was given (`Tx.known_head`) is not the chain's head: another process appended since.
+    The transaction is rolled back and run again, reading the head."""
+
+
 @dataclass
 class Tx:
-    """A write transaction in progress (see `Ledger.transaction`)."""
+    """A write transaction in progress (see `Ledger.transaction`).
+
+    `known_head`, when given, is the chain's head as this connection last committed it: the first append links to it
+    without reading the head. If another process appended since, the event's sequence number is taken already and
+    its insert fails (`StaleHead`): nobody else can append while this transaction holds the write lock, so an insert
+    that succeeds is the chain's next event."""
 
     conn: sqlite3.Connection
     now: float
+    known_head: tuple[int, str] | None = None
     appended: list[Event] = field(default_factory=list)
     _head: tuple[int, str] | None = None
     _finishing: bool = False  # inside `finish`: the one place a terminal event is written
@@ -37,22 +48,36 @@ class Tx:
     def append(self, kind: str, call_id: str | None, payload: dict[str, Any]) -> Event:
         if kind in TERMINAL_EVENTS and not self._finishing:
             raise LedgerError(f"a call's end ({kind}) is written by finish, with its state change")
+        guessed = self._head is None and self.known_head is not None
         if self._head is None:
-            row = self.conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
-            self._head = (row[0], row[1]) if row else (0, GENESIS)
+            if self.known_head is not None:
+                self._head = self.known_head
+            else:
+                row = self.conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+                self._head = (row[0], row[1]) if row else (0, GENESIS)
         seq, prev = self._head[0] + 1, self._head[1]
         payload_json = canonical_json(payload)
         h = event_hash(prev, seq, self.now, kind, call_id, payload_json)
-        self.conn.execute(
-            "INSERT INTO events(seq, ts, kind, call_id, payload, prev_hash, hash) VALUES (?,?,?,?,?,?,?)",
-            (seq, self.now, kind, call_id, payload_json, prev, h),
-        )
+        try:
+            self.conn.execute(
+                "INSERT INTO events(seq, ts, kind, call_id, payload, prev_hash, hash) VALUES (?,?,?,?,?,?,?)",
+                (seq, self.now, kind, call_id, payload_json, prev, h),
+            )
+        except sqlite3.IntegrityError as e:
+            if guessed:
+                raise StaleHead(f"event {seq} exists already") from e
+            raise
         self._head = (seq, h)
         # Built from values just written (not validated again): this runs for every event.
         event = Event.model_construct(seq=seq, ts=self.now, kind=kind, call_id=call_id, payload=dict(payload),
                                       prev_hash=prev, hash=h)
         self.appended.append(event)
         return event
+
+    @property
+    def head(self) -> tuple[int, str] | None:
+        """The chain's head after this transaction's appends (None when it appended nothing)."""
+        return self._head if self.appended else None
 
     def write_head(self) -> None:
         """Record the chain's new head, once per transaction (just before its commit)."""

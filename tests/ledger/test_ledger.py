@@ -215,3 +215,20 @@ async def test_a_call_s_chain_is_proven_against_what_this_process_verified(store
         await ledger.append("vote", "c", {})  # a call whose own stretch is whole is still proven
         events, broken = await ledger.call_chain("c")
         assert broken is None and [e.seq for e in events] == [8]
+
+
+async def test_a_store_whose_last_head_is_stale_appends_after_the_other_s_events(stores: Stores) -> None:
+    """A store links its next event to the head it committed last, without reading it; when another store (another
+    process) appended meanwhile, that event's number is taken, and the transaction runs again from the real head."""
+    async with stores.new("shared") as first, stores.new("shared") as second:
+        for i in range(5):
+            await first.append("process.started", None, {"by": "first", "i": i})
+            await first.open_call(call_id=f"c{i}", tool="t", principal="p", on_behalf_of=None, model=None,
+                                  args_hash="h", redacted_arguments={}, state="allowed", holder="x",
+                                  events=[("call.received", {"i": i}), ("decision", {"i": i})])
+            await second.append("process.started", None, {"by": "second", "i": i})
+            assert await second.finish(f"c{i}", "executed", {"i": i})
+        result = await first.verify()
+        assert result.ok and result.count == 25, result.message
+        assert [e.seq for e in await first.events(limit=100)] == list(range(1, 26))
+        assert [e.kind for e in await first.events("c4")] == ["call.received", "decision", "executed"]
