@@ -232,3 +232,19 @@ async def test_a_store_whose_last_head_is_stale_appends_after_the_other_s_events
         assert result.ok and result.count == 25, result.message
         assert [e.seq for e in await first.events(limit=100)] == list(range(1, 26))
         assert [e.kind for e in await first.events("c4")] == ["call.received", "decision", "executed"]
+
+
+async def test_events_deleted_at_the_tail_behind_a_running_store_stay_a_gap(tmp_path: Path) -> None:
+    """The tail and the head row deleted while the store runs: its next append links to the head it committed, so
+    the deletion is a gap that verify names, not a shorter chain that goes on as if whole."""
+    async with Ledger(tmp_path / "l.db") as ledger:
+        for i in range(5):
+            await ledger.append("process.started", None, {"i": i})
+        with sqlite3.connect(tmp_path / "l.db") as conn:
+            [(h3,)] = conn.execute("SELECT hash FROM events WHERE seq = 3")
+            conn.execute("DELETE FROM events WHERE seq > 3")
+            conn.execute("UPDATE chain_head SET seq = 3, hash = ? WHERE id = 1", (h3,))
+        event = await ledger.append("process.started", None, {"i": 5})
+        assert event.seq == 6
+        result = await ledger.verify()
+        assert not result.ok and result.first_bad_seq == 4 and "event 4 is missing" in result.message
