@@ -183,7 +183,7 @@ class SqliteStore:
                 "review": review.model_dump_json() if review else None, "policy_digest": policy_digest,
                 "expires": expires, "holder": holder, "outcome_reason": None if finish else outcome_reason,
             })
-            appended = [tx.append(kind, call_id, payload) for kind, payload in event_list]
+            appended = tx.append_many(call_id, event_list)
             if finish is not None and not tx.finish(call_id, finish[0], finish[1], outcome_reason):
                 raise LedgerError(f"a new call cannot end as {finish[0]} from {state}")
             return [*appended, *tx.appended[len(appended):]]

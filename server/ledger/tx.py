@@ -46,8 +46,15 @@ class Tx:
     _finishing: bool = False  # inside `finish`: the one place a terminal event is written
 
     def append(self, kind: str, call_id: str | None, payload: dict[str, Any]) -> Event:
-        if kind in TERMINAL_EVENTS and not self._finishing:
-            raise LedgerError(f"a call's end ({kind}) is written by finish, with its state change")
+        return self.append_many(call_id, [(kind, payload)])[0]
+
+    def append_many(self, call_id: str | None, events: Sequence[tuple[str, dict[str, Any]]]) -> list[Event]:
+        """Append `events` (kind, payload) of one call, in order, with one statement."""
+        if not events:
+            return []
+        for kind, _ in events:
+            if kind in TERMINAL_EVENTS and not self._finishing:
+                raise LedgerError(f"a call's end ({kind}) is written by finish, with its state change")
         guessed = self._head is None and self.known_head is not None
         if self._head is None:
             if self.known_head is not None:
@@ -55,24 +62,27 @@ class Tx:
             else:
                 row = self.conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
                 self._head = (row[0], row[1]) if row else (0, GENESIS)
-        seq, prev = self._head[0] + 1, self._head[1]
-        payload_json = canonical_json(payload)
-        h = event_hash(prev, seq, self.now, kind, call_id, payload_json)
+        seq, prev = self._head
+        rows: list[Any] = []
+        made: list[Event] = []
+        for kind, payload in events:
+            seq += 1
+            payload_json = canonical_json(payload)
+            h = event_hash(prev, seq, self.now, kind, call_id, payload_json)
+            rows.extend((seq, self.now, kind, call_id, payload_json, prev, h))
+            # Built from values just written (not validated again): this runs for every event.
+            made.append(Event.model_construct(seq=seq, ts=self.now, kind=kind, call_id=call_id, payload=dict(payload),
+                                              prev_hash=prev, hash=h))
+            prev = h
         try:
-            self.conn.execute(
-                "INSERT INTO events(seq, ts, kind, call_id, payload, prev_hash, hash) VALUES (?,?,?,?,?,?,?)",
-                (seq, self.now, kind, call_id, payload_json, prev, h),
-            )
+            self.conn.execute(_insert_events(len(events)), rows)
         except sqlite3.IntegrityError as e:
             if guessed:
-                raise StaleHead(f"event {seq} exists already") from e
+                raise StaleHead(f"event {self._head[0] + 1} exists already") from e
             raise
-        self._head = (seq, h)
-        # Built from values just written (not validated again): this runs for every event.
-        event = Event.model_construct(seq=seq, ts=self.now, kind=kind, call_id=call_id, payload=dict(payload),
-                                      prev_hash=prev, hash=h)
-        self.appended.append(event)
-        return event
+        self._head = (seq, prev)
+        self.appended.extend(made)
+        return made
 
     @property
     def head(self) -> tuple[int, str] | None:
@@ -200,3 +210,9 @@ class Tx:
 @functools.lru_cache(maxsize=8)
 def _insert_call(names: tuple[str, ...]) -> str:
     return f"INSERT INTO calls({', '.join(names)}) VALUES ({','.join('?' * len(names))})"
+
+
+@functools.lru_cache(maxsize=8)
+def _insert_events(n: int) -> str:
+    return ("INSERT INTO events(seq, ts, kind, call_id, payload, prev_hash, hash) VALUES "
+            + ",".join(["(?,?,?,?,?,?,?)"] * n))
