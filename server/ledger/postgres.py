@@ -70,6 +70,7 @@ class PostgresStore:
         self.where = safe_url(url)
         self._pool = Pool(url, pool_size, connect_timeout_s)
         self._listeners: list[Listener] = []
+        self._chain_watch = chain.ChainWatch()
         self.write_timers: list[Callable[[float], None]] = []
         """Each called with a committed write's duration in seconds, waiting for its turn included (metrics)."""
         self._followers: weakref.WeakSet[Subscription] = weakref.WeakSet()
@@ -244,7 +245,7 @@ class PostgresStore:
                 "review": review.model_dump_json() if review else None, "policy_digest": policy_digest,
                 "expires": expires, "holder": holder, "outcome_reason": None if finish else outcome_reason,
             })
-            appended = [tx.append(kind, call_id, payload) for kind, payload in event_list]
+            appended = tx.append_many(call_id, event_list)
             if finish is not None and not tx.finish(call_id, finish[0], finish[1], outcome_reason):
                 raise LedgerError(f"a new call cannot end as {finish[0]} from {state}")
             return [*appended, *tx.appended[len(appended):]]
@@ -360,7 +361,7 @@ class PostgresStore:
         return await self._read(queries.head_seq)
 
     async def call_chain(self, call_id: str) -> tuple[list[Event], str | None]:
-        rows, broken = await self._read(lambda conn: chain.call_chain(conn, call_id), long=True)
+        rows, broken = await self._read(lambda conn: self._chain_watch.call_chain(conn, call_id), long=True)
         return [row_to_event(r) for r in rows], broken
 
     async def verify(self) -> chain.VerifyResult:

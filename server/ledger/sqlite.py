@@ -29,7 +29,7 @@ from server.ledger.db import Database
 from server.ledger.feed import Listener, Subscription
 from server.ledger.queries import CALL_STATES_CHUNK, CallFilter, Row, row_to_event
 from server.ledger.schema import migrate
-from server.ledger.tx import Tx
+from server.ledger.tx import StaleHead, Tx
 from server.models import Event, RequestView, ReviewSpec
 
 if TYPE_CHECKING:
@@ -49,6 +49,8 @@ class SqliteStore:
         self.path = Path(path)
         self._db = Database(self.path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms)
         self._listeners: list[Listener] = []
+        self._chain_watch = chain.ChainWatch()
+        self._head: tuple[int, str] | None = None  # the chain's head as this process's last append committed it
         self.write_timers: list[Callable[[float], None]] = []
         """Each called with a committed write's duration in seconds, queueing for the writer included (metrics)."""
 
@@ -103,8 +105,8 @@ class SqliteStore:
         Any failure rolls back and raises `LedgerError`; callers treat that as "nothing may run".
         """
 
-        def unit(conn: sqlite3.Connection) -> tuple[T, list[Event]]:
-            tx = Tx(conn=conn, now=time.time())
+        def attempt(conn: sqlite3.Connection, known_head: tuple[int, str] | None) -> tuple[T, list[Event]]:
+            tx = Tx(conn=conn, now=time.time(), known_head=known_head)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = body(tx)
@@ -114,7 +116,17 @@ class SqliteStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            if tx.head is not None:
+                self._head = tx.head
             return result, tx.appended
+
+        def unit(conn: sqlite3.Connection) -> tuple[T, list[Event]]:
+            # The head this connection committed last saves reading it, unless another process appended since.
+            try:
+                return attempt(conn, self._head)
+            except StaleHead:
+                self._head = None
+                return attempt(conn, None)
 
         started = time.perf_counter()
         try:
@@ -171,7 +183,7 @@ class SqliteStore:
                 "review": review.model_dump_json() if review else None, "policy_digest": policy_digest,
                 "expires": expires, "holder": holder, "outcome_reason": None if finish else outcome_reason,
             })
-            appended = [tx.append(kind, call_id, payload) for kind, payload in event_list]
+            appended = tx.append_many(call_id, event_list)
             if finish is not None and not tx.finish(call_id, finish[0], finish[1], outcome_reason):
                 raise LedgerError(f"a new call cannot end as {finish[0]} from {state}")
             return [*appended, *tx.appended[len(appended):]]
@@ -303,9 +315,10 @@ class SqliteStore:
         return await self._read(queries.head_seq)
 
     async def call_chain(self, call_id: str) -> tuple[list[Event], str | None]:
-        """The chained events of `call_id`, read with the whole stretch of the chain they span checked (see
-        `chain.call_chain`). Returns (events, None), or ([], the first break)."""
-        rows, broken = await self._read(lambda conn: chain.call_chain(conn, call_id), long=True)
+        """The chained events of `call_id`, read with the chain they span checked (see `chain.ChainWatch`: what was
+        appended since the last proof, and the call's own events against the hashes they were verified with).
+        Returns (events, None), or ([], the first break)."""
+        rows, broken = await self._read(lambda conn: self._chain_watch.call_chain(conn, call_id), long=True)
         return [row_to_event(r) for r in rows], broken
 
     async def verify(self) -> chain.VerifyResult:

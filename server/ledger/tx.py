@@ -24,35 +24,70 @@ if TYPE_CHECKING:
     from server.ledger.checkpoints import Checkpoint
 
 
+class StaleHead(Exception):
+    """The head a transaction was given (`Tx.known_head`) is not the chain's head: another process appended since.
+    The transaction is rolled back and run again, reading the head."""
+
+
 @dataclass
 class Tx:
-    """A write transaction in progress (see `Ledger.transaction`)."""
+    """A write transaction in progress (see `Ledger.transaction`).
+
+    `known_head`, when given, is the chain's head as this connection last committed it: the first append links to it
+    without reading the head. If another process appended since, the event's sequence number is taken already and
+    its insert fails (`StaleHead`): nobody else can append while this transaction holds the write lock, so an insert
+    that succeeds is the chain's next event."""
 
     conn: sqlite3.Connection
     now: float
+    known_head: tuple[int, str] | None = None
     appended: list[Event] = field(default_factory=list)
     _head: tuple[int, str] | None = None
     _finishing: bool = False  # inside `finish`: the one place a terminal event is written
 
     def append(self, kind: str, call_id: str | None, payload: dict[str, Any]) -> Event:
-        if kind in TERMINAL_EVENTS and not self._finishing:
-            raise LedgerError(f"a call's end ({kind}) is written by finish, with its state change")
+        return self.append_many(call_id, [(kind, payload)])[0]
+
+    def append_many(self, call_id: str | None, events: Sequence[tuple[str, dict[str, Any]]]) -> list[Event]:
+        """Append `events` (kind, payload) of one call, in order, with one statement."""
+        if not events:
+            return []
+        for kind, _ in events:
+            if kind in TERMINAL_EVENTS and not self._finishing:
+                raise LedgerError(f"a call's end ({kind}) is written by finish, with its state change")
+        guessed = self._head is None and self.known_head is not None
         if self._head is None:
-            row = self.conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
-            self._head = (row[0], row[1]) if row else (0, GENESIS)
-        seq, prev = self._head[0] + 1, self._head[1]
-        payload_json = canonical_json(payload)
-        h = event_hash(prev, seq, self.now, kind, call_id, payload_json)
-        self.conn.execute(
-            "INSERT INTO events(seq, ts, kind, call_id, payload, prev_hash, hash) VALUES (?,?,?,?,?,?,?)",
-            (seq, self.now, kind, call_id, payload_json, prev, h),
-        )
-        self._head = (seq, h)
-        # Built from values just written (not validated again): this runs for every event.
-        event = Event.model_construct(seq=seq, ts=self.now, kind=kind, call_id=call_id, payload=dict(payload),
-                                      prev_hash=prev, hash=h)
-        self.appended.append(event)
-        return event
+            if self.known_head is not None:
+                self._head = self.known_head
+            else:
+                row = self.conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+                self._head = (row[0], row[1]) if row else (0, GENESIS)
+        seq, prev = self._head
+        rows: list[Any] = []
+        made: list[Event] = []
+        for kind, payload in events:
+            seq += 1
+            payload_json = canonical_json(payload)
+            h = event_hash(prev, seq, self.now, kind, call_id, payload_json)
+            rows.extend((seq, self.now, kind, call_id, payload_json, prev, h))
+            # Built from values just written (not validated again): this runs for every event.
+            made.append(Event.model_construct(seq=seq, ts=self.now, kind=kind, call_id=call_id, payload=dict(payload),
+                                              prev_hash=prev, hash=h))
+            prev = h
+        try:
+            self.conn.execute(_insert_events(len(events)), rows)
+        except sqlite3.IntegrityError as e:
+            if guessed:
+                raise StaleHead(f"event {self._head[0] + 1} exists already") from e
+            raise
+        self._head = (seq, prev)
+        self.appended.extend(made)
+        return made
+
+    @property
+    def head(self) -> tuple[int, str] | None:
+        """The chain's head after this transaction's appends (None when it appended nothing)."""
+        return self._head if self.appended else None
 
     def write_head(self) -> None:
         """Record the chain's new head, once per transaction (just before its commit)."""
@@ -201,3 +236,9 @@ class Tx:
 @functools.lru_cache(maxsize=8)
 def _insert_call(names: tuple[str, ...]) -> str:
     return f"INSERT INTO calls({', '.join(names)}) VALUES ({','.join('?' * len(names))})"
+
+
+@functools.lru_cache(maxsize=8)
+def _insert_events(n: int) -> str:
+    return ("INSERT INTO events(seq, ts, kind, call_id, payload, prev_hash, hash) VALUES "
+            + ",".join(["(?,?,?,?,?,?,?)"] * n))

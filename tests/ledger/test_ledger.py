@@ -197,3 +197,67 @@ async def test_a_version_1_ledger_is_migrated_and_open_requests_are_found_by_the
         assert max(r[0] for r in conn.execute("SELECT version FROM schema_version")) == len(MIGRATIONS)
     assert "calls_open_same" in indexes and "calls_same" not in indexes and "events_kind" not in indexes
     assert "calls_open_same" in plan
+
+
+async def test_a_call_s_chain_is_proven_against_what_this_process_verified(stores: Stores) -> None:
+    """`call_chain` verifies what was appended since its last proof, and checks the call's own events against the
+    hashes they had when verified: an event changed later, even with its own hash recomputed, or removed, is named,
+    at every proof that meets it."""
+    from server.canonical import canonical_json
+    from server.ledger.chain import event_hash
+
+    async with stores.new() as ledger:
+        for i in range(3):
+            await ledger.append("call.received", "a", {"i": i})
+            await ledger.append("vote", "b", {"i": i})
+        events, broken = await ledger.call_chain("a")
+        assert broken is None and [e.seq for e in events] == [1, 3, 5]
+        await ledger.append("vote", "b", {"i": 3})
+        events, broken = await ledger.call_chain("b")
+        assert broken is None and [e.seq for e in events] == [2, 4, 6, 7]
+
+        [(prev, ts)] = stores.tamper("SELECT prev_hash, ts FROM events WHERE seq = 4")
+        forged = canonical_json({"i": 99})
+        stores.tamper(f"UPDATE events SET payload = '{forged}', "
+                      f"hash = '{event_hash(prev, 4, float(ts), 'vote', 'b', forged)}' WHERE seq = 4")
+        for _ in range(2):
+            assert await ledger.call_chain("b") == ([], "event 4 (vote) changed after it was verified")
+        stores.tamper("DELETE FROM events WHERE seq = 3")
+        assert await ledger.call_chain("a") == ([], "event 3 is missing from the chain")
+        assert await ledger.call_chain("a") == ([], "event 3 is missing from the chain")
+        await ledger.append("vote", "c", {})  # a call whose own stretch is whole is still proven
+        events, broken = await ledger.call_chain("c")
+        assert broken is None and [e.seq for e in events] == [8]
+
+
+async def test_a_store_whose_last_head_is_stale_appends_after_the_other_s_events(stores: Stores) -> None:
+    """A store links its next event to the head it committed last, without reading it; when another store (another
+    process) appended meanwhile, that event's number is taken, and the transaction runs again from the real head."""
+    async with stores.new("shared") as first, stores.new("shared") as second:
+        for i in range(5):
+            await first.append("process.started", None, {"by": "first", "i": i})
+            await first.open_call(call_id=f"c{i}", tool="t", principal="p", on_behalf_of=None, model=None,
+                                  args_hash="h", redacted_arguments={}, state="allowed", holder="x",
+                                  events=[("call.received", {"i": i}), ("decision", {"i": i})])
+            await second.append("process.started", None, {"by": "second", "i": i})
+            assert await second.finish(f"c{i}", "executed", {"i": i})
+        result = await first.verify()
+        assert result.ok and result.count == 25, result.message
+        assert [e.seq for e in await first.events(limit=100)] == list(range(1, 26))
+        assert [e.kind for e in await first.events("c4")] == ["call.received", "decision", "executed"]
+
+
+async def test_events_deleted_at_the_tail_behind_a_running_store_stay_a_gap(tmp_path: Path) -> None:
+    """The tail and the head row deleted while the store runs: its next append links to the head it committed, so
+    the deletion is a gap that verify names, not a shorter chain that goes on as if whole."""
+    async with Ledger(tmp_path / "l.db") as ledger:
+        for i in range(5):
+            await ledger.append("process.started", None, {"i": i})
+        with sqlite3.connect(tmp_path / "l.db") as conn:
+            [(h3,)] = conn.execute("SELECT hash FROM events WHERE seq = 3")
+            conn.execute("DELETE FROM events WHERE seq > 3")
+            conn.execute("UPDATE chain_head SET seq = 3, hash = ? WHERE id = 1", (h3,))
+        event = await ledger.append("process.started", None, {"i": 5})
+        assert event.seq == 6
+        result = await ledger.verify()
+        assert not result.ok and result.first_bad_seq == 4 and "event 4 is missing" in result.message
