@@ -35,7 +35,8 @@ def decision_payload(decision: Decision, rules: list[dict[str, Any]] | None = No
 def impact_record(facts: dict[str, Any], actual_rows: int | None) -> dict[str, Any]:
     """What the ledger's terminal event keeps of a run's impact: the rows the tool reported it changed beside the
     estimate the decision was made on, and whether they differ ({} when neither is known)."""
-    sql = facts.get("sql") if isinstance(facts.get("sql"), dict) else {}
+    found = facts.get("sql")
+    sql: dict[str, Any] = found if isinstance(found, dict) else {}
     estimated = sql.get("rows_affected") if sql.get("impact") == "measured" else None
     if actual_rows is None and not sql.get("impact"):
         return {}

@@ -622,6 +622,9 @@ def _policy_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     explain.add_argument("--principal", default="local")
     explain.add_argument("--model")
     explain.add_argument("--json", action="store_true")
+    explain.add_argument("--facts", help="measured facts as JSON, merged over the classifiers' (what a tool measures "
+                                         "when the call is made), e.g. '{\"sql\": {\"impact\": \"measured\", "
+                                         "\"rows_affected\": 1204, \"table_rows\": 50311}}'")
     explain.set_defaults(func=_policy_explain)
     test = psub.add_parser("test", parents=[common], help="run a policy's test cases")
     test.add_argument("file")
@@ -636,9 +639,8 @@ def _policy_explain(args: argparse.Namespace) -> int:
     settings = _settings(args)
     path = Path(args.policy) if args.policy else settings.policy_path()
     fn: Any = _policy_cli().cmd_explain
-    return int(fn(path, args.tool, args.args, args.principal, args.model, settings=settings, as_json=args.json)
-               if "as_json" in fn.__code__.co_varnames else
-               fn(path, args.tool, args.args, args.principal, args.model, settings=settings))
+    return int(fn(path, args.tool, args.args, args.principal, args.model, settings=settings, as_json=args.json,
+                  measured_json=args.facts))
 
 
 def _policy_replay(args: argparse.Namespace) -> int:

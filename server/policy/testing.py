@@ -14,7 +14,16 @@ cases:
     expect: {outcome: allow, risk: low, rules: [sql-read]}   # rules: ids that must be among the matches
 ```
 Facts are extracted with the classifiers of the shipped tools (`KNOWN_TOOL_CLASSIFIERS`) unless a
-case gives its own `classifiers:`.
+case gives its own `classifiers:`. What a tool measures when the call is made (the rows a SQL write would touch)
+a case gives as `facts:`, merged over the classifiers' family by family:
+
+```yaml
+  - name: a delete of 1,204 of 50,311 rows needs two people
+    tool: sql_execute
+    args: {statement: "DELETE FROM orders WHERE status = 'stale'"}
+    facts: {sql: {impact: measured, impact_known: true, rows_affected: 1204, table_rows: 50311}}
+    expect: {outcome: review, quorum: 2}
+```
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.canonical import args_hash
 from server.classify import ClassifyContext, extract_facts
+from server.classify.impact import with_measured
 from server.errors import ClassifierError, PolicyError, dotted, problems
 from server.models import Decision, Outcome, RiskLevel, ToolCall
 from server.policy.engine import CompiledPolicy
@@ -94,6 +104,7 @@ class Case(_Strict):
     model: str | None = None
     classifiers: dict[str, str] | None = None
     annotations: dict[str, Any] | None = None
+    facts: dict[str, dict[str, Any]] | None = None  # measured facts, merged over the classifiers' (see above)
     now: datetime | None = None  # the call's time (UTC when no zone is given); default: the suite's, else now
     expect: Expect
 
@@ -150,7 +161,8 @@ def run_case(policy: CompiledPolicy, case: Case, ctx: ClassifyContext, *, now: d
     classifiers = case.classifiers if case.classifiers is not None else KNOWN_TOOL_CLASSIFIERS.get(case.tool, {})
     call = call_for(case.tool, case.args, case.principal, case.model, case.annotations)
     try:
-        facts = extract_facts(call.tool, call.arguments, classifiers, call.annotations, ctx)
+        facts = with_measured(extract_facts(call.tool, call.arguments, classifiers, call.annotations, ctx),
+                              case.facts or {})
     except ClassifierError as e:
         return CaseResult(case.name, None, False, [f"classifier error: {e}"])
     decision = policy.decide(call, facts, now=case.now or now)
