@@ -14,10 +14,10 @@ from typing import Any, TextIO
 from server.approvals.quorum import needs
 from server.classify import ClassifyContext, empty_facts, extract_facts
 from server.classify.impact import with_measured
-from server.policy.conditions import FACT_SHAPE
 from server.config import Settings
 from server.errors import KeyturnError, PolicyError
 from server.models import ReviewSpec
+from server.policy.conditions import FACT_SHAPE
 from server.policy.engine import CompiledPolicy
 from server.policy.loader import PolicyErrors, load_policy
 from server.policy.replay import replay, summarise
