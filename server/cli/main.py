@@ -337,6 +337,8 @@ def _print_request(r: dict[str, Any]) -> None:
           + (f" for {r['on_behalf_of']}" if r.get("on_behalf_of") else "")
           + (f"  expires {_when(r['expires'])}" if r.get("expires") else ""))
     print(f"    why: {r['reason']}")
+    if r.get("impact"):
+        print(f"    would touch: {r['impact']}")
     print(f"    arguments: {json.dumps(r['arguments'], ensure_ascii=False)[:500]}")
     if r.get("needs") and r.get("review"):
         print(f"    needs: {r['needs']['text']} ({r['needs']['progress']})")
@@ -394,6 +396,15 @@ async def _with_ledger(args: argparse.Namespace, fn: Any) -> int:
         await ledger.close()
 
 
+def impact_line(impact: dict[str, Any]) -> str:
+    """A run's impact as the ledger keeps it: the rows estimated before the decision beside the rows really changed."""
+    est, actual = impact.get("estimated_rows"), impact.get("actual_rows")
+    table = f" in {impact['table']}" if impact.get("table") else ""
+    text = (f"estimated {est if est is not None else 'unknown'} rows{table}, "
+            f"actually {actual if actual is not None else 'not reported'}")
+    return text + (" (DIFFERS from the estimate)" if impact.get("differs") else "")
+
+
 def _event_line(e: Any) -> str:
     p = e.payload
     detail = ""
@@ -415,6 +426,8 @@ def _event_line(e: Any) -> str:
             detail = f"no result: {p.get('error') or 'none recorded'}"
         if p.get("note"):
             detail += f" ({p['note']})"
+        if isinstance(p.get("impact"), dict):
+            detail += f"; {impact_line(p['impact'])}"
     elif e.kind == "policy.rejected":
         detail = f"not applied, the last good policy stays: {p.get('error', '')}"
     elif e.kind == "policy.loaded":
@@ -491,6 +504,11 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
             print(f"  decision: risk {view.risk}; {view.reason}; policy {view.policy_digest}")
         for r in view.rules:
             print(f"    rule {r['id']}: {r['outcome']} ({r['risk']}) {r['reason']}")
+        if view.review is not None and view.review.impact:
+            print(f"  would touch (measured before the decision): {view.review.impact}")
+        for e in events:
+            if e.kind in ("executed", "failed") and isinstance(e.payload.get("impact"), dict):
+                print(f"  impact: {impact_line(e.payload['impact'])}")
         for v in view.votes:
             print(f"  {v['verdict']} by {v['person']} ({v['reviewer']}) at {_when(v['ts'])}: {v['reason'] or '-'}")
         print(f"  outcome: {state_label(view.state)}" + (f": {view.outcome_reason}" if view.outcome_reason else ""))
