@@ -187,8 +187,8 @@ def build_tools(opts: FilesOptions, context: PackContext | None = None) -> list[
     @files_write.hint
     def _write_facts(args: dict[str, Any]) -> dict[str, Any]:
         p = Path(args["path"])
-        return {"file": {"exists": p.exists(), "size": p.stat().st_size if p.is_file() else None,
-                         "write_bytes": len(args["content"].encode("utf-8"))}}
+        facts = {"exists": p.exists(), "write_bytes": len(args["content"].encode("utf-8"))}
+        return {"file": facts | ({"size": p.stat().st_size} if p.is_file() else {})}
 
     @files_move.hint
     def _move_facts(args: dict[str, Any]) -> dict[str, Any]:
