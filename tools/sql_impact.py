@@ -98,7 +98,7 @@ def plan_counts(sql: str, dialect: str) -> CountPlan | str | None:
             matched = matched.where(where.this.copy())
     total = exp.select(count.copy()).from_(bare)
     both = exp.select(exp.Subquery(this=matched.copy()), exp.Subquery(this=total.copy()))
-    matched_sql, total_sql, query = (q.sql(dialect=dialect) for q in (matched, total, both))
+    matched_sql, total_sql, query = (q.sql(dialect=dialect, comments=False) for q in (matched, total, both))
     facts = classify_sql([query], dialect)
     if not facts["read_only"]:
         why = facts["unknown_functions"] or facts["kinds"]
