@@ -39,6 +39,7 @@ __all__ = ["CountPlan", "impact_facts", "measure", "plan_counts"]
 _DELETE_ARGS = frozenset({"this", "where", "returning", "hint"})
 _UPDATE_ARGS = frozenset({"this", "expressions", "where", "returning", "hint"})
 _INSERT_ARGS = frozenset({"this", "expression", "returning", "hint", "into"})
+_MEASURED_KINDS = frozenset({"update", "delete", "insert"})
 _PROGRESS_OPS = 1000  # SQLite VM instructions between deadline checks
 
 
@@ -122,6 +123,9 @@ def measure(dialect: str, connect: Connect, sql: str, timeout: float) -> dict[st
     database says: a timeout, a lock or a missing table is an unknown impact with its reason."""
     if dialect not in ("sqlite", "postgres"):
         return {}
+    seen = classify_sql([sql], dialect)  # (cached: the classifier has just read the same statement)
+    if seen["statements"] != 1 or not set(seen["kinds"]) & _MEASURED_KINDS:
+        return {}  # a read, DDL, several statements: nothing to count, and no second parse on the gate's path
     plan = plan_counts(sql, dialect)
     if plan is None:
         return {}

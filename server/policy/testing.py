@@ -41,6 +41,7 @@ from server.classify import ClassifyContext, extract_facts
 from server.classify.impact import with_measured
 from server.errors import ClassifierError, PolicyError, dotted, problems
 from server.models import Decision, Outcome, RiskLevel, ToolCall
+from server.policy.conditions import FACT_SHAPE
 from server.policy.engine import CompiledPolicy
 from server.policy.engine import approvals_needed as engine_approvals_needed
 from server.policy.loader import load_policy, read_yaml
@@ -160,6 +161,9 @@ def call_for(tool: str, args: dict[str, Any], principal: str = "agent", model: s
 def run_case(policy: CompiledPolicy, case: Case, ctx: ClassifyContext, *, now: datetime | None = None) -> CaseResult:
     classifiers = case.classifiers if case.classifiers is not None else KNOWN_TOOL_CLASSIFIERS.get(case.tool, {})
     call = call_for(case.tool, case.args, case.principal, case.model, case.annotations)
+    if unknown := sorted(set(case.facts or {}) - set(FACT_SHAPE)):
+        return CaseResult(case.name, None, False, [f"facts: unknown fact family {unknown[0]!r} (known: "
+                                                   f"{', '.join(FACT_SHAPE)})"])
     try:
         facts = with_measured(extract_facts(call.tool, call.arguments, classifiers, call.annotations, ctx),
                               case.facts or {})
