@@ -21,6 +21,7 @@ The facts (merged into `facts.sql`): `impact` (`"measured"`, `"unknown"`, or `""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import sqlite3
 import time
@@ -40,7 +41,8 @@ _DELETE_ARGS = frozenset({"this", "where", "returning", "hint"})
 _UPDATE_ARGS = frozenset({"this", "expressions", "where", "returning", "hint"})
 _INSERT_ARGS = frozenset({"this", "expression", "returning", "hint", "into"})
 _MEASURED_KINDS = frozenset({"update", "delete", "insert"})
-_PROGRESS_OPS = 1000  # SQLite VM instructions between deadline checks
+_PROGRESS_OPS = 1000
+_CACHE_MAX_CHARS = 16384  # SQLite VM instructions between deadline checks
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,17 @@ authorizer; PostgreSQL a `READ ONLY` (not autocommit) connection. The counting a
 
 def plan_counts(sql: str, dialect: str) -> CountPlan | str | None:
     """The counting queries for `sql`; a reason (str) when it is a write that cannot be counted faithfully; None when
-    it is not a statement keyturn measures (a read, DDL, `INSERT ... VALUES`)."""
+    it is not a statement keyturn measures (a read, DDL, `INSERT ... VALUES`). Agents repeat statements, and an edit
+    or a run judges one again: plans of short statements are cached."""
+    return _cached_plan(sql, dialect) if len(sql) <= _CACHE_MAX_CHARS else _plan(sql, dialect)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_plan(sql: str, dialect: str) -> CountPlan | str | None:
+    return _plan(sql, dialect)
+
+
+def _plan(sql: str, dialect: str) -> CountPlan | str | None:
     try:
         parsed = [s for s in sqlglot.parse(sql, read=dialect) if s is not None]
     except (SqlglotError, RecursionError, ValueError):
@@ -98,8 +110,8 @@ def plan_counts(sql: str, dialect: str) -> CountPlan | str | None:
         if where is not None:
             matched = matched.where(where.this.copy())
     total = exp.select(count.copy()).from_(bare)
-    both = exp.select(exp.Subquery(this=matched.copy()), exp.Subquery(this=total.copy()))
-    matched_sql, total_sql, query = (q.sql(dialect=dialect, comments=False) for q in (matched, total, both))
+    matched_sql, total_sql = (q.sql(dialect=dialect, comments=False) for q in (matched, total))
+    query = exp.select(exp.Subquery(this=matched), exp.Subquery(this=total)).sql(dialect=dialect, comments=False)
     facts = classify_sql([query], dialect)
     if not facts["read_only"]:
         why = facts["unknown_functions"] or facts["kinds"]
