@@ -178,16 +178,17 @@ def request_card(view: RequestView, *, notice: str | None = None, notice_ok: boo
 
 def edit_form(view: RequestView) -> AdaptiveCard | None:
     """The form that edits a held call's arguments (JSON), then approves the edited call, with a required reason; None
-    when the arguments hold masked values (they cannot be edited) or do not fit in the input."""
-    current = json.dumps(view.arguments, indent=2, ensure_ascii=False)
-    if has_masked(view.arguments) or len(current) > MAX_EDIT_CHARS:
+    when the arguments hold masked values (they cannot be edited). The agent's text never goes into an action: the
+    input starts empty, and the reviewer copies the arguments shown on the card."""
+    if has_masked(view.arguments):
         return None
     return AdaptiveCard(version="1.5", body=[
         _runs(TextRun(text="Edit the arguments, then approve the edited call. keyturn judges the edited call again: if "
                            "it needs more approvals or other approvers, it waits for them; if the policy denies it, "
                            "it is refused.")),
-        TextInput(id=EDIT_ARGUMENTS_INPUT, label="Arguments (JSON)", is_multiline=True, value=current,
-                  max_length=MAX_EDIT_CHARS, is_required=True),
+        TextInput(id=EDIT_ARGUMENTS_INPUT, label="Arguments (JSON: the whole arguments, as they are to run)",
+                  is_multiline=True, max_length=MAX_EDIT_CHARS, is_required=True,
+                  placeholder="Copy the arguments shown above and change them"),
         TextInput(id=EDIT_REASON_INPUT, label="Why you changed them (the agent reads it)", is_multiline=True,
                   max_length=MAX_REASON, is_required=True,
                   placeholder="Recorded in the ledger and shown to the agent"),
