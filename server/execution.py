@@ -5,7 +5,8 @@ Two things reach a tool from outside its arguments:
 - `RunLimits`, for one run: set by the gate around `Runnable.run` from the facts the decision was made on.
   `read_only` is true when the classifiers judged the call read-only; a tool then runs it so that it cannot
   write (a read-only sandbox mount, a read-only transaction), and a misjudged call fails instead of writing.
-  Read it with `current_limits()` inside a tool.
+  Read it with `current_limits()` inside a tool. A tool tells what it really did with `report_rows(n)` (the rows a
+  SQL write changed), which the gate records beside the impact measured before the decision.
 - `PackContext`, at load: keyturn's state (ledger, the secrets beside it, config, policy, secret store) that no
   tool may reach, the environment variables that hold keyturn's secrets, and a way to record a ledger event
   when keyturn starts (`sandbox.disabled`). A pack's `register(registry, options, context)` receives it.
@@ -22,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PackContext", "RunLimits", "current_limits", "limits_from_facts", "run_limits", "running_under"]
+__all__ = ["PackContext", "RunLimits", "RunReport", "current_limits", "limits_from_facts", "report_rows", "run_limits",
+           "running_under"]
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,16 @@ class RunLimits:
     read_only: bool = False
 
 
+@dataclass
+class RunReport:
+    """What a run reports of itself while it runs (mutable: a tool's worker thread runs in a copy of the context)."""
+
+    rows: int | None = None
+
+
 _NO_LIMITS = RunLimits()
 run_limits: ContextVar[RunLimits | None] = ContextVar("keyturn_run_limits", default=None)
+_run_report: ContextVar[RunReport | None] = ContextVar("keyturn_run_report", default=None)
 
 
 def current_limits() -> RunLimits:
@@ -41,13 +51,23 @@ def current_limits() -> RunLimits:
     return run_limits.get() or _NO_LIMITS
 
 
+def report_rows(rows: int) -> None:
+    """Inside a run: the rows the tool really changed (outside a gated run: nothing to report to)."""
+    report = _run_report.get()
+    if report is not None:
+        report.rows = int(rows)
+
+
 @contextmanager
-def running_under(limits: RunLimits) -> Iterator[None]:
-    """Run the block under `limits`, as the gate runs a tool (and as a tool's own tests can)."""
-    token = run_limits.set(limits)
+def running_under(limits: RunLimits) -> Iterator[RunReport]:
+    """Run the block under `limits`, as the gate runs a tool (and as a tool's own tests can); yields what the run
+    reports of itself (`report_rows`)."""
+    report = RunReport()
+    token, report_token = run_limits.set(limits), _run_report.set(report)
     try:
-        yield
+        yield report
     finally:
+        _run_report.reset(report_token)
         run_limits.reset(token)
 
 

@@ -27,6 +27,7 @@ from server.approvals.holding import Holding, ProgressFn
 from server.cancelling import CallerCancel, unwatched, watching_cancel
 from server.canonical import args_hash, canonical_json, sha256_hex
 from server.classify import ClassifyContext, Redaction, extract_facts
+from server.classify.impact import with_measured
 from server.errors import InvalidArguments, LedgerError
 from server.execution import limits_from_facts, running_under
 from server.guarded import SECRET_RESULT_META
@@ -35,7 +36,7 @@ from server.logs import current_call
 from server.models import Decision, RequestView, ToolCall
 from server.outcomes import OUTCOMES, REFUSALS, error_result, unrecorded_result
 from server.policy import LivePolicy
-from server.records import UNCLASSIFIED, describe_rules, open_call
+from server.records import UNCLASSIFIED, describe_rules, impact_record, open_call
 from server.tracing import span
 
 __all__ = ["Gate", "Identity", "ProgressFn", "Runnable", "error_result", "result_digest", "tool_progress"]
@@ -204,6 +205,9 @@ class Gate:
                 if refuses is not None and (reason := await refuses(arguments)):
                     return Refusal("tool_refuses", f"{tool.name} would refuse it: {reason}", redaction,
                                    redaction.arguments)
+                measure = getattr(tool, "measure", None)  # what it would touch (the rows a write matches)
+                if measure is not None and (measured := await measure(arguments)):
+                    facts = with_measured(facts, measured)
             with span("decide", call.call_id, tool.name) as step:
                 decision = self.policy.current.decide(call, facts, redaction=redaction)  # reasons, facts masked
                 step.set_attributes({"keyturn.outcome": decision.outcome, "keyturn.risk": decision.risk or ""})
@@ -289,7 +293,7 @@ class Gate:
         stoppable = caller.interruptible() if getattr(tool, "interruptible", False) else nullcontext()
         try:
             # What the decision relied on is enforced by the run: a call judged read-only runs read-only.
-            with running_under(limits_from_facts(decision.facts)), stoppable as run, \
+            with running_under(limits_from_facts(decision.facts)) as report, stoppable as run, \
                     span("run", call.call_id, tool.name):
                 result = await tool.run(call.arguments)
             if edit is not None:
@@ -309,6 +313,7 @@ class Gate:
             kind = "failed" if result.is_error else "executed"
             result_json = canonical_json(result.model_dump(mode="json", by_alias=True, exclude_none=True))
             payload: dict[str, Any] = {"result_digest": sha256_hex(result_json), "is_error": bool(result.is_error)}
+            payload.update(impact_record(decision.facts, report.rows))  # the real count beside the estimate
             if caller.cancelled:  # a run that cannot be stopped ran to its end; nobody receives its result
                 payload["note"] = CANCELLED_NOT_STOPPED
         except Exception as e:

@@ -10,7 +10,9 @@ The input schema comes from the type hints (the MCP SDK's own `func_metadata`), 
 `tools/list` is what `validate` enforces. `validate` is total: hostile input becomes `InvalidArguments`,
 never a crash. Structural refusals that need no policy (a path outside the roots) are `check` functions; what
 the tool itself will refuse when it runs (a write on a read-only connection) it declares with `refuses`, so such a
-call is refused before the policy is asked, and before any reviewer is.
+call is refused before the policy is asked, and before any reviewer is. What a call would touch (the rows a SQL
+write matches) it measures with `impact`, also before the policy: the facts it returns are the policy's and the
+reviewer's.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "Check",
     "GuardedTool",
     "Hint",
+    "Impact",
     "Refuses",
     "ToolRegistry",
     "guarded_tool",
@@ -65,6 +68,10 @@ Refuses = Callable[[dict[str, Any]], "str | None"]
 It may block (it runs on a worker thread) and must not act."""
 Hint = Callable[[dict[str, Any]], dict[str, Any]]
 """Extra facts a tool computes cheaply from validated arguments before running (e.g. a file's size)."""
+Impact = Callable[[dict[str, Any]], dict[str, Any]]
+"""What the call would touch, measured before the policy decides: gets the validated arguments; returns facts by
+family (`{"sql": {"rows_affected": 3, ...}}`), merged into the classifiers' families. It may block (it runs on a
+worker thread) and must not act; what it cannot measure it reports as unknown, never as nothing."""
 
 
 class GuardedTool:
@@ -124,6 +131,7 @@ class GuardedTool:
         self._checks: builtins.list[Check] = []
         self._hints: builtins.list[Hint] = []
         self._refuses: builtins.list[Refuses] = []
+        self._impacts: builtins.list[Impact] = []
 
     def __repr__(self) -> str:
         return f"GuardedTool({self.name!r}, classifiers={dict(self.classifiers)!r})"
@@ -138,6 +146,11 @@ class GuardedTool:
     def refuses(self, fn: Refuses) -> Refuses:
         """Decorator: declare what the tool will refuse when it runs (see `refusal`)."""
         self._refuses.append(fn)
+        return fn
+
+    def impact(self, fn: Impact) -> Impact:
+        """Decorator: declare how to measure what a call would touch (see `measure`)."""
+        self._impacts.append(fn)
         return fn
 
     def hint(self, fn: Hint) -> Hint:
@@ -187,6 +200,16 @@ class GuardedTool:
             if reason:
                 return reason
         return None
+
+    async def measure(self, arguments: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """What validated `arguments` would touch, from the `impact` declarations: facts by family ({} when none
+        measures them). The gate asks after `refusal` and before the policy. A declaration that fails raises (the
+        gate then refuses the call)."""
+        measured: dict[str, dict[str, Any]] = {}
+        for impact in self._impacts:
+            for family, values in (await anyio.to_thread.run_sync(impact, arguments)).items():
+                measured[family] = {**measured.get(family, {}), **values}
+        return measured
 
     async def run(self, arguments: dict[str, Any]) -> mcp_types.CallToolResult:
         """Validate `arguments` again (checks included) and run the tool.

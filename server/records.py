@@ -32,6 +32,20 @@ def decision_payload(decision: Decision, rules: list[dict[str, Any]] | None = No
     }
 
 
+def impact_record(facts: dict[str, Any], actual_rows: int | None) -> dict[str, Any]:
+    """What the ledger's terminal event keeps of a run's impact: the rows the tool reported it changed beside the
+    estimate the decision was made on, and whether they differ ({} when neither is known)."""
+    found = facts.get("sql")
+    sql: dict[str, Any] = found if isinstance(found, dict) else {}
+    estimated = sql.get("rows_affected") if sql.get("impact") == "measured" else None
+    if actual_rows is None and not sql.get("impact"):
+        return {}
+    return {"impact": {
+        "estimated_rows": estimated, "actual_rows": actual_rows, "table": sql.get("impact_table") or None,
+        "differs": estimated is not None and actual_rows is not None and estimated != actual_rows,
+    }}
+
+
 def received_payload(call: ToolCall, redacted: dict[str, Any]) -> dict[str, Any]:
     return {
         "tool": call.tool, "arguments": redacted, "args_hash": call.args_hash, "principal": call.principal,

@@ -187,9 +187,44 @@ def build_tools(opts: FilesOptions, context: PackContext | None = None) -> list[
     @files_write.hint
     def _write_facts(args: dict[str, Any]) -> dict[str, Any]:
         p = Path(args["path"])
-        return {"file": {"exists": p.exists(), "write_bytes": len(args["content"].encode("utf-8"))}}
+        facts = {"exists": p.exists(), "write_bytes": len(args["content"].encode("utf-8"))}
+        return {"file": facts | ({"size": p.stat().st_size} if p.is_file() else {})}
+
+    @files_move.hint
+    def _move_facts(args: dict[str, Any]) -> dict[str, Any]:
+        return {"file": _target_facts(Path(args["source"]))}
+
+    @files_delete.hint
+    def _delete_facts(args: dict[str, Any]) -> dict[str, Any]:
+        return {"file": _target_facts(Path(args["path"]))}
 
     return [files_read, files_write, files_move, files_delete]
+
+
+MAX_COUNTED = 10_000
+"""Files a move or delete counts at most before saying "10,000+" (the count runs before the policy, on every call)."""
+
+
+def _target_facts(path: Path) -> dict[str, Any]:
+    """Whether `path` exists, its size (a file) or the bytes of the files under it (a directory), and how many files
+    the call would move or delete (counted without following symlinks, up to `MAX_COUNTED`)."""
+    if not path.exists() and not path.is_symlink():
+        return {"exists": False, "files": 0}
+    if not path.is_dir() or path.is_symlink():
+        return {"exists": True, "size": path.lstat().st_size, "files": 1}
+    files, size, capped = 0, 0, False
+    for base, dirs, names in os.walk(path, followlinks=False):
+        for name in names:
+            files += 1
+            with contextlib.suppress(OSError):
+                size += os.lstat(os.path.join(base, name)).st_size
+            if files >= MAX_COUNTED:
+                capped = True
+                break
+        if capped:
+            break
+        dirs.sort()
+    return {"exists": True, "size": size, "files": files, "files_capped": capped}
 
 
 def _what(path: Path, context: PackContext) -> str:

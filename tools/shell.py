@@ -233,6 +233,12 @@ def build_tools(opts: ShellOptions, environ: Mapping[str, str], sandbox: Sandbox
             raise InvalidArguments("shell_run: argument 'cwd' is not a directory", tool="shell_run", field="cwd")
         return {**args, "cwd": str(real)}
 
+    @shell_run.hint
+    def _sandbox_facts(args: dict[str, Any]) -> dict[str, Any]:
+        # What the command could touch, for the reviewer: the roots are writable unless the call is judged read-only.
+        return {"sandbox": {"enabled": sandbox is not None, "writable": [str(r) for r in roots],
+                            "network": bool(opts.network)}}
+
     return [shell_run]
 
 

@@ -8,6 +8,9 @@ Options (`tools: [{module: tools.sql, options: {...}}]`):
   export_dir  where `sql_export` may write files (default `exports`, relative to the cwd).
   max_rows    cap on rows `sql_query` returns, whatever `limit` asks (default 10000).
   timeout     seconds to wait for a connection or a locked SQLite database (default 30).
+  impact_timeout
+              seconds the impact count of a write may take before its impact is unknown (default 2; see
+              `tools.sql_impact`).
 
 The policy decides what may run; the tools run what they were given, with structural guards that do not rest on
 the classifier being right:
@@ -18,6 +21,9 @@ the classifier being right:
   `START TRANSACTION READ ONLY`. A write the classifier misjudged as a read fails instead of writing;
 - SQLite refuses ATTACH/DETACH/VACUUM INTO and the pragmas that change the whole process (heap limits, the temp
   directory);
+- `sql_execute` measures what a write would touch before the policy decides (`tools.sql_impact`: the rows its
+  WHERE matches and its table's size, counted read-only with a short timeout), and reports the rows it really
+  changed when it runs (`report_rows`), which the ledger records beside the estimate;
 - on SQLite each tool declares what its run would refuse (`Database.refusal`: the statement compiled under the run's
   guard, never run), so the gate refuses such a call before the policy and any reviewer are asked;
 - a `database` that is keyturn's ledger or one of its state files is refused at load and at each connection
@@ -49,9 +55,10 @@ from typing_extensions import TypedDict
 from server.classify.sql import DDL_KINDS, PRIVILEGE_KINDS, WRITE_KINDS, classify_sql
 from server.config import safe_url
 from server.errors import ConfigError, InvalidArguments
-from server.execution import PackContext, current_limits
+from server.execution import PackContext, current_limits, report_rows
 from server.guarded import GuardedTool, ToolRegistry, guarded_tool
 from tools._common import PackOptions, jsonable, open_new, parse_options, real_roots, resolve_inside
+from tools.sql_impact import measure
 
 PACK = "tools.sql"
 _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,127}(\.[A-Za-z_][A-Za-z0-9_$]{0,127})?$")
@@ -63,6 +70,7 @@ class SqlOptions(PackOptions):
     export_dir: str = "exports"
     max_rows: int = Field(10_000, ge=1)
     timeout: float = Field(30.0, gt=0)
+    impact_timeout: float = Field(2.0, gt=0, le=60)
 
 
 class QueryResult(TypedDict):
@@ -90,10 +98,11 @@ class Database:
 
     def __init__(
         self, dialect: Literal["sqlite", "postgres", "mysql"], target: str, timeout: float = 30.0,
-        forbidden: Callable[[], set[tuple[int, int]]] | None = None,
+        forbidden: Callable[[], set[tuple[int, int]]] | None = None, impact_timeout: float = 2.0,
     ) -> None:
         self.dialect, self.target, self.timeout = dialect, target, timeout
         self.forbidden = forbidden or set
+        self.impact_timeout = impact_timeout
 
     @classmethod
     def from_option(cls, value: str, timeout: float = 30.0, context: PackContext | None = None) -> Database:
@@ -218,6 +227,23 @@ class Database:
                 return "this call runs read-only: SQLite refused VACUUM" if read_only else _ATTACH_REFUSED
         return None
 
+    def impact(self, sql: str) -> dict[str, Any]:
+        """Facts on what `sql` would touch (`tools.sql_impact`), measured read-only within `impact_timeout`."""
+        return measure(self.dialect, self._counting_connection, sql, self.impact_timeout)
+
+    def _counting_connection(self, timeout: float) -> Any:
+        if self.dialect == "sqlite":
+            guard = _SqliteGuard(True)
+            conn = self._open(True, guard)  # mode=ro, query_only, the read-only authorizer
+            conn.set_authorizer(None)  # keyturn's own setting: a lock waits no longer than the count may take
+            conn.execute(f"PRAGMA busy_timeout = {max(1, int(timeout * 1000))}")
+            conn.set_authorizer(guard)
+            return conn
+        psycopg = importlib.import_module("psycopg")
+        conn = psycopg.connect(self.target, autocommit=False, connect_timeout=max(2, int(timeout + 0.999)))
+        conn.read_only = True  # psycopg opens `BEGIN READ ONLY`
+        return conn
+
     def _refuse_state_file(self, path: Path) -> None:
         # The configured file was checked at load; this catches a symlink or hard link to keyturn's state made since.
         real = Path(os.path.realpath(path))
@@ -250,7 +276,9 @@ class Database:
         with self.connect(read_only=read_only) as conn:
             cur = conn.cursor()
             self._run(cur, sql)
-            return max(int(cur.rowcount), 0)
+            rows = max(int(cur.rowcount), 0)
+        report_rows(rows)  # committed: the ledger records it beside the estimate
+        return rows
 
     def export(self, sql: str, path: Path, fmt: Literal["csv", "jsonl"]) -> ExportResult:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -452,6 +480,10 @@ def build_tools(db: Database, export_root: Path, max_rows: int) -> list[GuardedT
     def _execute_check(args: dict[str, Any]) -> None:
         one_statement(args["statement"], db.dialect, tool="sql_execute", field="statement")
 
+    @sql_execute.impact
+    def _execute_impact(args: dict[str, Any]) -> dict[str, Any]:
+        return db.impact(args["statement"])
+
     @sql_execute.refuses
     def _execute_refuses(args: dict[str, Any]) -> str | None:
         # What it refuses whatever the decision (a call judged read-only also runs under the read-only guard, but
@@ -508,5 +540,6 @@ def build_tools(db: Database, export_root: Path, max_rows: int) -> list[GuardedT
 def register(registry: ToolRegistry, options: Mapping[str, Any], context: PackContext) -> None:
     opts = parse_options(SqlOptions, options, PACK)
     db = Database.from_option(opts.database, opts.timeout, context)
+    db.impact_timeout = opts.impact_timeout
     for tool in build_tools(db, real_roots([opts.export_dir])[0], opts.max_rows):
         registry.add(tool)

@@ -25,6 +25,7 @@ from typing import Any
 import mcp_types as types
 
 from server.canonical import args_hash, canonical_json
+from server.classify.impact import describe_impact
 from server.classify.secrets import REDACTED
 from server.ledger import Row, Tx
 from server.models import ApproverGroup, Decision, Event, ReviewSpec
@@ -98,7 +99,7 @@ def combined_review(original: ReviewSpec, edited: Decision) -> ReviewSpec:
     """What the edited call needs: every group of the original's review and of the edited call's own (kept as
     separate requirements, so one person may count toward each); never less than either."""
     if edited.outcome != "review" or edited.review is None:
-        return original
+        return original.model_copy(update={"impact": describe_impact(edited.facts)})  # what the edited call touches
     own = edited.review
     groups: list[ApproverGroup] = list(original.groups)
     for g in own.groups:
@@ -110,6 +111,7 @@ def combined_review(original: ReviewSpec, edited: Decision) -> ReviewSpec:
         "timeout_s": min(original.timeout_s, own.timeout_s),
         "require_reason": original.require_reason or own.require_reason,
         "channels": tuple(dict.fromkeys((*original.channels, *own.channels))),
+        "impact": own.impact,
     })
 
 

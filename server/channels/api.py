@@ -45,9 +45,11 @@ def _error(status: int, message: str, code: str) -> JSONResponse:
 
 def view_json(view: RequestView) -> dict[str, Any]:
     """The request as JSON, with `status`: its state as a person reads it (see `server.models.state_label`), and
-    `needs`: what it needs and where it stands (`server.approvals.quorum.needs`, as every channel says it)."""
+    `needs`: what it needs and where it stands (`server.approvals.quorum.needs`, as every channel says it), and
+    `impact`: what it would touch, as every card says it ("would delete 1,204 of 50,311 rows in orders")."""
     return {**view.model_dump(mode="json"), "status": state_label(view.state),
-            "needs": needs(view.review, view.votes).as_json()}
+            "needs": needs(view.review, view.votes).as_json(),
+            "impact": view.review.impact if view.review is not None else None}
 
 
 async def submit_verdict(

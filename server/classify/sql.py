@@ -215,6 +215,16 @@ def empty() -> dict[str, Any]:
         "unparseable": False,
         "opaque": False,
         "errors": [],
+        # What a write would touch, measured by the tool before the policy decides (tools.sql_impact): `impact` is
+        # "measured", "unknown" (with `impact_reason`), or "" when nothing measured it; the counts are null unless
+        # measured, so a condition on them never reads an unknown impact as zero rows.
+        "impact": "",
+        "impact_known": False,
+        "rows_affected": None,
+        "table_rows": None,
+        "impact_table": "",
+        "impact_verb": "",
+        "impact_reason": "",
     }
 
 

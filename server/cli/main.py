@@ -338,6 +338,8 @@ def _print_request(r: dict[str, Any]) -> None:
           + (f" for {r['on_behalf_of']}" if r.get("on_behalf_of") else "")
           + (f"  expires {_when(r['expires'])}" if r.get("expires") else ""))
     print(f"    why: {r['reason']}")
+    if r.get("impact"):
+        print(f"    would touch: {r['impact']}")
     print(f"    arguments: {json.dumps(r['arguments'], ensure_ascii=False)[:500]}")
     if r.get("needs") and r.get("review"):
         print(f"    needs: {r['needs']['text']} ({r['needs']['progress']})")
@@ -406,6 +408,15 @@ async def _with_ledger(args: argparse.Namespace, fn: Any) -> int:
         await ledger.close()
 
 
+def impact_line(impact: dict[str, Any]) -> str:
+    """A run's impact as the ledger keeps it: the rows estimated before the decision beside the rows really changed."""
+    est, actual = impact.get("estimated_rows"), impact.get("actual_rows")
+    table = f" in {impact['table']}" if impact.get("table") else ""
+    text = (f"estimated {est if est is not None else 'unknown'} rows{table}, "
+            f"actually {actual if actual is not None else 'not reported'}")
+    return text + (" (DIFFERS from the estimate)" if impact.get("differs") else "")
+
+
 def _event_line(e: Any) -> str:
     p = e.payload
     detail = ""
@@ -427,6 +438,8 @@ def _event_line(e: Any) -> str:
             detail = f"no result: {p.get('error') or 'none recorded'}"
         if p.get("note"):
             detail += f" ({p['note']})"
+        if isinstance(p.get("impact"), dict):
+            detail += f"; {impact_line(p['impact'])}"
     elif e.kind == "policy.rejected":
         detail = f"not applied, the last good policy stays: {p.get('error', '')}"
     elif e.kind == "policy.loaded":
@@ -560,6 +573,11 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
             print(f"  decision: risk {view.risk}; {view.reason}; policy {view.policy_digest}")
         for r in view.rules:
             print(f"    rule {r['id']}: {r['outcome']} ({r['risk']}) {r['reason']}")
+        if view.review is not None and view.review.impact:
+            print(f"  would touch (measured before the decision): {view.review.impact}")
+        for e in events:
+            if e.kind in ("executed", "failed") and isinstance(e.payload.get("impact"), dict):
+                print(f"  impact: {impact_line(e.payload['impact'])}")
         for v in view.votes:
             print(f"  {v['verdict']} by {v['person']} ({v['reviewer']}) at {_when(v['ts'])}: {v['reason'] or '-'}")
         print(f"  outcome: {state_label(view.state)}" + (f": {view.outcome_reason}" if view.outcome_reason else ""))
@@ -703,6 +721,9 @@ def _policy_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     explain.add_argument("--principal", default="local")
     explain.add_argument("--model")
     explain.add_argument("--json", action="store_true")
+    explain.add_argument("--facts", help="measured facts as JSON, merged over the classifiers' (what a tool measures "
+                                         "when the call is made), e.g. '{\"sql\": {\"impact\": \"measured\", "
+                                         "\"rows_affected\": 1204, \"table_rows\": 50311}}'")
     explain.set_defaults(func=_policy_explain)
     test = psub.add_parser("test", parents=[common], help="run a policy's test cases")
     test.add_argument("file")
@@ -717,9 +738,8 @@ def _policy_explain(args: argparse.Namespace) -> int:
     settings = _settings(args)
     path = Path(args.policy) if args.policy else settings.policy_path()
     fn: Any = _policy_cli().cmd_explain
-    return int(fn(path, args.tool, args.args, args.principal, args.model, settings=settings, as_json=args.json)
-               if "as_json" in fn.__code__.co_varnames else
-               fn(path, args.tool, args.args, args.principal, args.model, settings=settings))
+    return int(fn(path, args.tool, args.args, args.principal, args.model, settings=settings, as_json=args.json,
+                  measured_json=args.facts))
 
 
 def _policy_replay(args: argparse.Namespace) -> int:

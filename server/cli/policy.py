@@ -13,9 +13,11 @@ from typing import Any, TextIO
 
 from server.approvals.quorum import needs
 from server.classify import ClassifyContext, empty_facts, extract_facts
+from server.classify.impact import with_measured
 from server.config import Settings
 from server.errors import KeyturnError, PolicyError
 from server.models import ReviewSpec
+from server.policy.conditions import FACT_SHAPE
 from server.policy.engine import CompiledPolicy
 from server.policy.loader import PolicyErrors, load_policy
 from server.policy.replay import replay, summarise
@@ -55,16 +57,23 @@ def cmd_explain(
     *,
     as_json: bool = False,
     out: TextIO | None = None,
+    measured_json: str | None = None,
 ) -> int:
-    """Decide one call under the policy and print the decision with the trace of every rule."""
+    """Decide one call under the policy and print the decision with the trace of every rule. `measured_json`: facts
+    a tool measures when the call is made (`facts.sql.rows_affected` ...), merged over the classifiers'."""
     out = out or sys.stdout
     try:
         arguments = json.loads(args_json)
+        measured = json.loads(measured_json) if measured_json else {}
     except json.JSONDecodeError as e:
-        print(f"error: --args is not valid JSON: {e}", file=out)
+        print(f"error: --args or --facts is not valid JSON: {e}", file=out)
         return 2
     if not isinstance(arguments, dict):
         print("error: --args must be a JSON object", file=out)
+        return 2
+    if not isinstance(measured, dict) or not all(isinstance(v, dict) and k in FACT_SHAPE for k, v in measured.items()):
+        print(f"error: --facts must be a JSON object of fact families ({', '.join(FACT_SHAPE)}), each an object",
+              file=out)
         return 2
     try:
         policy = _load(policy_path, settings)
@@ -75,6 +84,7 @@ def cmd_explain(
     call = call_for(tool, arguments, principal, model)
     try:
         facts = extract_facts(tool, arguments, kinds, call.annotations, classify_context(settings, policy_path))
+        facts = with_measured(facts, measured)
     except KeyturnError as e:
         print(f"error: {e}", file=out)
         return 2
@@ -152,6 +162,8 @@ def render_explain(trace: Mapping[str, Any]) -> str:
             lines.append(f"timeout   {_duration(timeout['timeout_s'])}: {timeout['why']}")
         for e in review["escalation"]:
             lines.append(f"          after {_duration(e['after_s'])}: notify {', '.join(e['notify']) or '-'}")
+        if review.get("impact"):
+            lines.append(f"impact    {review['impact']}")
     if trace.get("builtin_guard"):
         lines.append(f"guard     {trace['builtin_guard']}: keyturn's built-in guard refused this call before any rule "
                      "(no policy file can allow it)")

@@ -26,6 +26,7 @@ from typing import Any
 import cel
 
 from server.classify import Redaction, normalise_annotations
+from server.classify.impact import describe_impact
 from server.models import (
     OUTCOME_ORDER,
     RISK_ORDER,
@@ -364,7 +365,8 @@ class CompiledPolicy:
             risk=risk,
             reason=reason,
             rules=matched,
-            review=combine_reviews(specs, risks) if outcome == "review" else None,
+            review=combine_reviews(specs, risks).model_copy(update={"impact": describe_impact(facts)})
+            if outcome == "review" else None,
             policy_digest=self.digest,
             facts=facts,
         )
@@ -373,7 +375,11 @@ class CompiledPolicy:
 def masked(decision: Decision, redaction: Redaction) -> Decision:
     """`decision` with the call's secrets masked in the text that can quote arguments: reasons and facts. What the
     policy itself says (outcome, risk, rule ids, review, digest) is kept as it is, whatever a short secret matches."""
+    review = decision.review
+    if review is not None and review.impact:  # the impact line can quote a database's error about the arguments
+        review = review.model_copy(update={"impact": redaction.scrub(review.impact)})
     return decision.model_copy(update={
+        "review": review,
         "reason": redaction.scrub(decision.reason),
         "rules": tuple(r.model_copy(update={"reason": redaction.scrub(r.reason)}) for r in decision.rules),
         "facts": redaction.scrub(decision.facts),

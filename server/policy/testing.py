@@ -14,7 +14,16 @@ cases:
     expect: {outcome: allow, risk: low, rules: [sql-read]}   # rules: ids that must be among the matches
 ```
 Facts are extracted with the classifiers of the shipped tools (`KNOWN_TOOL_CLASSIFIERS`) unless a
-case gives its own `classifiers:`.
+case gives its own `classifiers:`. What a tool measures when the call is made (the rows a SQL write would touch)
+a case gives as `facts:`, merged over the classifiers' family by family:
+
+```yaml
+  - name: a delete of 1,204 of 50,311 rows needs two people
+    tool: sql_execute
+    args: {statement: "DELETE FROM orders WHERE status = 'stale'"}
+    facts: {sql: {impact: measured, impact_known: true, rows_affected: 1204, table_rows: 50311}}
+    expect: {outcome: review, quorum: 2}
+```
 """
 
 from __future__ import annotations
@@ -29,8 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.canonical import args_hash
 from server.classify import ClassifyContext, extract_facts
+from server.classify.impact import with_measured
 from server.errors import ClassifierError, PolicyError, dotted, problems
 from server.models import Decision, Outcome, RiskLevel, ToolCall
+from server.policy.conditions import FACT_SHAPE
 from server.policy.engine import CompiledPolicy
 from server.policy.engine import approvals_needed as engine_approvals_needed
 from server.policy.loader import load_policy, read_yaml
@@ -94,6 +105,7 @@ class Case(_Strict):
     model: str | None = None
     classifiers: dict[str, str] | None = None
     annotations: dict[str, Any] | None = None
+    facts: dict[str, dict[str, Any]] | None = None  # measured facts, merged over the classifiers' (see above)
     now: datetime | None = None  # the call's time (UTC when no zone is given); default: the suite's, else now
     expect: Expect
 
@@ -149,8 +161,12 @@ def call_for(tool: str, args: dict[str, Any], principal: str = "agent", model: s
 def run_case(policy: CompiledPolicy, case: Case, ctx: ClassifyContext, *, now: datetime | None = None) -> CaseResult:
     classifiers = case.classifiers if case.classifiers is not None else KNOWN_TOOL_CLASSIFIERS.get(case.tool, {})
     call = call_for(case.tool, case.args, case.principal, case.model, case.annotations)
+    if unknown := sorted(set(case.facts or {}) - set(FACT_SHAPE)):
+        return CaseResult(case.name, None, False, [f"facts: unknown fact family {unknown[0]!r} (known: "
+                                                   f"{', '.join(FACT_SHAPE)})"])
     try:
-        facts = extract_facts(call.tool, call.arguments, classifiers, call.annotations, ctx)
+        facts = with_measured(extract_facts(call.tool, call.arguments, classifiers, call.annotations, ctx),
+                              case.facts or {})
     except ClassifierError as e:
         return CaseResult(case.name, None, False, [f"classifier error: {e}"])
     decision = policy.decide(call, facts, now=case.now or now)

@@ -1,8 +1,8 @@
 """Only `server/ledger/` speaks SQL to the ledger: every other module asks the store by name (`finish`,
 `record a vote`, `get_call` ...), so a second store (PostgreSQL) replaces one package, not SQL strewn about.
 
-The SQL tool pack (`tools/sql.py`) and its classifier (`server/classify/sql.py`) handle the user's own databases,
-not the ledger, and are not held to this."""
+The SQL tool pack (`tools/sql.py`, with its impact count `tools/sql_impact.py`) and its classifier
+(`server/classify/sql.py`) handle the user's own databases, not the ledger, and are not held to this."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-EXEMPT = ("server/ledger/", "tools/sql.py", "server/classify/sql.py")
+EXEMPT = ("server/ledger/", "tools/sql.py", "tools/sql_impact.py", "server/classify/sql.py")
 LEDGER_TABLES = ("events", "calls", "votes", "instances", "chain_head", "web_sessions", "checkpoints",
                  "schema_version")
 LEDGER_SQL = re.compile(

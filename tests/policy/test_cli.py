@@ -143,8 +143,9 @@ def test_check_with_a_config_names_the_rules_its_reviewers_can_never_approve(tmp
     out = io.StringIO()
     assert cmd_check(POLICIES / "default.yaml", embedded, out=out) == 0  # a warning, not an error
     warnings = [line for line in out.getvalue().splitlines() if line.startswith("warning:")]
-    assert warnings == ["warning: rule 'sql-mass-change' can never be approved: "
-                        "2 from any reviewer but only 1 reviewer(s) can: owner"]
+    assert warnings == [f"warning: rule {rule!r} can never be approved: "
+                        "2 from any reviewer but only 1 reviewer(s) can: owner"
+                        for rule in ("sql-mass-change", "sql-large-change", "sql-impact-unknown")]
     two = Settings(db=tmp_path / "ledger.db", people={"alice": Person(), "bob": Person()})
     out = io.StringIO()
     assert cmd_check(POLICIES / "default.yaml", two, out=out) == 0
@@ -152,3 +153,29 @@ def test_check_with_a_config_names_the_rules_its_reviewers_can_never_approve(tmp
     out = io.StringIO()
     assert cmd_check(POLICIES / "default.yaml", out=out) == 0  # without a config, nobody to count
     assert "warning" not in out.getvalue()
+
+
+def test_explain_takes_measured_facts_and_shows_the_impact() -> None:
+    out = io.StringIO()
+    measured = json.dumps({"sql": {"impact": "measured", "impact_known": True, "rows_affected": 1204,
+                                   "table_rows": 50311, "impact_table": "orders", "impact_verb": "delete"}})
+    code = cmd_explain(POLICIES / "default.yaml", "sql_execute", '{"statement": "DELETE FROM orders WHERE s = 1"}',
+                       "agent", None, out=out, measured_json=measured)
+    text = out.getvalue()
+    assert code == 0
+    assert "MATCH sql-large-change" in text and "needs     2 approvals from any reviewer" in text
+    assert "impact    would delete 1,204 of 50,311 rows in orders" in text
+    unknown = io.StringIO()
+    assert cmd_explain(POLICIES / "default.yaml", "sql_execute", '{"statement": "DELETE FROM orders WHERE s = 1"}',
+                       "agent", None, out=unknown, measured_json='{"sequel": {}}') == 2
+    assert "--facts must be a JSON object of fact families" in unknown.getvalue()
+
+
+def test_a_policy_test_case_with_an_unknown_fact_family_fails(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("version: 1\nrules: []\n")
+    (tmp_path / "p.tests.yaml").write_text(
+        "policy: p.yaml\ncases:\n  - name: typo\n    tool: t\n    facts: {sqll: {rows_affected: 3}}\n"
+        "    expect: {outcome: review}\n")
+    out = io.StringIO()
+    assert cmd_test(tmp_path / "p.tests.yaml", out=out) == 1
+    assert "unknown fact family 'sqll'" in out.getvalue()

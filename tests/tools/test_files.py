@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from server.classify import empty_facts
+from server.classify.impact import describe_impact, with_measured
 from server.config import Settings, ToolPack
 from server.errors import ConfigError, InvalidArguments, ToolError
 from server.execution import PackContext
@@ -144,6 +146,28 @@ def test_facts_hints(files: dict[str, GuardedTool], root: Path) -> None:
     write = files["files_write"]
     facts = write.facts_hint(write.validate({"path": "b.txt", "content": "é"}))
     assert facts == {"file": {"exists": False, "write_bytes": 2}}
+
+
+def test_moves_and_deletes_say_what_they_would_take_and_the_card_line_says_it(
+    files: dict[str, GuardedTool], root: Path
+) -> None:
+    (root / "tree" / "sub").mkdir(parents=True)
+    for name in ("a", "b", "sub/c"):
+        (root / "tree" / name).write_text("xy")
+    os.symlink(root / "outside-nothing", root / "tree" / "dangling")  # counted as one file, never followed
+    move, delete = files["files_move"], files["files_delete"]
+    moved = move.facts_hint(move.validate({"source": "tree", "destination": "elsewhere"}))
+    assert moved == {"file": {"exists": True, "size": 6 + os.lstat(root / "tree" / "dangling").st_size, "files": 4,
+                              "files_capped": False}}
+    gone = delete.facts_hint(delete.validate({"path": "tree/a"}))
+    assert gone == {"file": {"exists": True, "size": 2, "files": 1}}
+    assert delete.facts_hint(delete.validate({"path": "nothing.txt"})) == {"file": {"exists": False, "files": 0}}
+    facts = with_measured(empty_facts(), {"hints": moved})
+    assert describe_impact(facts) == f"the target exists ({moved['file']['size']:,} bytes), 4 files"
+    write = files["files_write"]
+    replace = write.facts_hint(write.validate({"path": "tree/a", "content": "hello", "overwrite": True}))
+    assert describe_impact(with_measured(empty_facts(), {"hints": replace})) == (
+        "the target exists (2 bytes), writes 5 bytes")
 
 
 def test_several_roots(tmp_path: Path) -> None:

@@ -205,3 +205,23 @@ def test_bad_roots_are_config_errors(tmp_path: Path) -> None:
         load_pack("tools.shell", ToolRegistry(), {"cwd_roots": [str(tmp_path / "nope")]})
     with pytest.raises(ConfigError, match="max_output"):
         load_pack("tools.shell", ToolRegistry(), {"max_output": -1})
+
+
+def test_the_card_says_what_the_sandbox_lets_a_command_touch(tmp_path: Path) -> None:
+    from server.classify import ClassifyContext, extract_facts
+    from server.classify.impact import describe_impact
+
+    (tmp_path / "work").mkdir()
+    root = str((tmp_path / "work").resolve())
+
+    def line(tool: GuardedTool, command: str) -> str | None:
+        args = tool.validate({"command": command})
+        facts = extract_facts(tool.name, args, tool.classifiers, tool.annotations, ClassifyContext())
+        return describe_impact({**facts, "hints": tool.facts_hint(args)})
+
+    boxed = shell_tool(tmp_path / "work")
+    assert line(boxed, "ls -l") == "sandbox: read-only, no network"
+    assert line(boxed, "touch x") == f"sandbox: may write only in {root}, no network"
+    bare = shell_tool(tmp_path / "work", sandbox="off")
+    assert line(bare, "touch x") == ("no sandbox: the command runs as keyturn itself and can write wherever keyturn "
+                                     "can")

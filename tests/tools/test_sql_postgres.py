@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import psycopg
 import pytest
 
@@ -21,7 +22,9 @@ from server.errors import InvalidArguments, ToolError
 from server.gate import Gate, Identity
 from server.guarded import GuardedTool, ToolRegistry, load_pack
 from server.ledger import Ledger
+from server.models import Verdict
 from server.policy import LivePolicy
+from tests.helpers import eventually
 from tests.pg import Cluster
 from tests.tools.test_sql import decide, judged_read_only
 from tools.sql import Database
@@ -176,3 +179,78 @@ def test_writes_the_classifier_sees_are_reviewed_not_allowed(shop: Shop, query: 
     decision = decide(shop.tools["sql_query"], {"query": query})
     assert decision.outcome == "review" and rule in [r.id for r in decision.rules]
     assert "sql-read" not in [r.id for r in decision.rules]
+
+
+# -- impact before approval: the count runs read-only, with a timeout, and never runs what it counts -----------------
+
+
+def test_a_write_is_counted_on_postgres_as_it_would_match(shop: Shop) -> None:
+    db = Database("postgres", shop.url)
+    facts = db.impact("DELETE FROM orders AS o WHERE o.customer IN ('c1', 'c2') RETURNING o.id")["sql"]
+    assert facts == {"impact": "measured", "impact_known": True, "rows_affected": 2, "table_rows": 5,
+                     "impact_table": "orders", "impact_verb": "delete", "impact_reason": ""}
+    assert db.impact("UPDATE orders SET total = 0")["sql"]["rows_affected"] == 5
+    assert db.impact("UPDATE orders SET total = 0 FROM recent r WHERE r.id = orders.id")["sql"]["impact"] == "unknown"
+    assert shop.one("SELECT count(*) FROM orders") == 5
+
+
+def test_a_write_hidden_behind_a_view_in_the_where_does_not_run_while_counting(shop: Shop) -> None:
+    # `recent` calls purge(), which deletes every order: the classifier cannot see it, the count reads the view, and
+    # the read-only transaction the count runs in refuses the DELETE. The impact is unknown; the rows stay.
+    facts = Database("postgres", shop.url).impact("DELETE FROM orders WHERE id IN (SELECT id FROM recent)")["sql"]
+    assert facts["impact"] == "unknown" and facts["rows_affected"] is None
+    assert "read-only transaction" in str(facts["impact_reason"])
+    assert shop.one("SELECT count(*) FROM orders") == 5
+
+
+@pytest.mark.parametrize(("statement", "why"), [
+    ("DELETE FROM orders WHERE id = nextval('invoice_no')", "nextval"),
+    ("DELETE FROM orders WHERE id = purge()", "purge"),
+    ("DELETE FROM orders WHERE id IN (SELECT id FROM orders FOR UPDATE)", "lock"),
+    ("WITH gone AS (DELETE FROM orders RETURNING id) DELETE FROM orders WHERE id IN (SELECT id FROM gone)", "WITH"),
+    ("DELETE FROM orders WHERE pg_sleep(30) IS NULL", "pg_sleep"),
+])
+def test_what_counting_would_run_is_never_counted(shop: Shop, statement: str, why: str) -> None:
+    facts = Database("postgres", shop.url).impact(statement)["sql"]
+    assert facts["impact"] == "unknown" and why in str(facts["impact_reason"])
+    assert shop.one("SELECT count(*) FROM orders") == 5
+    assert shop.one("SELECT last_value FROM invoice_no") == 1 and shop.one("SELECT is_called FROM invoice_no") is False
+
+
+def test_a_count_on_a_large_table_times_out_into_an_unknown_impact(shop: Shop) -> None:
+    with psycopg.connect(shop.url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE events AS SELECT i AS id, md5(i::text) AS body FROM generate_series(1, 300000) i")
+    statement = "DELETE FROM events WHERE md5(body) = md5('x')"  # no index: a full scan with a hash per row
+    tiny = Database("postgres", shop.url, impact_timeout=0.001)  # statement_timeout = 1ms
+    facts = tiny.impact(statement)["sql"]
+    assert facts["impact"] == "unknown" and facts["rows_affected"] is None
+    assert facts["impact_reason"] == "counting the rows took longer than 0.001s"
+    roomy = Database("postgres", shop.url, impact_timeout=60)
+    assert roomy.impact(statement)["sql"]["table_rows"] == 300000
+    assert shop.one("SELECT count(*) FROM events") == 300000
+
+
+async def test_the_shipped_policy_holds_a_large_postgres_change_for_two(shop: Shop, gate: tuple[Gate, Ledger]) -> None:
+    g, ledger = gate
+    with psycopg.connect(shop.url, autocommit=True) as conn:
+        conn.execute("INSERT INTO orders SELECT i, 'bulk', 1 FROM generate_series(100, 1299) AS i")
+    results: list[Any] = []
+
+    async def agent() -> None:
+        results.append(await g.call(shop.tools["sql_execute"],
+                                    {"statement": "UPDATE orders SET total = 0 WHERE customer = 'bulk'"}, AGENT))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(agent)
+        (view,) = await eventually(lambda: ledger.list_calls(("pending",)))
+        assert view.review is not None and view.review.impact == "would update 1,200 of 1,205 rows in orders"
+        assert "sql-large-change" in [r["id"] for r in view.rules]
+        alone = await g.broker.decide(Verdict(request_id=view.id, reviewer="api:alice", verdict="approve",
+                                              reason="looks right", channel="api"))
+        assert alone.accepted and alone.state == "pending"  # one of the two people it needs
+        no = await g.broker.decide(Verdict(request_id=view.id, reviewer="api:alice", verdict="deny",
+                                           reason="on second thought, archive first", channel="api"))
+        assert no.accepted
+    (result,) = results
+    assert result.is_error and "archive first" in result.content[0].text
+    assert shop.one("SELECT count(*) FROM orders WHERE total = 0") == 0

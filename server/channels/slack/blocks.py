@@ -138,6 +138,8 @@ def request_message(view: RequestView, mentions: list[str] | None = None) -> tup
     rules = [f"• `{safe(str(r.get('id', '?')))}` ({safe(str(r.get('risk', '?')))}): {safe(str(r.get('reason', '')))}"
              for r in view.rules if r.get("outcome") == "review"] or [f"• {safe(view.reason or 'policy default')}"]
     blocks.append(_section("*Why it was held*\n" + "\n".join(rules)))
+    if view.review is not None and view.review.impact:
+        blocks.append(_section(f"*What it would touch*\n{safe(_clip(view.review.impact, 500))}"))
     blocks.append(_section("*What it wants to run*"))
     blocks.extend(_argument_blocks(view.arguments))
     needs = f"*Needs* {needs_text(view.review, view.votes)}"

@@ -2,10 +2,11 @@
 
 The same content as the Slack message: tool, redacted arguments (`RequestView.arguments` is already
 redacted), matched rules, risk, requester, quorum and expiry; while pending, a reason input and
-**Approve** / **Deny** (`Action.Execute`), or an "Open" link for the no-bot fallback; once
-decided, the outcome and who decided. Text the agent controls (arguments, tool, principal,
-reasons) goes into `TextRun`s, which Teams never renders as markdown, so a crafted argument cannot
-draw a fake "approved" banner or a link.
+**Approve** / **Deny** (`Action.Execute`) and **Edit & approve** (an `Action.ShowCard` form with the arguments as
+JSON and a required reason, sent as `Action.Execute` with `EDIT_VERB`: the edited call is judged again,
+`server.approvals.edits`), or an "Open" link for the no-bot fallback; once decided, the outcome and who decided.
+Text the agent controls (arguments, tool, principal, reasons) goes into `TextRun`s, which Teams never renders as
+markdown, so a crafted argument cannot draw a fake "approved" banner or a link.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from microsoft_teams.cards import (
     ExecuteAction,
     OpenUrlAction,
     RichTextBlock,
+    ShowCardAction,
     TextBlock,
     TextColor,
     TextInput,
     TextRun,
 )
 
+from server.approvals.edits import has_masked
 from server.approvals.quorum import needs
 from server.models import RequestView
 
@@ -35,6 +38,13 @@ APPROVE_VERB = "keyturn.approve"
 DENY_VERB = "keyturn.deny"
 REVOKE_VERB = "keyturn.revokeGrant"
 REASON_INPUT = "reason"
+EDIT_VERB = "keyturn.edit"
+EDIT_ARGUMENTS_INPUT = "edit_arguments"
+EDIT_REASON_INPUT = "edit_reason"
+ACTION_FIELDS = frozenset({"request_id", REASON_INPUT, EDIT_ARGUMENTS_INPUT, EDIT_REASON_INPUT})
+REVOKE_FIELDS = frozenset({"grant_id", REASON_INPUT})
+"""Every field a keyturn card's action sends (its data and its inputs): any other is refused, never ignored."""
+MAX_EDIT_CHARS = 8000
 MAX_ARGUMENTS_CHARS = 3000
 MAX_REASON = 2000
 
@@ -114,6 +124,7 @@ def request_facts(view: RequestView, relative: bool = False) -> list[tuple[str, 
         ("Risk", (view.risk or "unknown").upper()),
         ("Requested by", requester_text(view)),
         ("Rules", rules),
+        *([("Would touch", view.review.impact)] if view.review is not None and view.review.impact else []),
         ("Needs", quorum_text(view)),
         ("Votes", votes_text(view)),
         ("Expires", format_time(view.expires, relative)),
@@ -147,13 +158,15 @@ def request_card(view: RequestView, *, notice: str | None = None, notice_ok: boo
         TextBlock(text="Arguments (secrets masked)", weight="Bolder", spacing="Medium", wrap=True),
         _runs(TextRun(text=arguments_text(view), font_type="Monospace")),
     ]
-    actions: list[ExecuteAction | OpenUrlAction] = []
+    actions: list[ExecuteAction | OpenUrlAction | ShowCardAction] = []
     if view.state == "pending" and interactive:
         data: dict[str, Any] = {"request_id": view.id}
         body.append(TextInput(id=REASON_INPUT, label="Reason (required to deny)", is_multiline=True,
                               max_length=MAX_REASON, placeholder="Why you approve or deny this call"))
         actions = [ExecuteAction(title="Approve", verb=APPROVE_VERB, data=data, style="positive"),
                    ExecuteAction(title="Deny", verb=DENY_VERB, data=data, style="destructive")]
+        if (form := edit_form(view)) is not None:
+            actions.append(ShowCardAction(title="Edit & approve", card=form))
     elif view.state == "approved" and interactive:  # not run yet: an approver may still deny (keyturn checks who)
         body.append(TextInput(id=REASON_INPUT, label="Reason (required to deny)", is_multiline=True,
                               max_length=MAX_REASON, placeholder="Why you take back your approval"))
@@ -190,6 +203,26 @@ def grant_card(grant_id: str, p: dict[str, Any], *, notice: str | None = None, n
         actions = [ExecuteAction(title="Revoke", verb=REVOKE_VERB, data={"grant_id": grant_id}, style="destructive")]
     return AdaptiveCard(version="1.5", body=body, actions=list(actions) or None,
                         fallback_text=f"keyturn: standing grant {grant_id} for {p.get('tool')}")
+
+
+def edit_form(view: RequestView) -> AdaptiveCard | None:
+    """The form that edits a held call's arguments (JSON), then approves the edited call, with a required reason; None
+    when the arguments hold masked values (they cannot be edited). The agent's text never goes into an action: the
+    input starts empty, and the reviewer copies the arguments shown on the card."""
+    if has_masked(view.arguments):
+        return None
+    return AdaptiveCard(version="1.5", body=[
+        _runs(TextRun(text="Edit the arguments, then approve the edited call. keyturn judges the edited call again: if "
+                           "it needs more approvals or other approvers, it waits for them; if the policy denies it, "
+                           "it is refused.")),
+        TextInput(id=EDIT_ARGUMENTS_INPUT, label="Arguments (JSON: the whole arguments, as they are to run)",
+                  is_multiline=True, max_length=MAX_EDIT_CHARS, is_required=True,
+                  placeholder="Copy the arguments shown above and change them"),
+        TextInput(id=EDIT_REASON_INPUT, label="Why you changed them (the agent reads it)", is_multiline=True,
+                  max_length=MAX_REASON, is_required=True,
+                  placeholder="Recorded in the ledger and shown to the agent"),
+    ], actions=[ExecuteAction(title="Approve edited", verb=EDIT_VERB, data={"request_id": view.id},
+                              style="positive")])
 
 
 def checkpoint_card(line: str) -> AdaptiveCard:

@@ -267,23 +267,56 @@ class TeamsChannel:
         """Report the click as a verdict with the verified identity; answer with the card redrawn for the clicker."""
         data = invoke.value.action.data
         if invoke.value.action.verb == ui.REVOKE_VERB:
+            if unknown := sorted(set(data) - ui.REVOKE_FIELDS):
+                return ui.invoke_error(400, f"unknown field(s) {', '.join(repr(u[:64]) for u in unknown[:5])}: "
+                                            "keyturn refuses what it does not know rather than ignore it")
             return await self._on_revoke(invoke, data)
-        verdict = {ui.APPROVE_VERB: "approve", ui.DENY_VERB: "deny"}.get(invoke.value.action.verb or "")
+        verdict = {ui.APPROVE_VERB: "approve", ui.DENY_VERB: "deny", ui.EDIT_VERB: "edit"}.get(
+            invoke.value.action.verb or "")
         request_id, reason = data.get("request_id"), data.get(ui.REASON_INPUT)
         if verdict is None or not isinstance(request_id, str):
             return ui.invoke_error(400, "not a keyturn action")
+        if unknown := sorted(set(data) - ui.ACTION_FIELDS):
+            return ui.invoke_error(400, f"unknown field(s) {', '.join(repr(u[:64]) for u in unknown[:5])}: keyturn "
+                                        "refuses what it does not know rather than ignore it")
         view = await self.ledger.get_call(request_id)
         if view is None:
             return ui.invoke_error(404, f"keyturn has no request {request_id}")
         identity = reviewer_identity(invoke)
         if identity is None:
             return ui.invoke_card(ui.request_card(view, notice="Teams did not say who you are; nothing was counted."))
+        if verdict == "edit":
+            return await self._on_edit(view, identity, data.get(ui.EDIT_ARGUMENTS_INPUT), data.get(ui.EDIT_REASON_INPUT))
         outcome = await submit_verdict(self.kt, request_id, identity, "approve" if verdict == "approve" else "deny",
                                        (reason.strip() or None) if isinstance(reason, str) else reason, channel="teams")
         view = await self.ledger.get_call(request_id) or view
         notice = (f"You {'approved' if verdict == 'approve' else 'denied'}: {outcome.message}." if outcome.accepted
                   else f"Your vote was not counted: {outcome.message}")
         return ui.invoke_card(ui.request_card(view, notice=notice, notice_ok=outcome.accepted))
+
+    async def _on_edit(self, view: RequestView, identity: str, text: Any, reason: Any) -> dict[str, Any]:
+        """The edit form: the reviewer's arguments (JSON text) approved as edited, with their reason. The edited call
+        is judged again by the gate and the broker (`submit_verdict`); what is wrong with the form is said on the
+        card, and nothing is counted."""
+        def again(notice: str) -> dict[str, Any]:
+            return ui.invoke_card(ui.request_card(view, notice=notice))
+
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > ui.MAX_REASON:
+            return again(f"Say why you changed the arguments (at most {ui.MAX_REASON} characters); nothing was "
+                         "counted.")
+        try:
+            arguments = json.loads(text) if isinstance(text, str) and len(text) <= ui.MAX_EDIT_CHARS else None
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            return again("The arguments must be a JSON object (the whole arguments, as they are to run); nothing was "
+                         "counted.")
+        outcome = await submit_verdict(self.kt, view.id, identity, "approve", reason.strip(), channel="teams",
+                                       arguments=arguments)
+        current = await self.ledger.get_call(view.id) or view
+        notice = (f"You approved the edited call: {outcome.message}." if outcome.accepted
+                  else f"Your edit was not counted: {outcome.message}")
+        return ui.invoke_card(ui.request_card(current, notice=notice, notice_ok=outcome.accepted))
 
 
     async def _on_revoke(self, invoke: AdaptiveCardInvokeActivity, data: dict[str, Any]) -> dict[str, Any]:

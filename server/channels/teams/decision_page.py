@@ -73,7 +73,16 @@ def render(status: int, view: RequestView | None, *, notice: str | None = None, 
     return HTMLResponse("".join(parts), status_code=status, headers=HEADERS)
 
 
+FORM_FIELDS = frozenset({"nonce", "token", "verdict", "reason"})
+
+
+class FormRefused(ValueError):
+    """A form with a field keyturn does not know, or one given twice: refused, never ignored."""
+
+
 async def read_form(request: Request) -> dict[str, str] | None:
+    """The decision form's fields (None when it is not a form). Raises `FormRefused` for a field it does not know or
+    one given twice, like every reviewer body."""
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
         return None
     body = await read_body(request, MAX_FORM_BYTES)  # BodyRefused beyond the limit or too slow
@@ -81,7 +90,11 @@ async def read_form(request: Request) -> dict[str, str] | None:
         fields = parse_qs(body.decode(), keep_blank_values=True, max_num_fields=10, strict_parsing=False)
     except (UnicodeDecodeError, ValueError):
         return None
-    return {k: v[0] for k, v in fields.items() if len(v) == 1}
+    if unknown := sorted(set(fields) - FORM_FIELDS):
+        raise FormRefused(f"unknown field(s) {', '.join(repr(u[:64]) for u in unknown[:5])}")
+    if twice := sorted(k for k, v in fields.items() if len(v) > 1):
+        raise FormRefused(f"field(s) given more than once: {', '.join(repr(k) for k in twice)}")
+    return {k: v[0] for k, v in fields.items()}
 
 
 def decision_routes(kt: Keyturn, signer: LinkSigner) -> list[Route]:
@@ -116,6 +129,9 @@ def decision_routes(kt: Keyturn, signer: LinkSigner) -> list[Route]:
             form = await read_form(request)
         except BodyRefused as e:
             return e.response()
+        except FormRefused as e:
+            return render(400, view, notice=f"The form was refused: {e}. Nothing was decided.",
+                          nonce=signer.nonce(link))
         if form is None:
             return render(400, view, notice="The form could not be read.", nonce=signer.nonce(link))
 

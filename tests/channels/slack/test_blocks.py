@@ -98,3 +98,13 @@ def test_the_reason_modal_carries_the_request_and_verdict() -> None:
     assert field["element"]["max_length"] == ui.MAX_REASON
     assert ui.reason_modal(view(), "approve", {})["submit"]["text"] == "Approve"
     assert "a reason is required" in ui.needs_text(ReviewSpec(require_reason=True))
+
+
+def test_the_message_says_what_the_call_would_touch_before_anyone_approves() -> None:
+    spec = ReviewSpec(impact="would delete 1,204 of 50,311 rows in orders")
+    shown = dump(ui.request_message(view(review=spec))[1])
+    assert "*What it would touch*\\nwould delete 1,204 of 50,311 rows in orders" in shown
+    unknown = dump(ui.request_message(view(review=ReviewSpec(impact="impact unknown: <!channel> *took* too long")))[1])
+    assert "impact unknown: &lt;!channel&gt; \\\\*took\\\\* too long" in unknown or "&lt;!channel&gt;" in unknown
+    assert "<!channel>" not in unknown  # a database's words are text, never a mention
+    assert "What it would touch" not in dump(ui.request_message(view())[1])

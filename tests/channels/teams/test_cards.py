@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
-from server.channels.teams.cards import APPROVE_VERB, DENY_VERB, card_json, request_card
+from server.channels.teams.cards import (
+    APPROVE_VERB,
+    DENY_VERB,
+    EDIT_ARGUMENTS_INPUT,
+    EDIT_REASON_INPUT,
+    EDIT_VERB,
+    card_json,
+    request_card,
+)
 from server.models import ApproverGroup, RequestView, ReviewSpec
 from tests.channels.teams.conftest import card_text
 
@@ -95,3 +104,27 @@ def test_an_approved_card_not_yet_run_keeps_a_deny_for_an_approver_who_changes_t
     assert any(e["type"] == "Input.Text" and e["id"] == "reason" for e in card["body"])
     running = card_json(request_card(view(state="running", votes=votes)))
     assert "actions" not in running  # claimed to run: the approval stands
+
+
+def test_the_card_says_what_the_call_would_touch() -> None:
+    spec = ReviewSpec(groups=(ApproverGroup(name="any", quorum=2),), impact="would delete 1,204 of 50,311 rows in orders")
+    text = card_text(card_json(request_card(view(review=spec))))
+    assert "Would touch: \nwould delete 1,204 of 50,311 rows in orders" in text
+    assert "Would touch" not in card_text(card_json(request_card(view())))
+
+
+def test_a_pending_card_with_editable_arguments_has_an_edit_form() -> None:
+    arguments = {"statement": "DELETE FROM orders WHERE item = 'pear'"}
+    card = card_json(request_card(view(arguments=arguments)))
+    approve, deny, edit = card["actions"]
+    assert (approve["verb"], deny["verb"]) == (APPROVE_VERB, DENY_VERB)
+    assert (edit["type"], edit["title"]) == ("Action.ShowCard", "Edit & approve")
+    inputs = {e["id"]: e for e in edit["card"]["body"] if e["type"] == "Input.Text"}
+    assert "value" not in inputs[EDIT_ARGUMENTS_INPUT]  # the agent's text never goes into an action
+    assert "pear" not in json.dumps(edit)
+    assert inputs[EDIT_REASON_INPUT]["isRequired"] is True
+    (submit,) = edit["card"]["actions"]
+    assert (submit["type"], submit["verb"], submit["data"]) == ("Action.Execute", EDIT_VERB, {"request_id": "req-1"})
+    # Masked values cannot be edited (keyturn does not hold them to show), nor can a decided request.
+    assert len(card_json(request_card(view()))["actions"]) == 2
+    assert "actions" not in card_json(request_card(view(arguments=arguments, state="denied")))

@@ -172,3 +172,30 @@ async def test_without_a_configured_secret_the_link_key_is_kept_beside_the_datab
         LinkSigner(path.read_text().strip().encode()).open(url.rpartition("/")[2])
         assert (await submit(url, "alice", "approve", "ok")).status_code == 200
         tg.cancel_scope.cancel()
+
+
+async def test_the_decision_form_refuses_fields_it_does_not_know(teams_home: TeamsHome) -> None:
+    th = teams_home
+    base = th.serve(teams=webhook_config(th))
+    results = []
+    async with agent_client(base) as client:
+        async def agent() -> None:
+            results.append(await client.call_tool("sql_execute", {"statement": "DELETE FROM orders WHERE id = 3"}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(agent)
+            url = await wait_link(th)
+            request_id = LinkSigner(LINK_SECRET.encode()).open(url.rpartition("/")[2]).request_id
+            nonce = nonce_of((await open_page(url)).text)
+            form = [("nonce", nonce), ("token", TOKENS["alice"]), ("verdict", "approve"), ("reason", "fine")]
+            async with httpx2.AsyncClient(timeout=30) as http:
+                extra = await http.post(url, data=dict([*form, ("arguments", '{"statement": "DELETE FROM orders"}')]))
+                assert extra.status_code == 400 and "unknown field(s) &#x27;arguments&#x27;" in extra.text
+                twice = await http.post(url, content="&".join(f"{k}={v}" for k, v in [*form, ("verdict", "deny")]),
+                                        headers={"content-type": "application/x-www-form-urlencoded"})
+                assert twice.status_code == 400 and "more than once" in twice.text
+            assert not [k for k in kinds(th, request_id) if k.startswith(("vote", "link."))]  # nothing decided
+            ok = await submit(url, "alice", "approve", "fine")
+            assert ok.status_code == 200 and "Recorded" in ok.text
+    assert not results[0].is_error
+    assert th.home.rows("SELECT count(*) FROM orders") == [(2,)]
