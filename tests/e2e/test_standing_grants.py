@@ -75,7 +75,10 @@ async def test_a_grant_covers_calls_like_the_approved_one_within_its_bounds_and_
         assert (g["principal"], g["tool"], g["rules"], g["uses"], g["used"]) == (
             "agent-ci", "sql_execute", ["sql-write"], 2, 0)
         assert g["approvers"] == ["alice"] and g["request_id"] == req["id"]
-        assert g["conditions"] == ['facts.sql.tables == ["orders"] && facts.sql.kinds == ["update"]']
+        # keyturn's proposal: the same table and statement kind, and no more rows than the approved call touched
+        # (measured before anyone was asked: one row).
+        assert g["conditions"] == ['facts.sql.tables == ["orders"] && facts.sql.kinds == ["update"]'
+                                   " && facts.sql.rows_affected <= 1"]
 
         # Within its bounds: runs at once, and says so (text and _meta); the ledger chains grant.used.
         first = await client.call_tool("sql_execute", {"statement": "UPDATE orders SET qty = 2 WHERE id = 2"})
@@ -85,7 +88,10 @@ async def test_a_grant_covers_calls_like_the_approved_one_within_its_bounds_and_
         assert (meta["grant"], meta["request_id"], meta["use"], meta["uses"]) == (grant_id, req["id"], 1, 2)
         assert home.rows("SELECT qty FROM orders WHERE id = 2") == [(2,)]
 
-        # Outside them: another table, another statement kind, a mass change (another rule, critical): held.
+        # Outside them: more rows than the approved call touched (the same rule, table and kind), another table,
+        # another statement kind, a mass change (another rule, critical): held.
+        await held_then_denied(api, client, "sql_execute",
+                               {"statement": "UPDATE orders SET qty = 5 WHERE id IN (1, 3)"})
         await held_then_denied(api, client, "sql_execute", {"statement": "UPDATE payroll SET salary = 1 WHERE id = 1"})
         await held_then_denied(api, client, "sql_execute", {"statement": "DELETE FROM orders WHERE id = 3"})
         await held_then_denied(api, client, "sql_execute", {"statement": "UPDATE orders SET qty = 0"})
@@ -199,7 +205,8 @@ async def test_grants_are_refused_where_the_policy_forbids_them_and_never_broade
             rid = req["id"]
             offered = (await api.request("GET", f"/api/requests/{rid}", "alice")).json()["grant"]
             assert offered["allowed"] and offered["max_for_s"] == 8 * 3600 and offered["max_uses"] == 100
-            assert offered["proposed"] == 'facts.sql.tables == ["orders"] && facts.sql.kinds == ["update"]'
+            assert offered["proposed"] == ('facts.sql.tables == ["orders"] && facts.sql.kinds == ["update"]'
+                                           " && facts.sql.rows_affected <= 1")
             shown = home.keyturn("show", rid, token=TOKENS["alice"], url=base)
             assert "keyturn proposes: facts.sql.tables" in shown.stdout, shown.stderr
             # Over the policy's caps: refused naming the cap, never clamped.
@@ -231,8 +238,8 @@ async def test_grants_are_refused_where_the_policy_forbids_them_and_never_broade
             assert wide.status_code == 200, wide.text
         assert not (await call.result()).is_error
         grant = (await api.request("GET", "/api/grants", "alice")).json()["grants"][0]
-        assert grant["conditions"] == ['facts.sql.tables == ["orders"] && facts.sql.kinds == ["update"]',
-                                       "true || args.statement != ''"]
+        assert grant["conditions"] == ['facts.sql.tables == ["orders"] && facts.sql.kinds == ["update"]'
+                                       " && facts.sql.rows_affected <= 1", "true || args.statement != ''"]
         assert grant["on_behalf_of"] == "bob"
         await held_then_denied(api, client, "sql_execute", {"statement": "UPDATE payroll SET salary = 1 WHERE id = 1"})
         await held_then_denied(api, client, "sql_execute", {"statement": "DELETE FROM orders"})
