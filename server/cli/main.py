@@ -510,10 +510,22 @@ def cmd_audit_follow(args: argparse.Namespace) -> int:
 
     async def run(ledger: Any) -> int:
         poll = _settings(args).poll_interval_s
-        async for events in follow_events(ledger, from_seq=args.from_seq, poll_s=poll):
-            for e in events:
-                print(event_json(e) if args.format == "jsonl" else _event_line(e), flush=True)
-        return 0
+        stopped_by: list[int] = []
+        async with anyio.create_task_group() as tg:
+            async def until_signal() -> None:
+                # Its own signal handling, not the event loop's default (which cancels the main task once: a ^C that
+                # lands while a ledger read runs in a worker thread could be absorbed, and follow would never end).
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        stopped_by.append(int(signum))
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(until_signal)
+            async for events in follow_events(ledger, from_seq=args.from_seq, poll_s=poll):
+                for e in events:
+                    print(event_json(e) if args.format == "jsonl" else _event_line(e), flush=True)
+        return 128 + stopped_by[0] if stopped_by else 0  # 130 for ^C, as a shell reports it
 
     if args.from_seq is not None and args.from_seq < 1:
         raise KeyturnError("--from takes a sequence number, 1 or more")
