@@ -201,13 +201,14 @@ class Gate:
                 if facts_hint is not None and (hints := facts_hint(arguments)):
                     facts = {**facts, "hints": hints}
                 redaction = Redaction.of(arguments, facts, rescan=False)  # (the facts were found in these now)
-                refuses = getattr(tool, "refusal", None)
-                if refuses is not None and (reason := await refuses(arguments)):
-                    return Refusal("tool_refuses", f"{tool.name} would refuse it: {reason}", redaction,
-                                   redaction.arguments)
-                measure = getattr(tool, "measure", None)  # what it would touch (the rows a write matches)
-                if measure is not None and (measured := await measure(arguments)):
-                    facts = with_measured(facts, measured)
+                assess = getattr(tool, "assess", None)  # a native tool's own word: what it refuses, what it touches
+                if assess is not None:
+                    reason, measured = await assess(arguments)
+                    if reason:
+                        return Refusal("tool_refuses", f"{tool.name} would refuse it: {reason}", redaction,
+                                       redaction.arguments)
+                    if measured:
+                        facts = with_measured(facts, measured)
             with span("decide", call.call_id, tool.name) as step:
                 decision = self.policy.current.decide(call, facts, redaction=redaction)  # reasons, facts masked
                 step.set_attributes({"keyturn.outcome": decision.outcome, "keyturn.risk": decision.risk or ""})

@@ -193,21 +193,32 @@ class GuardedTool:
 
     async def refusal(self, arguments: dict[str, Any]) -> str | None:
         """Why the tool would refuse validated `arguments` when it runs, from its `refuses` declarations (None when
-        none refuses them). The gate asks before the policy: a call that can never succeed is refused at once,
-        nobody is asked to approve it. A declaration that fails raises (the gate then refuses the call)."""
-        for refuses in self._refuses:
-            reason = await anyio.to_thread.run_sync(refuses, arguments)
-            if reason:
-                return reason
-        return None
+        none refuses them). A call that can never succeed is refused at once, nobody is asked to approve it. A
+        declaration that fails raises (the gate then refuses the call)."""
+        return (await self.assess(arguments))[0] if self._refuses else None
 
     async def measure(self, arguments: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """What validated `arguments` would touch, from the `impact` declarations: facts by family ({} when none
-        measures them). The gate asks after `refusal` and before the policy. A declaration that fails raises (the
-        gate then refuses the call)."""
+        measures them). A declaration that fails raises (the gate then refuses the call)."""
+        return (await anyio.to_thread.run_sync(self._measured, arguments)) if self._impacts else {}
+
+    async def assess(self, arguments: dict[str, Any]) -> tuple[str | None, dict[str, dict[str, Any]]]:
+        """What the gate asks before the policy, in one trip to a worker thread (none for a tool that declares
+        nothing): why the tool would refuse the call (`refuses`), else what it would touch (`impact`)."""
+        if not self._refuses and not self._impacts:
+            return None, {}
+        return await anyio.to_thread.run_sync(self._assessed, arguments)
+
+    def _assessed(self, arguments: dict[str, Any]) -> tuple[str | None, dict[str, dict[str, Any]]]:
+        for refuses in self._refuses:
+            if reason := refuses(arguments):
+                return reason, {}
+        return None, self._measured(arguments)
+
+    def _measured(self, arguments: dict[str, Any]) -> dict[str, dict[str, Any]]:
         measured: dict[str, dict[str, Any]] = {}
         for impact in self._impacts:
-            for family, values in (await anyio.to_thread.run_sync(impact, arguments)).items():
+            for family, values in impact(arguments).items():
                 measured[family] = {**measured.get(family, {}), **values}
         return measured
 
