@@ -319,20 +319,30 @@ class SlackChannel:
         await self._vote(Verdict(request_id=request_id, reviewer=identity, verdict=verdict, channel="slack"),
                          user, channel)
 
-    async def _on_reason(self, ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
+    @staticmethod
+    async def _submitted(ack: AsyncAck, view: dict[str, Any], ask: str, what: str) -> tuple[str, dict[str, Any]] | None:
+        """A reason modal's submission: (the reason, keyturn's metadata), acknowledged; None when the reason is
+        missing or too long (the modal says `ask`, and stays open) or the metadata is not keyturn's (`what` is
+        logged as ignored)."""
         value = view["state"]["values"].get(ui.REASON_BLOCK, {}).get(ui.REASON_INPUT, {}).get("value") or ""
         if not value.strip() or len(value) > ui.MAX_REASON:
             await ack(response_action="errors",
-                      errors={ui.REASON_BLOCK: f"Please give a reason (at most {ui.MAX_REASON} characters)."})
-            return
+                      errors={ui.REASON_BLOCK: f"Please {ask} (at most {ui.MAX_REASON} characters)."})
+            return None
         await ack()
         try:
             meta = json.loads(view.get("private_metadata") or "{}")
         except (TypeError, ValueError):
             meta = None
         if not isinstance(meta, dict):
-            log.warning("slack: a modal submission without keyturn's metadata was ignored")
+            log.warning("slack: %s without keyturn's metadata was ignored", what)
+            return None
+        return value, meta
+
+    async def _on_reason(self, ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
+        if (submitted := await self._submitted(ack, view, "give a reason", "a modal submission")) is None:
             return
+        value, meta = submitted
         verdict: VerdictKind = "approve" if meta.get("v") == "approve" else "deny"
         user, identity = await self.identities.identify(body)
         await self._vote(Verdict(request_id=str(meta.get("r", "")), reviewer=identity, verdict=verdict,
@@ -400,19 +410,9 @@ class SlackChannel:
             await self._ephemeral(channel, user, "keyturn could not open the revoke dialog; please try again.")
 
     async def _on_revoke(self, ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
-        value = view["state"]["values"].get(ui.REASON_BLOCK, {}).get(ui.REASON_INPUT, {}).get("value") or ""
-        if not value.strip() or len(value) > ui.MAX_REASON:
-            await ack(response_action="errors",
-                      errors={ui.REASON_BLOCK: f"Please say why (at most {ui.MAX_REASON} characters)."})
+        if (submitted := await self._submitted(ack, view, "say why", "a revoke submission")) is None:
             return
-        await ack()
-        try:
-            meta = json.loads(view.get("private_metadata") or "{}")
-        except (TypeError, ValueError):
-            meta = None
-        if not isinstance(meta, dict):
-            log.warning("slack: a revoke submission without keyturn's metadata was ignored")
-            return
+        value, meta = submitted
         user, identity = await self.identities.identify(body)
         channel, grant_id = str(meta.get("c") or ""), str(meta.get("g") or "")
         person = self.broker.directory.person(identity)
