@@ -11,8 +11,7 @@ import pytest
 from server.approvals import ApprovalBroker, ReviewerDirectory
 from server.approvals import broker as approvals
 from server.ledger import Store
-from server.ledger import postgres as postgres_module
-from server.ledger import sqlite as ledger_module
+from server.ledger import shared as shared_module
 from tests.stores import Stores
 
 DIRECTORY = ReviewerDirectory(identities={}, groups_of={})
@@ -85,8 +84,7 @@ async def test_orphans_of_a_stopped_process_are_abandoned_and_live_ones_kept(led
 
 async def test_the_states_of_many_calls_are_all_read_a_chunk_at_a_time(
         ledger: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ledger_module, "CALL_STATES_CHUNK", 2)
-    monkeypatch.setattr(postgres_module, "CALL_STATES_CHUNK", 2)
+    monkeypatch.setattr(shared_module, "CALL_STATES_CHUNK", 2)  # (both stores read call states there)
     for i in range(5):
         await open_call(ledger, f"c{i}", state="pending" if i % 2 else "approved")
     assert await ledger.call_states(["c0", "c1", "c2", "c3", "c4", "missing"]) == {
